@@ -1,0 +1,37 @@
+"""eas_kernels: Efficient Attention Skipping (EAS, ICML 2024) for LLaMA-family models.
+
+Public API:
+    PIA, PIAState           the propagation-of-information adapter and its frozen state
+    SkipPlan                which MHAs are skipped, adapter ranks, router temperature
+    patch_lavin             install EAS on LaVIN / Meta-LLaMA style blocks, in place
+    set_skipped             change the skip set between steps (search)
+    skipped_layers          the current skip set of a patched model
+    set_prompt_mask         prompt mask for models whose forward takes none
+    reparameterize, restore merge / low-rank / eager decode; put weights back bitwise
+    greedy_generate         left-padded batched greedy decoding (prefill, then steps)
+    models.lavin            the LaVIN-layout LLaMA (ModelArgs, Transformer)
+"""
+
+from . import models
+from .generation import Generation, greedy_generate
+from .patch import patch_lavin, set_prompt_mask, set_skipped, skipped_layers
+from .pia import PIA, PIAState
+from .plan import SkipPlan
+from .reparam import reparameterize, restore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PIA",
+    "Generation",
+    "PIAState",
+    "SkipPlan",
+    "greedy_generate",
+    "models",
+    "patch_lavin",
+    "reparameterize",
+    "restore",
+    "set_prompt_mask",
+    "set_skipped",
+    "skipped_layers",
+]

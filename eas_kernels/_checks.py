@@ -1,0 +1,73 @@
+"""Argument validation shared by the public API.
+
+Every check raises ``TypeError`` (wrong kind of value) or ``ValueError`` (right kind,
+wrong value) with a message naming the argument and what was expected, so that bad
+input never reaches a kernel or changes a model.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Return ``value`` as an int after checking it is a positive integer (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
+def check_positive_finite(value: object, name: str) -> float:
+    """Return ``value`` as a float after checking it is a finite positive real number."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a finite positive number, got {type(value).__name__}")
+    if not math.isfinite(float(value)) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return float(value)
+
+
+def check_tensor(
+    value: object,
+    name: str,
+    *,
+    ndim: int,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    floating: bool = False,
+) -> torch.Tensor:
+    """Check a tensor's type, rank, dtype and device; return it unchanged."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor ({FLOAT_DTYPES}), got {value.dtype}")
+    if dtype is not None and value.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} must be on device {device}, got {value.device}")
+    return value
+
+
+def check_token_mask(
+    mask: object, name: str, *, shape: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """Check a ``(B, n)`` bool mask that must select at least one token per example."""
+    check_tensor(mask, name, ndim=2, dtype=torch.bool, device=device)
+    assert isinstance(mask, torch.Tensor)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (B, n), got {tuple(mask.shape)}")
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"{name} selects no token in example(s) {empty}: every example needs at least one "
+            "prompt token to average over"
+        )
+    return mask

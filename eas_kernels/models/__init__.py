@@ -1,0 +1,5 @@
+"""Model definitions that EAS patches."""
+
+from . import lavin
+
+__all__ = ["lavin"]

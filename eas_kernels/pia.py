@@ -1,0 +1,179 @@
+"""PIA, the propagation-of-information adapter (EAS_SPEC §1, paper Eq. 4–6).
+
+For one example with tokens ``u`` (``n × d``) and a token mask ``m`` (``n``, bool):
+
+    ū  = Σ_t m_t u_t / Σ_t m_t                  masked mean over tokens
+    c  = b_d1 + down2(ū)                         (c = b_d1 when token_mixing=False)
+    α  = softmax(router(ū) / τ)                  two weights per example
+    H  = u W_d1ᵀ + c                             n × r
+    PIA(u) = α₁·up1(H) + α₂·up2(H)               n × d   (the delta; the caller adds u)
+
+The pair ``S = (c, α)`` is the example's *state*. With ``S`` fixed the adapter is affine
+in ``u`` (EAS_SPEC §4):
+
+    W_u = α₁ W_u1ᵀ + α₂ W_u2ᵀ                    r × d
+    β   = c W_u + α₁ b_u1 + α₂ b_u2               1 × d
+    PIA(u) = (u W_d1ᵀ) W_u + β
+
+which is how :meth:`PIA.forward` evaluates it (one ``n × r × d`` product instead of two)
+and what the re-parameterisation writes into the weights that read ``u + PIA(u)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_positive_finite, check_positive_int, check_tensor, check_token_mask
+
+
+@dataclass(frozen=True)
+class PIAState:
+    """The frozen per-example state of a PIA: ``c`` is ``(B, rank)``, ``alpha`` is ``(B, 2)``."""
+
+    c: torch.Tensor
+    alpha: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.c.shape[0])
+
+    def detach(self) -> PIAState:
+        return PIAState(self.c.detach(), self.alpha.detach())
+
+
+class PIA(nn.Module):
+    """Two-path low-rank adapter with token averaging and a softmax router.
+
+    Args:
+        dim: width ``d`` of the hidden states it adapts.
+        rank: bottleneck ``r``.
+        token_mixing: whether the second down path (``down2``, on the token mean) exists.
+            ``False`` gives LaVIN's rank-8 router adapter used before kept MHAs.
+        temperature: router temperature ``τ``.
+
+    ``up1`` and ``up2`` start at zero, so a fresh PIA returns an exact zero delta.
+    """
+
+    def __init__(
+        self, dim: int, rank: int, *, token_mixing: bool = True, temperature: float = 10.0
+    ) -> None:
+        super().__init__()
+        self.dim = check_positive_int(dim, "dim")
+        self.rank = check_positive_int(rank, "rank")
+        if not isinstance(token_mixing, bool):
+            raise TypeError(f"token_mixing must be a bool, got {type(token_mixing).__name__}")
+        self.token_mixing = token_mixing
+        self.temperature = check_positive_finite(temperature, "temperature")
+        self.down1 = nn.Linear(dim, rank)
+        self.down2 = nn.Linear(dim, rank) if token_mixing else None
+        self.up1 = nn.Linear(rank, dim)
+        self.up2 = nn.Linear(rank, dim)
+        self.router = nn.Linear(dim, 2)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier down projections with zero biases, zero up projections, default router."""
+        downs = [self.down1] + ([self.down2] if self.down2 is not None else [])
+        for down in downs:
+            nn.init.xavier_uniform_(down.weight)
+            nn.init.zeros_(down.bias)
+        for up in (self.up1, self.up2):
+            nn.init.zeros_(up.weight)
+            nn.init.zeros_(up.bias)
+        self.router.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, rank={self.rank}, token_mixing={self.token_mixing}, "
+            f"temperature={self.temperature}"
+        )
+
+    # ------------------------------------------------------------------ validation
+    def _check_input(self, u: object, name: str = "u") -> torch.Tensor:
+        weight = self.down1.weight
+        check_tensor(u, name, ndim=3, floating=True)
+        assert isinstance(u, torch.Tensor)
+        if u.shape[-1] != self.dim:
+            raise ValueError(f"{name} must have shape (B, n, {self.dim}), got {tuple(u.shape)}")
+        if u.device != weight.device:
+            raise ValueError(f"{name} is on {u.device} but the PIA is on {weight.device}")
+        if u.dtype != weight.dtype:
+            raise TypeError(f"{name} has dtype {u.dtype} but the PIA's weights are {weight.dtype}")
+        if u.shape[1] == 0:
+            raise ValueError(f"{name} has no tokens (shape {tuple(u.shape)})")
+        return u
+
+    def check_state(self, state: object, batch_size: int) -> PIAState:
+        """Validate a frozen state against this PIA and a batch size."""
+        if not isinstance(state, PIAState):
+            raise TypeError(f"state must be a PIAState, got {type(state).__name__}")
+        weight = self.down1.weight
+        for field, width in (("c", self.rank), ("alpha", 2)):
+            value = getattr(state, field)
+            check_tensor(value, f"state.{field}", ndim=2, dtype=weight.dtype, device=weight.device)
+            if tuple(value.shape) != (batch_size, width):
+                raise ValueError(
+                    f"state.{field} must have shape ({batch_size}, {width}), "
+                    f"got {tuple(value.shape)}"
+                )
+        return state
+
+    # ------------------------------------------------------------------ math
+    def compute_state(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> PIAState:
+        """State ``(c, α)`` of each example from its tokens ``u`` (``(B, n, d)``).
+
+        ``mask`` (``(B, n)`` bool) selects the tokens averaged into ``ū``; ``None`` averages
+        all tokens. The mean is accumulated in float32.
+        """
+        self._check_input(u)
+        if mask is None:
+            mean = u.float().mean(dim=1)
+        else:
+            check_token_mask(mask, "mask", shape=tuple(u.shape[:2]), device=u.device)
+            summed = torch.where(mask.unsqueeze(-1), u.float(), 0.0).sum(dim=1)
+            mean = summed / mask.sum(dim=1, keepdim=True)
+        mean = mean.to(u.dtype)
+        batch = u.shape[0]
+        if self.down2 is not None:
+            c = self.down1.bias + self.down2(mean)
+        else:
+            c = self.down1.bias.expand(batch, self.rank)
+        logits = self.router(mean).float() / self.temperature
+        alpha = torch.softmax(logits, dim=-1).to(u.dtype)
+        return PIAState(c, alpha)
+
+    def mixed_up_projection(self, state: PIAState) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_u, β)`` of each example: ``(B, rank, dim)`` and ``(B, dim)`` (EAS_SPEC §4)."""
+        a1 = state.alpha[:, 0, None, None]
+        a2 = state.alpha[:, 1, None, None]
+        w_u = a1 * self.up1.weight.t() + a2 * self.up2.weight.t()
+        b_mix = state.alpha[:, 0, None] * self.up1.bias + state.alpha[:, 1, None] * self.up2.bias
+        beta = torch.bmm(state.c.unsqueeze(1), w_u).squeeze(1) + b_mix
+        return w_u, beta
+
+    def forward(
+        self,
+        u: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        state: PIAState | None = None,
+    ) -> torch.Tensor:
+        """Return the delta ``PIA(u)`` (``(B, n, dim)``).
+
+        Args:
+            u: ``(B, n, dim)`` input tokens, same dtype and device as the PIA.
+            mask: ``(B, n)`` bool, tokens averaged into the state (None: all). Ignored
+                when ``state`` is given.
+            state: a frozen :class:`PIAState` to use instead of computing one from ``u``.
+        """
+        self._check_input(u)
+        if state is None:
+            state = self.compute_state(u, mask)
+        else:
+            self.check_state(state, u.shape[0])
+        w_u, beta = self.mixed_up_projection(state)
+        projected = F.linear(u, self.down1.weight)
+        return torch.baddbmm(beta.unsqueeze(1), projected, w_u)

@@ -1,0 +1,140 @@
+"""SkipPlan: which MHAs a model skips, and the sizes of the adapters that replace them."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from numbers import Integral
+
+from ._checks import check_positive_finite, check_positive_int
+
+_FORMAT = "eas_kernels.SkipPlan"
+_VERSION = 1
+
+
+class SkipPlan:
+    """The result of the redundancy search (EAS_SPEC §2, §5).
+
+    Args:
+        num_layers: number of transformer blocks of the model the plan is for.
+        skipped: 0-based indices of the blocks whose MHA is skipped (any order; stored
+            sorted). No duplicates, each in ``[0, num_layers)``.
+        skip_rank: rank of the PIA that replaces a skipped MHA (paper: 32).
+        adapter_rank: rank of the router adapter before each kept MHA (paper: 8).
+        temperature: router temperature ``τ`` of every PIA (paper: 10).
+    """
+
+    __slots__ = ("num_layers", "skipped", "skip_rank", "adapter_rank", "temperature")
+
+    def __init__(
+        self,
+        num_layers: int,
+        skipped: Iterable[int],
+        *,
+        skip_rank: int = 32,
+        adapter_rank: int = 8,
+        temperature: float = 10.0,
+    ) -> None:
+        num_layers = check_positive_int(num_layers, "num_layers")
+        if isinstance(skipped, (str, bytes)) or not isinstance(skipped, Iterable):
+            raise TypeError(f"skipped must be an iterable of ints, got {type(skipped).__name__}")
+        indices = list(skipped)
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, Integral):
+                raise TypeError(f"skipped must hold ints, got {type(index).__name__} {index!r}")
+            if not 0 <= index < num_layers:
+                raise ValueError(f"skipped index {index} is out of range [0, {num_layers})")
+        if len(set(indices)) != len(indices):
+            duplicates = sorted({i for i in indices if indices.count(i) > 1})
+            raise ValueError(f"skipped has duplicate indices {duplicates}")
+        object.__setattr__(self, "num_layers", num_layers)
+        object.__setattr__(self, "skipped", tuple(sorted(int(i) for i in indices)))
+        object.__setattr__(self, "skip_rank", check_positive_int(skip_rank, "skip_rank"))
+        object.__setattr__(self, "adapter_rank", check_positive_int(adapter_rank, "adapter_rank"))
+        object.__setattr__(self, "temperature", check_positive_finite(temperature, "temperature"))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("SkipPlan is immutable")
+
+    @property
+    def kept(self) -> tuple[int, ...]:
+        """Indices of the blocks whose MHA runs."""
+        skipped = set(self.skipped)
+        return tuple(i for i in range(self.num_layers) if i not in skipped)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "num_layers": self.num_layers,
+            "skipped": list(self.skipped),
+            "skip_rank": self.skip_rank,
+            "adapter_rank": self.adapter_rank,
+            "temperature": self.temperature,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> SkipPlan:
+        if not isinstance(data, dict):
+            raise TypeError(f"a SkipPlan is read from a JSON object, got {type(data).__name__}")
+        if data.get("format") != _FORMAT or data.get("version") != _VERSION:
+            raise ValueError(
+                f"not a SkipPlan v{_VERSION} document: format={data.get('format')!r}, "
+                f"version={data.get('version')!r}"
+            )
+        fields = {"num_layers", "skipped", "skip_rank", "adapter_rank", "temperature"}
+        unknown = set(data) - fields - {"format", "version"}
+        missing = fields - set(data)
+        if unknown or missing:
+            raise ValueError(
+                f"SkipPlan JSON has unknown keys {sorted(unknown)} / missing keys {sorted(missing)}"
+            )
+        if not isinstance(data["skipped"], list):
+            raise TypeError(f"SkipPlan JSON 'skipped' must be a list, got {data['skipped']!r}")
+        return cls(
+            data["num_layers"],
+            data["skipped"],
+            skip_rank=data["skip_rank"],
+            adapter_rank=data["adapter_rank"],
+            temperature=data["temperature"],
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> SkipPlan:
+        if not isinstance(text, (str, bytes)):
+            raise TypeError(f"text must be a JSON string, got {type(text).__name__}")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"text is not valid JSON: {error}") from error
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SkipPlan:
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_json(handle.read())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SkipPlan):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(
+            (self.num_layers, self.skipped, self.skip_rank, self.adapter_rank, self.temperature)
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"SkipPlan(num_layers={self.num_layers}, skipped={list(self.skipped)}, "
+            f"skip_rank={self.skip_rank}, adapter_rank={self.adapter_rank}, "
+            f"temperature={self.temperature})"
+        )

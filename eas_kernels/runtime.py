@@ -1,0 +1,286 @@
+"""The per-model EAS runtime: frozen PIA states and their re-parameterisation.
+
+A patched model carries one :class:`EASRuntime`. Every PIA sits at an
+:class:`AdapterSite`: a forward hook on a norm (``attention_norm`` of a kept layer,
+``ffn_norm`` of a skipped one) that turns the norm's output ``u`` into ``u + PIA(u)``
+for the linear layers that read it (``wq/wk/wv`` or ``w1/w3``, the site's *targets*).
+
+Each call of a patched block is either
+
+* **fresh** (``start_pos`` ``None`` — the training forward — or ``0``, the prefill): every
+  active site computes its state ``S = (c, α)`` from ``u`` over the prompt mask
+  (EAS_SPEC §3), uses it for all tokens of the call and keeps it, frozen; weights merged
+  for the previous example are first put back bitwise;
+* **decode** (``start_pos > 0``): the frozen states are used. At the first decode call
+  after a fresh one the runtime *realises* its mode (EAS_SPEC §4): ``eager`` keeps
+  computing ``u + PIA(u; S)``; ``merge`` writes every PIA into its targets' weights
+  (batch 1) and the sites pass ``u`` through; ``lowrank`` leaves the weights alone and
+  adds ``(u W_d1ᵀ) M_e + g_e`` to each target's output per example; ``auto`` is merge
+  for batch 1 and lowrank otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import add_lowrank, lowrank_factors, merged_linear
+from .pia import PIA, PIAState
+
+MODES = ("eager", "merge", "lowrank", "auto")
+
+
+@dataclass
+class _MergeRecord:
+    """A linear layer whose weights hold a merged PIA, with its pristine values."""
+
+    linear: nn.Linear
+    weight: torch.Tensor
+    bias: torch.Tensor | None  # None: the layer had no bias before the merge
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            self.linear.weight.copy_(self.weight)
+            if self.bias is None:
+                self.linear.bias = None
+            else:
+                self.linear.bias.copy_(self.bias)
+
+
+class AdapterSite:
+    """One PIA on the output of ``norm``, read by the linear layers ``targets``."""
+
+    def __init__(
+        self,
+        runtime: EASRuntime,
+        layer: int,
+        kind: str,
+        pia: PIA,
+        norm: nn.Module,
+        targets: tuple[nn.Linear, ...],
+    ) -> None:
+        self.runtime = runtime
+        self.layer = layer
+        self.kind = kind
+        self.pia = pia
+        self.targets = targets
+        self.active = False
+        self.state: PIAState | None = None
+        self.projected: torch.Tensor | None = None
+        self._lowrank_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        norm.register_forward_hook(self._on_norm_output)
+
+    @property
+    def name(self) -> str:
+        return f"layer {self.layer} {self.kind} PIA"
+
+    def _on_norm_output(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], u: torch.Tensor
+    ) -> torch.Tensor | None:
+        if not self.active:
+            return None
+        return self.runtime.adapt(self, u)
+
+    # ------------------------------------------------------------------ low-rank path
+    def install_lowrank(self) -> None:
+        assert self.state is not None
+        with torch.no_grad():
+            up_mix, beta = self.pia.mixed_up_projection(self.state)
+            for linear in self.targets:
+                factor, offset = lowrank_factors(linear.weight, up_mix, beta)
+                hook = functools.partial(self._add_lowrank, factor=factor, offset=offset)
+                self._lowrank_hooks.append(linear.register_forward_hook(hook))
+
+    def _add_lowrank(
+        self,
+        module: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        output: torch.Tensor,
+        *,
+        factor: torch.Tensor,
+        offset: torch.Tensor,
+    ) -> torch.Tensor:
+        assert self.projected is not None, "low-rank target called without its site"
+        return add_lowrank(output, self.projected, factor, offset)
+
+    def remove_lowrank(self) -> None:
+        for handle in self._lowrank_hooks:
+            handle.remove()
+        self._lowrank_hooks.clear()
+        self.projected = None
+
+    # ------------------------------------------------------------------ merge
+    def check_finite(self) -> None:
+        """Refuse (ValueError) a PIA or state holding NaN/Inf, naming the tensor."""
+        assert self.state is not None
+        named = list(self.pia.named_parameters())
+        named += [("state.c", self.state.c), ("state.alpha", self.state.alpha)]
+        for name, tensor in named:
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"{self.name}: {name} holds NaN or Inf; refusing to merge it into the weights"
+                )
+
+    def merge(self, records: list[_MergeRecord]) -> None:
+        """Write this PIA into its targets, appending one record per written layer."""
+        assert self.state is not None
+        with torch.no_grad():
+            up_mix, beta = self.pia.mixed_up_projection(self.state)
+            for linear in self.targets:
+                weight, bias = merged_linear(
+                    linear.weight, linear.bias, self.pia.down1.weight, up_mix[0], beta[0]
+                )
+                if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):
+                    raise ValueError(
+                        f"{self.name}: merging into a {tuple(linear.weight.shape)} weight gives "
+                        f"NaN or Inf in {linear.weight.dtype}; refusing to merge"
+                    )
+                pristine_bias = None if linear.bias is None else linear.bias.detach().clone()
+                records.append(_MergeRecord(linear, linear.weight.detach().clone(), pristine_bias))
+                linear.weight.copy_(weight)
+                if linear.bias is None:
+                    linear.bias = nn.Parameter(bias, requires_grad=False)
+                else:
+                    linear.bias.copy_(bias)
+
+
+def start_pos_index(block: nn.Module) -> int | None:
+    """Position of ``start_pos`` among the arguments of ``type(block).forward`` (no self)."""
+    parameters = list(inspect.signature(type(block).forward).parameters)[1:]
+    return parameters.index("start_pos") if "start_pos" in parameters else None
+
+
+class EASRuntime:
+    """Frozen states, mode and re-parameterisation of one patched model."""
+
+    def __init__(self) -> None:
+        self.sites: list[AdapterSite] = []
+        self.mode = "eager"
+        self.state_mask: torch.Tensor | None = None
+        self.decoding = False
+        self.realized: str | None = None
+        self._merged: list[_MergeRecord] = []
+
+    @property
+    def active_sites(self) -> list[AdapterSite]:
+        return [site for site in self.sites if site.active]
+
+    # ------------------------------------------------------------------ call phases
+    def on_block_call(self, start_pos: object, batch_size: int) -> None:
+        """Called before every patched block runs, with the block's ``start_pos``."""
+        if start_pos is None or start_pos == 0:
+            if self.decoding or self.realized is not None:
+                self.unrealize()
+            self.decoding = False
+            return
+        if not self.decoding:
+            self._check_states(batch_size)
+            self.decoding = True
+        if self.realized is None:
+            self.realize(self.mode, batch_size)
+
+    def _check_states(self, batch_size: int) -> None:
+        for site in self.active_sites:
+            if site.state is None:
+                raise RuntimeError(
+                    f"{site.name} has no frozen state: a decode call (start_pos > 0) must "
+                    "follow a prefill (start_pos=0) of the same skip set"
+                )
+            if site.state.batch_size != batch_size:
+                raise ValueError(
+                    f"decode batch size {batch_size} differs from the prefill's "
+                    f"{site.state.batch_size}"
+                )
+
+    def adapt(self, site: AdapterSite, u: torch.Tensor) -> torch.Tensor | None:
+        """The site's hook body: ``u + PIA(u)`` or, once re-parameterised, ``None``."""
+        if not self.decoding:
+            mask = self.state_mask
+            if mask is not None and tuple(mask.shape) != tuple(u.shape[:2]):
+                raise ValueError(
+                    f"prompt mask has shape {tuple(mask.shape)} but {site.name} sees "
+                    f"{tuple(u.shape[:2])} (B, n) tokens"
+                )
+            state = site.pia.compute_state(u, mask)
+            site.state = state.detach()
+            return u + site.pia(u, state=state)
+        if self.realized == "merge":
+            return None
+        if self.realized == "lowrank":
+            site.projected = F.linear(u, site.pia.down1.weight)
+            return None
+        assert site.state is not None
+        return u + site.pia(u, state=site.state)
+
+    # ------------------------------------------------------------------ modes
+    def realize(self, mode: str, batch_size: int) -> None:
+        """Apply ``mode`` for the current frozen states (all sites at once, or none)."""
+        resolved = mode
+        if mode == "auto":
+            resolved = "merge" if batch_size == 1 else "lowrank"
+        if resolved == "merge":
+            if batch_size != 1:
+                raise ValueError(
+                    f"mode='merge' writes one example's PIA states into the weights and needs "
+                    f"batch size 1, got {batch_size}; use mode='lowrank' or 'auto'"
+                )
+            self._merge_all()
+        elif resolved == "lowrank":
+            for site in self.active_sites:
+                site.install_lowrank()
+        self.realized = resolved
+
+    def _merge_all(self) -> None:
+        sites = self.active_sites
+        for site in sites:
+            site.check_finite()
+        records: list[_MergeRecord] = []
+        try:
+            for site in sites:
+                site.merge(records)
+        except BaseException:
+            for record in reversed(records):
+                record.restore()
+            raise
+        self._merged = records
+
+    def unrealize(self) -> None:
+        """Put every merged weight back bitwise and drop low-rank hooks."""
+        for record in reversed(self._merged):
+            record.restore()
+        self._merged = []
+        for site in self.sites:
+            site.remove_lowrank()
+        self.realized = None
+
+    def set_mode(self, mode: str) -> None:
+        """Switch mode; applied now when frozen states exist, else at the next decode call."""
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not self.decoding:
+            self.mode = mode
+            return
+        previous = self.mode
+        batch_size = self.active_sites[0].state.batch_size if self.active_sites else 1
+        self.unrealize()
+        try:
+            self.realize(mode, batch_size)
+        except BaseException:
+            self.realize(previous, batch_size)
+            raise
+        self.mode = mode
+
+    def forget_states(self) -> None:
+        self.unrealize()
+        self.decoding = False
+        for site in self.sites:
+            site.state = None
+
+    def merged_layers(self) -> Iterable[nn.Linear]:
+        return (record.linear for record in self._merged)
