@@ -103,7 +103,9 @@ def _check_block(index: int, block: nn.Module) -> tuple[int, torch.dtype, torch.
     return dims.pop(), dtype, devices.pop()
 
 
-def _skipped_block_forward(self: nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+def _skipped_block_forward(
+    self: nn.Module, x: torch.Tensor, *args: object, **kwargs: object
+) -> torch.Tensor:
     """A skipped block: ``x + FFN(ffn_norm(x))`` (the PIA is the hook on ``ffn_norm``)."""
     return x + self.feed_forward(self.ffn_norm(x))
 
@@ -131,21 +133,23 @@ class _Patch:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         skipped = set(plan.skipped)
-        for index, (block, (dim, dtype, device)) in enumerate(zip(blocks, layouts)):
+        for index, (block, (dim, dtype, device)) in enumerate(zip(blocks, layouts, strict=True)):
             if search or index not in skipped:
-                adapter = PIA(dim, plan.adapter_rank, token_mixing=False, temperature=plan.temperature)
+                adapter = PIA(
+                    dim, plan.adapter_rank, token_mixing=False, temperature=plan.temperature
+                )
                 block.add_module(_ATTN_ADAPTER, adapter.to(device=device, dtype=dtype))
                 targets = (block.attention.wq, block.attention.wk, block.attention.wv)
-                self.attn_sites[index] = self._site(index, "attention", adapter, block.attention_norm, targets)
+                self.attn_sites[index] = self._site(
+                    index, "attention", adapter, block.attention_norm, targets
+                )
             if search or index in skipped:
                 pia = PIA(dim, plan.skip_rank, token_mixing=True, temperature=plan.temperature)
                 block.add_module(_SKIP_PIA, pia.to(device=device, dtype=dtype))
                 targets = (block.feed_forward.w1, block.feed_forward.w3)
                 self.skip_sites[index] = self._site(index, "skip", pia, block.ffn_norm, targets)
             position = start_pos_index(block)
-            block.register_forward_pre_hook(
-                self._block_pre_hook(position), with_kwargs=True
-            )
+            block.register_forward_pre_hook(self._block_pre_hook(position), with_kwargs=True)
         self.skipped: tuple[int, ...] = ()
         self.set_skipped(plan.skipped)
 

@@ -100,7 +100,9 @@ class PIA(nn.Module):
         if u.shape[-1] != self.dim:
             raise ValueError(f"{name} must have shape (B, n, {self.dim}), got {tuple(u.shape)}")
         if u.device != weight.device:
-            raise ValueError(f"{name} is on {u.device} but the PIA is on {weight.device}")
+            raise ValueError(
+                f"{name} is on device {u.device} but the PIA is on device {weight.device}"
+            )
         if u.dtype != weight.dtype:
             raise TypeError(f"{name} has dtype {u.dtype} but the PIA's weights are {weight.dtype}")
         if u.shape[1] == 0:
@@ -127,14 +129,15 @@ class PIA(nn.Module):
         """State ``(c, α)`` of each example from its tokens ``u`` (``(B, n, d)``).
 
         ``mask`` (``(B, n)`` bool) selects the tokens averaged into ``ū``; ``None`` averages
-        all tokens. The mean is accumulated in float32.
+        all tokens. The mean and the softmax accumulate in at least float32.
         """
         self._check_input(u)
+        compute = torch.promote_types(u.dtype, torch.float32)
         if mask is None:
-            mean = u.float().mean(dim=1)
+            mean = u.to(compute).mean(dim=1)
         else:
             check_token_mask(mask, "mask", shape=tuple(u.shape[:2]), device=u.device)
-            summed = torch.where(mask.unsqueeze(-1), u.float(), 0.0).sum(dim=1)
+            summed = torch.where(mask.unsqueeze(-1), u.to(compute), 0.0).sum(dim=1)
             mean = summed / mask.sum(dim=1, keepdim=True)
         mean = mean.to(u.dtype)
         batch = u.shape[0]
@@ -142,7 +145,7 @@ class PIA(nn.Module):
             c = self.down1.bias + self.down2(mean)
         else:
             c = self.down1.bias.expand(batch, self.rank)
-        logits = self.router(mean).float() / self.temperature
+        logits = self.router(mean).to(compute) / self.temperature
         alpha = torch.softmax(logits, dim=-1).to(u.dtype)
         return PIAState(c, alpha)
 

@@ -260,7 +260,12 @@ class EASRuntime:
         self.realized = None
 
     def set_mode(self, mode: str) -> None:
-        """Switch mode; applied now when frozen states exist, else at the next decode call."""
+        """Switch mode; applied now to frozen states that allow it, else at the next decode.
+
+        Frozen states of a batch larger than one cannot be merged: ``merge`` then waits for
+        the next batch-1 prefill (a decode step of the current batch raises). A merge
+        that fails (NaN/Inf) keeps the previous mode and leaves the weights unchanged.
+        """
         if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not self.decoding:
@@ -269,12 +274,15 @@ class EASRuntime:
         previous = self.mode
         batch_size = self.active_sites[0].state.batch_size if self.active_sites else 1
         self.unrealize()
+        self.mode = mode
+        if mode == "merge" and batch_size != 1:
+            return
         try:
             self.realize(mode, batch_size)
         except BaseException:
+            self.mode = previous
             self.realize(previous, batch_size)
             raise
-        self.mode = mode
 
     def forget_states(self) -> None:
         self.unrealize()

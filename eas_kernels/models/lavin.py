@@ -98,7 +98,7 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` (``(B, n, heads, hd)``) by ``freqs_cis`` (``(B, n, hd/2)``)."""
+    """Rotate interleaved pairs of ``x`` ``(B, n, heads, hd)`` by ``freqs_cis`` ``(B, n, hd/2)``."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     rotated = torch.view_as_real(pairs * freqs_cis.unsqueeze(2)).flatten(3)
     return rotated.type_as(x)
@@ -122,7 +122,11 @@ class Attention(nn.Module):
         self.cache_v: torch.Tensor | None = None
 
     def _cache(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cache_k is None or self.cache_k.dtype != like.dtype or self.cache_k.device != like.device:
+        if (
+            self.cache_k is None
+            or self.cache_k.dtype != like.dtype
+            or self.cache_k.device != like.device
+        ):
             shape = (self.max_batch_size, self.max_seq_len, self.n_kv_heads, self.head_dim)
             self.cache_k = torch.zeros(shape, dtype=like.dtype, device=like.device)
             self.cache_v = torch.zeros(shape, dtype=like.dtype, device=like.device)
@@ -209,8 +213,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        freqs = precompute_freqs_cis(args.head_dim, args.max_seq_len * 2, args.rope_theta)
-        self.register_buffer("freqs_cis", freqs, persistent=False)
+        # A plain attribute, not a buffer: ``model.to(dtype)`` would cast a complex buffer to
+        # real and drop the rotation. Moved to the tokens' device on use (as Meta does).
+        self.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len * 2, args.rope_theta)
         # Cached-inference bookkeeping (not part of the state dict): which cache slots hold
         # real tokens, and how many real tokens each example has seen.
         self._key_valid: torch.Tensor | None = None
@@ -224,7 +229,8 @@ class Transformer(nn.Module):
         assert isinstance(mask, torch.Tensor)
         if mask.shape != tokens.shape:
             raise ValueError(
-                f"{name} must have the shape of tokens {tuple(tokens.shape)}, got {tuple(mask.shape)}"
+                f"{name} must have the shape of tokens {tuple(tokens.shape)}, "
+                f"got {tuple(mask.shape)}"
             )
         return mask
 
@@ -243,7 +249,8 @@ class Transformer(nn.Module):
                 raise TypeError(f"start_pos must be None or an int >= 0, got {start_pos!r}")
             if tokens.shape[0] > self.params.max_batch_size:
                 raise ValueError(
-                    f"batch size {tokens.shape[0]} exceeds max_batch_size {self.params.max_batch_size}"
+                    f"batch size {tokens.shape[0]} exceeds max_batch_size "
+                    f"{self.params.max_batch_size}"
                 )
             if start_pos + tokens.shape[1] > self.params.max_seq_len:
                 raise ValueError(
@@ -315,7 +322,11 @@ class Transformer(nn.Module):
         tokens = self._check_call(tokens, start_pos)
         prompt_mask = self._check_mask(prompt_mask, "prompt_mask", tokens)
         attention_mask = self._check_mask(attention_mask, "attention_mask", tokens)
-        if start_pos is not None and start_pos > 0 and (prompt_mask is not None or attention_mask is not None):
+        if (
+            start_pos is not None
+            and start_pos > 0
+            and (prompt_mask is not None or attention_mask is not None)
+        ):
             raise ValueError(
                 "prompt_mask and attention_mask belong to a training forward or a prefill "
                 f"(start_pos None or 0), not to a decode call (start_pos={start_pos})"
@@ -324,6 +335,8 @@ class Transformer(nn.Module):
         if real is None and start_pos == 0:
             real = prompt_mask
         positions, mask, num_real = self._positions_and_mask(tokens, start_pos, real)
+        if self.freqs_cis.device != tokens.device:
+            self.freqs_cis = self.freqs_cis.to(tokens.device)
         freqs_cis = self.freqs_cis[positions]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:

@@ -1,0 +1,100 @@
+"""Shared builders for the tests: tiny LaVIN-layout models and trained-looking PIAs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import eas_kernels
+from eas_kernels.models.lavin import ModelArgs, Transformer
+
+
+def tiny_args(**overrides: object) -> ModelArgs:
+    values = dict(
+        dim=48,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=97,
+        multiple_of=32,
+        max_seq_len=64,
+        max_batch_size=8,
+    )
+    values.update(overrides)
+    return ModelArgs(**values)
+
+
+def tiny_model(
+    seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: object
+) -> Transformer:
+    """A random tiny model whose norms have non-trivial gains."""
+    torch.manual_seed(seed)
+    model = Transformer(tiny_args(**overrides))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+    return model.to(dtype).eval()
+
+
+def randomize_pias(model: nn.Module, seed: int = 1, scale: float = 0.2) -> None:
+    """Give every PIA parameter random non-zero values (up projections included)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "attn_adapter" in name or "skip_pia" in name:
+                noise = torch.randn(parameter.shape, generator=generator) * scale
+                parameter.copy_(noise.to(parameter.dtype))
+
+
+def patched(
+    skipped: list[int],
+    *,
+    seed: int = 0,
+    trained: bool = True,
+    dtype: torch.dtype = torch.float32,
+    search: bool = False,
+    **overrides: object,
+) -> Transformer:
+    model = tiny_model(seed, dtype, **overrides)
+    plan = eas_kernels.SkipPlan(model.n_layers, skipped, skip_rank=6, adapter_rank=3)
+    eas_kernels.patch_lavin(model, plan, search=search)
+    if trained:
+        randomize_pias(model, seed + 1)
+    return model
+
+
+def left_pad(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, real)``: left-padded ``(B, width)`` ids and the mask of real tokens."""
+    width = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    real = torch.zeros(len(sequences), width, dtype=torch.bool)
+    for row, sequence in enumerate(sequences):
+        tokens[row, width - len(sequence) :] = torch.tensor(sequence)
+        real[row, width - len(sequence) :] = True
+    return tokens, real
+
+
+def random_sequences(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def weights_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN payloads and signed zeros included)."""
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    )
+
+
+def assert_bitwise(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    current = model.state_dict()
+    assert current.keys() == snapshot.keys()
+    for name, tensor in snapshot.items():
+        assert same_bits(current[name], tensor), f"{name} changed"

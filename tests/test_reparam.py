@@ -1,0 +1,220 @@
+"""Re-parameterisation (EAS_SPEC §4): merge, low-rank and eager agree; restore is bitwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from eas_kernels import PIA, greedy_generate, reparameterize, restore
+from eas_kernels.ops import add_lowrank, lowrank_factors, merged_linear
+from eas_kernels.patch import runtime_of
+from tests.helpers import assert_bitwise, patched, random_sequences, tiny_model, weights_snapshot
+from tests.reference import merged_weight_reference, pia_reference
+
+
+def random_pia(dim: int, rank: int, seed: int) -> PIA:
+    torch.manual_seed(seed)
+    pia = PIA(dim, rank).double()
+    with torch.no_grad():
+        for parameter in pia.parameters():
+            parameter.normal_(0, 0.3)
+    return pia
+
+
+# ---------------------------------------------------------------------- the ops
+@pytest.mark.parametrize("out, dim, rank", [(7, 13, 1), (40, 24, 5), (33, 64, 64)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_merged_linear_matches_the_dense_reference_and_the_unmerged_function(
+    out, dim, rank, with_bias
+):
+    pia = random_pia(dim, rank, seed=out)
+    weight = torch.randn(out, dim, dtype=torch.float64)
+    bias = torch.randn(out, dtype=torch.float64) if with_bias else None
+    u = torch.randn(3, 5, dim, dtype=torch.float64)
+    state = pia.compute_state(u)
+    for b in range(3):
+        one = type(state)(state.c[b : b + 1], state.alpha[b : b + 1])
+        up_mix, beta = pia.mixed_up_projection(one)
+        new_weight, new_bias = merged_linear(weight, bias, pia.down1.weight, up_mix[0], beta[0])
+        ref_weight, ref_bias = merged_weight_reference(
+            weight, bias, pia.down1.weight, pia.up1, pia.up2, state.c[b], state.alpha[b]
+        )
+        torch.testing.assert_close(new_weight, ref_weight, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(new_bias, ref_bias, rtol=1e-10, atol=1e-10)
+        # the merged layer computes the unmerged one on z = u + PIA(u)
+        z = (
+            u[b]
+            + pia_reference(pia, u[b : b + 1], state=(state.c[b : b + 1], state.alpha[b : b + 1]))[
+                0
+            ]
+        )
+        unmerged = z @ weight.t() + (0 if bias is None else bias)
+        torch.testing.assert_close(
+            u[b] @ new_weight.t() + new_bias, unmerged, rtol=1e-10, atol=1e-10
+        )
+
+
+def test_merge_never_forms_the_dense_d_by_d_matrix():
+    out, dim, rank = 128, 512, 4
+    pia = PIA(dim, rank)
+    weight = torch.randn(out, dim)
+    with FlopCounterMode(display=False) as counter:
+        merged_linear(weight, None, pia.down1.weight, torch.randn(rank, dim), torch.randn(dim))
+    assert counter.get_total_flops() <= 4 * out * dim * rank + 4 * out * dim
+    assert 2 * out * dim * dim > 10 * counter.get_total_flops()
+
+
+@pytest.mark.parametrize("batch, out, dim, rank", [(1, 9, 7, 1), (5, 31, 24, 6), (33, 16, 16, 64)])
+def test_lowrank_ops_match_the_unmerged_function(batch, out, dim, rank):
+    pia = random_pia(dim, rank, seed=batch)
+    weight = torch.randn(out, dim, dtype=torch.float64)
+    bias = torch.randn(out, dtype=torch.float64)
+    u = torch.randn(batch, 4, dim, dtype=torch.float64)
+    state = pia.compute_state(u)
+    up_mix, beta = pia.mixed_up_projection(state)
+    factor, offset = lowrank_factors(weight, up_mix, beta)
+    assert factor.shape == (batch, rank, out) and offset.shape == (batch, out)
+    projected = u @ pia.down1.weight.t()
+    ours = add_lowrank(u @ weight.t() + bias, projected, factor, offset)
+    z = u + pia_reference(pia, u, state=(state.c, state.alpha))
+    torch.testing.assert_close(ours, z @ weight.t() + bias, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------- on a model
+@pytest.mark.parametrize("skipped", [[], [0, 2]])
+def test_modes_give_the_same_logits_and_generations(skipped):
+    model = patched(skipped, seed=30)
+    single = random_sequences([7], vocab=97, seed=31)
+    batch = random_sequences([7, 3, 11], vocab=97, seed=32)
+    results = {}
+    for mode in ("eager", "merge", "lowrank", "auto"):
+        reparameterize(model, mode)
+        results[mode, 1] = greedy_generate(model, single, 10)
+        if mode != "merge":
+            results[mode, 3] = greedy_generate(model, batch, 10)
+    for (mode, size), result in results.items():
+        reference = results["eager", size]
+        assert result.tokens == reference.tokens, (mode, size)
+        torch.testing.assert_close(result.logits, reference.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_merges_batch_one_and_keeps_weights_for_larger_batches():
+    model = patched([1], seed=33)
+    reparameterize(model)
+    snapshot = weights_snapshot(model)
+    w1 = model.layers[1].feed_forward.w1
+    wq = model.layers[0].attention.wq
+    model(torch.tensor([[1, 2, 3]]), start_pos=0)
+    model(torch.tensor([[4]]), start_pos=3)
+    assert runtime_of(model).realized == "merge"
+    assert not torch.equal(w1.weight, snapshot["layers.1.feed_forward.w1.weight"])
+    assert not torch.equal(wq.weight, snapshot["layers.0.attention.wq.weight"])
+    assert w1.bias is not None and wq.bias is not None
+    model(torch.tensor([[1, 2, 3], [3, 2, 1]]), start_pos=0)  # the next prefill restores
+    assert w1.bias is None and wq.bias is None
+    assert_bitwise(model, snapshot)
+    model(torch.tensor([[4], [5]]), start_pos=3)
+    assert runtime_of(model).realized == "lowrank"
+    assert_bitwise(model, snapshot)
+
+
+def test_restore_is_bitwise_and_the_mode_reapplies_at_the_next_step():
+    model = patched([2, 3], seed=34)
+    snapshot = weights_snapshot(model)
+    reparameterize(model, "merge")
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7, 8]]), start_pos=0)
+        merged_step = model(torch.tensor([[9]]), start_pos=4)
+        restore(model)
+        assert_bitwise(model, snapshot)
+        assert runtime_of(model).realized is None
+        reparameterize(model, "eager")
+        eager_step = model(torch.tensor([[10]]), start_pos=5)
+        reparameterize(model, "merge")  # applied at once: states are frozen
+        assert not torch.equal(
+            model.layers[2].feed_forward.w3.weight, snapshot["layers.2.feed_forward.w3.weight"]
+        )
+    restore(model)
+    assert_bitwise(model, snapshot)
+    assert torch.isfinite(merged_step).all() and torch.isfinite(eager_step).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_thousand_merge_restore_cycles_leave_weights_bitwise_identical(dtype):
+    model = patched([1], seed=35, dtype=dtype, n_layers=2, dim=32, n_heads=2, n_kv_heads=1)
+    reparameterize(model, "merge")
+    snapshot = weights_snapshot(model)
+    generator = torch.Generator().manual_seed(36)
+    changed = 0
+    with torch.no_grad():
+        for cycle in range(1000):
+            length = int(torch.randint(1, 6, (1,), generator=generator))
+            prompt = torch.randint(1, 97, (1, length), generator=generator)
+            model(prompt, start_pos=0)  # restores the previous merge, computes new states
+            model(torch.tensor([[cycle % 97]]), start_pos=length)  # merges them
+            w1 = model.layers[1].feed_forward.w1.weight
+            changed += not torch.equal(w1, snapshot["layers.1.feed_forward.w1.weight"])
+    restore(model)
+    assert changed == 1000
+    assert_bitwise(model, snapshot)
+
+
+def test_merge_refuses_non_finite_pia_weights_and_changes_nothing():
+    model = patched([1], seed=37)
+    snapshot = weights_snapshot(model)
+    with torch.no_grad():
+        model.layers[3].attn_adapter.up2.weight[0, 0] = float("nan")
+    snapshot = weights_snapshot(model)
+    reparameterize(model, "merge")
+    with torch.no_grad():
+        model(torch.tensor([[1, 2]]), start_pos=0)
+        with pytest.raises(ValueError, match="layer 3 attention PIA: up2.weight holds NaN"):
+            model(torch.tensor([[3]]), start_pos=2)
+    assert_bitwise(model, snapshot)
+    with pytest.raises(ValueError, match="NaN"):
+        reparameterize(model, "merge")
+    assert_bitwise(model, snapshot)
+
+
+def test_a_merge_failing_midway_is_rolled_back(monkeypatch):
+    """Layer 0's targets and layer 1's w1 are written before w3's result is refused."""
+    import eas_kernels.runtime as runtime_module
+
+    model = patched([1], seed=38, dtype=torch.float16)
+    reparameterize(model, "merge")
+    failing = model.layers[1].feed_forward.w3.weight
+    real_merge = runtime_module.merged_linear
+
+    def overflowing_merge(weight, *args):
+        new_weight, new_bias = real_merge(weight, *args)
+        if weight is failing:
+            new_weight = new_weight.clone()
+            new_weight[0, 0] = float("inf")  # what an fp16 overflow produces
+        return new_weight, new_bias
+
+    monkeypatch.setattr(runtime_module, "merged_linear", overflowing_merge)
+    snapshot = weights_snapshot(model)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2]]), start_pos=0)
+        with pytest.raises(ValueError, match="layer 1 skip PIA.*NaN or Inf in torch.float16"):
+            model(torch.tensor([[3]]), start_pos=2)
+    assert_bitwise(model, snapshot)
+    assert model.layers[0].attention.wq.bias is None
+
+
+def test_merge_needs_batch_one_and_modes_are_validated():
+    model = patched([1], seed=39)
+    snapshot = weights_snapshot(model)
+    reparameterize(model, "merge")
+    with torch.no_grad():
+        model(torch.tensor([[1, 2], [3, 4]]), start_pos=0)
+        with pytest.raises(ValueError, match="batch size 1, got 2"):
+            model(torch.tensor([[3], [4]]), start_pos=2)
+    assert_bitwise(model, snapshot)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        reparameterize(model, "dense")
+    with pytest.raises(TypeError, match="not patched"):
+        reparameterize(tiny_model(), "merge")
+    with pytest.raises(TypeError, match="not patched"):
+        restore(tiny_model())
