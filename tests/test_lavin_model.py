@@ -69,6 +69,15 @@ def test_left_padded_batch_gives_each_example_its_alone_result():
         torch.testing.assert_close(generated.logits[row], single.logits[0], rtol=1e-5, atol=1e-5)
 
 
+def test_casting_the_model_keeps_rope_exact():
+    """``model.to(dtype)`` must not touch the complex RoPE table (a buffer would be cast)."""
+    tokens = torch.randint(0, 97, (2, 9))
+    single = tiny_model(seed=4)(tokens)
+    double = tiny_model(seed=4, dtype=torch.float64)(tokens)
+    torch.testing.assert_close(double.float(), single, rtol=1e-4, atol=1e-4)
+    assert tiny_model(dtype=torch.bfloat16).freqs_cis.dtype == torch.complex64
+
+
 def test_kv_cache_is_allocated_lazily():
     model = tiny_model()
     assert all(layer.attention.cache_k is None for layer in model.layers)
@@ -83,6 +92,7 @@ def test_bad_calls_raise_clear_errors_and_change_nothing():
     cases = [
         (dict(tokens=tokens.float()), TypeError, "int64"),
         (dict(tokens=tokens[0]), ValueError, "2 dimensions"),
+        (dict(tokens=tokens.to("meta")), ValueError, "device"),
         (dict(tokens=tokens + 97), ValueError, r"\[0, 97\)"),
         (dict(tokens=tokens - 1000), ValueError, r"\[0, 97\)"),
         (dict(tokens=tokens, start_pos=-1), TypeError, "start_pos"),

@@ -1,0 +1,135 @@
+"""Decode-step cost of each EAS variant against its floor, in one run.
+
+Variants, batch 1, one decode step after a prefill of ``PROMPT`` tokens, on a 32-layer
+LLaMA of the LaVIN layout (scaled-down width on CPU, LLaMA-7B width on a GPU):
+
+* ``unpatched`` — the pretrained model;
+* ``floor`` — the unpatched model with the same ``K`` MHAs deleted and no adapter at all;
+* ``lavin_style`` — rank-8 router adapters before every MHA, not merged (eager);
+* ``eas_eager`` / ``eas_merge`` / ``eas_lowrank`` — ``K`` MHAs skipped, PIAs applied eagerly,
+  merged into the weights, or through the low-rank path.
+
+``pytest benchmarks/ --benchmark-only``. Each test times its variant with pytest-benchmark
+and, in the same run, interleaves its variant with the floor to record
+``ratio_vs_floor`` (median of paired timings) in ``extra_info``, with shapes, device and
+versions. Nothing is asserted about speed.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import time
+import types
+
+import pytest
+import torch
+
+import eas_kernels
+from eas_kernels.models.lavin import ModelArgs, Transformer
+
+K = 8
+PROMPT = 96
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+ARGS = (
+    ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=512,
+              max_batch_size=1)
+    if DEVICE == "cuda"
+    else ModelArgs(dim=256, n_layers=32, n_heads=8, vocab_size=4096, max_seq_len=512,
+                   max_batch_size=1)
+)
+SKIPPED = list(range(ARGS.n_layers - K - 1, ARGS.n_layers - 1))  # deep layers (paper Fig. 6)
+
+
+def _synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _skip_attention(self, x, *args, **kwargs):
+    return x + self.feed_forward(self.ffn_norm(x))
+
+
+def _train_like(model: torch.nn.Module) -> None:
+    """Non-zero PIA weights, so merging and the low-rank path are not no-ops."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                noise = torch.randn(parameter.shape, generator=generator) * 0.02
+                parameter.copy_(noise.to(parameter))
+
+
+@pytest.fixture(scope="module")
+def variants() -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    base = Transformer(ARGS).to(device=DEVICE, dtype=DTYPE).eval()
+    built: dict[str, torch.nn.Module] = {"unpatched": base}
+    floor = copy.deepcopy(base)
+    for index in SKIPPED:
+        block = floor.layers[index]
+        block.forward = types.MethodType(_skip_attention, block)
+    built["floor"] = floor
+    lavin = eas_kernels.patch_lavin(copy.deepcopy(base), eas_kernels.SkipPlan(ARGS.n_layers, []))
+    _train_like(lavin)
+    built["lavin_style"] = eas_kernels.reparameterize(lavin, "eager")
+    for mode in ("eager", "merge", "lowrank"):
+        model = copy.deepcopy(base)
+        eas_kernels.patch_lavin(model, eas_kernels.SkipPlan(ARGS.n_layers, SKIPPED))
+        _train_like(model)
+        built[f"eas_{mode}"] = eas_kernels.reparameterize(model, mode)
+    return built
+
+
+class Decoder:
+    """Prefill once, then time single decode steps that always write the same position."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.token = torch.tensor([[7]], device=DEVICE)
+        prompt = torch.randint(1, ARGS.vocab_size, (1, PROMPT), device=DEVICE)
+        with torch.no_grad():
+            model(prompt, start_pos=0)
+            model(self.token, start_pos=PROMPT)  # realises the mode (merge happens here)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.model._num_real.fill_(PROMPT)  # keep the position fixed across rounds
+        self.model(self.token, start_pos=PROMPT)
+
+
+def _paired_ratio(decoder: Decoder, floor: Decoder, pairs: int = 30) -> float:
+    ratios = []
+    for _ in range(pairs):
+        times = []
+        for candidate in (decoder, floor):
+            _synchronize()
+            start = time.perf_counter()
+            candidate.step()
+            _synchronize()
+            times.append(time.perf_counter() - start)
+        ratios.append(times[0] / times[1])
+    return statistics.median(ratios)
+
+
+@pytest.mark.parametrize(
+    "name", ["unpatched", "floor", "lavin_style", "eas_eager", "eas_merge", "eas_lowrank"]
+)
+def test_decode_step(benchmark, variants, name):
+    decoder = Decoder(variants[name])
+    floor = Decoder(variants["floor"])
+    benchmark.extra_info.update(
+        variant=name,
+        skipped=SKIPPED,
+        shape=dict(dim=ARGS.dim, n_layers=ARGS.n_layers, n_heads=ARGS.n_heads,
+                   vocab=ARGS.vocab_size, prompt=PROMPT, batch=1, dtype=str(DTYPE)),
+        device=torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor()
+        or platform.machine(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        eas_kernels=eas_kernels.__version__,
+        ratio_vs_floor=round(_paired_ratio(decoder, floor), 4),
+    )
+    benchmark.pedantic(decoder.step, rounds=60, warmup_rounds=5, iterations=1)
