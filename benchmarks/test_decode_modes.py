@@ -56,7 +56,7 @@ def _train_like(model: torch.nn.Module) -> None:
     """Non-zero PIA weights, so merging and the low-rank path are not no-ops."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.requires_grad:
                 noise = torch.randn(parameter.shape, generator=generator) * 0.02
                 parameter.copy_(noise.to(parameter))
