@@ -218,3 +218,25 @@ def test_merge_needs_batch_one_and_modes_are_validated():
         reparameterize(tiny_model(), "merge")
     with pytest.raises(TypeError, match="not patched"):
         restore(tiny_model())
+
+
+def test_inference_mode_generation_then_training_then_restore():
+    """Caches, pristine copies and merged biases made under inference_mode stay usable."""
+    model = patched([1], seed=40)
+    snapshot = weights_snapshot(model)
+    reparameterize(model, "merge")
+    with torch.inference_mode():
+        merged = greedy_generate(model, [[1, 2, 3]], 5)
+    reparameterize(model, "eager")
+    assert greedy_generate(model, [[1, 2, 3]], 5).tokens == merged.tokens
+    reparameterize(model, "merge")
+    with torch.inference_mode():
+        greedy_generate(model, [[4, 5]], 3)
+    tokens = torch.randint(1, 97, (2, 6))
+    prompt = torch.zeros(2, 6, dtype=torch.bool)
+    prompt[:, :3] = True
+    logits = model.train()(tokens, prompt_mask=prompt)  # fresh call: restores first
+    torch.nn.functional.cross_entropy(
+        logits[:, 2:-1].flatten(0, 1), tokens[:, 3:].flatten()
+    ).backward()
+    assert_bitwise(model, snapshot)

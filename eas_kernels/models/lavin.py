@@ -128,8 +128,11 @@ class Attention(nn.Module):
             or self.cache_k.device != like.device
         ):
             shape = (self.max_batch_size, self.max_seq_len, self.n_kv_heads, self.head_dim)
-            self.cache_k = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            self.cache_v = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            # Normal tensors even when first called under torch.inference_mode(), so that
+            # later calls outside it can still write into them.
+            with torch.inference_mode(False):
+                self.cache_k = torch.zeros(shape, dtype=like.dtype, device=like.device)
+                self.cache_v = torch.zeros(shape, dtype=like.dtype, device=like.device)
         assert self.cache_v is not None
         return self.cache_k, self.cache_v
 
@@ -283,7 +286,8 @@ class Transformer(nn.Module):
             if start_pos == 0:
                 if self._key_valid is None or self._key_valid.device != device:
                     shape = (self.params.max_batch_size, self.params.max_seq_len)
-                    self._key_valid = torch.zeros(shape, dtype=torch.bool, device=device)
+                    with torch.inference_mode(False):  # see Attention._cache
+                        self._key_valid = torch.zeros(shape, dtype=torch.bool, device=device)
                 self._key_valid[:batch, :seqlen] = real
         else:
             assert self._key_valid is not None and self._num_real is not None
