@@ -8,6 +8,7 @@ input never reaches a kernel or changes a model.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from numbers import Integral, Real
 
 import torch
@@ -56,13 +57,33 @@ def check_tensor(
     return value
 
 
+def check_layer_indices(value: object, name: str, num_layers: int) -> tuple[int, ...]:
+    """Sorted tuple of distinct layer indices in ``[0, num_layers)`` from an iterable of ints."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be an iterable of ints, got {type(value).__name__}")
+    indices = list(value)
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, Integral):
+            raise TypeError(f"{name} must hold ints, got {type(index).__name__} {index!r}")
+        if not 0 <= index < num_layers:
+            raise ValueError(f"{name}: layer index {index} is out of range [0, {num_layers})")
+    if len(set(indices)) != len(indices):
+        duplicates = sorted({i for i in indices if indices.count(i) > 1})
+        raise ValueError(f"{name} has duplicate indices {duplicates}")
+    return tuple(sorted(int(i) for i in indices))
+
+
 def check_token_mask(
-    mask: object, name: str, *, shape: tuple[int, int], device: torch.device
+    mask: object,
+    name: str,
+    *,
+    shape: tuple[int, int] | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Check a ``(B, n)`` bool mask that must select at least one token per example."""
     check_tensor(mask, name, ndim=2, dtype=torch.bool, device=device)
     assert isinstance(mask, torch.Tensor)
-    if tuple(mask.shape) != tuple(shape):
+    if shape is not None and tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)} (B, n), got {tuple(mask.shape)}")
     empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
     if empty:

@@ -21,12 +21,11 @@ from __future__ import annotations
 import inspect
 import types
 from collections.abc import Iterable
-from numbers import Integral
 
 import torch
 from torch import nn
 
-from ._checks import check_tensor
+from ._checks import check_layer_indices, check_token_mask
 from .pia import PIA
 from .plan import SkipPlan
 from .runtime import AdapterSite, EASRuntime, start_pos_index
@@ -172,16 +171,7 @@ class _Patch:
         return hook
 
     def check_skipped(self, indices: Iterable[int]) -> tuple[int, ...]:
-        if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
-            raise TypeError(f"indices must be an iterable of ints, got {type(indices).__name__}")
-        chosen = list(indices)
-        for index in chosen:
-            if isinstance(index, bool) or not isinstance(index, Integral):
-                raise TypeError(f"indices must hold ints, got {type(index).__name__} {index!r}")
-            if not 0 <= index < len(self.blocks):
-                raise ValueError(f"layer index {index} is out of range [0, {len(self.blocks)})")
-        if len(set(chosen)) != len(chosen):
-            raise ValueError(f"indices has duplicates: {chosen}")
+        chosen = check_layer_indices(indices, "indices", len(self.blocks))
         for index in range(len(self.blocks)):
             if index in chosen and index not in self.skip_sites:
                 raise ValueError(
@@ -192,7 +182,7 @@ class _Patch:
                     f"layer {index} has no attention adapter and cannot run its MHA "
                     "(patch with search=True to switch any layer)"
                 )
-        return tuple(sorted(int(i) for i in chosen))
+        return chosen
 
     def set_skipped(self, indices: Iterable[int]) -> None:
         chosen = self.check_skipped(indices)
@@ -245,15 +235,7 @@ def _install_mask_hook(model: nn.Module, runtime: EASRuntime) -> None:
 
 
 def _check_prompt_mask(mask: object) -> torch.Tensor:
-    check_tensor(mask, "prompt_mask", ndim=2, dtype=torch.bool)
-    assert isinstance(mask, torch.Tensor)
-    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(
-            f"prompt_mask selects no token in example(s) {empty}: every example needs at "
-            "least one prompt token for its PIA states"
-        )
-    return mask
+    return check_token_mask(mask, "prompt_mask")
 
 
 def patch_lavin(model: nn.Module, plan: SkipPlan, *, search: bool = False) -> nn.Module:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from numbers import Integral
 
-from ._checks import check_positive_finite, check_positive_int
+from ._checks import check_layer_indices, check_positive_finite, check_positive_int
 
 _FORMAT = "eas_kernels.SkipPlan"
 _VERSION = 1
@@ -37,19 +36,8 @@ class SkipPlan:
         temperature: float = 10.0,
     ) -> None:
         num_layers = check_positive_int(num_layers, "num_layers")
-        if isinstance(skipped, (str, bytes)) or not isinstance(skipped, Iterable):
-            raise TypeError(f"skipped must be an iterable of ints, got {type(skipped).__name__}")
-        indices = list(skipped)
-        for index in indices:
-            if isinstance(index, bool) or not isinstance(index, Integral):
-                raise TypeError(f"skipped must hold ints, got {type(index).__name__} {index!r}")
-            if not 0 <= index < num_layers:
-                raise ValueError(f"skipped index {index} is out of range [0, {num_layers})")
-        if len(set(indices)) != len(indices):
-            duplicates = sorted({i for i in indices if indices.count(i) > 1})
-            raise ValueError(f"skipped has duplicate indices {duplicates}")
         object.__setattr__(self, "num_layers", num_layers)
-        object.__setattr__(self, "skipped", tuple(sorted(int(i) for i in indices)))
+        object.__setattr__(self, "skipped", check_layer_indices(skipped, "skipped", num_layers))
         object.__setattr__(self, "skip_rank", check_positive_int(skip_rank, "skip_rank"))
         object.__setattr__(self, "adapter_rank", check_positive_int(adapter_rank, "adapter_rank"))
         object.__setattr__(self, "temperature", check_positive_finite(temperature, "temperature"))

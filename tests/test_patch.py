@@ -149,7 +149,7 @@ def test_set_skipped_refuses_roles_without_pias():
         set_skipped(model, [1])
     with pytest.raises(ValueError, match="out of range"):
         set_skipped(model, [4])
-    with pytest.raises(ValueError, match="duplicates"):
+    with pytest.raises(ValueError, match="duplicate indices"):
         set_skipped(model, [1, 1])
     with pytest.raises(TypeError, match="ints"):
         set_skipped(model, ["1"])
