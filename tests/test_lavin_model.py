@@ -98,6 +98,7 @@ def test_bad_calls_raise_clear_errors_and_change_nothing():
         (dict(tokens=tokens, start_pos=-1), TypeError, "start_pos"),
         (dict(tokens=tokens, start_pos=True), TypeError, "start_pos"),
         (dict(tokens=tokens, start_pos=62), ValueError, "max_seq_len"),
+        (dict(tokens=torch.zeros(1, 65, dtype=torch.long)), ValueError, "length 65 exceeds"),
         (
             dict(tokens=torch.zeros(9, 2, dtype=torch.long), start_pos=0),
             ValueError,

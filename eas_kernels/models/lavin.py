@@ -244,6 +244,10 @@ class Transformer(nn.Module):
             raise TypeError(f"tokens must be int64 or int32, got {tokens.dtype}")
         if tokens.numel() == 0:
             raise ValueError(f"tokens must not be empty, got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.params.max_seq_len:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds max_seq_len {self.params.max_seq_len}"
+            )
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= self.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got [{low}, {high}]")
