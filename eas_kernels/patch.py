@@ -28,7 +28,7 @@ from torch import nn
 from ._checks import check_layer_indices, check_token_mask
 from .pia import PIA
 from .plan import SkipPlan
-from .runtime import AdapterSite, EASRuntime, start_pos_index
+from .runtime import AdapterSite, EASRuntime
 
 _PATCH_ATTR = "_eas_patch"
 _ATTN_ADAPTER = "attn_adapter"
@@ -100,6 +100,12 @@ def _check_block(index: int, block: nn.Module) -> tuple[int, torch.dtype, torch.
         if hasattr(block, name):
             raise ValueError(f"block {index} already has an attribute {name!r}")
     return dims.pop(), dtype, devices.pop()
+
+
+def start_pos_index(block: nn.Module) -> int | None:
+    """Position of ``start_pos`` among the arguments of ``type(block).forward`` (no self)."""
+    parameters = list(inspect.signature(type(block).forward).parameters)[1:]
+    return parameters.index("start_pos") if "start_pos" in parameters else None
 
 
 def _skipped_block_forward(

@@ -22,8 +22,6 @@ Each call of a patched block is either
 from __future__ import annotations
 
 import functools
-import inspect
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -148,12 +146,6 @@ class AdapterSite:
                     linear.bias = nn.Parameter(bias, requires_grad=False)
                 else:
                     linear.bias.copy_(bias)
-
-
-def start_pos_index(block: nn.Module) -> int | None:
-    """Position of ``start_pos`` among the arguments of ``type(block).forward`` (no self)."""
-    parameters = list(inspect.signature(type(block).forward).parameters)[1:]
-    return parameters.index("start_pos") if "start_pos" in parameters else None
 
 
 class EASRuntime:
@@ -289,6 +281,3 @@ class EASRuntime:
         self.decoding = False
         for site in self.sites:
             site.state = None
-
-    def merged_layers(self) -> Iterable[nn.Linear]:
-        return (record.linear for record in self._merged)
