@@ -7,6 +7,7 @@ Public API:
     set_skipped             change the skip set between steps (search)
     skipped_layers          the current skip set of a patched model
     set_prompt_mask         prompt mask for models whose forward takes none
+    unpatch                 undo a patch: weights, hooks, PIAs, requires_grad as before
     reparameterize, restore merge / low-rank / eager decode; put weights back bitwise
     greedy_generate         left-padded batched greedy decoding (prefill, then steps)
     models.lavin            the LaVIN-layout LLaMA (ModelArgs, Transformer)
@@ -14,7 +15,7 @@ Public API:
 
 from . import models
 from .generation import Generation, greedy_generate
-from .patch import patch_lavin, set_prompt_mask, set_skipped, skipped_layers
+from .patch import patch_lavin, set_prompt_mask, set_skipped, skipped_layers, unpatch
 from .pia import PIA, PIAState
 from .plan import SkipPlan
 from .reparam import reparameterize, restore
@@ -34,4 +35,5 @@ __all__ = [
     "set_prompt_mask",
     "set_skipped",
     "skipped_layers",
+    "unpatch",
 ]

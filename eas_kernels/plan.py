@@ -45,6 +45,10 @@ class SkipPlan:
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("SkipPlan is immutable")
 
+    def __reduce__(self) -> tuple[object, tuple[dict[str, object]]]:
+        """Copy and pickle through the validated constructor."""
+        return SkipPlan.from_dict, (self.to_dict(),)
+
     @property
     def kept(self) -> tuple[int, ...]:
         """Indices of the blocks whose MHA runs."""

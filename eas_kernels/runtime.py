@@ -72,7 +72,12 @@ class AdapterSite:
         self.state: PIAState | None = None
         self.projected: torch.Tensor | None = None
         self._lowrank_hooks: list[torch.utils.hooks.RemovableHandle] = []
-        norm.register_forward_hook(self._on_norm_output)
+        self._norm_hook = norm.register_forward_hook(self._on_norm_output)
+
+    def remove(self) -> None:
+        """Detach the site from its norm and targets (the PIA module stays where it is)."""
+        self.remove_lowrank()
+        self._norm_hook.remove()
 
     @property
     def name(self) -> str:
@@ -164,9 +169,10 @@ class EASRuntime:
         return [site for site in self.sites if site.active]
 
     # ------------------------------------------------------------------ call phases
-    def on_block_call(self, start_pos: object, batch_size: int) -> None:
-        """Called before every patched block runs, with the block's ``start_pos``."""
-        if start_pos is None or start_pos == 0:
+    def enter(self, fresh: bool, batch_size: int) -> None:
+        """Called before a patched model computes: ``fresh`` for a training forward or a
+        prefill (states recomputed), else a decode call (frozen states used)."""
+        if fresh:
             if self.decoding or self.realized is not None:
                 self.unrealize()
             self.decoding = False

@@ -270,3 +270,32 @@ def test_patch_works_on_a_foreign_lavin_style_model():
     torch.testing.assert_close(torch.cat([prefix, step], dim=1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="selects no token"):
         eas_kernels.set_prompt_mask(model, torch.zeros(2, 6, dtype=torch.bool))
+
+
+def test_unpatch_restores_the_original_model_exactly():
+    model = tiny_model(seed=16)
+    model.layers[0].ffn_norm.weight.requires_grad_(False)  # a flag unpatch must give back
+    original = copy.deepcopy(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    eas_kernels.patch_lavin(model, SkipPlan(4, [1, 2]))
+    randomize_pias(model, seed=4)
+    eas_kernels.reparameterize(model, "merge")
+    greedy_generate(model, [[3, 4, 5]], 3)  # leaves the PIAs merged into the weights
+    eas_kernels.unpatch(model)
+    assert_bitwise(model, weights_snapshot(original))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    for block in model.layers:
+        assert not block._forward_pre_hooks and "forward" not in block.__dict__
+        assert not block.attention_norm._forward_hooks and not block.ffn_norm._forward_hooks
+        assert not block.attention.wq._forward_hooks and block.attention.wq.bias is None
+    assert not model._forward_pre_hooks
+    sequences = random_sequences([4, 7], vocab=97, seed=9)
+    assert (
+        greedy_generate(model, sequences, 4).tokens
+        == greedy_generate(original, sequences, 4).tokens
+    )
+    tokens = torch.tensor(sequences[1:])
+    assert torch.equal(model(tokens), original(tokens))
+    with pytest.raises(TypeError, match="not patched"):
+        eas_kernels.unpatch(model)
+    eas_kernels.patch_lavin(model, SkipPlan(4, [3]))  # patchable again

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import pytest
 
@@ -27,6 +29,7 @@ def test_json_round_trip(tmp_path):
     assert hash(SkipPlan.load(path)) == hash(plan)
     assert json.loads(path.read_text())["skipped"] == [19, 21, 22, 31]
     assert SkipPlan(4, []) != SkipPlan(4, [0])
+    assert copy.deepcopy(plan) == plan and pickle.loads(pickle.dumps(plan)) == plan
 
 
 @pytest.mark.parametrize(
