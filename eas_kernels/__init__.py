@@ -4,6 +4,9 @@ Public API:
     PIA, PIAState           the propagation-of-information adapter and its frozen state
     SkipPlan                which MHAs are skipped, adapter ranks, router temperature
     patch_lavin             install EAS on LaVIN / Meta-LLaMA style blocks, in place
+    patch_hf, unpatch_hf    the same on Hugging Face LLaMA / LLaVA models (generate, Trainer)
+    prompt_mask_from_labels the prompt mask HF training uses (tokens before the first label)
+    save_pretrained, from_pretrained   plan + PIA weights only (safetensors)
     set_skipped             change the skip set between steps (search)
     skipped_layers          the current skip set of a patched model
     set_prompt_mask         prompt mask for models whose forward takes none
@@ -14,7 +17,9 @@ Public API:
 """
 
 from . import models
+from .checkpoint import from_pretrained, save_pretrained
 from .generation import Generation, greedy_generate
+from .hf import kv_cache_bytes, patch_hf, prompt_mask_from_labels, unpatch_hf
 from .patch import patch_lavin, set_prompt_mask, set_skipped, skipped_layers, unpatch
 from .pia import PIA, PIAState
 from .plan import SkipPlan
@@ -27,13 +32,19 @@ __all__ = [
     "Generation",
     "PIAState",
     "SkipPlan",
+    "from_pretrained",
     "greedy_generate",
+    "kv_cache_bytes",
     "models",
+    "patch_hf",
     "patch_lavin",
+    "prompt_mask_from_labels",
     "reparameterize",
     "restore",
+    "save_pretrained",
     "set_prompt_mask",
     "set_skipped",
     "skipped_layers",
     "unpatch",
+    "unpatch_hf",
 ]

@@ -327,10 +327,8 @@ REAL_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> tuple:
-    from eas_kernels.models.smollm2 import load_smollm2
-
-    hf, tokenizer = load_smollm2()
+def smollm2(smollm2_hf: tuple) -> tuple:
+    hf, tokenizer = smollm2_hf
     ours = lavin_from_hf(hf, max_seq_len=128, max_batch_size=4)
     return hf, ours, tokenizer
 

@@ -1,0 +1,128 @@
+"""Save and load only what EAS trains: the plan (JSON) and the PIA weights (safetensors).
+
+A checkpoint folder holds ``eas_plan.json`` (the :class:`~eas_kernels.SkipPlan` of the
+current skip set, plus whether every layer carries both PIAs) and ``eas_pia.safetensors``
+with keys ``layers.{i}.attn_adapter.*`` / ``layers.{i}.skip_pia.*`` — indexed by block,
+so a checkpoint moves between the LaVIN and the Hugging Face layouts of the same model.
+A few MB instead of the base model's GB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .layout import HF_LLAMA, LAVIN
+from .patch import ATTN_ADAPTER, SKIP_PIA, EASPatch, patch_lavin, patch_of, unpatch
+from .plan import SkipPlan
+
+PLAN_FILE = "eas_plan.json"
+WEIGHTS_FILE = "eas_pia.safetensors"
+_FORMAT = "eas_kernels.checkpoint"
+
+
+def _pia_tensors(patch: EASPatch) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for index, block in enumerate(patch.blocks):
+        for name in (ATTN_ADAPTER, SKIP_PIA):
+            if hasattr(block, name):
+                for key, value in getattr(block, name).state_dict().items():
+                    tensors[f"layers.{index}.{name}.{key}"] = value
+    return tensors
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write the plan and the PIA weights of a patched ``model`` into folder ``path``."""
+    from safetensors.torch import save_file
+
+    patch = patch_of(model)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = patch.plan
+    current = SkipPlan(
+        plan.num_layers,
+        patch.skipped,
+        skip_rank=plan.skip_rank,
+        adapter_rank=plan.adapter_rank,
+        temperature=plan.temperature,
+    )
+    document = {"format": _FORMAT, "version": 1, "search": patch.search, "plan": current.to_dict()}
+    (folder / PLAN_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in _pia_tensors(patch).items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": _FORMAT})
+    return folder
+
+
+def _read(folder: Path) -> tuple[SkipPlan, bool, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for name in (PLAN_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not an eas_kernels checkpoint: no {name}")
+    try:
+        document = json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{folder / PLAN_FILE} is not valid JSON: {error}") from error
+    if not isinstance(document, dict) or document.get("format") != _FORMAT:
+        raise ValueError(f"{folder / PLAN_FILE} is not an eas_kernels checkpoint plan")
+    if document.get("version") != 1 or not isinstance(document.get("search"), bool):
+        raise ValueError(f"{folder / PLAN_FILE}: unsupported version or bad 'search' field")
+    plan = SkipPlan.from_dict(document.get("plan"))
+    try:
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{folder / WEIGHTS_FILE} is corrupt: {error}") from error
+    return plan, document["search"], tensors
+
+
+def from_pretrained(base_model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Patch ``base_model`` with the plan saved in ``path`` and load its PIA weights.
+
+    Uses :func:`eas_kernels.patch_hf` for Hugging Face LLaMA-family models and
+    :func:`eas_kernels.patch_lavin` for LaVIN-style ones. A checkpoint whose plan, keys,
+    shapes or values (NaN/Inf) do not fit the model raises ``ValueError`` (missing files
+    ``FileNotFoundError``) and leaves ``base_model`` unpatched and unchanged.
+    """
+    from .hf import patch_hf
+
+    if not isinstance(base_model, nn.Module):
+        raise TypeError(f"base_model must be an nn.Module, got {type(base_model).__name__}")
+    plan, search, tensors = _read(Path(path))
+    if HF_LLAMA.find_blocks(base_model):
+        patch_hf(base_model, plan, search=search)
+    elif LAVIN.find_blocks(base_model):
+        patch_lavin(base_model, plan, search=search)
+    else:
+        raise ValueError("base_model has neither Hugging Face LLaMA nor LaVIN-style blocks")
+    try:
+        _load_pias(patch_of(base_model), tensors)
+    except BaseException:
+        unpatch(base_model)
+        raise
+    return base_model
+
+
+def _load_pias(patch: EASPatch, tensors: dict[str, torch.Tensor]) -> None:
+    targets = _pia_tensors(patch)
+    missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    for key, target in targets.items():
+        value = tensors[key]
+        if value.shape != target.shape:
+            raise ValueError(
+                f"checkpoint tensor {key} has shape {tuple(value.shape)}, the model's PIA needs "
+                f"{tuple(target.shape)}"
+            )
+        if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+            raise ValueError(f"checkpoint tensor {key} is not a finite floating tensor")
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(tensors[key])

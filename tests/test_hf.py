@@ -1,0 +1,362 @@
+"""EAS on Hugging Face transformers, validated on the real SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.cache_utils import DummyLayer
+
+import eas_kernels as E
+from eas_kernels.patch import runtime_of
+from tests.helpers import assert_bitwise, randomize_pias, weights_snapshot
+
+SKIPPED = [0, 5, 11, 17, 23, 27]  # layer 0 too: lengths must come from the first kept layer
+PROMPTS = [
+    "The capital of France is",
+    "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time, in a small village,",
+]
+
+
+def encode(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
+    tokenizer.padding_side = "left"
+    return dict(tokenizer(prompts, return_tensors="pt", padding=True))
+
+
+def generate(model, inputs: dict, **kwargs):
+    kwargs.setdefault("do_sample", False)
+    kwargs.setdefault("max_new_tokens", 6)
+    with torch.no_grad():
+        return model.generate(**inputs, return_dict_in_generate=True, output_logits=True, **kwargs)
+
+
+def new_tokens(out, inputs: dict) -> list[list[int]]:
+    return out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+
+
+@pytest.fixture(scope="module")
+def eas_smollm2(smollm2_hf):
+    """SmolLM2 with 6 MHAs skipped and trained-looking (random, non-zero) PIAs."""
+    hf, tokenizer = smollm2_hf
+    model = copy.deepcopy(hf)
+    E.patch_hf(model, E.SkipPlan(30, SKIPPED))
+    randomize_pias(model, seed=5, scale=0.02)
+    return model, tokenizer
+
+
+def test_fresh_patch_is_exact_and_unpatch_restores_the_model(smollm2_hf):
+    hf, tokenizer = smollm2_hf
+    inputs = encode(tokenizer, PROMPTS)
+    with torch.no_grad():
+        reference = hf(**inputs).logits
+    model = copy.deepcopy(hf)
+    snapshot = weights_snapshot(model)
+    E.patch_hf(model, E.SkipPlan(30, []))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
+    E.unpatch_hf(model)
+    E.patch_hf(model, E.SkipPlan(30, [3, 9]))
+    randomize_pias(model, seed=2, scale=0.02)
+    E.reparameterize(model, "merge")
+    generate(model, encode(tokenizer, PROMPTS[:1]))  # leaves PIAs merged into the weights
+    E.unpatch_hf(model)
+    assert_bitwise(model, snapshot)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not model._forward_pre_hooks
+    assert all(not layer.input_layernorm._forward_hooks for layer in model.model.layers)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
+
+
+def test_teacher_forced_answer_logits_equal_generate_logits(eas_smollm2):
+    model, tokenizer = eas_smollm2
+    E.reparameterize(model, "eager")
+    inputs = encode(tokenizer, PROMPTS)
+    out = generate(model, inputs)
+    width = inputs["input_ids"].shape[1]
+    generated = torch.stack(out.logits, dim=1)
+    labels = out.sequences.clone()
+    labels[:, :width] = -100
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(out.sequences[:, width:])], 1)
+    with torch.no_grad():
+        forced = model(out.sequences, attention_mask=mask, labels=labels).logits
+    torch.testing.assert_close(forced[:, width - 1 : -1], generated, rtol=1e-4, atol=2e-3)
+
+
+def test_modes_agree_and_each_example_matches_its_batch_one_run(eas_smollm2):
+    model, tokenizer = eas_smollm2
+    inputs = encode(tokenizer, PROMPTS)
+    batched = {}
+    for mode in ("eager", "lowrank", "auto"):
+        E.reparameterize(model, mode)
+        batched[mode] = new_tokens(generate(model, inputs), inputs)
+    assert batched["eager"] == batched["lowrank"] == batched["auto"]
+    for mode in ("merge", "eager"):
+        E.reparameterize(model, mode)
+        for row, prompt in enumerate(PROMPTS):
+            single_inputs = encode(tokenizer, [prompt])
+            single = new_tokens(generate(model, single_inputs), single_inputs)[0]
+            assert batched["eager"][row][: len(single)] == single, (mode, row)
+
+
+def test_sampling_and_beam_search_agree_across_modes(eas_smollm2):
+    model, tokenizer = eas_smollm2
+    one, two = encode(tokenizer, PROMPTS[:1]), encode(tokenizer, PROMPTS[1:])
+    sampled, beams = {}, {}
+    for mode in ("eager", "merge"):
+        E.reparameterize(model, mode)
+        torch.manual_seed(0)
+        sampled[mode] = new_tokens(generate(model, one, do_sample=True, top_k=20), one)
+    for mode in ("eager", "lowrank"):
+        E.reparameterize(model, mode)
+        beams[mode] = new_tokens(generate(model, two, num_beams=3), two)
+    assert sampled["eager"] == sampled["merge"]
+    assert beams["eager"] == beams["lowrank"]
+
+
+def test_skipped_layers_keep_no_kv_cache(eas_smollm2, smollm2_hf):
+    model, tokenizer = eas_smollm2
+    E.reparameterize(model, "auto")
+    inputs = encode(tokenizer, PROMPTS)
+    cache = generate(model, inputs).past_key_values
+    for index, layer in enumerate(cache.layers):
+        assert isinstance(layer, DummyLayer) == (index in SKIPPED), index
+    full = generate(smollm2_hf[0], inputs).past_key_values
+    saved = 1 - E.kv_cache_bytes(cache) / E.kv_cache_bytes(full)
+    assert saved == pytest.approx(len(SKIPPED) / 30)
+
+
+def test_prompt_mask_from_labels():
+    labels = torch.tensor([[-100, -100, 7, 8], [-100, -100, -100, 9], [5, 6, 7, 8], [-100] * 4])
+    attention = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]])
+    expected = torch.tensor(
+        [[0, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool
+    )
+    assert torch.equal(E.prompt_mask_from_labels(labels, attention), expected)
+
+
+def instruction_batches(tokenizer, steps: int, batch_size: int = 4):
+    pairs = [
+        ("hot", "cold"),
+        ("up", "down"),
+        ("big", "small"),
+        ("fast", "slow"),
+        ("light", "dark"),
+        ("open", "closed"),
+        ("early", "late"),
+        ("full", "empty"),
+    ]
+    examples = []
+    for word, answer in pairs:
+        prompt = tokenizer(
+            f"<|im_start|>user\nThe opposite of {word}?<|im_end|>\n<|im_start|>assistant\n"
+        ).input_ids
+        target = tokenizer(f"{answer}<|im_end|>").input_ids
+        examples.append((prompt, target))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        chosen = [
+            examples[i] for i in torch.randperm(len(examples), generator=generator)[:batch_size]
+        ]
+        width = max(len(p) + len(t) for p, t in chosen)
+        ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+        labels = torch.full((batch_size, width), -100)
+        mask = torch.zeros(batch_size, width, dtype=torch.long)
+        for row, (prompt, target) in enumerate(chosen):
+            sequence = torch.tensor(prompt + target)
+            ids[row, width - len(sequence) :] = sequence
+            mask[row, width - len(sequence) :] = 1
+            labels[row, width - len(target) :] = torch.tensor(target)
+        yield ids, mask, labels
+
+
+def test_a_few_hundred_steps_lower_the_loss_and_leave_base_weights_bitwise(smollm2_hf):
+    hf, tokenizer = smollm2_hf
+    model = copy.deepcopy(hf)
+    E.patch_hf(model, E.SkipPlan(30, SKIPPED, skip_rank=16))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(".attn_adapter." in n or ".skip_pia." in n for n in names)
+    base = {k: v for k, v in weights_snapshot(model).items() if k not in names}
+    optimizer = torch.optim.AdamW(trainable, lr=2e-3)
+    model.train()
+    losses = []
+    for ids, mask, labels in instruction_batches(tokenizer, steps=200):
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.5 * first, (first, last)
+    current = model.state_dict()
+    for key, value in base.items():
+        assert torch.equal(current[key], value), key
+
+
+def test_save_and_load_round_trip_and_refusals(eas_smollm2, smollm2_hf, tmp_path):
+    model, tokenizer = eas_smollm2
+    hf = smollm2_hf[0]
+    E.reparameterize(model, "auto")
+    inputs = encode(tokenizer, PROMPTS)
+    expected = new_tokens(generate(model, inputs), inputs)
+    folder = E.save_pretrained(model, tmp_path / "eas")
+    assert (folder / "eas_pia.safetensors").stat().st_size < 8 * 2**20
+    loaded = E.from_pretrained(copy.deepcopy(hf), folder)
+    E.reparameterize(loaded, "auto")
+    assert new_tokens(generate(loaded, inputs), inputs) == expected
+    assert E.skipped_layers(loaded) == tuple(SKIPPED)
+
+    def refused(folder, error, message):
+        target = copy.deepcopy(hf)
+        snapshot = weights_snapshot(target)
+        with pytest.raises(error, match=message):
+            E.from_pretrained(target, folder)
+        assert not hasattr(target, "_eas_patch")
+        assert_bitwise(target, snapshot)
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "eas_plan.json").write_text((folder / "eas_plan.json").read_text())
+    data = (folder / "eas_pia.safetensors").read_bytes()
+    (corrupt / "eas_pia.safetensors").write_bytes(data[: len(data) // 2])
+    refused(corrupt, ValueError, "corrupt")
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    document = json.loads((folder / "eas_plan.json").read_text())
+    document["plan"]["skip_rank"] = 16
+    (ranks / "eas_plan.json").write_text(json.dumps(document))
+    (ranks / "eas_pia.safetensors").write_bytes(data)
+    refused(ranks, ValueError, "shape")
+    layers = tmp_path / "layers"
+    document["plan"].update(num_layers=4, skipped=[1], skip_rank=32)
+    layers.mkdir()
+    (layers / "eas_plan.json").write_text(json.dumps(document))
+    (layers / "eas_pia.safetensors").write_bytes(data)
+    refused(layers, ValueError, "plan is for 4 layers but the model has 30 blocks")
+    refused(tmp_path / "nothing", FileNotFoundError, "no eas_plan.json")
+
+
+# ---------------------------------------------------------------------- small models
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_trainer_trains_pias_with_the_label_prompt_mask(tmp_path):
+    model = tiny_llama()
+    E.patch_hf(model, E.SkipPlan(4, [2], skip_rank=8, adapter_rank=4))
+    snapshot = weights_snapshot(model)
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(32):
+        ids = torch.randint(3, 64, (10,), generator=generator)
+        ids[6:] = ids[:4].flip(0)  # the answer repeats the prompt backwards
+        labels = ids.clone()
+        labels[:6] = -100
+        rows.append(
+            {"input_ids": ids, "attention_mask": torch.ones(10, dtype=torch.long), "labels": labels}
+        )
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=40,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=10,
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=rows)
+    history = trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged[-1] < logged[0] and history.training_loss > 0
+    mask = runtime_of(model).state_mask
+    assert mask is not None and mask[:, :6].all() and not mask[:, 6:].any()
+    changed = [k for k, v in weights_snapshot(model).items() if not torch.equal(v, snapshot[k])]
+    assert changed and all(".attn_adapter." in k or ".skip_pia." in k for k in changed)
+
+
+def test_llava_language_model_patches_trains_and_generates():
+    hf_text = LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        rope_theta=100000.0,
+        max_position_embeddings=256,
+        pad_token_id=2,
+        eos_token_id=2,
+        bos_token_id=1,
+        tie_word_embeddings=True,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+    )
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=vision, text_config=hf_text, image_token_id=49151)
+    ).eval()
+    E.patch_hf(llava, E.SkipPlan(30, [20, 25]))
+    assert not any(".vision_tower." in n for n, p in llava.named_parameters() if p.requires_grad)
+    randomize_pias(llava, seed=3, scale=0.02)
+    image_tokens = [49151] * 4  # (32 / 16)² patches, CLS dropped
+    ids = torch.tensor([[1, 5, 6] + image_tokens + [7, 8, 9, 10]])
+    pixels = torch.randn(1, 3, 32, 32)
+    labels = ids.clone()
+    labels[:, :-2] = -100
+    llava.train()
+    loss = llava(input_ids=ids, pixel_values=pixels, labels=labels).loss
+    loss.backward()
+    grads = [p.grad for p in llava.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    llava.eval()
+    E.reparameterize(llava, "merge")
+    with torch.no_grad():
+        out = llava.generate(
+            input_ids=ids,
+            pixel_values=pixels,
+            max_new_tokens=4,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        sequence = out.sequences
+        labels = sequence.clone()
+        labels[:, : ids.shape[1]] = -100
+        forced = llava(input_ids=sequence, pixel_values=pixels, labels=labels).logits
+    generated = torch.stack(out.logits, dim=1)
+    torch.testing.assert_close(forced[:, ids.shape[1] - 1 : -1], generated, rtol=1e-4, atol=2e-3)
+    assert F.softmax(generated, -1).isfinite().all()
