@@ -14,9 +14,10 @@ Public API:
     reparameterize, restore merge / low-rank / eager decode; put weights back bitwise
     greedy_generate         left-padded batched greedy decoding (prefill, then steps)
     models.lavin            the LaVIN-layout LLaMA (ModelArgs, Transformer)
+    search.BanditSearch     the k-armed bandit of the redundancy search (pure PyTorch)
 """
 
-from . import models
+from . import models, search
 from .checkpoint import from_pretrained, save_pretrained
 from .generation import Generation, greedy_generate
 from .hf import kv_cache_bytes, patch_hf, prompt_mask_from_labels, unpatch_hf
@@ -42,6 +43,7 @@ __all__ = [
     "reparameterize",
     "restore",
     "save_pretrained",
+    "search",
     "set_prompt_mask",
     "set_skipped",
     "skipped_layers",

@@ -1,0 +1,173 @@
+"""The k-armed bandit that finds redundant MHAs (EAS_SPEC §5, paper Eq. 14–16).
+
+One arm per candidate (an MHA of each layer). Preferences ``s ∈ R^L`` start at 0;
+**higher s = more important = kept**. With ``π = softmax(s / temperature)``:
+
+    π̃_i ~ U(0, π_i)                            (Eq. 14)
+    ρ    = the k arms with the lowest π̃         (Eq. 15: the skip set of one subnet)
+
+After evaluating m distinct skip sets ρ_1..ρ_m with losses l_j (same held-out batch),
+rewards ``r_j = exp(−l_j)`` and ``r̄ = mean_j r_j``, every arm ``i ∈ ρ_j`` moves by
+
+    s_i ← s_i + η (r̄ − r_j) π_i (1 − π_i)      (Eq. 16; π taken before the update)
+
+so skipping ``i`` in a subnet that did better than average lowers ``s_i`` (``i`` looks
+redundant). The plan skips the k arms with the lowest ``s``. The public code uses
+``π = softmax(10 s)``, ``η = 2`` and the opposite sign; here both are parameters and the
+sign convention is the one above. Pure PyTorch, seeded, and unaware of any model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Real
+
+import torch
+
+from .._checks import check_layer_indices, check_positive_finite, check_positive_int
+
+
+class BanditSearch:
+    """Policy over skip sets of size ``k`` among ``num_arms`` arms.
+
+    Args:
+        num_arms: number of candidates ``L`` (e.g. the model's layers).
+        k: how many arms a skip set holds, ``0 < k < num_arms``.
+        num_subnets: ``m``, the skip sets :meth:`propose` returns (paper: 3).
+        lr: ``η`` of Eq. 16 (paper: 1).
+        temperature: ``π = softmax(s / temperature)``.
+        seed: seeds the generator of every random draw (None: non-deterministic).
+    """
+
+    def __init__(
+        self,
+        num_arms: int,
+        k: int,
+        *,
+        num_subnets: int = 3,
+        lr: float = 1.0,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        self.num_arms = check_positive_int(num_arms, "num_arms")
+        self.k = check_positive_int(k, "k")
+        if self.k >= self.num_arms:
+            raise ValueError(f"k must be smaller than num_arms ({num_arms}), got {k}")
+        self.num_subnets = check_positive_int(num_subnets, "num_subnets")
+        if math.comb(self.num_arms, self.k) < self.num_subnets:
+            raise ValueError(
+                f"num_subnets={num_subnets} exceeds the {math.comb(num_arms, k)} distinct "
+                f"skip sets of size {k} among {num_arms} arms"
+            )
+        self.lr = check_positive_finite(lr, "lr")
+        self.temperature = check_positive_finite(temperature, "temperature")
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+            self.generator.manual_seed(seed)
+        self._scores = torch.zeros(self.num_arms, dtype=torch.float64)
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """Preferences ``s`` (float64, a copy): higher = more important."""
+        return self._scores.clone()
+
+    def policy(self) -> torch.Tensor:
+        """``π = softmax(s / temperature)``."""
+        return torch.softmax(self._scores / self.temperature, dim=0)
+
+    def sample(self) -> tuple[int, ...]:
+        """One skip set from the policy (Eq. 14–15), sorted."""
+        noise = torch.rand(self.num_arms, generator=self.generator, dtype=torch.float64)
+        perturbed = noise * self.policy()
+        return tuple(sorted(torch.argsort(perturbed)[: self.k].tolist()))
+
+    def warmup_sample(self) -> tuple[int, ...]:
+        """A uniformly random skip set (the warm-up epochs)."""
+        chosen = torch.randperm(self.num_arms, generator=self.generator)[: self.k]
+        return tuple(sorted(chosen.tolist()))
+
+    def propose(self) -> list[tuple[int, ...]]:
+        """``num_subnets`` distinct skip sets drawn from the policy.
+
+        When the policy is too peaked to give distinct sets within a bounded number of
+        draws, the remaining ones are drawn uniformly (still distinct).
+        """
+        chosen: list[tuple[int, ...]] = []
+        for _ in range(100 * self.num_subnets):
+            candidate = self.sample()
+            if candidate not in chosen:
+                chosen.append(candidate)
+            if len(chosen) == self.num_subnets:
+                return chosen
+        while len(chosen) < self.num_subnets:
+            candidate = self.warmup_sample()
+            if candidate not in chosen:
+                chosen.append(candidate)
+        return chosen
+
+    def update(self, skip_sets: Sequence[Sequence[int]], losses: Sequence[float]) -> None:
+        """Apply Eq. 16 for the evaluated ``skip_sets`` and their ``losses``."""
+        if isinstance(skip_sets, (str, bytes)) or not isinstance(skip_sets, Sequence):
+            raise TypeError("skip_sets must be a sequence of skip sets")
+        if len(skip_sets) < 2 or len(skip_sets) != len(losses):
+            raise ValueError(
+                f"update needs at least 2 skip sets and one loss each, got {len(skip_sets)} "
+                f"sets and {len(losses)} losses"
+            )
+        sets = []
+        for skip_set in skip_sets:
+            indices = check_layer_indices(skip_set, "skip set", self.num_arms)
+            if len(indices) != self.k:
+                raise ValueError(f"every skip set must hold k={self.k} arms, got {list(indices)}")
+            sets.append(indices)
+        values = []
+        for loss in losses:
+            if isinstance(loss, torch.Tensor):
+                loss = loss.item()
+            if isinstance(loss, bool) or not isinstance(loss, Real) or not math.isfinite(loss):
+                raise ValueError(f"losses must be finite numbers, got {loss!r}")
+            values.append(float(loss))
+        rewards = torch.exp(-torch.tensor(values, dtype=torch.float64))
+        mean = rewards.mean()
+        pi = self.policy()
+        step = torch.zeros_like(self._scores)
+        for indices, reward in zip(sets, rewards, strict=True):
+            index = torch.tensor(indices)
+            step[index] += self.lr * (mean - reward) * pi[index] * (1 - pi[index])
+        self._scores += step
+
+    def plan(self) -> tuple[int, ...]:
+        """The k arms with the lowest preference (ties: lower index first), sorted."""
+        order = sorted(range(self.num_arms), key=lambda i: (self._scores[i].item(), i))
+        return tuple(sorted(order[: self.k]))
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "num_arms": self.num_arms,
+            "k": self.k,
+            "num_subnets": self.num_subnets,
+            "lr": self.lr,
+            "temperature": self.temperature,
+            "scores": self._scores.clone(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore scores and generator; the configuration must match this search."""
+        config = ("num_arms", "k", "num_subnets", "lr", "temperature")
+        for name in config:
+            if state.get(name) != getattr(self, name):
+                raise ValueError(
+                    f"state is for {name}={state.get(name)!r}, this search has "
+                    f"{getattr(self, name)!r}"
+                )
+        scores = state.get("scores")
+        if not isinstance(scores, torch.Tensor) or scores.shape != (self.num_arms,):
+            raise ValueError(f"state['scores'] must be a tensor of shape ({self.num_arms},)")
+        self._scores = scores.to(torch.float64).clone()
+        self.generator.set_state(state["generator"])
