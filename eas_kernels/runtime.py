@@ -131,22 +131,28 @@ class AdapterSite:
                 )
 
     def merge(self, records: list[_MergeRecord]) -> None:
-        """Write this PIA into its targets, appending one record per written layer."""
+        """Write this PIA into its targets, appending one record per written layer.
+
+        All targets are merged by one ``merged_linear`` call, which refuses (ValueError,
+        nothing written) a merge that would put NaN or Inf into any of them.
+        """
         assert self.state is not None
         with torch.no_grad():
             up_mix, beta = self.pia.mixed_up_projection(self.state)
-            for linear in self.targets:
-                weight, bias = merged_linear(
-                    linear.weight, linear.bias, self.pia.down1.weight, up_mix[0], beta[0]
+            try:
+                merged = merged_linear(
+                    [linear.weight for linear in self.targets],
+                    [linear.bias for linear in self.targets],
+                    self.pia.down1.weight,
+                    up_mix[0],
+                    beta[0],
                 )
-                if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):
-                    raise ValueError(
-                        f"{self.name}: merging into a {tuple(linear.weight.shape)} weight gives "
-                        f"NaN or Inf in {linear.weight.dtype}; refusing to merge"
-                    )
+            except ValueError as error:
+                raise ValueError(f"{self.name}: {error}") from None
+            for linear, (pristine, _) in zip(self.targets, merged, strict=True):
                 pristine_bias = None if linear.bias is None else linear.bias.detach().clone()
-                records.append(_MergeRecord(linear, linear.weight.detach().clone(), pristine_bias))
-                linear.weight.copy_(weight)
+                records.append(_MergeRecord(linear, pristine, pristine_bias))
+            for linear, (_, bias) in zip(self.targets, merged, strict=True):
                 if linear.bias is None:
                     linear.bias = nn.Parameter(bias, requires_grad=False)
                 else:

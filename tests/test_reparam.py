@@ -7,7 +7,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from eas_kernels import PIA, greedy_generate, reparameterize, restore
-from eas_kernels.ops import add_lowrank, lowrank_factors, merged_linear
+from eas_kernels.ops import (
+    add_lowrank_reference,
+    lowrank_factors_reference,
+    merged_linear_reference,
+)
 from eas_kernels.patch import runtime_of
 from tests.helpers import assert_bitwise, patched, random_sequences, tiny_model, weights_snapshot
 from tests.reference import merged_weight_reference, pia_reference
@@ -36,7 +40,9 @@ def test_merged_linear_matches_the_dense_reference_and_the_unmerged_function(
     for b in range(3):
         one = type(state)(state.c[b : b + 1], state.alpha[b : b + 1])
         up_mix, beta = pia.mixed_up_projection(one)
-        new_weight, new_bias = merged_linear(weight, bias, pia.down1.weight, up_mix[0], beta[0])
+        new_weight, new_bias = merged_linear_reference(
+            weight, bias, pia.down1.weight, up_mix[0], beta[0]
+        )
         ref_weight, ref_bias = merged_weight_reference(
             weight, bias, pia.down1.weight, pia.up1, pia.up2, state.c[b], state.alpha[b]
         )
@@ -60,7 +66,9 @@ def test_merge_never_forms_the_dense_d_by_d_matrix():
     pia = PIA(dim, rank)
     weight = torch.randn(out, dim)
     with FlopCounterMode(display=False) as counter:
-        merged_linear(weight, None, pia.down1.weight, torch.randn(rank, dim), torch.randn(dim))
+        merged_linear_reference(
+            weight, None, pia.down1.weight, torch.randn(rank, dim), torch.randn(dim)
+        )
     assert counter.get_total_flops() <= 4 * out * dim * rank + 4 * out * dim
     assert 2 * out * dim * dim > 10 * counter.get_total_flops()
 
@@ -73,10 +81,10 @@ def test_lowrank_ops_match_the_unmerged_function(batch, out, dim, rank):
     u = torch.randn(batch, 4, dim, dtype=torch.float64)
     state = pia.compute_state(u)
     up_mix, beta = pia.mixed_up_projection(state)
-    factor, offset = lowrank_factors(weight, up_mix, beta)
+    factor, offset = lowrank_factors_reference(weight, up_mix, beta)
     assert factor.shape == (batch, rank, out) and offset.shape == (batch, out)
     projected = u @ pia.down1.weight.t()
-    ours = add_lowrank(u @ weight.t() + bias, projected, factor, offset)
+    ours = add_lowrank_reference(u @ weight.t() + bias, projected, factor, offset)
     z = u + pia_reference(pia, u, state=(state.c, state.alpha))
     torch.testing.assert_close(ours, z @ weight.t() + bias, rtol=1e-10, atol=1e-10)
 
@@ -178,20 +186,26 @@ def test_merge_refuses_non_finite_pia_weights_and_changes_nothing():
 
 
 def test_a_merge_failing_midway_is_rolled_back(monkeypatch):
-    """Layer 0's targets and layer 1's w1 are written before w3's result is refused."""
+    """Layer 0's targets are written before the merge of layer 1 is refused.
+
+    The refusal comes from ``merged_linear`` itself (native kernel or reference), which
+    sees an Inf in layer 1's mixed up projection, as an fp16 overflow would produce, and
+    writes neither w1 nor w3; the runtime must put layer 0 back.
+    """
     import eas_kernels.runtime as runtime_module
 
     model = patched([1], seed=38, dtype=torch.float16)
     reparameterize(model, "merge")
     failing = model.layers[1].feed_forward.w3.weight
     real_merge = runtime_module.merged_linear
+    calls = []
 
-    def overflowing_merge(weight, *args):
-        new_weight, new_bias = real_merge(weight, *args)
-        if weight is failing:
-            new_weight = new_weight.clone()
-            new_weight[0, 0] = float("inf")  # what an fp16 overflow produces
-        return new_weight, new_bias
+    def overflowing_merge(weights, biases, down_weight, up_mix, beta, **kwargs):
+        calls.append(len(weights))
+        if any(weight is failing for weight in weights):
+            up_mix = up_mix.clone()
+            up_mix[0, 0] = float("inf")
+        return real_merge(weights, biases, down_weight, up_mix, beta, **kwargs)
 
     monkeypatch.setattr(runtime_module, "merged_linear", overflowing_merge)
     snapshot = weights_snapshot(model)
@@ -199,6 +213,7 @@ def test_a_merge_failing_midway_is_rolled_back(monkeypatch):
         model(torch.tensor([[1, 2]]), start_pos=0)
         with pytest.raises(ValueError, match="layer 1 skip PIA.*NaN or Inf in torch.float16"):
             model(torch.tensor([[3]]), start_pos=2)
+    assert calls == [3, 2]  # layer 0's wq, wk, wv were merged first, then layer 1's w1, w3
     assert_bitwise(model, snapshot)
     assert model.layers[0].attention.wq.bias is None
 

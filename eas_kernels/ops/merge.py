@@ -1,4 +1,4 @@
-"""Merge a frozen PIA into the linear layer that reads ``u + PIA(u)`` (EAS_SPEC §4).
+"""Merge a frozen PIA into the linear layers that read ``u + PIA(u)`` (EAS_SPEC §4).
 
 For a linear layer ``y = z Wᵀ + b`` (``W``: ``out × d``) fed ``z = u + PIA(u)`` with the
 example's frozen state, ``z = u (I + W_d1ᵀ W_u) + β`` and so
@@ -7,14 +7,35 @@ example's frozen state, ``z = u (I + W_d1ᵀ W_u) + β`` and so
     b' = b + W βᵀ                   from the *pristine* W (the public code's bug used W')
 
 ``W_u`` (``r × d``) and ``β`` (``d``) come from :meth:`eas_kernels.PIA.mixed_up_projection`.
+
+:func:`merged_linear` writes ``W'`` into the weights of all the layers of one site at once
+(``wq, wk, wv`` or ``w1, w3``) and hands back bitwise copies of the pristine weights, which
+restore them exactly (never ``W += Δ; W -= Δ``). Per weight, the native kernels
+(``csrc/cpu/merge.h``, ``csrc/cuda/merge.cu``) compute ``P = W W_uᵀ`` and ``W βᵀ`` (one
+read of ``W``, which also writes the pristine copy), check that no entry of the result can
+be NaN/Inf, then update ``W`` in one streaming read-modify-write: ``4·out·d·r`` flops,
+fp32 accumulation, one rounding. :func:`merged_linear_reference` is the PyTorch reference.
+
+Pristine copies are buffers the size of the merged weights. Each is kept, after its
+weight is restored, for that weight's next merge (a fresh allocation of 180 MB costs more
+than the merge itself on a CPU: page faults); :func:`pristine_bytes` reports their memory
+and :func:`free_pristine_buffers` releases those not in use.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .. import _native
+from .._checks import check_tensor
 
 
-def merged_linear(
+def merged_linear_reference(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     down_weight: torch.Tensor,
@@ -35,3 +56,211 @@ def merged_linear(
     if bias is not None:
         new_bias = new_bias + bias.to(compute)
     return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
+
+
+class MergedTarget(NamedTuple):
+    """What :func:`merged_linear` leaves for one weight it wrote."""
+
+    pristine: torch.Tensor  # bitwise copy of the weight before the merge, contiguous
+    bias: torch.Tensor  # b' = b + W βᵀ (out,), the weight's dtype, for the caller to install
+
+
+class _PristineBuffer:
+    """A buffer kept for one weight, and the view of it that is currently lent out."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.base = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        self.lent: weakref.ref[torch.Tensor] | None = None
+
+    def fits(self, weight: torch.Tensor) -> bool:
+        base = self.base
+        return (base.shape, base.dtype, base.device) == (weight.shape, weight.dtype, weight.device)
+
+    def in_use(self) -> bool:
+        return self.lent is not None and self.lent() is not None
+
+    def lend(self) -> torch.Tensor:
+        view = self.base.view(self.base.shape)  # a distinct tensor object: dies with its holder
+        self.lent = weakref.ref(view)
+        return view
+
+
+_buffers: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> _PristineBuffer
+
+
+def _pristine_buffer(weight: torch.Tensor) -> torch.Tensor:
+    """A buffer for ``weight``'s pristine copy: its kept one when free, else a new one."""
+    buffer = _buffers.get(weight)
+    if buffer is None or buffer.in_use() or not buffer.fits(weight):
+        buffer = _PristineBuffer(weight)
+        _buffers[weight] = buffer
+    return buffer.lend()
+
+
+def pristine_bytes() -> int:
+    """Bytes held by pristine copies: those of merged weights plus those kept for reuse."""
+    return sum(buffer.base.nbytes for buffer in list(_buffers.values()))
+
+
+def free_pristine_buffers() -> int:
+    """Release the kept pristine buffers that no merged weight uses; return the bytes freed."""
+    freed = 0
+    for weight, buffer in list(_buffers.items()):
+        if not buffer.in_use():
+            freed += buffer.base.nbytes
+            del _buffers[weight]
+    return freed
+
+
+def _check_site(
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    down_weight: torch.Tensor,
+    up_mix: torch.Tensor,
+    beta: torch.Tensor,
+) -> tuple[int, int]:
+    """Validate a site's arguments; return ``(d, r)``."""
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence) or not weights:
+        raise TypeError("weights must be a non-empty sequence of (out, d) tensors")
+    if isinstance(biases, torch.Tensor) or not isinstance(biases, Sequence):
+        raise TypeError("biases must be a sequence of (out,) tensors or None")
+    if len(biases) != len(weights):
+        raise ValueError(f"got {len(weights)} weights but {len(biases)} biases")
+    first = check_tensor(weights[0], "weights[0]", ndim=2, floating=True)
+    device, dtype, d = first.device, first.dtype, first.shape[1]
+    for index, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+        weight = _native.check_matrix_rows(weight, f"weights[{index}]", device=device)
+        if weight.dtype != dtype or weight.shape[1] != d:
+            raise TypeError(
+                f"weights[{index}] is {weight.dtype} {tuple(weight.shape)} but weights[0] is "
+                f"{dtype} (.., {d}): the targets of one site share d and dtype"
+            )
+        if bias is not None:
+            _native.check_rows(
+                bias, f"biases[{index}]", dtype=dtype, device=device, shape=(weight.shape[0],)
+            )
+    check_tensor(down_weight, "down_weight", ndim=2, device=device, floating=True)
+    rank = down_weight.shape[0]
+    if rank == 0 or down_weight.shape[1] != d:
+        raise ValueError(
+            f"down_weight must have shape (r >= 1, {d}), got {tuple(down_weight.shape)}"
+        )
+    check_tensor(up_mix, "up_mix", ndim=2, device=device, floating=True)
+    if tuple(up_mix.shape) != (rank, d):
+        raise ValueError(f"up_mix must have shape ({rank}, {d}), got {tuple(up_mix.shape)}")
+    check_tensor(beta, "beta", ndim=1, device=device, floating=True)
+    if tuple(beta.shape) != (d,):
+        raise ValueError(f"beta must have shape ({d},), got {tuple(beta.shape)}")
+    return d, rank
+
+
+def _refusal(weight: torch.Tensor) -> ValueError:
+    return ValueError(
+        f"merging into a {tuple(weight.shape)} weight gives NaN or Inf in {weight.dtype}; "
+        "refusing to merge"
+    )
+
+
+def merged_linear(
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    down_weight: torch.Tensor,
+    up_mix: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> list[MergedTarget]:
+    """Write one PIA into the weights of the layers that read it, in place (EAS_SPEC §4).
+
+    Args:
+        weights: the targets' weights ``W`` ``(out_i, d)``, one dtype and device, unit
+            stride along ``d``; overwritten with ``W' = W + (W W_uᵀ) W_d1``.
+        biases: per weight, ``b`` ``(out_i,)`` or None (zero); read only.
+        down_weight: ``W_d1`` ``(r, d)``; ``up_mix``: ``W_u`` ``(r, d)``; ``beta``: ``β``
+            ``(d,)`` — any floating dtype, same device.
+        backend: ``"auto"``, ``"native"`` or ``"torch"`` (None: ``EAS_BACKEND`` or auto).
+
+    Returns, per weight, its pristine copy (restore with ``weight.copy_(pristine)``,
+    bitwise) and ``b' = b + W βᵀ``. fp32 accumulation, one rounding to the weight's dtype.
+
+    Raises ValueError, before writing any weight, when a ``W'`` or ``b'`` would hold NaN
+    or Inf in the weight's dtype.
+    """
+    d, rank = _check_site(weights, biases, down_weight, up_mix, beta)
+    weight0 = weights[0]
+    grad = _native.needs_grad(*weights, *biases, down_weight, up_mix, beta)
+    if not _native.use_native("merged_linear", backend, weight0.device, weight0.dtype, grad):
+        return _merge_with_torch(weights, biases, down_weight, up_mix, beta)
+    device = weight0.device
+    up = _native.fp32_rows(torch.cat([up_mix, beta.unsqueeze(0)]))  # (r + 1, d)
+    down = _native.fp32_rows(down_weight)
+    results, targets = [], []
+    for weight, bias in zip(weights, biases, strict=True):
+        pristine = _pristine_buffer(weight)
+        new_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=device)
+        bias_pointer = 0 if bias is None else bias.data_ptr()
+        targets.append(
+            (
+                weight.data_ptr(),
+                weight.shape[0],
+                _native.row_stride(weight),
+                pristine.data_ptr(),
+                bias_pointer,
+                new_bias.data_ptr(),
+            )
+        )
+        results.append(MergedTarget(pristine, new_bias))
+    rows = sum(weight.shape[0] for weight in weights)
+    scratch = torch.empty(rows * (rank + 2), dtype=torch.float32, device=device)
+    code = _native.DTYPE_CODES[weight0.dtype]
+    kernels = _native.module(device)
+    if device.type == "cpu":
+        refused = kernels.merge(
+            targets,
+            code,
+            d,
+            rank,
+            up.data_ptr(),
+            down.data_ptr(),
+            scratch.data_ptr(),
+            _native.num_threads(),
+        )
+    else:
+        refused = kernels.merge(
+            targets,
+            code,
+            d,
+            rank,
+            up.data_ptr(),
+            down.data_ptr(),
+            scratch.data_ptr(),
+            _native.stream(device),
+        )
+    if refused >= 0:
+        raise _refusal(weights[refused])
+    for weight in weights:
+        _native.bumped(weight)
+    return results
+
+
+def _merge_with_torch(
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    down_weight: torch.Tensor,
+    up_mix: torch.Tensor,
+    beta: torch.Tensor,
+) -> list[MergedTarget]:
+    merged = [
+        merged_linear_reference(w, b, down_weight, up_mix, beta)
+        for w, b in zip(weights, biases, strict=True)
+    ]
+    for weight, (new_weight, new_bias) in zip(weights, merged, strict=True):
+        if not (bool(torch.isfinite(new_weight).all()) and bool(torch.isfinite(new_bias).all())):
+            raise _refusal(weight)
+    results = []
+    for weight, (new_weight, new_bias) in zip(weights, merged, strict=True):
+        pristine = _pristine_buffer(weight)
+        pristine.copy_(weight)
+        weight.copy_(new_weight)
+        results.append(MergedTarget(pristine, new_bias))
+    return results

@@ -1,0 +1,63 @@
+// The boundary between Python and the compiled kernels: plain C++ structs, no torch.
+//
+// Python (eas_kernels/_native.py) validates tensors and passes their data pointers,
+// shapes and strides (in elements) as integers; the dtype codes below must match
+// eas_kernels/_native.py's DTYPE_CODES. Both the CPU module (_C) and the CUDA module
+// (_C_cuda) take these structs.
+#pragma once
+
+#include <cstdint>
+
+namespace eas {
+
+// Storage dtype of a weight (and of the activations of the low-rank path).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// One linear layer (weight W: out x d) that a merge writes, EAS_SPEC §4.
+struct MergeTarget {
+  void* weight;          // W, rows of `ld` elements (unit stride along d); read, then overwritten
+  int64_t out;           // rows of W
+  int64_t ld;            // row stride of W, in elements (>= d)
+  void* pristine;        // (out, d) contiguous, receives a bitwise copy of W
+  const void* bias;      // b (out,), or nullptr for a layer without bias (zero)
+  void* new_bias;        // (out,) receives b + W βᵀ, rounded once to the storage dtype
+};
+
+// Merge of one PIA into the targets of its site (wq, wk, wv or w1, w3): all share d, dtype.
+struct MergeArgs {
+  MergeTarget* targets;
+  int num_targets;
+  int dtype;             // DType of every weight, pristine copy and bias
+  int64_t d;             // columns of W
+  int64_t rank;          // r
+  const float* up;       // (rank + 1, d) contiguous fp32: W_u (r rows), then β
+  const float* down;     // (rank, d) contiguous fp32: W_d1
+  float* scratch;        // CPU: (Σ out) * (rank + 2) floats; CUDA: device buffer, same size
+  int num_threads;       // CPU only
+};
+
+// M_e = W_u^{(e)} Wᵀ and g_e = β^{(e)} Wᵀ for all examples at once: dst = U Wᵀ.
+struct FactorArgs {
+  const void* weight;    // W (out, d), rows of `ld` elements
+  int dtype;
+  int64_t out, d, ld;
+  const float* up;       // U (n, d) contiguous fp32: B*r rows of W_u^{(e)}, then B rows of β
+  int64_t n;
+  float* dst;            // (n, out) contiguous fp32: rows of M (B*r), then rows of g (B)
+  int num_threads;
+};
+
+// y[b, t, :] += proj[b, t, :] @ M[b] + g[b], in place (y and proj share the storage dtype).
+struct LowrankAddArgs {
+  void* y;               // (B, n, out), unit stride along out
+  int dtype;
+  int64_t batch, tokens, out, rank;
+  int64_t y_sb, y_st;    // strides of y (elements)
+  const void* proj;      // (B, n, rank) = x W_d1ᵀ
+  int64_t p_sb, p_st, p_sk;
+  const float* factor;   // M (B, rank, out) contiguous fp32
+  const float* offset;   // g (B, out) contiguous fp32
+  int num_threads;
+};
+
+}  // namespace eas
