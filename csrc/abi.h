@@ -32,7 +32,7 @@ struct MergeArgs {
   int64_t rank;          // r
   const float* up;       // (rank + 1, d) contiguous fp32: W_u (r rows), then β
   const float* down;     // (rank, d) contiguous fp32: W_d1
-  float* scratch;        // CPU: (Σ out) * (rank + 2) floats; CUDA: device buffer, same size
+  float* scratch;        // (Σ out)·(rank + 2) + rank + num_targets floats on the device
   int num_threads;       // CPU only
 };
 

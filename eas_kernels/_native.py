@@ -132,9 +132,15 @@ def num_threads() -> int:
     return torch.get_num_threads()
 
 
-def stream(device: torch.device) -> int:
-    """The current CUDA stream of ``device`` as an integer handle."""
-    return torch.cuda.current_stream(device).cuda_stream
+def launch_args(device: torch.device) -> tuple[int, ...]:
+    """The trailing arguments of every kernel entry point for ``device``.
+
+    CPU: the thread count. CUDA: the device ordinal and torch's current stream there, as
+    an integer handle (the kernels run in stream order with torch's own work).
+    """
+    if device.type == "cpu":
+        return (num_threads(),)
+    return (device.index, torch.cuda.current_stream(device).cuda_stream)
 
 
 def bumped(tensor: torch.Tensor) -> torch.Tensor:

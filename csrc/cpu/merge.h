@@ -87,7 +87,7 @@ inline bool check_row(const MergeArgs& a, const MergeTarget& tg, int64_t o, cons
 
 }  // namespace merge_detail
 
-// Merge one site (see the top of this file). `a.scratch` holds (Σ out) * (r + 2) floats.
+// Merge one site (see the top of this file); `a.scratch` starts with (Σ out)·(r + 2) floats.
 // Returns -1 when every target was written, else the index of the first target whose
 // merged weight or bias would hold NaN/Inf; then no weight was written (new_bias and
 // pristine may have been).

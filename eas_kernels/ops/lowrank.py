@@ -98,10 +98,7 @@ def lowrank_factors(
         dst.data_ptr(),
     )
     kernels = _native.module(device)
-    if device.type == "cpu":
-        kernels.lowrank_factors(*args, _native.num_threads())
-    else:
-        kernels.lowrank_factors(*args, _native.stream(device))
+    kernels.lowrank_factors(*args, *_native.launch_args(device))
     return dst[: batch * rank].view(batch, rank, out), dst[batch * rank :]
 
 
@@ -163,8 +160,5 @@ def add_lowrank(
         offset.data_ptr(),
     )
     kernels = _native.module(device)
-    if device.type == "cpu":
-        kernels.lowrank_add(*args, _native.num_threads())
-    else:
-        kernels.lowrank_add(*args, _native.stream(device))
+    kernels.lowrank_add(*args, *_native.launch_args(device))
     return _native.bumped(output)

@@ -211,31 +211,12 @@ def merged_linear(
         )
         results.append(MergedTarget(pristine, new_bias))
     rows = sum(weight.shape[0] for weight in weights)
-    scratch = torch.empty(rows * (rank + 2), dtype=torch.float32, device=device)
+    scratch_size = rows * (rank + 2) + rank + len(weights)  # csrc/abi.h, MergeArgs.scratch
+    scratch = torch.empty(scratch_size, dtype=torch.float32, device=device)
     code = _native.DTYPE_CODES[weight0.dtype]
     kernels = _native.module(device)
-    if device.type == "cpu":
-        refused = kernels.merge(
-            targets,
-            code,
-            d,
-            rank,
-            up.data_ptr(),
-            down.data_ptr(),
-            scratch.data_ptr(),
-            _native.num_threads(),
-        )
-    else:
-        refused = kernels.merge(
-            targets,
-            code,
-            d,
-            rank,
-            up.data_ptr(),
-            down.data_ptr(),
-            scratch.data_ptr(),
-            _native.stream(device),
-        )
+    kernel_args = (targets, code, d, rank, up.data_ptr(), down.data_ptr(), scratch.data_ptr())
+    refused = kernels.merge(*kernel_args, *_native.launch_args(device))
     if refused >= 0:
         raise _refusal(weights[refused])
     for weight in weights:

@@ -1,0 +1,204 @@
+// Merge of a frozen PIA into the linear layers that read it (EAS_SPEC §4), CUDA.
+//
+// Per target W (out x d, storage type T) of one site, with W_u (r x d), β (d), W_d1 (r x d)
+// in fp32 — the same math and order of operations as csrc/cpu/merge.h:
+//
+//   Q  = W [W_u; β]ᵀ          (out x (r+1)), dots_kernel: P = Q[:, :r], W βᵀ = Q[:, r]
+//   W' = round(W + Δ),  Δ = Σ_k P[:, k] W_d1[k, :] summed from zero, k ascending, fmaf
+//   b' = round(b + W βᵀ)
+//
+// 1. dots_kernel (Q), copy_kernel (bitwise copy of W into `pristine`, row maxima |W|),
+//    down_max_kernel (max_j |W_d1[k, j]|, Inf if row k is not finite);
+// 2. check_kernel, one warp per row: finite Q row and b', and W' finite — cleared by the
+//    bound max|W_o| + Σ_k |P_ok| max|W_d1[k, :]| < max_finite(T) / 2, else computed and
+//    scanned; the host reads one flag per target (one stream synchronisation);
+// 3. only if no target was refused, update_kernel: W' in place, tiles of 32 rows x 128
+//    columns with P and W_d1 staged in shared memory.
+// Scratch (device, fp32): Σ out·(r+1) for Q, Σ out for the maxima, r, and one int per target.
+#include <vector>
+
+#include "common.cuh"
+#include "dots.cuh"
+#include "launch.h"
+
+namespace eas::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <class T>
+__global__ void copy_kernel(const T* __restrict__ w, int64_t ld, int64_t d, T* __restrict__ pristine,
+                            float* __restrict__ maxima) {
+  __shared__ float partial[kThreads / 32];
+  const int64_t row = blockIdx.x;
+  const T* src = w + row * ld;
+  T* dst = pristine + row * d;
+  float m = 0.0f;
+  for (int64_t j = threadIdx.x; j < d; j += kThreads) {
+    const T x = src[j];
+    dst[j] = x;  // bit copy
+    m = fmaxf(m, fabsf(to_float(x)));
+  }
+  for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < kThreads / 32; ++i) m = fmaxf(m, partial[i]);
+    maxima[row] = m;
+  }
+}
+
+__global__ void down_max_kernel(const float* __restrict__ down, int64_t d, float* __restrict__ out) {
+  __shared__ float partial[kThreads / 32];
+  __shared__ int bad;
+  if (threadIdx.x == 0) bad = 0;
+  __syncthreads();
+  const float* row = down + static_cast<int64_t>(blockIdx.x) * d;
+  float m = 0.0f;
+  for (int64_t j = threadIdx.x; j < d; j += kThreads) {
+    if (!isfinite(row[j])) bad = 1;
+    m = fmaxf(m, fabsf(row[j]));
+  }
+  for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < kThreads / 32; ++i) m = fmaxf(m, partial[i]);
+    out[blockIdx.x] = bad ? INFINITY : m;
+  }
+}
+
+template <class T>
+__global__ void check_kernel(const T* __restrict__ w, int64_t ld, int64_t out, int64_t d, int64_t r,
+                             const T* __restrict__ bias, T* __restrict__ new_bias,
+                             const float* __restrict__ q, const float* __restrict__ maxima,
+                             const float* __restrict__ down, const float* __restrict__ down_max,
+                             int* __restrict__ refused) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  if (row >= out) return;
+  const float* qr = q + row * (r + 1);
+  bool ok = true;
+  double bound = 0.0;
+  for (int64_t k = lane; k <= r; k += 32) {
+    ok = ok && isfinite(qr[k]);
+    if (k < r) bound += fabs(static_cast<double>(qr[k])) * static_cast<double>(down_max[k]);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) bound += __shfl_xor_sync(0xffffffffu, bound, offset);
+  bound += maxima[row];
+  int bias_ok = 1;
+  if (lane == 0) {
+    const float b = bias != nullptr ? to_float(bias[row]) : 0.0f;
+    const T nb = from_float<T>(b + qr[r]);
+    new_bias[row] = nb;
+    bias_ok = isfinite(to_float(nb));
+  }
+  bias_ok = __shfl_sync(0xffffffffu, bias_ok, 0);
+  ok = __all_sync(0xffffffffu, ok) && bias_ok;
+  if (ok && !(bound < Limits<T>::half_max)) {  // not cleared by the bound: compute the row
+    const T* wr = w + row * ld;
+    for (int64_t c = lane; c < d; c += 32) {
+      float delta = 0.0f;
+      for (int64_t k = 0; k < r; ++k) delta = fmaf(qr[k], down[k * d + c], delta);
+      ok = ok && isfinite(to_float(from_float<T>(to_float(wr[c]) + delta)));
+    }
+    ok = __all_sync(0xffffffffu, ok);
+  }
+  if (!ok && lane == 0) *refused = 1;
+}
+
+constexpr int kRows = 32, kCols = 128, kRankChunk = 32;
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    update_kernel(T* __restrict__ w, int64_t ld, int64_t out, int64_t d, int64_t r,
+                  const float* __restrict__ q, const float* __restrict__ down) {
+  __shared__ float ps[kRows][kRankChunk + 1];
+  __shared__ float ds[kRankChunk][kCols];
+  const int col = threadIdx.x % kCols, group = threadIdx.x / kCols;  // 2 groups of rows
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kRows;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kCols;
+  float delta[kRows / 2] = {};
+  for (int64_t k0 = 0; k0 < r; k0 += kRankChunk) {
+    for (int e = threadIdx.x; e < kRows * kRankChunk; e += kThreads) {
+      const int i = e / kRankChunk, kk = e % kRankChunk;
+      ps[i][kk] = (r0 + i < out && k0 + kk < r) ? q[(r0 + i) * (r + 1) + k0 + kk] : 0.0f;
+    }
+    for (int e = threadIdx.x; e < kRankChunk * kCols; e += kThreads) {
+      const int kk = e / kCols, cc = e % kCols;
+      ds[kk][cc] = (k0 + kk < r && c0 + cc < d) ? down[(k0 + kk) * d + c0 + cc] : 0.0f;
+    }
+    __syncthreads();
+    const int chunk = static_cast<int>(r - k0 < kRankChunk ? r - k0 : kRankChunk);
+    for (int kk = 0; kk < chunk; ++kk) {
+      const float dv = ds[kk][col];
+#pragma unroll
+      for (int i = 0; i < kRows / 2; ++i) delta[i] = fmaf(ps[group + 2 * i][kk], dv, delta[i]);
+    }
+    __syncthreads();
+  }
+  if (c0 + col >= d) return;
+#pragma unroll
+  for (int i = 0; i < kRows / 2; ++i) {
+    const int64_t row = r0 + group + 2 * i;
+    if (row < out) {
+      T* p = w + row * ld + c0 + col;
+      *p = from_float<T>(to_float(*p) + delta[i]);
+    }
+  }
+}
+
+template <class T>
+int merge_typed(const MergeArgs& a, cudaStream_t stream) {
+  const int64_t d = a.d, r = a.rank;
+  int64_t total_rows = 0;
+  for (int t = 0; t < a.num_targets; ++t) total_rows += a.targets[t].out;
+  float* q = a.scratch;
+  float* maxima = q + total_rows * (r + 1);
+  float* down_max = maxima + total_rows;
+  int* refused = reinterpret_cast<int*>(down_max + r);
+  check(cudaMemsetAsync(refused, 0, sizeof(int) * a.num_targets, stream), "cudaMemsetAsync");
+  down_max_kernel<<<static_cast<unsigned>(r), kThreads, 0, stream>>>(a.down, d, down_max);
+  int64_t row0 = 0;
+  for (int t = 0; t < a.num_targets; ++t) {
+    const MergeTarget& tg = a.targets[t];
+    const T* w = static_cast<const T*>(tg.weight);
+    float* q_t = q + row0 * (r + 1);
+    launch_dots<T>(w, tg.ld, tg.out, a.up, r + 1, d, q_t, r + 1, 1, stream);
+    copy_kernel<T><<<static_cast<unsigned>(tg.out), kThreads, 0, stream>>>(
+        w, tg.ld, d, static_cast<T*>(tg.pristine), maxima + row0);
+    check_kernel<T><<<blocks(tg.out, kThreads / 32), kThreads, 0, stream>>>(
+        w, tg.ld, tg.out, d, r, static_cast<const T*>(tg.bias), static_cast<T*>(tg.new_bias), q_t,
+        maxima + row0, a.down, down_max, refused + t);
+    row0 += tg.out;
+  }
+  check(cudaGetLastError(), "merge: launching phases 1-2");
+  std::vector<int> host(a.num_targets);
+  check(cudaMemcpyAsync(host.data(), refused, sizeof(int) * a.num_targets, cudaMemcpyDeviceToHost,
+                        stream),
+        "cudaMemcpyAsync");
+  check(cudaStreamSynchronize(stream), "merge: phases 1-2");
+  for (int t = 0; t < a.num_targets; ++t)
+    if (host[t]) return t;
+  row0 = 0;
+  for (int t = 0; t < a.num_targets; ++t) {
+    const MergeTarget& tg = a.targets[t];
+    const dim3 grid(blocks(d, kCols), blocks(tg.out, kRows));
+    update_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<T*>(tg.weight), tg.ld, tg.out, d,
+                                                    r, q + row0 * (r + 1), a.down);
+    row0 += tg.out;
+  }
+  check(cudaGetLastError(), "merge: launching phase 3");
+  return -1;
+}
+
+}  // namespace
+
+int merge(const MergeArgs& args, int device, void* stream) {
+  check(cudaSetDevice(device), "cudaSetDevice");
+  return with_dtype(args.dtype, [&](auto tag) {
+    return merge_typed<decltype(tag)>(args, static_cast<cudaStream_t>(stream));
+  });
+}
+
+}  // namespace eas::cuda

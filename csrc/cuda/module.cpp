@@ -1,0 +1,117 @@
+// eas_kernels._C_cuda: the CUDA kernels behind a torch-free boundary.
+//
+// Compiled by the host compiler (no CUDA headers here, see launch.h) and linked by nvcc
+// with the CUDA runtime linked statically. Tensors arrive as device pointers, shapes and
+// strides validated by eas_kernels/_native.py, with the device ordinal and torch's current
+// stream as an integer handle; the kernels are enqueued on that stream. The GIL is
+// released while the host code runs (merge synchronises the stream once).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../abi.h"
+#include "launch.h"
+
+namespace py = pybind11;
+
+namespace eas::cuda {
+namespace {
+
+template <class P>
+P* pointer(uintptr_t address, const char* name) {
+  if (address == 0) throw std::invalid_argument(std::string(name) + " is a null pointer");
+  return reinterpret_cast<P*>(address);
+}
+
+void positive(int64_t value, const char* name) {
+  if (value <= 0) throw std::invalid_argument(std::string(name) + " must be positive");
+}
+
+void* stream_of(uintptr_t handle) { return reinterpret_cast<void*>(handle); }
+
+using Target = std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t>;
+
+int merge_py(const std::vector<Target>& targets, int dtype, int64_t d, int64_t rank, uintptr_t up,
+          uintptr_t down, uintptr_t scratch, int device, uintptr_t stream) {
+  positive(d, "d");
+  positive(rank, "rank");
+  if (targets.empty()) throw std::invalid_argument("no merge target");
+  std::vector<MergeTarget> converted;
+  for (const auto& [weight, out, ld, pristine, bias, new_bias] : targets) {
+    positive(out, "out");
+    if (ld < d) throw std::invalid_argument("row stride ld must be >= d");
+    converted.push_back(MergeTarget{pointer<void>(weight, "weight"), out, ld,
+                                    pointer<void>(pristine, "pristine"),
+                                    reinterpret_cast<const void*>(bias),
+                                    pointer<void>(new_bias, "new_bias")});
+  }
+  const MergeArgs args{converted.data(), static_cast<int>(converted.size()), dtype, d, rank,
+                       pointer<const float>(up, "up"), pointer<const float>(down, "down"),
+                       pointer<float>(scratch, "scratch"), 1};
+  py::gil_scoped_release release;
+  return merge(args, device, stream_of(stream));
+}
+
+void lowrank_factors_py(uintptr_t weight, int dtype, int64_t out, int64_t d, int64_t ld,
+                     uintptr_t up, int64_t n, uintptr_t dst, int device, uintptr_t stream) {
+  positive(out, "out");
+  positive(d, "d");
+  positive(n, "n");
+  if (ld < d) throw std::invalid_argument("row stride ld must be >= d");
+  const FactorArgs args{pointer<const void>(weight, "weight"), dtype, out, d, ld,
+                        pointer<const float>(up, "up"), n, pointer<float>(dst, "dst"), 1};
+  py::gil_scoped_release release;
+  lowrank_factors(args, device, stream_of(stream));
+}
+
+void lowrank_add_py(uintptr_t y, int dtype, int64_t batch, int64_t tokens, int64_t out,
+                 int64_t rank, int64_t y_sb, int64_t y_st, uintptr_t proj, int64_t p_sb,
+                 int64_t p_st, int64_t p_sk, uintptr_t factor, uintptr_t offset, int device,
+                 uintptr_t stream) {
+  positive(batch, "batch");
+  positive(tokens, "tokens");
+  positive(out, "out");
+  positive(rank, "rank");
+  const LowrankAddArgs args{pointer<void>(y, "y"), dtype, batch, tokens, out, rank, y_sb, y_st,
+                            pointer<const void>(proj, "proj"), p_sb, p_st, p_sk,
+                            pointer<const float>(factor, "factor"),
+                            pointer<const float>(offset, "offset"), 1};
+  py::gil_scoped_release release;
+  lowrank_add(args, device, stream_of(stream));
+}
+
+py::dict build_info() {
+  py::dict info;
+  std::vector<std::string> names;
+  const std::string text = archs();
+  for (size_t start = 0; start <= text.size();) {
+    const size_t end = text.find(';', start);
+    names.push_back(text.substr(start, end == std::string::npos ? std::string::npos : end - start));
+    if (end == std::string::npos) break;
+    start = end + 1;
+  }
+  info["abi"] = 1;
+  info["archs"] = names;
+  const int version = runtime_version();
+  info["cuda_version"] = std::to_string(version / 1000) + "." + std::to_string(version % 1000 / 10);
+  return info;
+}
+
+}  // namespace
+}  // namespace eas::cuda
+
+PYBIND11_MODULE(_C_cuda, m) {
+  using namespace eas::cuda;
+  m.doc() = "eas_kernels CUDA kernels (merge, low-rank factors, low-rank add); see csrc/README.md";
+  m.def("merge", &merge_py, "Merge one PIA into a site's targets in place; -1 or refused target");
+  m.def("lowrank_factors", &lowrank_factors_py, "dst = U Wᵀ (fp32): M_e and g_e of every example");
+  m.def("lowrank_add", &lowrank_add_py, "y += proj @ M_e + g_e per example, in place");
+  m.def("build_info", &build_info, "ABI, compute capabilities and CUDA runtime of this build");
+  m.def("device_count", &device_count, "CUDA devices the static runtime sees");
+  m.def("device_status", &device_status, "'N device(s)' or why none is usable");
+}
