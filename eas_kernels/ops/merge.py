@@ -98,7 +98,8 @@ def _pristine_buffer(weight: torch.Tensor) -> torch.Tensor:
 
 
 def pristine_bytes() -> int:
-    """Bytes held by pristine copies: those of merged weights plus those kept for reuse."""
+    """Bytes of the pristine buffers held for merged weights: one per weight, in use by its
+    merge or kept for the next one."""
     return sum(buffer.base.nbytes for buffer in list(_buffers.values()))
 
 
@@ -130,10 +131,15 @@ def _check_site(
     device, dtype, d = first.device, first.dtype, first.shape[1]
     for index, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
         weight = _native.check_matrix_rows(weight, f"weights[{index}]", device=device)
-        if weight.dtype != dtype or weight.shape[1] != d:
+        if weight.dtype != dtype:
             raise TypeError(
-                f"weights[{index}] is {weight.dtype} {tuple(weight.shape)} but weights[0] is "
-                f"{dtype} (.., {d}): the targets of one site share d and dtype"
+                f"weights[{index}] is {weight.dtype} but weights[0] is {dtype}: the targets of "
+                "one site share their dtype"
+            )
+        if weight.shape[1] != d:
+            raise ValueError(
+                f"weights[{index}] has shape {tuple(weight.shape)} but weights[0] has d = {d}: "
+                "the targets of one site share d"
             )
         if bias is not None:
             _native.check_rows(

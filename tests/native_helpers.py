@@ -1,0 +1,55 @@
+"""Shared pieces of the native-kernel tests: instruction sets, poisoned outputs, error rule."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from eas_kernels import _native
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, *LOW_PRECISION)
+
+requires_cpu_kernels = pytest.mark.skipif(
+    _native.CPU is None, reason=f"eas_kernels._C is not built: {_native.CPU_ERROR}"
+)
+
+
+ISAS = list(_native.CPU.isas()) if _native.CPU is not None else []
+
+
+@contextlib.contextmanager
+def use_isa(name: str):
+    """Run the CPU kernels of one instruction set (avx512, avx2, portable) for a while."""
+    previous = _native.CPU.isa()
+    _native.CPU.set_isa(name)
+    try:
+        yield
+    finally:
+        _native.CPU.set_isa(previous)
+
+
+class PoisonedTorch:
+    """``torch`` whose ``empty`` returns NaN-filled tensors: outputs a kernel must write.
+
+    Installed over an ops module's ``torch`` with ``monkeypatch.setattr``, so every buffer
+    the op allocates for a kernel to fill (results, pristine copies, scratch) starts as NaN.
+    """
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs) -> torch.Tensor:
+        return torch.empty(*args, **kwargs).fill_(float("nan"))
+
+
+def assert_within_twice_torch_error(
+    ours: torch.Tensor, torch_same_dtype: torch.Tensor, exact: torch.Tensor, what: str
+) -> None:
+    """flash-attention's rule: max|ours - exact| <= 2 * max|torch in the same dtype - exact|."""
+    ours_error = (ours.double() - exact).abs().max().item()
+    torch_error = (torch_same_dtype.double() - exact).abs().max().item()
+    assert ours_error <= 2 * torch_error, (what, ours_error, torch_error)

@@ -1,0 +1,259 @@
+"""The native merge kernel (csrc/cpu/merge.h) against its PyTorch reference (EAS_SPEC §4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import eas_kernels.ops.merge as merge_module
+from eas_kernels.ops import (
+    free_pristine_buffers,
+    merged_linear,
+    merged_linear_reference,
+    pristine_bytes,
+)
+from tests.helpers import same_bits
+from tests.native_helpers import (
+    DTYPES,
+    ISAS,
+    PoisonedTorch,
+    assert_within_twice_torch_error,
+    requires_cpu_kernels,
+    use_isa,
+)
+
+pytestmark = requires_cpu_kernels
+
+
+def site(
+    outs: list[int], dim: int, rank: int, dtype: torch.dtype, *, seed: int, bias: bool = True
+) -> dict:
+    """Random targets of one site and a random PIA in ``dtype`` (as the runtime has them)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+
+    return dict(
+        weights=[randn(out, dim, scale=0.5) for out in outs],
+        biases=[randn(out) if bias and i % 2 == 0 else None for i, out in enumerate(outs)],
+        down_weight=randn(rank, dim, scale=0.3),
+        up_mix=randn(rank, dim, scale=0.3),
+        beta=randn(dim),
+    )
+
+
+def pia_args(s: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return s["down_weight"], s["up_mix"], s["beta"]
+
+
+SHAPES = [  # (outs of the site's targets, d, r): odd sizes, tails of every vector width
+    ([7], 13, 1),
+    ([40, 24], 24, 5),
+    ([33, 33, 17], 64, 64),
+    ([97, 5], 131, 17),
+    ([130, 64], 577, 32),
+]
+
+
+@pytest.mark.parametrize("outs, dim, rank", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("isa", ISAS)
+def test_merge_matches_the_reference_with_poisoned_outputs(
+    isa, monkeypatch, outs, dim, rank, dtype
+):
+    with use_isa(isa):
+        s = site(outs, dim, rank, dtype, seed=dim + rank)
+        before = [w.clone() for w in s["weights"]]
+        monkeypatch.setattr(merge_module, "torch", PoisonedTorch())
+        merged = merged_linear(s["weights"], s["biases"], *pia_args(s), backend="native")
+        for i, (weight, bias, original) in enumerate(
+            zip(s["weights"], s["biases"], before, strict=True)
+        ):
+            pristine, new_bias = merged[i]
+            assert same_bits(pristine, original)
+            reference = merged_linear_reference(original, bias, *pia_args(s))
+            args64 = [t.double() for t in pia_args(s)]
+            exact = merged_linear_reference(
+                original.double(), None if bias is None else bias.double(), *args64
+            )
+            assert_within_twice_torch_error(weight, reference[0], exact[0], f"weight {i}")
+            assert_within_twice_torch_error(new_bias, reference[1], exact[1], f"bias {i}")
+            if dtype == torch.float32:
+                torch.testing.assert_close(weight, reference[0], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(new_bias, reference[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ten_thousand_merge_restore_cycles_leave_weights_bitwise_identical(dtype):
+    """Random states each cycle; restore is what the runtime does: ``copy_(pristine)``."""
+    s = site([24, 40, 8], 32, 6, dtype, seed=11)
+    snapshot = [w.clone() for w in s["weights"]]
+    generator = torch.Generator().manual_seed(12)
+    changed = 0
+    for _ in range(10_000):
+        up_mix = (torch.randn(6, 32, generator=generator) * 0.3).to(dtype)
+        beta = torch.randn(32, generator=generator).to(dtype)
+        merged = merged_linear(s["weights"], s["biases"], s["down_weight"], up_mix, beta)
+        changed += not torch.equal(s["weights"][0], snapshot[0])
+        for weight, target in zip(s["weights"], merged, strict=True):
+            weight.copy_(target.pristine)
+    assert changed == 10_000
+    for weight, original in zip(s["weights"], snapshot, strict=True):
+        assert same_bits(weight, original)
+
+
+# ---------------------------------------------------------------------- refusals
+def refused(s: dict, match: str) -> None:
+    before = [w.clone() for w in s["weights"]]
+    with pytest.raises(ValueError, match=match):
+        merged_linear(s["weights"], s["biases"], *pia_args(s), backend="native")
+    for weight, original in zip(s["weights"], before, strict=True):
+        assert same_bits(weight, original)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fp16_overflow_of_the_product_is_refused_before_any_write(isa):
+    with use_isa(isa):
+        s = site([16, 8], 40, 4, torch.float16, seed=21)
+        s["weights"][1][3, 5] = 20000.0  # the second target's W' overflows; the first is fine
+        s["up_mix"][0, 5] = 4.0
+        s["down_weight"][0, :] = 2.0
+        reference, _ = merged_linear_reference(s["weights"][1], None, *pia_args(s))
+        assert not torch.isfinite(reference).all()
+        assert torch.isfinite(merged_linear_reference(s["weights"][0], None, *pia_args(s))[0]).all()
+        refused(s, r"\(8, 40\) weight gives NaN or Inf in torch.float16")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fp16_bias_overflow_is_refused(isa):
+    with use_isa(isa):
+        s = site([16], 40, 4, torch.float16, seed=22)
+        s["beta"].fill_(3000.0)
+        s["weights"][0][2].fill_(1.0)  # b' = b + W βᵀ = 120000 > 65504
+        refused(s, "NaN or Inf in torch.float16")
+
+
+@pytest.mark.parametrize("where", ["up_mix", "beta", "down_weight", "weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("isa", ISAS)
+def test_non_finite_inputs_are_refused(isa, where, value):
+    with use_isa(isa):
+        s = site([12, 20], 24, 3, torch.bfloat16, seed=23)
+        tensor = s["weights"][1] if where == "weight" else s[where]
+        tensor.view(-1)[7] = value
+        refused(s, "NaN or Inf in torch.bfloat16")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_row_the_bound_cannot_clear_is_checked_exactly_and_merged(isa):
+    """max|W| = 40000 > 65504 / 2: the bound fails, the exact check finds W' finite."""
+    with use_isa(isa):
+        s = site([9, 30], 21, 2, torch.float16, seed=24)
+        s["weights"][1][4, 0] = 40000.0
+        s["up_mix"].zero_()
+        s["up_mix"][0, 1] = 1e-3  # tiny P: W' stays finite
+        original = s["weights"][1].clone()
+        reference = merged_linear_reference(original, None, *pia_args(s))[0]
+        assert torch.isfinite(reference).all()
+        merged_linear(s["weights"], s["biases"], *pia_args(s), backend="native")
+        exact = merged_linear_reference(original.double(), None, *[t.double() for t in pia_args(s)])
+        assert_within_twice_torch_error(s["weights"][1], reference, exact[0], "weight")
+
+
+# ---------------------------------------------------------------------- pristine buffers
+def test_pristine_buffers_are_reported_never_shared_and_freed():
+    s = site([32, 16], 24, 4, torch.float32, seed=25)
+    weights = s["weights"]
+    originals = [w.clone() for w in weights]
+    held_before = pristine_bytes()
+    first = merged_linear(weights, s["biases"], *pia_args(s))
+    merged_bytes = sum(w.nbytes for w in weights)
+    assert pristine_bytes() - held_before == merged_bytes
+    merged_once = [w.clone() for w in weights]
+    second = merged_linear(weights, s["biases"], *pia_args(s))  # first's copies still in use
+    for target, original in zip(first, originals, strict=True):
+        assert same_bits(target.pristine, original)
+    for target, once in zip(second, merged_once, strict=True):
+        assert same_bits(target.pristine, once)
+    for weight, target in zip(weights, first, strict=True):
+        weight.copy_(target.pristine)
+    assert free_pristine_buffers() == 0 or pristine_bytes() >= merged_bytes  # all in use
+    del first, second, target
+    assert free_pristine_buffers() >= merged_bytes
+    assert pristine_bytes() <= held_before
+
+
+def test_a_restored_weight_reuses_its_buffer():
+    s = site([16], 8, 2, torch.float32, seed=26)
+    weight = s["weights"][0]
+    first = merged_linear(s["weights"], s["biases"], *pia_args(s))
+    pointer = first[0].pristine.data_ptr()
+    weight.copy_(first[0].pristine)
+    del first
+    second = merged_linear(s["weights"], s["biases"], *pia_args(s))
+    assert second[0].pristine.data_ptr() == pointer
+
+
+def test_a_native_merge_bumps_the_version_counter():
+    s = site([16], 8, 2, torch.float32, seed=27)
+    version = s["weights"][0]._version
+    merged_linear(s["weights"], s["biases"], *pia_args(s), backend="native")
+    assert s["weights"][0]._version > version
+
+
+# ---------------------------------------------------------------------- bad input
+def test_bad_input_is_refused_with_a_clear_error():
+    s = site([8, 8], 16, 2, torch.float32, seed=28)
+    args = pia_args(s)
+    w = s["weights"]
+    cases = [
+        (lambda: merged_linear(w[0], [None], *args), TypeError, "sequence"),
+        (lambda: merged_linear([], [], *args), TypeError, "non-empty"),
+        (lambda: merged_linear(w, [None], *args), ValueError, "2 weights but 1 biases"),
+        (lambda: merged_linear([w[0], w[1].half()], [None, None], *args), TypeError, "dtype"),
+        (
+            lambda: merged_linear([w[0], torch.zeros(8, 15)], [None, None], *args),
+            ValueError,
+            "share d",
+        ),
+        (lambda: merged_linear([w[0].t()], [None], *args), ValueError, "unit stride"),
+        (lambda: merged_linear([w[0][:, ::2]], [None], *args), ValueError, "unit stride"),
+        (lambda: merged_linear([w[0]], [torch.zeros(7)], *args), ValueError, r"shape \(8,\)"),
+        (lambda: merged_linear([w[0]], [torch.zeros(8).half()], *args), TypeError, "dtype"),
+        (
+            lambda: merged_linear([w[0]], [None], args[0][:, :5], *args[1:]),
+            ValueError,
+            "down_weight",
+        ),
+        (
+            lambda: merged_linear([w[0]], [None], args[0], args[1][:1], args[2]),
+            ValueError,
+            "up_mix",
+        ),
+        (lambda: merged_linear([w[0]], [None], *args[:2], args[2][:3]), ValueError, "beta"),
+        (
+            lambda: merged_linear([w[0]], [None], *args[:2], args[2].to("meta")),
+            ValueError,
+            "device",
+        ),
+        (
+            lambda: merged_linear([w[0].double()], [None], *args, backend="native"),
+            TypeError,
+            "native kernels take",
+        ),
+        (lambda: merged_linear(w, [None, None], *args, backend="cuda"), ValueError, "backend"),
+    ]
+    before = [x.clone() for x in w]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    for weight, original in zip(w, before, strict=True):
+        assert same_bits(weight, original)
+
+
+def test_the_native_kernels_refuse_to_run_under_autograd():
+    weight = torch.nn.Parameter(torch.randn(8, 16))
+    s = site([8], 16, 2, torch.float32, seed=29)
+    with pytest.raises(RuntimeError, match="do not record gradients"):
+        merged_linear([weight], [None], *pia_args(s), backend="native")
