@@ -18,15 +18,26 @@ requires_cpu_kernels = pytest.mark.skipif(
 
 
 ISAS = list(_native.CPU.isas()) if _native.CPU is not None else []
+HAS_CUDA_KERNELS = _native.CUDA is not None and torch.cuda.is_available()
+
+# Where a kernel test runs: the CPU kernels of every instruction set this CPU can run
+# (avx512, avx2, portable), and the CUDA kernels when a GPU is there.
+KERNELS = [pytest.param(("cpu", name), id=name) for name in ISAS] + (
+    [pytest.param(("cuda", None), id="cuda")] if HAS_CUDA_KERNELS else []
+)
 
 
 @contextlib.contextmanager
-def use_isa(name: str):
-    """Run the CPU kernels of one instruction set (avx512, avx2, portable) for a while."""
+def on_kernels(kernels: tuple[str, str | None]):
+    """Yield the device of ``kernels``; on the CPU, use that instruction set meanwhile."""
+    device, isa = kernels
+    if device != "cpu":
+        yield torch.device(device)
+        return
     previous = _native.CPU.isa()
-    _native.CPU.set_isa(name)
+    _native.CPU.set_isa(isa)
     try:
-        yield
+        yield torch.device("cpu")
     finally:
         _native.CPU.set_isa(previous)
 

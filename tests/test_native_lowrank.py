@@ -15,11 +15,11 @@ from eas_kernels.ops import (
 )
 from tests.native_helpers import (
     DTYPES,
-    ISAS,
+    KERNELS,
     PoisonedTorch,
     assert_within_twice_torch_error,
+    on_kernels,
     requires_cpu_kernels,
-    use_isa,
 )
 
 pytestmark = requires_cpu_kernels
@@ -34,12 +34,12 @@ CASES = [  # (B, n tokens, out, d, r, states): odd shapes, ranks 1..64, batch 1.
 ]
 
 
-def problem(batch, tokens, out, dim, rank, states, dtype, seed):
+def problem(batch, tokens, out, dim, rank, states, dtype, seed, device="cpu"):
     """Weights, per-example PIA projections and the layer's input, all in ``dtype``."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
 
     up_mix, beta = randn(batch, rank, dim, scale=0.3), randn(batch, dim, scale=0.3)
     if states == "identical":
@@ -56,11 +56,11 @@ def problem(batch, tokens, out, dim, rank, states, dtype, seed):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("isa", ISAS)
-def test_factors_match_the_reference_with_poisoned_outputs(isa, monkeypatch, case, dtype):
-    p = problem(*case, dtype, seed=case[2])
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_factors_match_the_reference_with_poisoned_outputs(kernels, monkeypatch, case, dtype):
     monkeypatch.setattr(lowrank_module, "torch", PoisonedTorch())
-    with use_isa(isa):
+    with on_kernels(kernels) as device:
+        p = problem(*case, dtype, seed=case[2], device=device)
         factor, offset = lowrank_factors(p["weight"], p["up_mix"], p["beta"], backend="native")
     assert factor.dtype == offset.dtype == torch.float32
     assert factor.is_contiguous() and offset.is_contiguous()
@@ -77,13 +77,13 @@ def test_factors_match_the_reference_with_poisoned_outputs(isa, monkeypatch, cas
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("isa", ISAS)
-def test_the_path_matches_the_unmerged_layer(isa, case, dtype):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_the_path_matches_the_unmerged_layer(kernels, case, dtype):
     """``x Wᵀ + b + (x W_d1ᵀ) M_e + g_e`` vs the layer on ``x + PIA(x)``, in float64."""
-    p = problem(*case, dtype, seed=case[3])
-    output = F.linear(p["u"], p["weight"], p["bias"])
-    projected = F.linear(p["u"], p["down"])
-    with use_isa(isa):
+    with on_kernels(kernels) as device:
+        p = problem(*case, dtype, seed=case[3], device=device)
+        output = F.linear(p["u"], p["weight"], p["bias"])
+        projected = F.linear(p["u"], p["down"])
         factor, offset = lowrank_factors(p["weight"], p["up_mix"], p["beta"], backend="native")
         ours = add_lowrank(output.clone(), projected, factor, offset, backend="native")
     torch_own = add_lowrank_reference(
@@ -96,19 +96,22 @@ def test_the_path_matches_the_unmerged_layer(isa, case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("isa", ISAS)
-def test_add_writes_exactly_its_outputs_through_strides(isa, dtype):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_add_writes_exactly_its_outputs_through_strides(kernels, dtype):
     """Output rows strided inside a NaN-filled buffer: only (B, n, out) is written."""
     batch, tokens, out, rank = 4, 3, 45, 7
     generator = torch.Generator().manual_seed(3)
-    buffer = torch.full((batch, tokens + 2, out + 5), float("nan"), dtype=dtype)
-    output = buffer[:, 1 : tokens + 1, 2 : out + 2]
-    output.copy_(torch.randn(batch, tokens, out, generator=generator))
-    before = output.clone()
-    projected = torch.randn(batch, rank, tokens, generator=generator).to(dtype).transpose(1, 2)
-    factor = torch.randn(batch, rank, out, generator=generator)
-    offset = torch.randn(batch, out, generator=generator)
-    with use_isa(isa):
+    with on_kernels(kernels) as device:
+
+        def randn(*shape: int, to: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator).to(device=device, dtype=to)
+
+        buffer = torch.full((batch, tokens + 2, out + 5), float("nan"), dtype=dtype, device=device)
+        output = buffer[:, 1 : tokens + 1, 2 : out + 2]
+        output.copy_(randn(batch, tokens, out))
+        before = output.clone()
+        projected = randn(batch, rank, tokens, to=dtype).transpose(1, 2)
+        factor, offset = randn(batch, rank, out), randn(batch, out)
         result = add_lowrank(output, projected, factor, offset, backend="native")
     assert result is output and output._version > 0
     outside = torch.ones_like(buffer, dtype=torch.bool)

@@ -15,24 +15,31 @@ from eas_kernels.ops import (
 from tests.helpers import same_bits
 from tests.native_helpers import (
     DTYPES,
-    ISAS,
+    KERNELS,
     PoisonedTorch,
     assert_within_twice_torch_error,
+    on_kernels,
     requires_cpu_kernels,
-    use_isa,
 )
 
 pytestmark = requires_cpu_kernels
 
 
 def site(
-    outs: list[int], dim: int, rank: int, dtype: torch.dtype, *, seed: int, bias: bool = True
+    outs: list[int],
+    dim: int,
+    rank: int,
+    dtype: torch.dtype,
+    *,
+    seed: int,
+    bias: bool = True,
+    device: torch.device | str = "cpu",
 ) -> dict:
     """Random targets of one site and a random PIA in ``dtype`` (as the runtime has them)."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
 
     return dict(
         weights=[randn(out, dim, scale=0.5) for out in outs],
@@ -58,12 +65,12 @@ SHAPES = [  # (outs of the site's targets, d, r): odd sizes, tails of every vect
 
 @pytest.mark.parametrize("outs, dim, rank", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kernels", KERNELS)
 def test_merge_matches_the_reference_with_poisoned_outputs(
-    isa, monkeypatch, outs, dim, rank, dtype
+    kernels, monkeypatch, outs, dim, rank, dtype
 ):
-    with use_isa(isa):
-        s = site(outs, dim, rank, dtype, seed=dim + rank)
+    with on_kernels(kernels) as device:
+        s = site(outs, dim, rank, dtype, seed=dim + rank, device=device)
         before = [w.clone() for w in s["weights"]]
         monkeypatch.setattr(merge_module, "torch", PoisonedTorch())
         merged = merged_linear(s["weights"], s["biases"], *pia_args(s), backend="native")
@@ -112,10 +119,10 @@ def refused(s: dict, match: str) -> None:
         assert same_bits(weight, original)
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_fp16_overflow_of_the_product_is_refused_before_any_write(isa):
-    with use_isa(isa):
-        s = site([16, 8], 40, 4, torch.float16, seed=21)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_fp16_overflow_of_the_product_is_refused_before_any_write(kernels):
+    with on_kernels(kernels) as device:
+        s = site([16, 8], 40, 4, torch.float16, seed=21, device=device)
         s["weights"][1][3, 5] = 20000.0  # the second target's W' overflows; the first is fine
         s["up_mix"][0, 5] = 4.0
         s["down_weight"][0, :] = 2.0
@@ -125,10 +132,10 @@ def test_fp16_overflow_of_the_product_is_refused_before_any_write(isa):
         refused(s, r"\(8, 40\) weight gives NaN or Inf in torch.float16")
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_fp16_bias_overflow_is_refused(isa):
-    with use_isa(isa):
-        s = site([16], 40, 4, torch.float16, seed=22)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_fp16_bias_overflow_is_refused(kernels):
+    with on_kernels(kernels) as device:
+        s = site([16], 40, 4, torch.float16, seed=22, device=device)
         s["beta"].fill_(3000.0)
         s["weights"][0][2].fill_(1.0)  # b' = b + W βᵀ = 120000 > 65504
         refused(s, "NaN or Inf in torch.float16")
@@ -136,20 +143,20 @@ def test_fp16_bias_overflow_is_refused(isa):
 
 @pytest.mark.parametrize("where", ["up_mix", "beta", "down_weight", "weight"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.parametrize("isa", ISAS)
-def test_non_finite_inputs_are_refused(isa, where, value):
-    with use_isa(isa):
-        s = site([12, 20], 24, 3, torch.bfloat16, seed=23)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_non_finite_inputs_are_refused(kernels, where, value):
+    with on_kernels(kernels) as device:
+        s = site([12, 20], 24, 3, torch.bfloat16, seed=23, device=device)
         tensor = s["weights"][1] if where == "weight" else s[where]
         tensor.view(-1)[7] = value
         refused(s, "NaN or Inf in torch.bfloat16")
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_a_row_the_bound_cannot_clear_is_checked_exactly_and_merged(isa):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_a_row_the_bound_cannot_clear_is_checked_exactly_and_merged(kernels):
     """max|W| = 40000 > 65504 / 2: the bound fails, the exact check finds W' finite."""
-    with use_isa(isa):
-        s = site([9, 30], 21, 2, torch.float16, seed=24)
+    with on_kernels(kernels) as device:
+        s = site([9, 30], 21, 2, torch.float16, seed=24, device=device)
         s["weights"][1][4, 0] = 40000.0
         s["up_mix"].zero_()
         s["up_mix"][0, 1] = 1e-3  # tiny P: W' stays finite

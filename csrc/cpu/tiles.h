@@ -85,10 +85,11 @@ inline void dot_tile_cols(int nr, const T* w, int64_t ldw, const float* u, int64
   }
 }
 
-// Any tile up to kDotRows x kDotCols.
+// Any tile up to kDotRows x kDotCols (at most 6 x 6).
 template <class S, class T>
 inline void dot_tile_any(int mr, int nr, const T* w, int64_t ldw, const float* u, int64_t ldu,
                          int64_t d, float* dst, int64_t dst_row, int64_t dst_col) {
+  static_assert(S::kDotRows <= 6 && S::kDotCols <= 6, "dot tiles are at most 6 x 6");
   switch (mr) {
 #define EAS_DOT_ROWS(M)                                                        \
   case M:                                                                      \
@@ -181,6 +182,7 @@ template <class S, class T>
 inline void axpy_rows_any(int mr, const T* src, int64_t lds, T* dst, int64_t ldo,
                           const float* p, int64_t ldp, const float* dmat, int64_t d,
                           int64_t rank) {
+  static_assert(S::kAxpyRows <= 12, "axpy tiles have at most 12 rows");
   switch (mr) {
 #define EAS_AXPY_ROWS(M)                                                       \
   case M:                                                                      \
@@ -193,6 +195,12 @@ inline void axpy_rows_any(int mr, const T* src, int64_t lds, T* dst, int64_t ldo
     EAS_AXPY_ROWS(4)
     EAS_AXPY_ROWS(5)
     EAS_AXPY_ROWS(6)
+    EAS_AXPY_ROWS(7)
+    EAS_AXPY_ROWS(8)
+    EAS_AXPY_ROWS(9)
+    EAS_AXPY_ROWS(10)
+    EAS_AXPY_ROWS(11)
+    EAS_AXPY_ROWS(12)
 #undef EAS_AXPY_ROWS
   }
 }

@@ -1,0 +1,84 @@
+"""Timing helpers and the machine's roofline, measured in the run that uses them.
+
+``peak``: the rate of a large GEMM (float32; bfloat16 as well, for reference);
+``bandwidth``: bytes read plus bytes written per second by a large copy. A kernel's floor
+is ``max(flops / peak, bytes / bandwidth)``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import eas_kernels
+from eas_kernels import _native
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], setup: Callable[[], object] | None = None) -> float:
+    """Seconds of one call of ``fn`` (after ``setup``, untimed)."""
+    if setup is not None:
+        setup()
+    synchronize()
+    start = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - start
+
+
+def paired_medians(
+    variants: dict[str, Callable[[], object]],
+    rounds: int,
+    setup: Callable[[], object] | None = None,
+) -> dict[str, float]:
+    """Median seconds of each variant, the variants interleaved round by round."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for fn in variants.values():
+        timed(fn, setup)  # warm up
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            times[name].append(timed(fn, setup))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _best(fn: Callable[[], object], repeats: int = 5) -> float:
+    return min(timed(fn) for _ in range(repeats + 1))
+
+
+def measure_roofline() -> dict[str, float]:
+    n = 8192 if DEVICE.type == "cuda" else 4096
+    result = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n, device=DEVICE).to(dtype)
+        b = torch.randn(n, n, device=DEVICE).to(dtype)
+        result[f"peak_{str(dtype)[6:]}_flops"] = 2 * n**3 / _best(lambda a=a, b=b: a @ b)
+    source = torch.randn(64 * 2**20, device=DEVICE)  # 256 MiB of float32
+    target = torch.empty_like(source)
+    result["bandwidth_bytes"] = 2 * source.nbytes / _best(lambda: target.copy_(source))
+    return result
+
+
+def machine() -> dict[str, object]:
+    if DEVICE.type == "cuda":
+        name = torch.cuda.get_device_name(DEVICE)
+    else:
+        name = platform.processor() or platform.machine()
+    return dict(
+        device=name,
+        threads=torch.get_num_threads(),
+        cpu_isa=_native.CPU.isa() if _native.CPU is not None else None,
+        torch=torch.__version__,
+        eas_kernels=eas_kernels.__version__,
+        load_average_1min=round(os.getloadavg()[0], 2),
+    )

@@ -1,0 +1,142 @@
+"""The merge kernel against its roofline floor and against the other ways to merge, in one run.
+
+One site of a skipped layer: ``W1`` and ``W3`` (``out × d`` each) merged with one PIA of rank
+``r`` (EAS_SPEC §4), at LLaMA-7B shapes (d = 4096, out = 11008, r = 32) and a small shape
+(SmolLM2: d = 576, out = 1536), float32 and bfloat16. Timed (medians of rounds interleaved
+with each other, the weights restored before every call and not timed):
+
+* ``native`` — ``merged_linear`` with the compiled kernel (what the runtime runs; the
+  pytest-benchmark figure);
+* ``floor`` — ``max(4·out·d·r / peak, bytes / bandwidth)`` per weight, bytes = read the
+  pristine weight + write the merged one; peak from a large float32 GEMM (the kernel's
+  arithmetic is fp32 FMAs), bandwidth from a large copy, both measured in this run. For
+  bfloat16 the ratio to the floor with the bfloat16-GEMM peak is recorded as well;
+* ``torch_reference`` — ``merged_linear(backend="torch")``: the PyTorch reference ops
+  (``addmm`` in float32), then the finite check, pristine copy and write-back;
+* ``peft_style`` — a PEFT-style safe merge: materialise the delta ``(W W_uᵀ) W_d1``,
+  clone ``W``, add, check finiteness, copy back;
+* ``dense_eas`` — the public EAS code: ``W (I + W_d1ᵀ W_u)`` with the ``d × d`` matrix and a
+  full backup copy of ``W``.
+
+``extra_info`` holds the ratios, shapes, device, versions and the pristine-copy memory.
+``pytest benchmarks/test_merge.py --benchmark-only``. Nothing is asserted about speed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.roofline import DEVICE, machine, measure_roofline, paired_medians, timed
+from eas_kernels.ops import free_pristine_buffers, merged_linear
+
+SHAPES = {"llama7b": (4096, 11008, 32), "smollm2": (576, 1536, 32)}
+ROUNDS = {"llama7b": 10, "smollm2": 100}
+DENSE_ROUNDS = {"llama7b": 3, "smollm2": 20}
+
+
+@pytest.fixture(scope="module")
+def roofline() -> dict[str, float]:
+    return measure_roofline()
+
+
+class Site:
+    """W1, W3 and one PIA's (W_d1, W_u, β); restore() puts the weights back."""
+
+    def __init__(self, dim: int, out: int, rank: int, dtype: torch.dtype) -> None:
+        generator = torch.Generator().manual_seed(0)
+
+        def randn(*shape: int, scale: float) -> torch.Tensor:
+            sample = torch.randn(*shape, generator=generator) * scale
+            return sample.to(device=DEVICE, dtype=dtype)
+
+        self.weights = [randn(out, dim, scale=0.02) for _ in range(2)]
+        self.pristine = [w.clone() for w in self.weights]
+        self.down, self.up_mix = randn(rank, dim, scale=0.05), randn(rank, dim, scale=0.05)
+        self.beta = randn(dim, scale=0.05)
+        self.results: list = []
+
+    def restore(self) -> None:
+        self.results.clear()  # the previous merge's copies go back to the buffer pool
+        for weight, pristine in zip(self.weights, self.pristine, strict=True):
+            weight.copy_(pristine)
+
+    def merge(self, backend: str) -> None:
+        self.results.append(
+            merged_linear(
+                self.weights, [None, None], self.down, self.up_mix, self.beta, backend=backend
+            )
+        )
+
+    def peft_style(self) -> None:
+        for weight in self.weights:
+            compute = weight.float()
+            delta = ((compute @ self.up_mix.float().t()) @ self.down.float()).to(weight.dtype)
+            merged = weight.clone()
+            merged += delta
+            if not bool(torch.isfinite(merged).all()):
+                raise ValueError("NaN or Inf")
+            weight.copy_(merged)
+            _ = compute @ self.beta.float()  # the bias b' = W βᵀ
+
+    def dense_eas(self) -> None:
+        dim = self.down.shape[1]
+        dense = torch.eye(dim, device=DEVICE, dtype=self.down.dtype)
+        dense += self.down.t() @ self.up_mix  # I + W_d1ᵀ W_u, d × d
+        for weight in self.weights:
+            backup = weight.clone()  # the public code's *_bak copy
+            weight.copy_(weight @ dense)
+            _ = weight @ self.beta  # its bias, from the updated weight
+            del backup
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_merge(benchmark, roofline, shape, dtype):
+    dim, out, rank = SHAPES[shape]
+    site = Site(dim, out, rank, dtype)
+    medians = paired_medians(
+        {
+            "native": lambda: site.merge("native"),
+            "torch_reference": lambda: site.merge("torch"),
+            "peft_style": site.peft_style,
+        },
+        ROUNDS[shape],
+        setup=site.restore,
+    )
+    medians.update(paired_medians({"dense_eas": site.dense_eas}, DENSE_ROUNDS[shape], site.restore))
+    site.restore()
+    free_pristine_buffers()  # the next call allocates its pristine copies from scratch
+    fresh = timed(lambda: site.merge("native"), setup=site.restore)
+
+    weights = 2
+    flops = weights * 4 * out * dim * rank
+    bytes_moved = weights * 2 * out * dim * site.weights[0].element_size()
+    floor = max(flops / roofline["peak_float32_flops"], bytes_moved / roofline["bandwidth_bytes"])
+    native = medians["native"]
+    info = dict(
+        shape=dict(name=shape, d=dim, out=out, r=rank, weights=weights, dtype=str(dtype)),
+        median_ms={name: round(seconds * 1e3, 3) for name, seconds in medians.items()},
+        floor_ms=round(floor * 1e3, 3),
+        ratio_vs_floor=round(native / floor, 3),
+        speedup_vs_dense_eas=round(medians["dense_eas"] / native, 1),
+        speedup_vs_peft_style=round(medians["peft_style"] / native, 2),
+        speedup_vs_torch_reference=round(medians["torch_reference"] / native, 2),
+        first_merge_fresh_buffers_ms=round(fresh * 1e3, 3),
+        pristine_copy_bytes=sum(w.nbytes for w in site.weights),
+        roofline=dict(
+            peak_float32_gflops=round(roofline["peak_float32_flops"] / 1e9, 1),
+            peak_bfloat16_gflops=round(roofline["peak_bfloat16_flops"] / 1e9, 1),
+            copy_gb_per_s=round(roofline["bandwidth_bytes"] / 1e9, 1),
+        ),
+        **machine(),
+    )
+    if dtype == torch.bfloat16:
+        bf16_floor = max(
+            flops / roofline["peak_bfloat16_flops"], bytes_moved / roofline["bandwidth_bytes"]
+        )
+        info["ratio_vs_bfloat16_gemm_floor"] = round(native / bf16_floor, 3)
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(
+        lambda: site.merge("native"), setup=site.restore, rounds=ROUNDS[shape], warmup_rounds=1
+    )
