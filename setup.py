@@ -95,7 +95,11 @@ class BuildExt(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
         target.parent.mkdir(parents=True, exist_ok=True)
-        gencode = " ".join(f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs)
+        # SASS for every arch, plus PTX of the newest so that later GPUs can JIT-compile it.
+        codes = {a: f"sm_{a}" for a in archs}
+        newest = max(archs, key=int)
+        codes[newest] = f"[sm_{newest},compute_{newest}]"
+        gencode = " ".join(f"'-gencode=arch=compute_{a},code={c}'" for a, c in codes.items())
         cxx = shlex.split(sysconfig.get_config_var("CXX") or "c++")[0]
         includes = f"-I{ROOT / CSRC} -I{get_include()} -I{sysconfig.get_paths()['include']}"
         lines = [
@@ -116,7 +120,7 @@ class BuildExt(build_ext):
             "  deps = gcc",
             "  description = c++ $in",
             "rule link",
-            f"  command = $nvcc -shared -cudart static {gencode} $in -o $out",
+            "  command = $nvcc -shared -cudart static $in -o $out",
             "  description = link $out",
         ]
         objects = []

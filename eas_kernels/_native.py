@@ -165,6 +165,26 @@ def check_rows(
     return tensor
 
 
+def check_no_overlap(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """A tensor a kernel may write in place: no two of its elements share memory."""
+    extent = 1
+    dims = sorted(
+        (
+            (stride, size)
+            for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+            if size > 1
+        )
+    )
+    for stride, size in dims:
+        if stride < extent:
+            raise ValueError(
+                f"{name} has overlapping elements (shape {tuple(tensor.shape)}, strides "
+                f"{tensor.stride()}): a kernel cannot write it in place"
+            )
+        extent = stride * size
+    return tensor
+
+
 def check_matrix_rows(value: object, name: str, *, device: torch.device) -> torch.Tensor:
     """A weight ``(out, d)`` in a native dtype whose rows do not overlap."""
     tensor = check_tensor(value, name, ndim=2, device=device, floating=True)

@@ -192,6 +192,11 @@ def test_bad_input_is_refused_with_a_clear_error():
             ValueError,
             "contiguous",
         ),
+        (
+            lambda: add_lowrank(y[:1].expand(2, 1, 12), proj, factor, offset, **native),
+            ValueError,
+            "overlapping",
+        ),
         (lambda: add_lowrank(y, proj, factor, offset, backend="fast"), ValueError, "backend"),
     ]
     for call, error, match in cases:

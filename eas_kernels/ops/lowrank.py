@@ -143,6 +143,7 @@ def add_lowrank(
         result = add_lowrank_reference(output.to(compute), projected.to(compute), factor, offset)
         return result.to(dtype)
     _native.check_rows(output, "output", dtype=dtype, device=device, shape=(batch, tokens, out))
+    _native.check_no_overlap(output, "output")
     for name, tensor in (("factor", factor), ("offset", offset)):
         if not tensor.is_contiguous():
             raise ValueError(f"{name} must be contiguous (as lowrank_factors returns it)")
