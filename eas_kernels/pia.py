@@ -158,6 +158,17 @@ class PIA(nn.Module):
         beta = torch.bmm(state.c.unsqueeze(1), w_u).squeeze(1) + b_mix
         return w_u, beta
 
+    def adapt(
+        self, u: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, PIAState]:
+        """A fresh call (training forward or prefill): ``(u + PIA(u), state)``.
+
+        The state is computed from ``u`` over ``mask`` (EAS_SPEC §3) and returned with
+        gradients attached (the runtime detaches the copy it freezes).
+        """
+        state = self.compute_state(u, mask)
+        return u + self(u, state=state), state
+
     def forward(
         self,
         u: torch.Tensor,

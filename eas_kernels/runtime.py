@@ -211,9 +211,9 @@ class EASRuntime:
                     f"prompt mask has shape {tuple(mask.shape)} but {site.name} sees "
                     f"{tuple(u.shape[:2])} (B, n) tokens"
                 )
-            state = site.pia.compute_state(u, mask)
+            adapted, state = site.pia.adapt(u, mask)
             site.state = state.detach()
-            return u + site.pia(u, state=state)
+            return adapted
         if self.realized == "merge":
             return None
         if self.realized == "lowrank":
