@@ -164,8 +164,16 @@ class PIA(nn.Module):
         """A fresh call (training forward or prefill): ``(u + PIA(u), state)``.
 
         The state is computed from ``u`` over ``mask`` (EAS_SPEC §3) and returned with
-        gradients attached (the runtime detaches the copy it freezes).
+        gradients attached (the runtime detaches the copy it freezes). CUDA tensors run the
+        fused Triton kernels of :mod:`eas_kernels.ops.pia_fused` when triton is installed
+        (``EAS_PIA_BACKEND`` forces either path: :func:`eas_kernels.ops.pia_backend`).
         """
+        from .ops import pia_backend
+
+        if pia_backend(u) == "triton":
+            from .ops.pia_fused import pia_adapt
+
+            return pia_adapt(self, u, mask)
         state = self.compute_state(u, mask)
         return u + self(u, state=state), state
 
