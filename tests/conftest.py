@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# The fused PIA kernels (eas_kernels/ops/pia_fused.py) are Triton kernels: without a GPU
+# they run in Triton's interpreter, which must be chosen before triton is imported.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")
