@@ -47,11 +47,11 @@ def pia_backend(u: torch.Tensor) -> str:
         raise ValueError(f"EAS_PIA_BACKEND must be one of {PIA_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    triton_found = importlib.util.find_spec("triton") is not None
+    triton_found = lambda: importlib.util.find_spec("triton") is not None
     if backend == "auto":
-        usable = triton_found and u.is_cuda and u.dtype in _TRITON_DTYPES
+        usable = u.is_cuda and u.dtype in _TRITON_DTYPES and triton_found()
         return "triton" if usable else "torch"
-    if not triton_found:
+    if not triton_found():
         raise RuntimeError(
             "EAS_PIA_BACKEND=triton but triton is not installed: `pip install triton`"
         )
