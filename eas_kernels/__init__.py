@@ -2,27 +2,39 @@
 
 Public API:
     PIA, PIAState           the propagation-of-information adapter and its frozen state
-    SkipPlan                which MHAs are skipped, adapter ranks, router temperature
+    SkipPlan                which MHAs (and FFNs) are skipped, adapter ranks, temperature
     patch_lavin             install EAS on LaVIN / Meta-LLaMA style blocks, in place
     patch_hf, unpatch_hf    the same on Hugging Face LLaMA / LLaVA models (generate, Trainer)
     prompt_mask_from_labels the prompt mask HF training uses (tokens before the first label)
     save_pretrained, from_pretrained   plan + PIA weights only (safetensors)
     set_skipped             change the skip set between steps (search)
     skipped_layers          the current skip set of a patched model
+    current_plan            the plan of a patched model's current skip sets
     set_prompt_mask         prompt mask for models whose forward takes none
     unpatch                 undo a patch: weights, hooks, PIAs, requires_grad as before
     reparameterize, restore merge / low-rank / eager decode; put weights back bitwise
     greedy_generate         left-padded batched greedy decoding (prefill, then steps)
     models.lavin            the LaVIN-layout LLaMA (ModelArgs, Transformer)
     search.BanditSearch     the k-armed bandit of the redundancy search (pure PyTorch)
+    search.Candidates       what the arms stand for: MHAs, FFNs, MHA-or-FFN, blocks (DAS)
+    tuning                  the schedule (EASTuner, TuningConfig), data, evaluation, plots
+    models.multimodal       a LaVIN-style multimodal model (vision tower + projector)
+    eas-kernels             the command line (eas_kernels.cli): search, finetune, ...
 """
 
-from . import models, search
+from . import models, search, tuning
 from ._native import backends
 from .checkpoint import from_pretrained, save_pretrained
 from .generation import Generation, greedy_generate
 from .hf import kv_cache_bytes, patch_hf, prompt_mask_from_labels, unpatch_hf
-from .patch import patch_lavin, set_prompt_mask, set_skipped, skipped_layers, unpatch
+from .patch import (
+    current_plan,
+    patch_lavin,
+    set_prompt_mask,
+    set_skipped,
+    skipped_layers,
+    unpatch,
+)
 from .pia import PIA, PIAState
 from .plan import SkipPlan
 from .reparam import reparameterize, restore
@@ -35,6 +47,7 @@ __all__ = [
     "PIAState",
     "SkipPlan",
     "backends",
+    "current_plan",
     "from_pretrained",
     "greedy_generate",
     "kv_cache_bytes",
@@ -46,6 +59,7 @@ __all__ = [
     "restore",
     "save_pretrained",
     "search",
+    "tuning",
     "set_prompt_mask",
     "set_skipped",
     "skipped_layers",

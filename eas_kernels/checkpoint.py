@@ -1,8 +1,9 @@
 """Save and load only what EAS trains: the plan (JSON) and the PIA weights (safetensors).
 
 A checkpoint folder holds ``eas_plan.json`` (the :class:`~eas_kernels.SkipPlan` of the
-current skip set, plus whether every layer carries both PIAs) and ``eas_pia.safetensors``
-with keys ``layers.{i}.attn_adapter.*`` / ``layers.{i}.skip_pia.*`` — indexed by block,
+current skip sets, plus the search candidate set the PIAs were installed for, if any) and
+``eas_pia.safetensors`` with keys ``layers.{i}.attn_adapter.*`` / ``layers.{i}.skip_pia.*``
+(``ffn_skip_pia``, ``block_adapter``) — indexed by block,
 so a checkpoint moves between the LaVIN and the Hugging Face layouts of the same model.
 A few MB instead of the base model's GB.
 """
@@ -17,47 +18,54 @@ import torch
 from torch import nn
 
 from .layout import HF_LLAMA, LAVIN
-from .patch import ATTN_ADAPTER, SKIP_PIA, EASPatch, patch_lavin, patch_of, unpatch
+from .patch import PIA_NAMES, ROLE_PIAS, EASPatch, check_search, patch_lavin, patch_of, unpatch
 from .plan import SkipPlan
 
 PLAN_FILE = "eas_plan.json"
 WEIGHTS_FILE = "eas_pia.safetensors"
 _FORMAT = "eas_kernels.checkpoint"
+_VERSION = 2  # v1 wrote "search" as a bool
 
 
-def _pia_tensors(patch: EASPatch) -> dict[str, torch.Tensor]:
+def _pia_tensors(patch: EASPatch, active_only: bool = False) -> dict[str, torch.Tensor]:
     tensors = {}
+    plan = patch.current_plan()
     for index, block in enumerate(patch.blocks):
-        for name in (ATTN_ADAPTER, SKIP_PIA):
+        names = (ROLE_PIAS[plan.role(index)],) if active_only else PIA_NAMES
+        for name in names:
             if hasattr(block, name):
                 for key, value in getattr(block, name).state_dict().items():
                     tensors[f"layers.{index}.{name}.{key}"] = value
     return tensors
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Write the plan and the PIA weights of a patched ``model`` into folder ``path``."""
+def save_pretrained(
+    model: nn.Module, path: str | os.PathLike[str], *, active_only: bool = False
+) -> Path:
+    """Write the plan and the PIA weights of a patched ``model`` into folder ``path``.
+
+    ``active_only=True`` keeps only the PIAs of the current skip sets (after a search: what
+    deployment needs); :func:`from_pretrained` then patches without ``search``.
+    """
     from safetensors.torch import save_file
 
     patch = patch_of(model)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    plan = patch.plan
-    current = SkipPlan(
-        plan.num_layers,
-        patch.skipped,
-        skip_rank=plan.skip_rank,
-        adapter_rank=plan.adapter_rank,
-        temperature=plan.temperature,
-    )
-    document = {"format": _FORMAT, "version": 1, "search": patch.search, "plan": current.to_dict()}
+    document = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "search": None if active_only else patch.search,
+        "plan": patch.current_plan().to_dict(),
+    }
     (folder / PLAN_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in _pia_tensors(patch).items()}
+    pias = _pia_tensors(patch, active_only)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in pias.items()}
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": _FORMAT})
     return folder
 
 
-def _read(folder: Path) -> tuple[SkipPlan, bool, dict[str, torch.Tensor]]:
+def _read(folder: Path) -> tuple[SkipPlan, str | None, dict[str, torch.Tensor]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -70,14 +78,19 @@ def _read(folder: Path) -> tuple[SkipPlan, bool, dict[str, torch.Tensor]]:
         raise ValueError(f"{folder / PLAN_FILE} is not valid JSON: {error}") from error
     if not isinstance(document, dict) or document.get("format") != _FORMAT:
         raise ValueError(f"{folder / PLAN_FILE} is not an eas_kernels checkpoint plan")
-    if document.get("version") != 1 or not isinstance(document.get("search"), bool):
-        raise ValueError(f"{folder / PLAN_FILE}: unsupported version or bad 'search' field")
+    if document.get("version") not in (1, _VERSION):
+        raise ValueError(f"{folder / PLAN_FILE}: unsupported version {document.get('version')!r}")
+    search = document.get("search")
+    try:
+        search = check_search(False if search is None else search)
+    except ValueError as error:
+        raise ValueError(f"{folder / PLAN_FILE}: bad 'search' field: {error}") from None
     plan = SkipPlan.from_dict(document.get("plan"))
     try:
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{folder / WEIGHTS_FILE} is corrupt: {error}") from error
-    return plan, document["search"], tensors
+    return plan, search, tensors
 
 
 def from_pretrained(base_model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
@@ -94,9 +107,9 @@ def from_pretrained(base_model: nn.Module, path: str | os.PathLike[str]) -> nn.M
         raise TypeError(f"base_model must be an nn.Module, got {type(base_model).__name__}")
     plan, search, tensors = _read(Path(path))
     if HF_LLAMA.find_blocks(base_model):
-        patch_hf(base_model, plan, search=search)
+        patch_hf(base_model, plan, search=search or False)
     elif LAVIN.find_blocks(base_model):
-        patch_lavin(base_model, plan, search=search)
+        patch_lavin(base_model, plan, search=search or False)
     else:
         raise ValueError("base_model has neither Hugging Face LLaMA nor LaVIN-style blocks")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,11 +25,13 @@ def greedy_generate(
     max_new_tokens: int,
     *,
     pad_id: int = 0,
+    prefill_kwargs: dict[str, Any] | None = None,
 ) -> Generation:
     """Left-pad ``prompts``, prefill (``start_pos=0`` with ``prompt_mask``), then decode
     ``max_new_tokens`` greedy tokens one at a time (``start_pos > 0``).
 
-    ``logits[b, t]`` are the logits that chose new token ``t`` of prompt ``b``.
+    ``prefill_kwargs`` go to the prefill call only (e.g. ``images=`` of a multimodal
+    model). ``logits[b, t]`` are the logits that chose new token ``t`` of prompt ``b``.
     """
     if not prompts or any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
@@ -45,7 +48,8 @@ def greedy_generate(
     for row, prompt in enumerate(prompts):
         tokens[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
         prompt_mask[row, width - len(prompt) :] = True
-    logits = model(tokens, start_pos=0, prompt_mask=prompt_mask)[:, -1]
+    extra = dict(prefill_kwargs or {})
+    logits = model(tokens, start_pos=0, prompt_mask=prompt_mask, **extra)[:, -1]
     steps = [logits]
     position = width
     for _ in range(max_new_tokens - 1):

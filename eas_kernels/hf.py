@@ -149,21 +149,22 @@ def kv_cache_bytes(cache: Any) -> int:
     return total
 
 
-def patch_hf(model: nn.Module, plan: SkipPlan, *, search: bool = False) -> nn.Module:
+def patch_hf(model: nn.Module, plan: SkipPlan, *, search: bool | str = False) -> nn.Module:
     """Install EAS on a Hugging Face LLaMA-family model, in place, and return it.
 
     Same semantics as :func:`eas_kernels.patch_lavin` (EAS_SPEC §2): kept layers get a
     rank-``plan.adapter_rank`` PIA before ``q_proj/k_proj/v_proj``, skipped layers run
     ``x + mlp(v + PIA(v))`` with ``v = post_attention_layernorm(x)``, no attention and no KV
-    cache; every non-PIA parameter is frozen. Instances are patched, never classes, so
+    cache; every non-PIA parameter is frozen (FFN and whole-block skips, and ``search``,
+    as in :func:`~eas_kernels.patch_lavin`). Instances are patched, never classes, so
     other models in the process are unaffected; :func:`unpatch_hf` undoes it. See the
     module docstring for how training calls, ``generate()`` and caches are handled.
     """
-    check_patch_arguments(model, plan, search)
+    candidates = check_patch_arguments(model, plan, search)
     if not hasattr(model, "config"):
         raise TypeError(f"model must be a Hugging Face PreTrainedModel, got {type(model).__name__}")
     hook = _HFCallHook(model)
-    hook.patch = EASPatch(model, plan, search, HF_LLAMA, on_skipped_call=hook.on_skipped_call)
+    hook.patch = EASPatch(model, plan, candidates, HF_LLAMA, on_skipped_call=hook.on_skipped_call)
     hook.patch.keep(model.register_forward_pre_hook(hook, with_kwargs=True))
     return model
 

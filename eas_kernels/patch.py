@@ -32,8 +32,26 @@ from .plan import SkipPlan
 from .runtime import AdapterSite, EASRuntime
 
 _PATCH_ATTR = "_eas_patch"
-ATTN_ADAPTER = "attn_adapter"
-SKIP_PIA = "skip_pia"
+ATTN_ADAPTER = "attn_adapter"  # kept layer: rank-adapter_rank adapter before wq/wk/wv
+SKIP_PIA = "skip_pia"  # MHA skipped: PIA before W1/W3
+FFN_SKIP_PIA = "ffn_skip_pia"  # FFN skipped: PIA before wq/wk/wv
+BLOCK_ADAPTER = "block_adapter"  # whole block skipped (DAS): out = x + A(attention_norm(x))
+ROLE_PIAS = {"kept": ATTN_ADAPTER, "mha": SKIP_PIA, "ffn": FFN_SKIP_PIA, "block": BLOCK_ADAPTER}
+PIA_NAMES = tuple(ROLE_PIAS.values())
+_ROLE_NEEDS = {
+    "kept": "attention adapter and cannot run its MHA",
+    "mha": "skip PIA and cannot skip its MHA",
+    "ffn": "FFN-skip PIA and cannot skip its FFN",
+    "block": "block adapter and cannot be skipped whole",
+}
+
+# What a search may switch each layer between (paper Table 3; DAS skips whole blocks).
+CANDIDATES = {
+    "mha": ("kept", "mha"),
+    "ffn": ("kept", "ffn"),
+    "mha_or_ffn": ("kept", "mha", "ffn", "block"),
+    "block": ("kept", "block"),
+}
 
 SkippedCallHook = Callable[[int, tuple, dict], None]
 
@@ -55,16 +73,28 @@ def runtime_of(model: nn.Module) -> EASRuntime:
     return patch_of(model).runtime
 
 
-def check_patch_arguments(model: object, plan: object, search: object) -> None:
-    """TypeError/ValueError for arguments no patch function accepts."""
+def check_search(search: object) -> str | None:
+    """The candidate set a ``search`` argument asks for: None, or a key of CANDIDATES.
+
+    ``False`` installs only what the plan needs, ``True`` means ``"mha"`` (EAS).
+    """
+    if isinstance(search, bool):
+        return "mha" if search else None
+    if isinstance(search, str) and search in CANDIDATES:
+        return search
+    raise ValueError(f"search must be a bool or one of {sorted(CANDIDATES)}, got {search!r}")
+
+
+def check_patch_arguments(model: object, plan: object, search: object) -> str | None:
+    """TypeError/ValueError for arguments no patch function accepts; the candidate set."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(plan, SkipPlan):
         raise TypeError(f"plan must be an eas_kernels.SkipPlan, got {type(plan).__name__}")
-    if not isinstance(search, bool):
-        raise TypeError(f"search must be a bool, got {type(search).__name__}")
+    candidates = check_search(search)
     if hasattr(model, _PATCH_ATTR):
         raise ValueError("model is already patched by eas_kernels")
+    return candidates
 
 
 class EASPatch:
@@ -72,20 +102,24 @@ class EASPatch:
 
     Args:
         model: the module tree; its blocks are found with ``layout``.
-        plan: skip set and adapter sizes; ``plan.num_layers`` must equal the block count.
-        search: install both PIAs in every layer, so that any skip set can be chosen.
+        plan: skip sets and adapter sizes; ``plan.num_layers`` must equal the block count.
+        search: None (install what ``plan`` needs) or a key of :data:`CANDIDATES`
+            (install, in every layer, the PIAs of every role that candidate set allows,
+            so that a search can choose any skip set).
         layout: attribute names of the blocks (:data:`eas_kernels.layout.LAVIN`, ...).
-        on_skipped_call: called as ``f(layer, args, kwargs)`` by a skipped block before
-            it computes (the Hugging Face patch marks the layer's KV-cache slot there).
+        on_skipped_call: called as ``f(layer, args, kwargs)`` by a block whose MHA is
+            skipped before it computes (the Hugging Face patch marks the layer's KV-cache
+            slot there).
 
-    Everything is validated before the model is touched.
+    Layer roles are those of :class:`~eas_kernels.SkipPlan`. Everything is validated
+    before the model is touched.
     """
 
     def __init__(
         self,
         model: nn.Module,
         plan: SkipPlan,
-        search: bool,
+        search: str | None,
         layout: BlockLayout,
         on_skipped_call: SkippedCallHook | None = None,
     ) -> None:
@@ -98,7 +132,7 @@ class EASPatch:
             )
         widths = [layout.check_block(i, block) for i, block in enumerate(blocks)]
         for index, block in enumerate(blocks):
-            for name in (ATTN_ADAPTER, SKIP_PIA):
+            for name in PIA_NAMES:
                 if hasattr(block, name):
                     raise ValueError(f"block {index} already has an attribute {name!r}")
         self.model = model
@@ -107,78 +141,94 @@ class EASPatch:
         self.layout = layout
         self.blocks = blocks
         self.runtime = EASRuntime()
-        self.attn_sites: dict[int, AdapterSite] = {}
-        self.skip_sites: dict[int, AdapterSite] = {}
+        self.sites: dict[str, dict[int, AdapterSite]] = {role: {} for role in ROLE_PIAS}
         self.skipped: tuple[int, ...] = ()
+        self.skipped_ffns: tuple[int, ...] = ()
         self._on_skipped_call = on_skipped_call
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._released_caches: dict[int, dict[str, tuple]] = {}
         self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        skipped = set(plan.skipped)
+        searched = CANDIDATES[search] if search is not None else ()
         for index, (block, (dim, dtype, device)) in enumerate(zip(blocks, widths, strict=True)):
-            if search or index not in skipped:
-                adapter = PIA(
-                    dim, plan.adapter_rank, token_mixing=False, temperature=plan.temperature
-                )
-                block.add_module(ATTN_ADAPTER, adapter.to(device=device, dtype=dtype))
-                norm = getattr(block, layout.attention_norm)
-                targets = layout.attention_linears(block)
-                self.attn_sites[index] = self._site(index, "attention", adapter, norm, targets)
-            if search or index in skipped:
-                pia = PIA(dim, plan.skip_rank, token_mixing=True, temperature=plan.temperature)
-                block.add_module(SKIP_PIA, pia.to(device=device, dtype=dtype))
-                norm = getattr(block, layout.ffn_norm)
-                targets = layout.ffn_linears(block)
-                self.skip_sites[index] = self._site(index, "skip", pia, norm, targets)
-        self.set_skipped(plan.skipped)
+            for role in ROLE_PIAS:
+                if role in searched or role == plan.role(index):
+                    self._add_site(index, block, role, dim, dtype, device)
+        self.set_skipped(plan.skipped, plan.skipped_ffns)
         setattr(model, _PATCH_ATTR, self)
 
-    def _site(
-        self, index: int, kind: str, pia: PIA, norm: nn.Module, targets: tuple[nn.Linear, ...]
-    ) -> AdapterSite:
-        site = AdapterSite(self.runtime, index, kind, pia, norm, targets)
+    def _add_site(
+        self,
+        index: int,
+        block: nn.Module,
+        role: str,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        plan, layout = self.plan, self.layout
+        rank = plan.adapter_rank if role == "kept" else plan.skip_rank
+        pia = PIA(dim, rank, token_mixing=role in ("mha", "ffn"), temperature=plan.temperature)
+        block.add_module(ROLE_PIAS[role], pia.to(device=device, dtype=dtype))
+        if role == "mha":
+            norm, targets = getattr(block, layout.ffn_norm), layout.ffn_linears(block)
+        elif role == "block":  # called by the block's forward, not hooked: no targets
+            norm, targets = None, ()
+        else:
+            norm, targets = getattr(block, layout.attention_norm), layout.attention_linears(block)
+        site = AdapterSite(self.runtime, index, role, pia, norm, targets)
         self.runtime.sites.append(site)
-        return site
+        self.sites[role][index] = site
 
     def keep(self, handle: torch.utils.hooks.RemovableHandle) -> None:
         """Remember a hook that :meth:`remove` must take off."""
         self._handles.append(handle)
 
-    def check_skipped(self, indices: Iterable[int]) -> tuple[int, ...]:
-        chosen = check_layer_indices(indices, "indices", len(self.blocks))
-        for index in range(len(self.blocks)):
-            if index in chosen and index not in self.skip_sites:
+    def roles(self, indices: Iterable[int], ffns: Iterable[int] = ()) -> SkipPlan:
+        """The skip sets as a plan (its :meth:`~SkipPlan.role` per layer), validated:
+        ValueError when a layer lacks the PIA its role needs."""
+        count = len(self.blocks)
+        chosen = check_layer_indices(indices, "indices", count)
+        roles = SkipPlan(count, chosen, skipped_ffns=check_layer_indices(ffns, "ffns", count))
+        for index in range(count):
+            role = roles.role(index)
+            if index not in self.sites[role]:
                 raise ValueError(
-                    f"layer {index} has no skip PIA (patch with it in the plan, or search=True)"
+                    f"layer {index} has no {_ROLE_NEEDS[role]} (patch with that role in the "
+                    "plan, or with a search candidate set that allows it)"
                 )
-            if index not in chosen and index not in self.attn_sites:
-                raise ValueError(
-                    f"layer {index} has no attention adapter and cannot run its MHA "
-                    "(patch with search=True to switch any layer)"
-                )
-        return chosen
+        return roles
 
-    def set_skipped(self, indices: Iterable[int]) -> None:
-        chosen = self.check_skipped(indices)
+    def set_skipped(self, indices: Iterable[int], ffns: Iterable[int] = ()) -> None:
+        roles = self.roles(indices, ffns)
         self.runtime.forget_states()
         for index, block in enumerate(self.blocks):
-            skip = index in chosen
-            if index in self.skip_sites:
-                self.skip_sites[index].active = skip
-            if index in self.attn_sites:
-                self.attn_sites[index].active = not skip
+            role = roles.role(index)
+            for site_role, sites in self.sites.items():
+                if index in sites:
+                    sites[index].active = site_role == role
+            block.__dict__.pop("forward", None)
+            if role == "mha":
+                block.forward = self._skipped_mha_forward(index, block)
+            elif role == "block":
+                block.forward = self._skipped_block_forward(index, block)
+            feed_forward = getattr(block, self.layout.feed_forward)
+            feed_forward.__dict__.pop("forward", None)
+            if role == "ffn":
+                feed_forward.forward = _no_ffn
             attention = getattr(block, self.layout.attention)
-            if skip:
-                block.forward = self._skipped_forward(index, block)
+            if role in ("mha", "block"):
                 self._release_cache(index, attention)
             else:
-                block.__dict__.pop("forward", None)
                 self._restore_cache(index, attention)
-        self.skipped = chosen
+        self.skipped, self.skipped_ffns = roles.skipped, roles.skipped_ffns
 
-    def _skipped_forward(self, index: int, block: nn.Module) -> Callable[..., torch.Tensor]:
+    def current_plan(self) -> SkipPlan:
+        """The patch's plan with the current skip sets."""
+        return self.plan.replace(skipped=list(self.skipped), skipped_ffns=list(self.skipped_ffns))
+
+    def _skipped_mha_forward(self, index: int, block: nn.Module) -> Callable[..., torch.Tensor]:
         """``x + FFN(ffn_norm(x))``: the block without its MHA (the PIA hooks ``ffn_norm``)."""
         feed_forward = getattr(block, self.layout.feed_forward)
         norm = getattr(block, self.layout.ffn_norm)
@@ -188,6 +238,21 @@ class EASPatch:
             if on_call is not None:
                 on_call(index, args, kwargs)
             return hidden_states + feed_forward(norm(hidden_states))
+
+        return forward
+
+    def _skipped_block_forward(self, index: int, block: nn.Module) -> Callable[..., torch.Tensor]:
+        """``x + A(attention_norm(x))``: DAS's skipped block (EAS_SPEC §6)."""
+        norm = getattr(block, self.layout.attention_norm)
+        site = self.sites["block"][index]
+        runtime, on_call = self.runtime, self._on_skipped_call
+
+        def forward(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            if on_call is not None:
+                on_call(index, args, kwargs)
+            delta = runtime.adapt(site, norm(hidden_states))
+            assert delta is not None
+            return hidden_states + delta
 
         return forward
 
@@ -214,13 +279,19 @@ class EASPatch:
             handle.remove()
         for index, block in enumerate(self.blocks):
             block.__dict__.pop("forward", None)
+            getattr(block, self.layout.feed_forward).__dict__.pop("forward", None)
             self._restore_cache(index, getattr(block, self.layout.attention))
-            for name in (ATTN_ADAPTER, SKIP_PIA):
+            for name in PIA_NAMES:
                 if hasattr(block, name):
                     delattr(block, name)
         for parameter, flag in self._requires_grad:
             parameter.requires_grad_(flag)
         delattr(self.model, _PATCH_ATTR)
+
+
+def _no_ffn(hidden_states: torch.Tensor) -> torch.Tensor:
+    """A skipped FFN's output: a zero that broadcasts (``h + 0`` is exactly ``h``)."""
+    return hidden_states.new_zeros(())
 
 
 # ---------------------------------------------------------------------- LaVIN-style models
@@ -267,7 +338,7 @@ def check_prompt_mask(mask: object) -> torch.Tensor:
     return check_token_mask(mask, "prompt_mask")
 
 
-def patch_lavin(model: nn.Module, plan: SkipPlan, *, search: bool = False) -> nn.Module:
+def patch_lavin(model: nn.Module, plan: SkipPlan, *, search: bool | str = False) -> nn.Module:
     """Install EAS on a model of LaVIN-style blocks, in place, and return it.
 
     Blocks are modules with ``attention.wq/wk/wv``, ``feed_forward.w1/w2/w3``,
@@ -277,8 +348,11 @@ def patch_lavin(model: nn.Module, plan: SkipPlan, *, search: bool = False) -> nn
     rank-``plan.skip_rank`` PIA on the FFN input, run no attention and hold no KV cache.
     Every parameter except the PIAs' is frozen. Fresh PIAs return an exact zero, so the
     patched model computes the unpatched one with the skipped MHAs removed.
-    ``search=True`` installs both PIAs in every layer so that :func:`set_skipped` can
-    choose any skip set (the redundancy search needs it).
+    A plan that skips FFNs or whole blocks gives those layers the roles described in
+    :class:`~eas_kernels.SkipPlan`. ``search=True`` (or ``"mha"``) installs both PIAs in
+    every layer so that :func:`set_skipped` can choose any skip set (the redundancy search
+    needs it); ``"ffn"``, ``"mha_or_ffn"`` and ``"block"`` (DAS) install what those
+    candidate sets need.
 
     A block call with ``start_pos`` None (training) or 0 (prefill) computes fresh PIA
     states over the prompt mask — the model's ``prompt_mask`` argument, else its
@@ -286,8 +360,8 @@ def patch_lavin(model: nn.Module, plan: SkipPlan, *, search: bool = False) -> nn
     decodes with the frozen states. Raises ``TypeError``/``ValueError`` before changing
     anything when ``model`` or ``plan`` do not fit. :func:`unpatch` undoes it.
     """
-    check_patch_arguments(model, plan, search)
-    patch = EASPatch(model, plan, search, LAVIN)
+    candidates = check_patch_arguments(model, plan, search)
+    patch = EASPatch(model, plan, candidates, LAVIN)
     for block in patch.blocks:
         hook = _start_pos_hook(patch.runtime, start_pos_index(block))
         patch.keep(block.register_forward_pre_hook(hook, with_kwargs=True))
@@ -303,18 +377,25 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_skipped(model: nn.Module, indices: Iterable[int]) -> None:
-    """Change which layers skip their MHA (between steps; frozen states are dropped).
+def set_skipped(model: nn.Module, indices: Iterable[int], *, ffns: Iterable[int] = ()) -> None:
+    """Change which layers skip their MHA (``indices``) and their FFN (``ffns``), between
+    steps; frozen states are dropped.
 
-    Every layer in ``indices`` needs a skip PIA and every other layer an attention
-    adapter: true for any set after patching with ``search=True``.
+    Each layer needs the PIA of its new role (:class:`~eas_kernels.SkipPlan`): any MHA
+    skip set is allowed after patching with ``search=True``; FFN and whole-block skips
+    need ``search="ffn"``, ``"mha_or_ffn"`` or ``"block"``.
     """
-    patch_of(model).set_skipped(indices)
+    patch_of(model).set_skipped(indices, ffns)
 
 
 def skipped_layers(model: nn.Module) -> tuple[int, ...]:
     """The layers whose MHA the patched ``model`` currently skips."""
     return patch_of(model).skipped
+
+
+def current_plan(model: nn.Module) -> SkipPlan:
+    """The plan of a patched ``model`` with its current skip sets (after searches)."""
+    return patch_of(model).current_plan()
 
 
 def set_prompt_mask(model: nn.Module, mask: torch.Tensor | None) -> None:

@@ -1,4 +1,4 @@
-"""SkipPlan: which MHAs a model skips, and the sizes of the adapters that replace them."""
+"""SkipPlan: which MHAs (and FFNs) a model skips, and the sizes of the adapters replacing them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from collections.abc import Iterable
 from ._checks import check_layer_indices, check_positive_finite, check_positive_int
 
 _FORMAT = "eas_kernels.SkipPlan"
-_VERSION = 1
+_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # v1 documents have no "skipped_ffns"
 
 
 class SkipPlan:
@@ -19,18 +20,43 @@ class SkipPlan:
         num_layers: number of transformer blocks of the model the plan is for.
         skipped: 0-based indices of the blocks whose MHA is skipped (any order; stored
             sorted). No duplicates, each in ``[0, num_layers)``.
-        skip_rank: rank of the PIA that replaces a skipped MHA (paper: 32).
+        skipped_ffns: blocks whose FFN is skipped (the paper's Table 3 candidates "FFN"
+            and "MHA or FFN"); empty for EAS. A block in both sets is skipped whole, as DAS
+            does (EAS_SPEC §6).
+        skip_rank: rank of the PIA that replaces a skipped MHA or FFN, and of DAS's
+            adapter (paper: 32).
         adapter_rank: rank of the router adapter before each kept MHA (paper: 8).
         temperature: router temperature ``τ`` of every PIA (paper: 10).
+
+    What each block runs, by role (:func:`eas_kernels.patch_lavin` builds it)::
+
+        kept          h = x + Attn(u + PIA_a(u));  out = h + FFN(ffn_norm(h))
+        MHA skipped   out = x + FFN(v + PIA_s(v))
+        FFN skipped   out = x + Attn(u + PIA_f(u))
+        both (DAS)    out = x + A(u)
+
+    with ``u = attention_norm(x)`` and ``v = ffn_norm(x)``.
+
+    ``PIA_a`` has rank ``adapter_rank`` and no token mixing; ``PIA_s`` and ``PIA_f`` have
+    rank ``skip_rank`` with token mixing and are re-parameterised into ``W1/W3`` and
+    ``wq/wk/wv``; ``A`` (rank ``skip_rank``, no token mixing) stays an adapter.
     """
 
-    __slots__ = ("num_layers", "skipped", "skip_rank", "adapter_rank", "temperature")
+    __slots__ = (
+        "num_layers",
+        "skipped",
+        "skipped_ffns",
+        "skip_rank",
+        "adapter_rank",
+        "temperature",
+    )
 
     def __init__(
         self,
         num_layers: int,
         skipped: Iterable[int],
         *,
+        skipped_ffns: Iterable[int] = (),
         skip_rank: int = 32,
         adapter_rank: int = 8,
         temperature: float = 10.0,
@@ -38,6 +64,9 @@ class SkipPlan:
         num_layers = check_positive_int(num_layers, "num_layers")
         object.__setattr__(self, "num_layers", num_layers)
         object.__setattr__(self, "skipped", check_layer_indices(skipped, "skipped", num_layers))
+        object.__setattr__(
+            self, "skipped_ffns", check_layer_indices(skipped_ffns, "skipped_ffns", num_layers)
+        )
         object.__setattr__(self, "skip_rank", check_positive_int(skip_rank, "skip_rank"))
         object.__setattr__(self, "adapter_rank", check_positive_int(adapter_rank, "adapter_rank"))
         object.__setattr__(self, "temperature", check_positive_finite(temperature, "temperature"))
@@ -55,12 +84,30 @@ class SkipPlan:
         skipped = set(self.skipped)
         return tuple(i for i in range(self.num_layers) if i not in skipped)
 
+    @property
+    def skipped_blocks(self) -> tuple[int, ...]:
+        """Blocks skipped whole (MHA and FFN): DAS's skipped layers."""
+        ffns = set(self.skipped_ffns)
+        return tuple(i for i in self.skipped if i in ffns)
+
+    def role(self, layer: int) -> str:
+        """``"kept"``, ``"mha"``, ``"ffn"`` or ``"block"``: what layer ``layer`` skips."""
+        mha, ffn = layer in self.skipped, layer in self.skipped_ffns
+        return {(False, False): "kept", (True, False): "mha", (False, True): "ffn"}.get(
+            (mha, ffn), "block"
+        )
+
+    def replace(self, **changes: object) -> SkipPlan:
+        """A copy with some fields changed (validated like the constructor)."""
+        return SkipPlan.from_dict({**self.to_dict(), **changes})
+
     def to_dict(self) -> dict[str, object]:
         return {
             "format": _FORMAT,
             "version": _VERSION,
             "num_layers": self.num_layers,
             "skipped": list(self.skipped),
+            "skipped_ffns": list(self.skipped_ffns),
             "skip_rank": self.skip_rank,
             "adapter_rank": self.adapter_rank,
             "temperature": self.temperature,
@@ -70,23 +117,26 @@ class SkipPlan:
     def from_dict(cls, data: object) -> SkipPlan:
         if not isinstance(data, dict):
             raise TypeError(f"a SkipPlan is read from a JSON object, got {type(data).__name__}")
-        if data.get("format") != _FORMAT or data.get("version") != _VERSION:
+        if data.get("format") != _FORMAT or data.get("version") not in _READABLE_VERSIONS:
             raise ValueError(
                 f"not a SkipPlan v{_VERSION} document: format={data.get('format')!r}, "
                 f"version={data.get('version')!r}"
             )
         fields = {"num_layers", "skipped", "skip_rank", "adapter_rank", "temperature"}
-        unknown = set(data) - fields - {"format", "version"}
+        optional = {"skipped_ffns"}
+        unknown = set(data) - fields - optional - {"format", "version"}
         missing = fields - set(data)
         if unknown or missing:
             raise ValueError(
                 f"SkipPlan JSON has unknown keys {sorted(unknown)} / missing keys {sorted(missing)}"
             )
-        if not isinstance(data["skipped"], list):
-            raise TypeError(f"SkipPlan JSON 'skipped' must be a list, got {data['skipped']!r}")
+        for key in ("skipped", "skipped_ffns"):
+            if not isinstance(data.get(key, []), list):
+                raise TypeError(f"SkipPlan JSON {key!r} must be a list, got {data[key]!r}")
         return cls(
             data["num_layers"],
             data["skipped"],
+            skipped_ffns=data.get("skipped_ffns", []),
             skip_rank=data["skip_rank"],
             adapter_rank=data["adapter_rank"],
             temperature=data["temperature"],
@@ -120,13 +170,12 @@ class SkipPlan:
         return self.to_dict() == other.to_dict()
 
     def __hash__(self) -> int:
-        return hash(
-            (self.num_layers, self.skipped, self.skip_rank, self.adapter_rank, self.temperature)
-        )
+        return hash(tuple(getattr(self, name) for name in self.__slots__))
 
     def __repr__(self) -> str:
+        ffns = f"skipped_ffns={list(self.skipped_ffns)}, " if self.skipped_ffns else ""
         return (
-            f"SkipPlan(num_layers={self.num_layers}, skipped={list(self.skipped)}, "
+            f"SkipPlan(num_layers={self.num_layers}, skipped={list(self.skipped)}, {ffns}"
             f"skip_rank={self.skip_rank}, adapter_rank={self.adapter_rank}, "
             f"temperature={self.temperature})"
         )

@@ -1,9 +1,12 @@
 """The per-model EAS runtime: frozen PIA states and their re-parameterisation.
 
 A patched model carries one :class:`EASRuntime`. Every PIA sits at an
-:class:`AdapterSite`: a forward hook on a norm (``attention_norm`` of a kept layer,
-``ffn_norm`` of a skipped one) that turns the norm's output ``u`` into ``u + PIA(u)``
-for the linear layers that read it (``wq/wk/wv`` or ``w1/w3``, the site's *targets*).
+:class:`AdapterSite`: a forward hook on a norm (``attention_norm`` of a kept layer or of
+one whose FFN is skipped, ``ffn_norm`` of one whose MHA is skipped) that turns the norm's
+output ``u`` into ``u + PIA(u)`` for the linear layers that read it (``wq/wk/wv`` or
+``w1/w3``, the site's *targets*). DAS's adapter of a block skipped whole has no norm hook
+and no targets: the block's forward asks the runtime for ``PIA(u)`` and it is never
+re-parameterised (EAS_SPEC §6).
 
 Each call of a patched block is either
 
@@ -32,6 +35,8 @@ from .ops import add_lowrank, lowrank_factors, merged_linear
 from .pia import PIA, PIAState
 
 MODES = ("eager", "merge", "lowrank", "auto")
+# Site kinds are layer roles (SkipPlan.role); how error messages name their PIAs.
+_ROLE_NAMES = {"kept": "attention", "mha": "skip", "ffn": "FFN-skip", "block": "block"}
 
 
 @dataclass
@@ -52,7 +57,10 @@ class _MergeRecord:
 
 
 class AdapterSite:
-    """One PIA on the output of ``norm``, read by the linear layers ``targets``."""
+    """One PIA on the output of ``norm``, read by the linear layers ``targets``.
+
+    ``norm=None`` (with no targets) is a site its block calls itself (DAS's adapter).
+    """
 
     def __init__(
         self,
@@ -60,7 +68,7 @@ class AdapterSite:
         layer: int,
         kind: str,
         pia: PIA,
-        norm: nn.Module,
+        norm: nn.Module | None,
         targets: tuple[nn.Linear, ...],
     ) -> None:
         self.runtime = runtime
@@ -72,16 +80,22 @@ class AdapterSite:
         self.state: PIAState | None = None
         self.projected: torch.Tensor | None = None
         self._lowrank_hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._norm_hook = norm.register_forward_hook(self._on_norm_output)
+        self._norm_hook = None if norm is None else norm.register_forward_hook(self._on_norm_output)
+
+    @property
+    def reparameterizable(self) -> bool:
+        """Whether linear layers read ``u + PIA(u)`` (merge and low-rank apply)."""
+        return bool(self.targets)
 
     def remove(self) -> None:
         """Detach the site from its norm and targets (the PIA module stays where it is)."""
         self.remove_lowrank()
-        self._norm_hook.remove()
+        if self._norm_hook is not None:
+            self._norm_hook.remove()
 
     @property
     def name(self) -> str:
-        return f"layer {self.layer} {self.kind} PIA"
+        return f"layer {self.layer} {_ROLE_NAMES.get(self.kind, self.kind)} PIA"
 
     def _on_norm_output(
         self, module: nn.Module, inputs: tuple[torch.Tensor, ...], u: torch.Tensor
@@ -174,6 +188,10 @@ class EASRuntime:
     def active_sites(self) -> list[AdapterSite]:
         return [site for site in self.sites if site.active]
 
+    @property
+    def reparameterizable_sites(self) -> list[AdapterSite]:
+        return [site for site in self.active_sites if site.reparameterizable]
+
     # ------------------------------------------------------------------ call phases
     def enter(self, fresh: bool, batch_size: int) -> None:
         """Called before a patched model computes: ``fresh`` for a training forward or a
@@ -203,7 +221,8 @@ class EASRuntime:
                 )
 
     def adapt(self, site: AdapterSite, u: torch.Tensor) -> torch.Tensor | None:
-        """The site's hook body: ``u + PIA(u)`` or, once re-parameterised, ``None``."""
+        """What the site makes of the norm output ``u``: ``u + PIA(u)`` for a site with
+        targets (``None`` once they are re-parameterised), ``PIA(u)`` for one without."""
         if not self.decoding:
             mask = self.state_mask
             if mask is not None and tuple(mask.shape) != tuple(u.shape[:2]):
@@ -211,15 +230,21 @@ class EASRuntime:
                     f"prompt mask has shape {tuple(mask.shape)} but {site.name} sees "
                     f"{tuple(u.shape[:2])} (B, n) tokens"
                 )
-            adapted, state = site.pia.adapt(u, mask)
+            if site.reparameterizable:
+                adapted, state = site.pia.adapt(u, mask)
+            else:
+                state = site.pia.compute_state(u, mask)
+                adapted = site.pia(u, state=state)
             site.state = state.detach()
             return adapted
+        assert site.state is not None
+        if not site.reparameterizable:
+            return site.pia(u, state=site.state)
         if self.realized == "merge":
             return None
         if self.realized == "lowrank":
             site.projected = F.linear(u, site.pia.down1.weight)
             return None
-        assert site.state is not None
         return u + site.pia(u, state=site.state)
 
     # ------------------------------------------------------------------ modes
@@ -236,12 +261,12 @@ class EASRuntime:
                 )
             self._merge_all()
         elif resolved == "lowrank":
-            for site in self.active_sites:
+            for site in self.reparameterizable_sites:
                 site.install_lowrank()
         self.realized = resolved
 
     def _merge_all(self) -> None:
-        sites = self.active_sites
+        sites = self.reparameterizable_sites
         for site in sites:
             site.check_finite()
         records: list[_MergeRecord] = []

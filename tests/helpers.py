@@ -8,6 +8,8 @@ from torch import nn
 import eas_kernels
 from eas_kernels.models.lavin import ModelArgs, Transformer
 
+PIA_MODULES = {"attn_adapter", "skip_pia", "ffn_skip_pia", "block_adapter"}
+
 
 def tiny_args(**overrides: object) -> ModelArgs:
     values = dict(
@@ -42,7 +44,7 @@ def randomize_pias(model: nn.Module, seed: int = 1, scale: float = 0.2) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if "attn_adapter" in name or "skip_pia" in name:
+            if set(name.split(".")) & PIA_MODULES:
                 noise = torch.randn(parameter.shape, generator=generator) * scale
                 parameter.copy_(noise.to(parameter.dtype))
 
@@ -53,11 +55,14 @@ def patched(
     seed: int = 0,
     trained: bool = True,
     dtype: torch.dtype = torch.float32,
-    search: bool = False,
+    search: bool | str = False,
+    skipped_ffns: tuple[int, ...] = (),
     **overrides: object,
 ) -> Transformer:
     model = tiny_model(seed, dtype, **overrides)
-    plan = eas_kernels.SkipPlan(model.n_layers, skipped, skip_rank=6, adapter_rank=3)
+    plan = eas_kernels.SkipPlan(
+        model.n_layers, skipped, skipped_ffns=skipped_ffns, skip_rank=6, adapter_rank=3
+    )
     eas_kernels.patch_lavin(model, plan, search=search)
     if trained:
         randomize_pias(model, seed + 1)

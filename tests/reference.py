@@ -58,13 +58,18 @@ def ffn(feed_forward: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 
 def eas_forward_reference(
-    model: nn.Module, tokens: torch.Tensor, prompt_len: int, skipped: set[int]
+    model: nn.Module,
+    tokens: torch.Tensor,
+    prompt_len: int,
+    skipped: set[int],
+    skipped_ffns: set[int] = frozenset(),
 ) -> torch.Tensor:
     """Logits ``(n, vocab)`` of one unpadded sequence through the EAS model of §2–3.
 
-    PIA states average the first ``prompt_len`` tokens; layers in ``skipped`` run
-    ``x + FFN(v + PIA_s(v))``, the others ``x + Attn(u + PIA_a(u))`` then the FFN. A layer
-    without the PIA its role needs uses none (the unpatched block, or the MHA removed).
+    PIA states average the first ``prompt_len`` tokens. Layers in ``skipped`` only run
+    ``x + FFN(v + PIA_s(v))``; in ``skipped_ffns`` only ``x + Attn(u + PIA_f(u))``; in
+    both ``x + A(u)`` (DAS, §6); the others ``x + Attn(u + PIA_a(u))`` then the FFN. A layer
+    without the PIA its role needs uses none (the unpatched block, or the parts removed).
     """
     n = tokens.shape[0]
     mask = torch.zeros(1, n, dtype=torch.bool)
@@ -73,18 +78,23 @@ def eas_forward_reference(
     freqs = model.freqs_cis[:n][None]
     x = model.tok_embeddings.weight[tokens][None]
     for index, block in enumerate(model.layers):
-        if index in skipped:
+        mha_skipped, ffn_skipped = index in skipped, index in skipped_ffns
+        if mha_skipped and ffn_skipped:
+            adapter = getattr(block, "block_adapter", None)
+            u = rms_norm(block.attention_norm, x)
+            x = x if adapter is None else x + pia_reference(adapter, u, mask)
+        elif mha_skipped:
             v = rms_norm(block.ffn_norm, x)
             pia = getattr(block, "skip_pia", None)
             z = v if pia is None else v + pia_reference(pia, v, mask)
             x = x + ffn(block.feed_forward, z)
         else:
             u = rms_norm(block.attention_norm, x)
-            adapter = getattr(block, "attn_adapter", None)
+            adapter = getattr(block, "ffn_skip_pia" if ffn_skipped else "attn_adapter", None)
             if adapter is not None:
                 u = u + pia_reference(adapter, u, mask)
             h = x + block.attention(u, None, freqs, causal)
-            x = h + ffn(block.feed_forward, rms_norm(block.ffn_norm, h))
+            x = h if ffn_skipped else h + ffn(block.feed_forward, rms_norm(block.ffn_norm, h))
     return linear(model.output, rms_norm(model.norm, x))[0].float()
 
 

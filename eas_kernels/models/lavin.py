@@ -237,6 +237,17 @@ class Transformer(nn.Module):
             )
         return mask
 
+    def _check_embeds(self, embeds: object, tokens: torch.Tensor) -> torch.Tensor:
+        weight = self.tok_embeddings.weight
+        check_tensor(embeds, "embeds", ndim=3, dtype=weight.dtype, device=weight.device)
+        assert isinstance(embeds, torch.Tensor)
+        if embeds.shape != (*tokens.shape, self.params.dim):
+            raise ValueError(
+                f"embeds must have shape {(*tokens.shape, self.params.dim)}, "
+                f"got {tuple(embeds.shape)}"
+            )
+        return embeds
+
     def _check_call(self, tokens: object, start_pos: object) -> torch.Tensor:
         check_tensor(tokens, "tokens", ndim=2, device=self.tok_embeddings.weight.device)
         assert isinstance(tokens, torch.Tensor)
@@ -312,6 +323,7 @@ class Transformer(nn.Module):
         start_pos: int | None = None,
         prompt_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, n, vocab_size)`` in float32.
 
@@ -326,6 +338,9 @@ class Transformer(nn.Module):
             attention_mask: ``(B, n)`` bool, the real (non-padding) tokens, on a training
                 forward or a prefill. Default: ``prompt_mask`` at the prefill, all tokens
                 otherwise. Decode tokens are always real.
+            embeds: ``(B, n, dim)`` input embeddings used instead of
+                ``tok_embeddings(tokens)`` (a multimodal model puts image features there);
+                ``tokens`` still give positions and are validated.
         """
         tokens = self._check_call(tokens, start_pos)
         prompt_mask = self._check_mask(prompt_mask, "prompt_mask", tokens)
@@ -346,7 +361,7 @@ class Transformer(nn.Module):
         if self.freqs_cis.device != tokens.device:
             self.freqs_cis = self.freqs_cis.to(tokens.device)
         freqs_cis = self.freqs_cis[positions]
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if embeds is None else self._check_embeds(embeds, tokens)
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask)
         logits = self.output(self.norm(h)).float()

@@ -1,0 +1,70 @@
+"""What the arms of a redundancy search stand for (paper Table 3; DAS, EAS_SPEC §6).
+
+A :class:`Candidates` maps bandit arms to the skip sets of :func:`eas_kernels.set_skipped`
+for a model of ``num_layers`` blocks:
+
+========== ======== ==============================================================
+kind       arms     arm ``i`` skips
+========== ======== ==============================================================
+mha        L        the MHA of block ``i`` (EAS)
+ffn        L        the FFN of block ``i``
+mha_or_ffn 2L       the MHA of block ``i`` (``i < L``) or the FFN of block ``i - L``
+block      L        block ``i`` whole (DAS)
+========== ======== ==============================================================
+
+A block whose MHA and FFN are both chosen (``mha_or_ffn``) is skipped whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .._checks import check_layer_indices, check_positive_int
+from ..patch import CANDIDATES
+from ..plan import SkipPlan
+
+
+class Candidates:
+    """The arms of one candidate kind (a key of ``CANDIDATES``: the patch's ``search``)."""
+
+    def __init__(self, kind: str, num_layers: int) -> None:
+        if not isinstance(kind, str) or kind not in CANDIDATES:
+            raise ValueError(f"candidates must be one of {sorted(CANDIDATES)}, got {kind!r}")
+        self.kind = kind
+        self.num_layers = check_positive_int(num_layers, "num_layers")
+
+    @property
+    def num_arms(self) -> int:
+        return 2 * self.num_layers if self.kind == "mha_or_ffn" else self.num_layers
+
+    def arm_names(self) -> list[str]:
+        """``"mha 3"``, ``"ffn 3"`` or ``"block 3"`` for each arm, in order."""
+        if self.kind == "mha_or_ffn":
+            return [f"mha {i}" for i in range(self.num_layers)] + [
+                f"ffn {i}" for i in range(self.num_layers)
+            ]
+        return [f"{self.kind} {i}" for i in range(self.num_layers)]
+
+    def skip_sets(self, arms: Iterable[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(mhas, ffns)``: the blocks whose MHA / FFN the arms skip."""
+        chosen = check_layer_indices(arms, "arms", self.num_arms)
+        count = self.num_layers
+        if self.kind == "mha":
+            return chosen, ()
+        if self.kind == "ffn":
+            return (), chosen
+        if self.kind == "block":
+            return chosen, chosen
+        return (
+            tuple(a for a in chosen if a < count),
+            tuple(a - count for a in chosen if a >= count),
+        )
+
+    def plan(self, arms: Iterable[int], base: SkipPlan) -> SkipPlan:
+        """``base`` (ranks, temperature) with the skip sets of ``arms``."""
+        if base.num_layers != self.num_layers:
+            raise ValueError(
+                f"plan is for {base.num_layers} layers, the candidates for {self.num_layers}"
+            )
+        mhas, ffns = self.skip_sets(arms)
+        return base.replace(skipped=list(mhas), skipped_ffns=list(ffns))

@@ -1,0 +1,192 @@
+"""FFN skips, whole-block (DAS) skips and the search candidate sets, against EAS_SPEC §2/§6."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import eas_kernels
+from eas_kernels import (
+    SkipPlan,
+    current_plan,
+    from_pretrained,
+    greedy_generate,
+    patch_lavin,
+    reparameterize,
+    save_pretrained,
+    set_skipped,
+    unpatch,
+)
+from tests.helpers import (
+    assert_bitwise,
+    patched,
+    random_sequences,
+    randomize_pias,
+    tiny_model,
+    weights_snapshot,
+)
+from tests.reference import eas_forward_reference
+
+ROLE_CASES = [  # (skipped MHAs, skipped FFNs)
+    ([], [1]),
+    ([2], [0, 3]),
+    ([1, 2], [2]),  # block 2 skipped whole
+    ([0, 3], [0, 3]),  # DAS: two blocks skipped whole
+]
+
+
+@pytest.mark.parametrize(("mhas", "ffns"), ROLE_CASES)
+def test_roles_match_the_reference_in_training(mhas, ffns):
+    model = patched(mhas, skipped_ffns=tuple(ffns), seed=11)
+    tokens = torch.tensor(random_sequences([12], vocab=97, seed=4))
+    prompt = torch.zeros_like(tokens, dtype=torch.bool)
+    prompt[0, :7] = True
+    ours = model(tokens, prompt_mask=prompt)[0]
+    expected = eas_forward_reference(model, tokens[0], 7, set(mhas), set(ffns))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("mhas", "ffns"), ROLE_CASES)
+@pytest.mark.parametrize("mode", ["eager", "merge", "lowrank"])
+def test_decoding_equals_teacher_forcing_in_every_mode(mhas, ffns, mode):
+    model = patched(mhas, skipped_ffns=tuple(ffns), seed=12)
+    prompt = random_sequences([7], vocab=97, seed=5)[0]
+    reparameterize(model, mode)
+    generated = greedy_generate(model, [prompt], 4)
+    sequence = torch.tensor([prompt + generated.tokens[0]])
+    mask = torch.zeros_like(sequence, dtype=torch.bool)
+    mask[0, : len(prompt)] = True
+    forced = model(sequence, prompt_mask=mask)[0, len(prompt) - 1 : -1]
+    torch.testing.assert_close(generated.logits[0], forced, rtol=2e-4, atol=2e-4)
+
+
+def test_ffn_skip_pia_merges_into_the_attention_projections_and_restores_bitwise():
+    model = patched([], skipped_ffns=(1, 2), seed=13)
+    pristine = weights_snapshot(model)
+    block = model.layers[1]
+    assert block.ffn_skip_pia.token_mixing and block.ffn_skip_pia.rank == 6
+    assert not hasattr(block, "attn_adapter") and not hasattr(block, "skip_pia")
+    reparameterize(model, "merge")
+    prompt = random_sequences([6], vocab=97, seed=6)[0]
+    greedy_generate(model, [prompt], 3)
+    assert not torch.equal(block.attention.wq.weight, pristine["layers.1.attention.wq.weight"])
+    assert torch.equal(block.feed_forward.w1.weight, pristine["layers.1.feed_forward.w1.weight"])
+    greedy_generate(model, [prompt[:3]], 1)  # a new prefill puts the weights back
+    reparameterize(model, "eager")
+    model(torch.tensor([prompt]), start_pos=0)
+    assert_bitwise(model, pristine)
+
+
+def test_block_adapter_is_das_and_never_merged():
+    model = patched([2], skipped_ffns=(2,), seed=14)
+    block = model.layers[2]
+    adapter = block.block_adapter
+    assert adapter.rank == 6 and not adapter.token_mixing
+    for name in ("attn_adapter", "skip_pia", "ffn_skip_pia"):
+        assert not hasattr(block, name)
+    pristine = weights_snapshot(model)
+    reparameterize(model, "merge")
+    greedy_generate(model, [random_sequences([5], vocab=97, seed=7)[0]], 3)
+    for name in ("attention.wq.weight", "feed_forward.w1.weight"):
+        assert torch.equal(getattr_path(block, name), pristine[f"layers.2.{name}"])
+    assert block.attention.cache_k is None  # no attention, no KV cache
+
+
+def getattr_path(module: torch.nn.Module, path: str) -> torch.Tensor:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("search", "roles"),
+    [
+        ("mha", {"attn_adapter", "skip_pia"}),
+        ("ffn", {"attn_adapter", "ffn_skip_pia"}),
+        ("block", {"attn_adapter", "block_adapter"}),
+        ("mha_or_ffn", {"attn_adapter", "skip_pia", "ffn_skip_pia", "block_adapter"}),
+    ],
+)
+def test_search_candidates_install_the_pias_their_roles_need(search, roles):
+    model = patch_lavin(tiny_model(seed=1), SkipPlan(4, []), search=search)
+    for block in model.layers:
+        present = {n for n in ("attn_adapter", "skip_pia", "ffn_skip_pia", "block_adapter")}
+        assert {n for n in present if hasattr(block, n)} == roles
+    candidates = eas_kernels.search.Candidates(search, 4)
+    for arms in ([0, 1], [1, 3]) if candidates.num_arms == 4 else ([0, 5], [2, 6]):
+        mhas, ffns = candidates.skip_sets(arms)
+        set_skipped(model, mhas, ffns=ffns)
+        assert current_plan(model) == candidates.plan(arms, SkipPlan(4, []))
+
+
+def test_search_patch_equals_plan_patch_for_every_role():
+    """Switching a searched model to a plan computes what patching with the plan does."""
+    searched = patch_lavin(tiny_model(seed=2), SkipPlan(4, []), search="mha_or_ffn")
+    randomize_pias(searched, seed=3)
+    set_skipped(searched, [1, 2], ffns=[2, 3])
+    plan = current_plan(searched)
+    direct = patch_lavin(tiny_model(seed=2), plan)
+    state = {k: v for k, v in searched.state_dict().items() if k in direct.state_dict()}
+    direct.load_state_dict(state, strict=True)
+    tokens = torch.tensor(random_sequences([9], vocab=97, seed=8))
+    torch.testing.assert_close(searched(tokens), direct(tokens), rtol=0, atol=0)
+
+
+def test_set_skipped_refuses_roles_the_patch_cannot_play():
+    model = patched([1], seed=15)  # plain plan: no FFN-skip or block PIAs anywhere
+    with pytest.raises(ValueError, match="layer 0 has no FFN-skip PIA"):
+        set_skipped(model, [1], ffns=[0])
+    with pytest.raises(ValueError, match="layer 1 has no block adapter"):
+        set_skipped(model, [1], ffns=[1])
+    with pytest.raises(ValueError, match="ffns"):
+        set_skipped(model, [1], ffns=[9])
+    assert current_plan(model) == SkipPlan(4, [1], skip_rank=6, adapter_rank=3)
+    with pytest.raises(ValueError, match="search must be"):
+        patch_lavin(tiny_model(), SkipPlan(4, []), search="attention")
+
+
+def test_unpatch_restores_ffn_and_block_forwards():
+    model = tiny_model(seed=4)
+    original = copy.deepcopy(model)
+    patch_lavin(model, SkipPlan(4, [0, 1], skipped_ffns=[1, 2]), search="mha_or_ffn")
+    unpatch(model)
+    tokens = torch.tensor(random_sequences([8], vocab=97, seed=9))
+    assert torch.equal(model(tokens), original(tokens))
+    for block in model.layers:
+        assert "forward" not in block.__dict__ and "forward" not in block.feed_forward.__dict__
+
+
+def test_plan_roles_json_and_version_1_documents():
+    plan = SkipPlan(6, [1, 4], skipped_ffns=[4, 5])
+    assert [plan.role(i) for i in range(6)] == ["kept", "mha", "kept", "kept", "block", "ffn"]
+    assert plan.skipped_blocks == (4,)
+    assert SkipPlan.from_json(plan.to_json()) == plan
+    version_1 = {k: v for k, v in SkipPlan(6, [1]).to_dict().items() if k != "skipped_ffns"}
+    version_1["version"] = 1
+    assert SkipPlan.from_dict(version_1) == SkipPlan(6, [1])
+    with pytest.raises(ValueError, match="skipped_ffns"):
+        SkipPlan(6, [1], skipped_ffns=[6])
+    assert plan.replace(skipped_ffns=[]) == SkipPlan(6, [1, 4])
+
+
+@pytest.mark.parametrize("active_only", [False, True])
+def test_checkpoints_keep_ffn_and_block_roles(tmp_path, active_only):
+    model = patch_lavin(tiny_model(seed=5), SkipPlan(4, []), search="mha_or_ffn")
+    randomize_pias(model, seed=6)
+    set_skipped(model, [0, 2], ffns=[2, 3])
+    save_pretrained(model, tmp_path, active_only=active_only)
+    document = json.loads((tmp_path / "eas_plan.json").read_text())
+    assert document["search"] == (None if active_only else "mha_or_ffn")
+    loaded = from_pretrained(tiny_model(seed=5), tmp_path)
+    assert current_plan(loaded) == current_plan(model)
+    all_pias = ("attn_adapter", "skip_pia", "ffn_skip_pia", "block_adapter")
+    present = [[n for n in all_pias if hasattr(block, n)] for block in loaded.layers]
+    if active_only:
+        assert present == [["skip_pia"], ["attn_adapter"], ["block_adapter"], ["ffn_skip_pia"]]
+    else:
+        assert present == [list(all_pias)] * 4
+    tokens = torch.tensor(random_sequences([9], vocab=97, seed=10))
+    torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
