@@ -1,0 +1,583 @@
+"""``eas-kernels``: search, fine-tune, evaluate and generate with EAS, and the demo.
+
+Every command works on the LaVIN-style multimodal workload of
+:mod:`eas_kernels.tuning.workload` (easy-vqa; the real SmolLM2-135M or a tiny random
+LLaMA) and writes into ``--out``:
+
+* ``search``   warm-up + search (EAS_SPEC §5) → ``plan.json``, ``search/`` (all PIAs),
+  ``preferences.png``, ``plan.png``; resumes from its checkpoint;
+* ``finetune`` trains the PIAs of a plan (``--plan``; ``--init`` a search folder to start
+  from its PIAs) → ``eas/`` (the plan's PIAs, the vision tower and the projector);
+* ``evaluate`` accuracy (merged, batch 1) and decode speed of ``--checkpoint`` vs the
+  unpatched model and the floor;
+* ``generate`` answers one question about one easy-vqa image;
+* ``demo``     all of it, LaVIN-style tuning vs EAS with k skipped MHAs, and a table.
+
+Each command also writes ``<command>_report.json`` (arguments, results, timings,
+versions). Bad arguments end with exit status 2 and one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import from_pretrained, save_pretrained
+from .generation import greedy_generate
+from .patch import CANDIDATES, PIA_NAMES, ROLE_PIAS, current_plan, patch_lavin, set_skipped
+from .plan import SkipPlan
+from .search import Candidates
+from .tuning.data import easy_vqa_images, vqa_prompt
+from .tuning.evaluate import answer_accuracy, floor_model, time_models
+from .tuning.plots import plot_plan, plot_preferences
+from .tuning.trainer import EASTuner, TuningConfig, TuningResult
+from .tuning.workload import MODELS, Workload, WorkloadConfig, build_workload
+
+MULTIMODAL_FILE = "multimodal.pt"  # vision tower and projector of a tuned model
+
+
+# ----------------------------------------------------------------------------- arguments
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _workload_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("workload")
+    group.add_argument("--model", choices=MODELS, default="smollm2", help="language model")
+    group.add_argument("--train", type=_positive(int), default=480, help="training questions")
+    group.add_argument("--held-out", type=_positive(int), default=16, help="search batch")
+    group.add_argument("--test", type=_positive(int), default=200, help="test questions")
+    group.add_argument("--vision-epochs", type=_positive(int), default=6)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--out", type=Path, default=Path("runs/eas"), help="output folder")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _training_options(parser: argparse.ArgumentParser, *, search: bool) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--batch-size", type=_positive(int), default=8)
+    group.add_argument("--lr", type=_positive(float), default=3e-3)
+    group.add_argument("--checkpoint-every", type=_positive(int), default=25)
+    group.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    group.add_argument("--halt-after-step", type=int, default=None, help=argparse.SUPPRESS)
+    if search:
+        group.add_argument("--k", type=_positive(int), default=8, help="arms to skip")
+        group.add_argument("--candidates", choices=sorted(CANDIDATES), default="mha")
+        group.add_argument("--warmup-epochs", type=_non_negative, default=1)
+        group.add_argument("--search-epochs", type=_non_negative, default=1)
+        group.add_argument("--eval-every", type=_positive(int), default=5, help="T")
+        group.add_argument("--num-subnets", type=_positive(int), default=3, help="m")
+        group.add_argument("--policy-lr", type=_positive(float), default=1.0, help="η")
+        group.add_argument("--policy-temperature", type=_positive(float), default=1.0)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="eas-kernels", description=__doc__.split("\n\n")[0])
+    root.add_argument("--version", action="version", version=f"eas_kernels {__version__}")
+    commands = root.add_subparsers(dest="command", required=True)
+    search = commands.add_parser("search", help="warm-up and bandit search for a skip plan")
+    _workload_options(search)
+    _training_options(search, search=True)
+    finetune = commands.add_parser("finetune", help="train the PIAs of a plan")
+    _workload_options(finetune)
+    _training_options(finetune, search=False)
+    finetune.add_argument("--plan", type=Path, required=True, help="plan.json")
+    finetune.add_argument("--init", type=Path, default=None, help="a search folder")
+    finetune.add_argument("--epochs", type=_positive(int), default=2)
+    evaluate = commands.add_parser("evaluate", help="accuracy and decode speed of a checkpoint")
+    _workload_options(evaluate)
+    evaluate.add_argument("--checkpoint", type=Path, required=True, help="a finetune eas/ folder")
+    evaluate.add_argument("--timing-prompts", type=_positive(int), default=8)
+    evaluate.add_argument("--timing-tokens", type=_positive(int), default=16)
+    generate = commands.add_parser("generate", help="answer a question about an image")
+    _workload_options(generate)
+    generate.add_argument("--checkpoint", type=Path, required=True)
+    generate.add_argument("--image-id", type=_non_negative, required=True)
+    generate.add_argument("--split", choices=("train", "test"), default="test")
+    generate.add_argument("--question", required=True)
+    generate.add_argument("--max-new-tokens", type=_positive(int), default=4)
+    demo = commands.add_parser("demo", help="LaVIN-style tuning vs EAS, end to end")
+    _workload_options(demo)
+    _training_options(demo, search=True)
+    demo.add_argument("--finetune-epochs", type=_non_negative, default=1)
+    demo.add_argument("--timing-prompts", type=_positive(int), default=8)
+    demo.add_argument("--timing-tokens", type=_positive(int), default=16)
+    return root
+
+
+# ----------------------------------------------------------------------------- helpers
+class Console:
+    """Log lines with elapsed time; a progress bar over training steps (tqdm if present)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.started = time.perf_counter()
+        self.bar: Any = None
+
+    def log(self, message: str) -> None:
+        line = f"[{time.perf_counter() - self.started:6.1f} s] {message}"
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def progress(self, total: int, description: str) -> Any:
+        """A callback for :class:`EASTuner` that advances a bar of ``total`` steps."""
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None and not self.quiet:
+            self.bar = tqdm(total=total, desc=description, dynamic_ncols=True, file=sys.stdout)
+
+        def update(record: dict[str, Any]) -> None:
+            skipped = list(record["plan"].skipped) + [f"f{i}" for i in record["plan"].skipped_ffns]
+            postfix = {"phase": record["phase"], "loss": f"{record['loss']:.3f}"}
+            if "reward_mean" in record:
+                postfix["reward"] = f"{record['reward_mean']:.3f}"
+            postfix["plan"] = ",".join(map(str, skipped)) or "-"
+            if self.bar is not None:
+                self.bar.set_postfix(postfix, refresh=False)
+                self.bar.update(1)
+            elif not self.quiet and record["step"] % 25 == 0:
+                self.log(f"step {record['step']}/{total} {postfix}")
+
+        return update
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _workload(
+    args: argparse.Namespace, console: Console, *, pretrain_vision: bool = True
+) -> Workload:
+    config = WorkloadConfig(
+        model=args.model,
+        train=args.train,
+        held_out=args.held_out,
+        test=args.test,
+        vision_epochs=args.vision_epochs,
+        seed=args.seed,
+        max_batch_size=getattr(args, "batch_size", 8),
+    )
+    workload = build_workload(
+        config, cache_dir=args.out / "cache", pretrain_vision=pretrain_vision, log=console.log
+    )
+    console.log(
+        f"easy-vqa: {len(workload.train)} training, {len(workload.held_out)} held-out, "
+        f"{len(workload.test)} test questions"
+    )
+    return workload
+
+
+def _tuning_config(
+    args: argparse.Namespace, *, searches: bool, finetune_epochs: int
+) -> TuningConfig:
+    common = {
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every,
+        "finetune_epochs": finetune_epochs,
+    }
+    if not searches:
+        return TuningConfig(warmup_epochs=0, search_epochs=0, **common)
+    return TuningConfig(
+        k=args.k,
+        candidates=args.candidates,
+        warmup_epochs=args.warmup_epochs,
+        search_epochs=args.search_epochs,
+        num_subnets=args.num_subnets,
+        eval_every=args.eval_every,
+        policy_lr=args.policy_lr,
+        policy_temperature=args.policy_temperature,
+        **common,
+    )
+
+
+def _tune(
+    model: nn.Module,
+    workload: Workload,
+    config: TuningConfig,
+    run_dir: Path,
+    args: argparse.Namespace,
+    console: Console,
+    name: str,
+) -> TuningResult:
+    model.projector.requires_grad_(True)  # trains with the adapters; the LLM stays frozen
+    tuner = EASTuner(
+        model,
+        workload.train,
+        workload.held_out,
+        config,
+        pad_id=workload.pad_id,
+        run_dir=run_dir,
+    )
+    epochs = config.warmup_epochs + config.search_epochs + config.finetune_epochs
+    total = epochs * math.ceil(len(workload.train) / config.batch_size)
+    tuner.progress = console.progress(total, name)
+    try:
+        result = tuner.run(resume=not args.no_resume, halt_after_step=args.halt_after_step)
+    finally:
+        console.close()
+    console.log(f"{name}: plan {_describe(result.plan)} ({result.seconds:.0f} s)")
+    return result
+
+
+def _describe(plan: SkipPlan) -> str:
+    parts = []
+    if plan.skipped:
+        parts.append(f"MHAs {list(plan.skipped)}")
+    if plan.skipped_ffns:
+        parts.append(f"FFNs {list(plan.skipped_ffns)}")
+    return ", ".join(parts) or "nothing skipped"
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _save_tuned(model: nn.Module, folder: Path, *, active_only: bool) -> Path:
+    save_pretrained(model, folder, active_only=active_only)
+    state = {"vision": model.vision.state_dict(), "projector": model.projector.state_dict()}
+    torch.save(state, folder / MULTIMODAL_FILE)
+    return folder
+
+
+def _load_tuned(base: nn.Module, folder: Path) -> nn.Module:
+    """A copy of ``base`` patched from ``folder`` with its vision tower and projector."""
+    if not (folder / MULTIMODAL_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has no {MULTIMODAL_FILE}: not a tuned checkpoint")
+    model = copy.deepcopy(base)
+    state = torch.load(folder / MULTIMODAL_FILE, map_location="cpu")
+    model.vision.load_state_dict(state["vision"])
+    model.projector.load_state_dict(state["projector"])
+    return from_pretrained(model, folder)
+
+
+def _environment() -> dict[str, Any]:
+    return {
+        "eas_kernels": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _write_report(args: argparse.Namespace, report: dict[str, Any], console: Console) -> Path:
+    report = {
+        "command": args.command,
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **report,
+        "environment": _environment(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": time.perf_counter() - console.started,
+    }
+    path = args.out / f"{args.command}_report.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    console.log(f"report: {path}")
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, SkipPlan):
+        return value.to_dict()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _plots(result: TuningResult, candidates: Candidates, out: Path) -> dict[str, str]:
+    names = candidates.arm_names()
+    preferences = plot_preferences(result.history["updates"], names, out / "preferences.png")
+    plan = plot_plan(result.scores, result.arms, names, out / "plan.png")
+    return {"preferences": str(preferences), "plan": str(plan)}
+
+
+def tuned_parameter_count(model: nn.Module) -> int:
+    """Parameters a tuning method trains: its PIAs (of the current roles) and the projector."""
+    names = set(PIA_NAMES)
+    pias = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if names & set(name.split(".")) and _is_active(model, name)
+    )
+    return pias + sum(p.numel() for p in model.projector.parameters())
+
+
+def _is_active(model: nn.Module, parameter_name: str) -> bool:
+    """Whether a PIA parameter belongs to the role its layer currently has."""
+    plan = current_plan(model)
+    parts = parameter_name.split(".")
+    for position, part in enumerate(parts):
+        if part in PIA_NAMES:
+            layer = int(parts[position - 1])
+            return ROLE_PIAS[plan.role(layer)] == part
+    return False
+
+
+def _pretrained_count(workload: Workload) -> int:
+    llm = workload.model.llm
+    total = sum(p.numel() for p in llm.parameters())
+    if llm.output.weight is llm.tok_embeddings.weight:
+        total -= llm.output.weight.numel()
+    return total
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_search(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    workload = _workload(args, console)
+    layers = workload.model.llm.n_layers
+    model = patch_lavin(copy.deepcopy(workload.model), SkipPlan(layers, []), search=args.candidates)
+    config = _tuning_config(args, searches=True, finetune_epochs=0)
+    result = _tune(model, workload, config, args.out / "search_state", args, console, "search")
+    args.out.mkdir(parents=True, exist_ok=True)
+    result.plan.save(args.out / "plan.json")
+    _save_tuned(model, args.out / "search", active_only=False)
+    candidates = Candidates(args.candidates, layers)
+    return {
+        "workload": workload.info,
+        "plan": result.plan,
+        "arms": list(result.arms),
+        "arm_names": candidates.arm_names(),
+        "scores": result.scores,
+        "updates": result.history["updates"],
+        "losses": [step["loss"] for step in result.history["steps"]],
+        "plots": _plots(result, candidates, args.out),
+        "files": {"plan": str(args.out / "plan.json"), "search": str(args.out / "search")},
+        "tuning_seconds": result.seconds,
+    }
+
+
+def cmd_finetune(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    plan = SkipPlan.load(args.plan)
+    workload = _workload(args, console)
+    if args.init is not None:
+        model = _load_tuned(workload.model, args.init)
+        searched = current_plan(model)
+        if (searched.skip_rank, searched.adapter_rank, searched.temperature) != (
+            plan.skip_rank,
+            plan.adapter_rank,
+            plan.temperature,
+        ):
+            raise ValueError(f"--plan {args.plan} has other adapter sizes than --init {args.init}")
+        set_skipped(model, plan.skipped, ffns=plan.skipped_ffns)
+    else:
+        model = patch_lavin(copy.deepcopy(workload.model), plan)
+    config = _tuning_config(args, searches=False, finetune_epochs=args.epochs)
+    result = _tune(model, workload, config, args.out / "finetune_state", args, console, "finetune")
+    folder = _save_tuned(model, args.out / "eas", active_only=True)
+    return {
+        "workload": workload.info,
+        "plan": result.plan,
+        "trainable_params": tuned_parameter_count(model),
+        "losses": [step["loss"] for step in result.history["steps"]],
+        "files": {"checkpoint": str(folder)},
+        "tuning_seconds": result.seconds,
+    }
+
+
+def _timing(
+    models: dict[str, tuple[nn.Module, str | None]],
+    workload: Workload,
+    args: argparse.Namespace,
+    console: Console,
+) -> dict[str, dict[str, float]]:
+    prompts = workload.test[: args.timing_prompts]
+    console.log(
+        f"timing batch-1 decoding: {len(prompts)} prompts x {args.timing_tokens} tokens, "
+        f"{len(models)} models, round-robin"
+    )
+    return time_models(models, prompts, args.timing_tokens)
+
+
+def cmd_evaluate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    workload = _workload(args, console, pretrain_vision=False)  # the checkpoint has it
+    model = _load_tuned(workload.model, args.checkpoint)
+    plan = current_plan(model)
+    accuracy = answer_accuracy(model, workload.test, pad_id=workload.pad_id, mode="merge")
+    console.log(f"test accuracy {accuracy:.3f} (merged, batch 1, greedy)")
+    timings = _timing(
+        {
+            "unpatched": (workload.model, None),
+            "EAS (merged)": (model, "merge"),
+            "floor": (floor_model(workload.model, plan), None),
+        },
+        workload,
+        args,
+        console,
+    )
+    for name, timing in timings.items():
+        console.log(f"{name}: {timing['ms_per_token']:.2f} ms/token")
+    return {"workload": workload.info, "plan": plan, "accuracy": accuracy, "timings": timings}
+
+
+def cmd_generate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    workload = _workload(args, console, pretrain_vision=False)  # the checkpoint has it
+    model = _load_tuned(workload.model, args.checkpoint)
+    try:
+        image = easy_vqa_images(args.split, [args.image_id])[args.image_id]
+    except KeyError:
+        raise ValueError(f"easy-vqa has no {args.split} image {args.image_id}") from None
+    prompt = [model.image_token_id] * model.num_image_tokens + workload.encode(
+        vqa_prompt(args.question)
+    )
+    generated = greedy_generate(
+        model.eval(),
+        [prompt],
+        args.max_new_tokens,
+        pad_id=workload.pad_id,
+        prefill_kwargs={"images": image.unsqueeze(0)},
+    )
+    answer = workload.decode(generated.tokens[0])
+    print(f"Q: {args.question}\nA:{answer}", flush=True)
+    return {"question": args.question, "image_id": args.image_id, "answer": answer}
+
+
+def cmd_demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    workload = _workload(args, console)
+    base, layers = workload.model, workload.model.llm.n_layers
+    if not args.k < layers:
+        raise ValueError(f"--k must be smaller than the number of layers ({layers}), got {args.k}")
+    epochs = args.warmup_epochs + args.search_epochs + args.finetune_epochs
+    methods: dict[str, dict[str, Any]] = {}
+
+    lavin = patch_lavin(copy.deepcopy(base), SkipPlan(layers, []))
+    config = _tuning_config(args, searches=False, finetune_epochs=epochs)
+    result = _tune(lavin, workload, config, args.out / "lavin_state", args, console, "LaVIN-style")
+    accuracy = answer_accuracy(lavin, workload.test, pad_id=workload.pad_id, mode="eager")
+    console.log(f"LaVIN-style: test accuracy {accuracy:.3f}")
+    methods["LaVIN-style"] = {
+        "plan": result.plan,
+        "trainable_params": tuned_parameter_count(lavin),
+        "accuracy": accuracy,
+        "tuning_seconds": result.seconds,
+        "epochs": epochs,
+    }
+
+    searching = patch_lavin(copy.deepcopy(base), SkipPlan(layers, []), search=args.candidates)
+    config = _tuning_config(args, searches=True, finetune_epochs=args.finetune_epochs)
+    result = _tune(searching, workload, config, args.out / "eas_state", args, console, "EAS")
+    _save_tuned(searching, args.out / "eas", active_only=True)
+    result.plan.save(args.out / "plan.json")
+    eas = _load_tuned(base, args.out / "eas")
+    accuracy = answer_accuracy(eas, workload.test, pad_id=workload.pad_id, mode="merge")
+    console.log(f"EAS: test accuracy {accuracy:.3f} (merged)")
+    eas_name = f"EAS, {args.k} {args.candidates.upper()} skipped"
+    methods[eas_name] = {
+        "plan": result.plan,
+        "arms": list(result.arms),
+        "trainable_params": tuned_parameter_count(eas),
+        "accuracy": accuracy,
+        "tuning_seconds": result.seconds,
+        "epochs": epochs,
+    }
+    plots = _plots(result, Candidates(args.candidates, layers), args.out)
+
+    timings = _timing(
+        {
+            "unpatched": (base, None),
+            "LaVIN-style": (lavin, "eager"),
+            eas_name: (eas, "merge"),
+            "floor": (floor_model(base, result.plan), None),
+        },
+        workload,
+        args,
+        console,
+    )
+    pretrained = _pretrained_count(workload)
+    _print_table(methods, timings, pretrained)
+    return {
+        "workload": workload.info,
+        "pretrained_params": pretrained,
+        "methods": methods,
+        "timings": timings,
+        "bandit": {
+            "scores": result.scores,
+            "updates": result.history["updates"],
+            "arm_names": Candidates(args.candidates, layers).arm_names(),
+        },
+        "plots": plots,
+        "timing_method": (
+            "batch 1; prefill then greedy decode calls timed one by one; ms/token = mean of "
+            "decode steps 2..N; median over prompts; models round-robin after a warm-up round"
+        ),
+    }
+
+
+def _print_table(
+    methods: dict[str, dict[str, Any]], timings: dict[str, dict[str, float]], pretrained: int
+) -> None:
+    base_ms = timings["unpatched"]["ms_per_token"]
+    header = (
+        f"{'method':28s} {'tuned params':>18s} {'test acc':>8s} {'ms/token':>9s} {'speed-up':>8s}"
+    )
+    print("\n" + header + "\n" + "-" * len(header))
+    rows = [(name, info) for name, info in methods.items()] + [("floor", None)]
+    rows.insert(0, ("unpatched (no tuning)", None))
+    for name, info in rows:
+        key = name if name in timings else ("unpatched" if name.startswith("unpatched") else name)
+        ms = timings[key]["ms_per_token"]
+        params = "-"
+        accuracy = "-"
+        if info is not None:
+            share = 100.0 * info["trainable_params"] / pretrained
+            params = f"{info['trainable_params']:,} ({share:.2f}%)"
+            accuracy = f"{info['accuracy']:.3f}"
+        print(f"{name:28s} {params:>18s} {accuracy:>8s} {ms:9.2f} {base_ms / ms:7.2f}x")
+    print(flush=True)
+
+
+COMMANDS = {
+    "search": cmd_search,
+    "finetune": cmd_finetune,
+    "evaluate": cmd_evaluate,
+    "generate": cmd_generate,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    console = Console(args.quiet)
+    try:
+        report = COMMANDS[args.command](args, console)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+        print(f"eas-kernels {args.command}: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    _write_report(args, report, console)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

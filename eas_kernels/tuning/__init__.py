@@ -1,0 +1,22 @@
+"""Tuning EAS end to end: the schedule, its data, evaluation and plots (EAS_SPEC §5).
+
+* :mod:`.trainer`  — :class:`EASTuner` and :class:`TuningConfig`: warm-up → search →
+  fine-tune on any patched model, with checkpoints and resume;
+* :mod:`.data`     — examples, left-padded batches, the easy-vqa data set;
+* :mod:`.workload` — the demo's LaVIN-style multimodal model on easy-vqa;
+* :mod:`.evaluate` — accuracy (greedy, batch 1) and decode speed, the floor model;
+* :mod:`.plots`    — preferences over time and the final plan (PNG).
+"""
+
+from .data import Batch, Example, collate
+from .trainer import EASTuner, TuningConfig, TuningResult, answer_loss
+
+__all__ = [
+    "Batch",
+    "EASTuner",
+    "Example",
+    "TuningConfig",
+    "TuningResult",
+    "answer_loss",
+    "collate",
+]

@@ -1,0 +1,150 @@
+"""Accuracy and decode speed of a tuned model, the way it is deployed (EAS_SPEC §3–4).
+
+Accuracy: every test prompt is answered by greedy generation at batch 1 (prefill with the
+image, then one token per decode call) with the model's re-parameterisation mode, and
+counts when the generated tokens equal the answer's tokens.
+
+Decode speed: milliseconds per decode call at batch 1, the mean of the decode steps after
+the first (the first decode step of a merged model also writes the PIAs into the
+weights; it is reported apart), median over prompts.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..generation import greedy_generate
+from ..layout import LAVIN
+from ..patch import patch_of
+from ..plan import SkipPlan
+from ..reparam import reparameterize
+from .data import Example
+
+
+def _prefill_kwargs(example: Example) -> dict[str, Any]:
+    return {} if example.image is None else {"images": example.image.unsqueeze(0)}
+
+
+def _set_mode(model: nn.Module, mode: str | None) -> None:
+    try:
+        patch_of(model)
+    except TypeError:
+        if mode is not None:
+            raise
+        return
+    reparameterize(model, mode or "eager")
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model: nn.Module, examples: Sequence[Example], *, pad_id: int, mode: str | None = "merge"
+) -> float:
+    """Fraction of ``examples`` whose greedy answer (batch 1) equals the answer tokens.
+
+    ``mode`` is the :func:`~eas_kernels.reparameterize` mode (None: an unpatched model).
+    """
+    if not examples:
+        raise ValueError("examples must not be empty")
+    _set_mode(model, mode)
+    model.eval()
+    correct = 0
+    for example in examples:
+        generated = greedy_generate(
+            model,
+            [list(example.prompt)],
+            len(example.answer),
+            pad_id=pad_id,
+            prefill_kwargs=_prefill_kwargs(example),
+        )
+        correct += tuple(generated.tokens[0]) == tuple(example.answer)
+    return correct / len(examples)
+
+
+@torch.no_grad()
+def decode_timing(model: nn.Module, example: Example, steps: int) -> dict[str, float]:
+    """Prefill one prompt (batch 1), then ``steps`` greedy decode calls, timed one by one."""
+    if steps < 2:
+        raise ValueError(
+            f"steps must be >= 2 (the first decode step is reported apart), got {steps}"
+        )
+    tokens = torch.tensor([list(example.prompt)])
+    prompt_mask = torch.ones_like(tokens, dtype=torch.bool)
+    begin = time.perf_counter()
+    logits = model(tokens, start_pos=0, prompt_mask=prompt_mask, **_prefill_kwargs(example))
+    prefill = time.perf_counter() - begin
+    position, times = tokens.shape[1], []
+    for _ in range(steps):
+        next_token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        begin = time.perf_counter()
+        logits = model(next_token, start_pos=position)
+        times.append(time.perf_counter() - begin)
+        position += 1
+    return {
+        "prefill_ms": 1e3 * prefill,
+        "first_decode_ms": 1e3 * times[0],
+        "ms_per_token": 1e3 * statistics.fmean(times[1:]),
+    }
+
+
+def time_models(
+    models: dict[str, tuple[nn.Module, str | None]], examples: Sequence[Example], steps: int
+) -> dict[str, dict[str, float]]:
+    """Round-robin batch-1 decode timing of ``{name: (model, mode or None)}``.
+
+    One warm-up round, then each prompt of ``examples`` on every model in turn (so that a
+    background load hits all alike); medians over prompts.
+    """
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    for round_index, example in enumerate([examples[0], *examples]):
+        for name, (model, mode) in models.items():
+            _set_mode(model, mode)
+            model.eval()
+            result = decode_timing(model, example, steps)
+            if round_index > 0:
+                runs[name].append(result)
+    return {
+        name: {key: statistics.median(r[key] for r in results) for key in results[0]}
+        for name, results in runs.items()
+    }
+
+
+def floor_model(model: nn.Module, plan: SkipPlan) -> nn.Module:
+    """A copy of the *unpatched* ``model`` with the plan's skipped parts removed and
+    nothing added: the speed limit of any adapter scheme for that plan.
+
+    Blocks whose MHA is skipped run ``x + FFN(ffn_norm(x))``, blocks whose FFN is skipped
+    drop the FFN's output, blocks skipped whole return ``x``. No adapter, hook or bias.
+    """
+    floor = copy.deepcopy(model)
+    blocks = LAVIN.find_blocks(floor)
+    if len(blocks) != plan.num_layers:
+        raise ValueError(f"plan is for {plan.num_layers} layers, the model has {len(blocks)}")
+    for index, block in enumerate(blocks):
+        role = plan.role(index)
+        if role == "mha":
+            block.forward = functools.partial(_without_attention, block)
+        elif role == "block":
+            block.forward = _identity
+        elif role == "ffn":
+            block.feed_forward.forward = _zero
+    return floor
+
+
+def _without_attention(block: nn.Module, x: torch.Tensor, *args: object) -> torch.Tensor:
+    return x + block.feed_forward(block.ffn_norm(x))
+
+
+def _identity(x: torch.Tensor, *args: object) -> torch.Tensor:
+    return x
+
+
+def _zero(x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(())

@@ -1,0 +1,386 @@
+"""The EAS tuning schedule on any patched model (EAS_SPEC §5; paper §4.3).
+
+Phases, in order, over the training examples:
+
+1. **warm-up** (``warmup_epochs``): every step skips a uniformly random set of k arms and
+   trains the PIAs of all layers on it;
+2. **search** (``search_epochs``): every step skips a set drawn from the bandit policy
+   (Eq. 14–15); every ``eval_every`` steps, ``num_subnets`` distinct sets are scored on one
+   held-out batch (eval mode, no grad) and the preferences move by Eq. 16;
+3. **fine-tune** (``finetune_epochs``): the plan (the k arms of lowest preference) is
+   fixed and its PIAs train on.
+
+Without warm-up and search epochs it only fine-tunes the model's current skip sets (how
+LaVIN-style tuning, or a given plan, is trained); ``k`` is then unused.
+
+Each phase group has its own AdamW (warm-up and search share one; fine-tuning starts a
+fresh one) with a linear warm-up over the first 10 % of its steps and cosine decay. The
+model must be patched with ``search=<candidates>`` (:func:`eas_kernels.patch_lavin`);
+every parameter with ``requires_grad`` trains (the PIAs, and whatever the caller unfroze,
+e.g. a multimodal projector).
+
+Checkpoints (trainable tensors, optimizer and schedule, bandit, RNG states, position and
+history) are written atomically every ``checkpoint_every`` steps and at each phase end;
+:meth:`EASTuner.run` resumes from the last one, and a run killed at any point resumes to
+the same final plan and weights (CPU, same versions): batch orders are a function of
+(seed, phase, epoch), all sampling uses the bandit's own seeded generator.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import check_positive_int
+from ..patch import patch_of
+from ..plan import SkipPlan
+from ..search import BanditSearch, Candidates
+from .data import IGNORE_INDEX, Batch, Example, collate
+
+PHASES = ("warmup", "search", "finetune")
+CHECKPOINT_FILE = "tuner_checkpoint.pt"
+
+LossFunction = Callable[[nn.Module, Batch], torch.Tensor]
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TuningConfig:
+    """Sizes of one tuning run (paper, LaVIN: warm-up 5, search 5 epochs, m=3, T=10)."""
+
+    k: int | None = None
+    candidates: str = "mha"
+    warmup_epochs: int = 1
+    search_epochs: int = 1
+    finetune_epochs: int = 2
+    batch_size: int = 8
+    lr: float = 2e-3
+    num_subnets: int = 3
+    eval_every: int = 10
+    policy_lr: float = 1.0
+    policy_temperature: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 25
+
+    @property
+    def searches(self) -> bool:
+        return self.warmup_epochs + self.search_epochs > 0
+
+    def validate(self) -> TuningConfig:
+        for name in ("batch_size", "num_subnets", "eval_every", "checkpoint_every"):
+            check_positive_int(getattr(self, name), name)
+        for name in ("warmup_epochs", "search_epochs", "finetune_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        for name in ("lr", "policy_lr", "policy_temperature"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.searches:
+            check_positive_int(self.k, "k")
+        if self.warmup_epochs + self.search_epochs + self.finetune_epochs == 0:
+            raise ValueError("at least one epoch of warm-up, search or fine-tuning is needed")
+        return self
+
+
+def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens under teacher forcing."""
+    logits = model(batch.tokens, **batch.model_kwargs())
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        batch.labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+@dataclass
+class TuningResult:
+    """The chosen plan (and its bandit arms), the final preferences and the history."""
+
+    plan: SkipPlan
+    arms: tuple[int, ...]
+    scores: list[float]
+    history: dict[str, list[Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class EASTuner:
+    """Run the schedule of the module docstring on a patched ``model``.
+
+    Args:
+        model: patched with ``search=config.candidates``.
+        train: training examples (non-empty).
+        held_out: examples of the held-out batch that scores subnets (non-empty; the first
+            ``batch_size`` are used).
+        config: :class:`TuningConfig`.
+        pad_id: padding token id of :func:`~eas_kernels.tuning.data.collate`.
+        run_dir: folder of the checkpoint (None: no checkpoints).
+        loss_fn: ``loss_fn(model, batch)``; default :func:`answer_loss`.
+        progress: called after every step with a dict (phase, epoch, step, loss, plan, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: Sequence[Example],
+        held_out: Sequence[Example],
+        config: TuningConfig,
+        *,
+        pad_id: int,
+        run_dir: str | os.PathLike[str] | None = None,
+        loss_fn: LossFunction = answer_loss,
+        progress: Progress | None = None,
+    ) -> None:
+        if not isinstance(config, TuningConfig):
+            raise TypeError(f"config must be a TuningConfig, got {type(config).__name__}")
+        self.config = config.validate()
+        patch = patch_of(model)
+        self.candidates = Candidates(config.candidates, patch.plan.num_layers)
+        if config.searches and patch.search != config.candidates:
+            raise ValueError(
+                f"model is patched with search={patch.search!r} but the tuning searches "
+                f"candidates={config.candidates!r}: patch with search={config.candidates!r}"
+            )
+        if config.searches and not config.k < self.candidates.num_arms:
+            raise ValueError(
+                f"k must be smaller than the number of arms ({self.candidates.num_arms} "
+                f"{config.candidates} candidates), got {config.k}"
+            )
+        if len(train) == 0:
+            raise ValueError("train must hold at least one example")
+        if len(held_out) == 0:
+            raise ValueError("held_out must hold at least one example")
+        self.model = model
+        self.patch = patch
+        self.train = list(train)
+        self.held_out = collate(list(held_out)[: config.batch_size], pad_id)
+        self.pad_id = pad_id
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.loss_fn = loss_fn
+        self.progress = progress
+        self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.parameters:
+            raise ValueError("model has no trainable parameters")
+        self.fixed_plan = None if config.searches else patch.current_plan()
+        self.bandit = BanditSearch(
+            self.candidates.num_arms,
+            config.k if config.searches else 1,
+            num_subnets=config.num_subnets,
+            lr=config.policy_lr,
+            temperature=config.policy_temperature,
+            seed=config.seed,
+        )
+        self.history: dict[str, list[Any]] = {"steps": [], "updates": []}
+        self.position = {"phase": 0, "epoch": 0, "batch": 0, "step": 0, "search_step": 0}
+        self.elapsed = 0.0
+        self.optimizer, self.scheduler = self._optimizer(0)
+
+    # ------------------------------------------------------------------ schedule pieces
+    def _steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train) / self.config.batch_size)
+
+    def _epochs(self, phase: int) -> int:
+        return getattr(self.config, f"{PHASES[phase]}_epochs")
+
+    def _optimizer(
+        self, phase: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW over the trainable parameters for the phase group starting at ``phase``."""
+        epochs = self._epochs(0) + self._epochs(1) if phase < 2 else self._epochs(2)
+        total = max(1, epochs * self._steps_per_epoch())
+        warmup = max(1, total // 10)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        optimizer = torch.optim.AdamW(self.parameters.values(), lr=self.config.lr, weight_decay=0.0)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    def _order(self, phase: int, epoch: int) -> list[int]:
+        seed = self.config.seed * 1_000_003 + phase * 1009 + epoch
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randperm(len(self.train), generator=generator).tolist()
+
+    def _set_arms(self, arms: Sequence[int]) -> None:
+        mhas, ffns = self.candidates.skip_sets(arms)
+        self.patch.set_skipped(mhas, ffns)
+
+    def final_plan(self) -> SkipPlan:
+        """The plan of the current preferences (the k arms of lowest score skipped), or
+        the model's skip sets when nothing is searched."""
+        if self.fixed_plan is not None:
+            return self.fixed_plan
+        return self.candidates.plan(self.bandit.plan(), self.patch.plan)
+
+    def _use_final_plan(self) -> None:
+        plan = self.final_plan()
+        self.patch.set_skipped(plan.skipped, plan.skipped_ffns)
+
+    # ------------------------------------------------------------------ one step
+    def _train_step(self, batch: Batch) -> float:
+        self.model.train()
+        loss = self.loss_fn(self.model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {self.position}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.item())
+
+    @torch.no_grad()
+    def _score_subnets(self) -> dict[str, Any]:
+        """Eq. 16 on ``num_subnets`` proposals scored on the held-out batch."""
+        proposals = self.bandit.propose()
+        self.model.eval()
+        losses = []
+        for arms in proposals:
+            self._set_arms(arms)
+            losses.append(float(self.loss_fn(self.model, self.held_out).item()))
+        self.bandit.update(proposals, losses)
+        return {
+            "step": self.position["step"],
+            "proposals": [list(arms) for arms in proposals],
+            "losses": losses,
+            "scores": self.bandit.scores.tolist(),
+        }
+
+    # ------------------------------------------------------------------ run
+    def run(self, *, resume: bool = True, halt_after_step: int | None = None) -> TuningResult:
+        """Run (or, with ``resume`` and a checkpoint in ``run_dir``, continue) the schedule.
+
+        ``halt_after_step`` stops the process with SIGKILL right after that global step
+        (tests use it to check that a killed run resumes to the same result).
+        """
+        if resume:
+            self._load_checkpoint()
+        started = time.perf_counter() - self.elapsed
+        position = self.position
+        while position["phase"] < len(PHASES):
+            phase = position["phase"]
+            if phase == 2:  # the plan is fixed (also when resuming inside fine-tuning)
+                self._use_final_plan()
+            while position["epoch"] < self._epochs(phase):
+                order = self._order(phase, position["epoch"])
+                size = self.config.batch_size
+                while position["batch"] * size < len(order):
+                    first = position["batch"] * size
+                    batch = collate(
+                        [self.train[i] for i in order[first : first + size]], self.pad_id
+                    )
+                    self._step(phase, batch, started)
+                    if halt_after_step is not None and position["step"] == halt_after_step:
+                        os.kill(os.getpid(), 9)
+                position["epoch"] += 1
+                position["batch"] = 0
+            position["phase"] += 1
+            position["epoch"] = 0
+            if position["phase"] == 2:
+                self.optimizer, self.scheduler = self._optimizer(2)
+            self.elapsed = time.perf_counter() - started
+            self._save_checkpoint()
+        self._use_final_plan()
+        self.model.eval()
+        return TuningResult(
+            self.final_plan(),
+            self.bandit.plan() if self.config.searches else (),
+            self.bandit.scores.tolist(),
+            self.history,
+            time.perf_counter() - started,
+        )
+
+    def _step(self, phase: int, batch: Batch, started: float) -> None:
+        position = self.position
+        if phase == 0:
+            arms = self.bandit.warmup_sample()
+        elif phase == 1:
+            arms = self.bandit.sample()
+        else:
+            arms = ()
+        if phase < 2:
+            self._set_arms(arms)
+        loss = self._train_step(batch)
+        position["batch"] += 1
+        position["step"] += 1
+        record: dict[str, Any] = {
+            "step": position["step"],
+            "phase": PHASES[phase],
+            "epoch": position["epoch"],
+            "loss": loss,
+            "arms": list(arms),  # the skip set of a warm-up or search step
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+        self.history["steps"].append(record)
+        if phase == 1:
+            position["search_step"] += 1
+            if position["search_step"] % self.config.eval_every == 0:
+                update = self._score_subnets()
+                self.history["updates"].append(update)
+                record["reward_mean"] = sum(math.exp(-x) for x in update["losses"]) / len(
+                    update["losses"]
+                )
+        if self.progress is not None:
+            self.progress({**record, "plan": self.final_plan()})
+        if position["step"] % self.config.checkpoint_every == 0:
+            self.elapsed = time.perf_counter() - started
+            self._save_checkpoint()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_path(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / CHECKPOINT_FILE
+
+    def _save_checkpoint(self) -> None:
+        path = self._checkpoint_path()
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "config": asdict(self.config),
+            "position": dict(self.position),
+            "elapsed": self.elapsed,
+            "trainable": {n: p.detach().clone() for n, p in self.parameters.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "bandit": self.bandit.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+        }
+        temporary = path.with_suffix(".tmp")
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+
+    def _load_checkpoint(self) -> None:
+        path = self._checkpoint_path()
+        if path is None or not path.is_file():
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(self.config):
+            raise ValueError(
+                f"{path} was written by a run with another configuration: {state['config']} "
+                f"(this run: {asdict(self.config)}); use another run folder or resume=False"
+            )
+        if set(state["trainable"]) != set(self.parameters):
+            raise ValueError(f"{path} holds other trainable parameters than this model's")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                self.parameters[name].copy_(value)
+        self.position = state["position"]
+        self.elapsed = state["elapsed"]
+        self.optimizer, self.scheduler = self._optimizer(min(self.position["phase"], 2))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.bandit.load_state_dict(state["bandit"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = state["history"]

