@@ -1,0 +1,146 @@
+"""The eas-kernels command line end to end on the tiny model and a few easy-vqa questions.
+
+Each call trains its own vision tower (one epoch, seconds) unless a cache exists in the
+output folder, so runs in different folders are independent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eas_kernels import SkipPlan
+
+pytest.importorskip("easy_vqa", reason="the CLI workload needs easy-vqa (pip install easy-vqa)")
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOAD = ["--model", "tiny", "--train", "16", "--held-out", "8", "--test", "8"]
+WORKLOAD += ["--vision-epochs", "1", "--quiet"]
+SEARCH = ["--k", "2", "--warmup-epochs", "1", "--search-epochs", "2", "--eval-every", "1"]
+SEARCH += ["--batch-size", "4", "--checkpoint-every", "2"]
+
+
+def cli(*arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "eas_kernels.cli", *arguments],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=ROOT,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("search")
+    cli("search", *WORKLOAD, *SEARCH, "--out", str(out))
+    return out
+
+
+def test_search_writes_plan_report_plots_and_pias(searched):
+    plan = SkipPlan.load(searched / "plan.json")
+    assert plan.num_layers == 6 and len(plan.skipped) == 2
+    report = json.loads((searched / "search_report.json").read_text())
+    assert report["command"] == "search" and report["plan"]["skipped"] == list(plan.skipped)
+    assert len(report["updates"]) == 8 and len(report["scores"]) == 6
+    assert report["environment"]["torch"] and report["workload"]["train_questions"] == 16
+    for name in ("preferences.png", "plan.png"):
+        assert (searched / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (searched / "search" / "eas_pia.safetensors").is_file()
+
+
+def test_a_killed_search_resumes_to_the_same_plan(searched, tmp_path):
+    halted = [*WORKLOAD, *SEARCH, "--out", str(tmp_path), "--halt-after-step", "5"]
+    killed = cli("search", *halted, check=False)
+    assert killed.returncode == -9  # SIGKILL after step 5; the last checkpoint is step 4
+    assert (tmp_path / "search_state" / "tuner_checkpoint.pt").is_file()
+    assert not (tmp_path / "plan.json").exists()
+    cli("search", *WORKLOAD, *SEARCH, "--out", str(tmp_path))
+    assert SkipPlan.load(tmp_path / "plan.json") == SkipPlan.load(searched / "plan.json")
+    resumed = json.loads((tmp_path / "search_report.json").read_text())
+    uninterrupted = json.loads((searched / "search_report.json").read_text())
+    for key in ("scores", "losses", "updates"):
+        assert resumed[key] == uninterrupted[key], key
+
+
+def test_finetune_evaluate_generate(searched, tmp_path):
+    out = tmp_path / "tuned"
+    cli(
+        "finetune",
+        *WORKLOAD,
+        "--plan",
+        str(searched / "plan.json"),
+        "--init",
+        str(searched / "search"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+    )
+    report = json.loads((out / "finetune_report.json").read_text())
+    assert report["plan"] == SkipPlan.load(searched / "plan.json").to_dict()
+    assert report["trainable_params"] > 0 and len(report["losses"]) == 4
+    evaluated = cli(
+        "evaluate",
+        *WORKLOAD,
+        "--checkpoint",
+        str(out / "eas"),
+        "--timing-prompts",
+        "2",
+        "--timing-tokens",
+        "3",
+        "--out",
+        str(tmp_path / "eval"),
+    )
+    report = json.loads((tmp_path / "eval" / "evaluate_report.json").read_text())
+    assert 0.0 <= report["accuracy"] <= 1.0 and "accuracy" in evaluated.stdout
+    assert set(report["timings"]) == {"unpatched", "EAS (merged)", "floor"}
+    generated = cli(
+        "generate",
+        *WORKLOAD,
+        "--checkpoint",
+        str(out / "eas"),
+        "--image-id",
+        "3",
+        "--question",
+        "what color is the shape?",
+        "--out",
+        str(tmp_path / "gen"),
+    )
+    assert "Q: what color is the shape?" in generated.stdout
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["search", "--k", "6"], "k must be smaller than the number of arms"),
+        (["finetune", "--plan", "PLAN30", "--epochs", "1"], "plan is for 30 layers"),
+        (["evaluate", "--checkpoint", "MISSING"], "not a tuned checkpoint"),
+    ],
+)
+def test_bad_input_ends_with_one_clear_line(tmp_path, arguments, message):
+    plan30 = tmp_path / "plan30.json"
+    SkipPlan(30, [1, 2]).save(plan30)
+    arguments = [
+        {"PLAN30": str(plan30), "MISSING": str(tmp_path / "missing")}.get(a, a) for a in arguments
+    ]
+    result = cli(*arguments, *WORKLOAD, "--out", str(tmp_path / "out"), check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_argument_errors_exit_2(tmp_path):
+    result = cli("search", "--train", "0", "--out", str(tmp_path), check=False)
+    assert result.returncode == 2 and "--train" in result.stderr
+    result = cli("demo", "--candidates", "attention", check=False)
+    assert result.returncode == 2 and "--candidates" in result.stderr

@@ -1,0 +1,80 @@
+"""LaVINStyleMLLM: image features at the placeholders, frozen-state decoding with images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eas_kernels import SkipPlan, greedy_generate, patch_lavin, reparameterize
+from eas_kernels.models.multimodal import LaVINStyleMLLM, VisionTower
+from tests.helpers import randomize_pias, tiny_model
+
+IMAGE = 5  # placeholder id
+
+
+def mllm(seed: int = 0) -> LaVINStyleMLLM:
+    torch.manual_seed(seed)
+    model = LaVINStyleMLLM(tiny_model(seed=seed), IMAGE, VisionTower(channels=8, grid=2))
+    model.vision.requires_grad_(False)
+    return model.eval()
+
+
+def prompt(text: list[int], grid: int = 2) -> list[int]:
+    return [IMAGE] * grid * grid + text
+
+
+def test_image_features_replace_the_placeholders_in_order():
+    model = mllm()
+    images = torch.rand(2, 3, 32, 32)
+    tokens = torch.tensor([prompt([9, 10, 11]), [12] + prompt([13, 14])])
+    features = model.image_embeddings(images)
+    embeds = model.llm.tok_embeddings(tokens).clone()
+    embeds[0, :4] = features[0]
+    embeds[1, 1:5] = features[1]
+    expected = model.llm(tokens, embeds=embeds)
+    torch.testing.assert_close(model(tokens, images=images), expected, rtol=0, atol=0)
+    assert features.shape == (2, 4, model.llm.params.dim)
+
+
+def test_bad_calls_are_refused():
+    model = mllm()
+    tokens = torch.tensor([prompt([9, 10])])
+    with pytest.raises(ValueError, match="no images"):
+        model(tokens)
+    with pytest.raises(ValueError, match="4 image placeholders"):
+        model(torch.tensor([[IMAGE, 9, 10]]), images=torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="batch"):
+        model(tokens, images=torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(tokens, images=torch.rand(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="image_token_id"):
+        LaVINStyleMLLM(tiny_model(), 1000)
+    with pytest.raises(TypeError, match="llm"):
+        LaVINStyleMLLM(torch.nn.Linear(2, 2), IMAGE)
+
+
+def test_a_frozen_vision_tower_stays_in_eval_mode():
+    model = mllm()
+    model.train()
+    assert model.llm.training and not model.vision.training
+    model.vision.requires_grad_(True)
+    model.train()
+    assert model.vision.training
+
+
+@pytest.mark.parametrize("mode", ["eager", "merge"])
+def test_patched_mllm_decodes_what_teacher_forcing_computes(mode):
+    """EAS_SPEC §3 with images: states over the prompt (image tokens included) at prefill."""
+    model = patch_lavin(mllm(seed=3), SkipPlan(4, [1, 2], skip_rank=4, adapter_rank=2))
+    randomize_pias(model, seed=4)
+    image = torch.rand(1, 3, 32, 32)
+    text = prompt([20, 21, 22, 23])
+    reparameterize(model, mode)
+    generated = greedy_generate(model, [text], 3, prefill_kwargs={"images": image})
+    sequence = torch.tensor([text + generated.tokens[0]])
+    prompt_mask = torch.zeros_like(sequence, dtype=torch.bool)
+    prompt_mask[0, : len(text)] = True
+    forced = model(sequence, prompt_mask=prompt_mask, images=image)[0, len(text) - 1 : -1]
+    torch.testing.assert_close(generated.logits[0], forced, rtol=2e-4, atol=2e-4)
+    other = greedy_generate(model, [text], 3, prefill_kwargs={"images": torch.rand(1, 3, 32, 32)})
+    assert not torch.allclose(other.logits, generated.logits)  # the image matters

@@ -1,0 +1,191 @@
+"""EASTuner: the warm-up → search → fine-tune schedule, checkpoints and resume, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from eas_kernels import SkipPlan, current_plan, patch_lavin
+from eas_kernels.tuning import EASTuner, Example, TuningConfig, collate
+from tests.helpers import tiny_model
+
+
+def examples(count: int, seed: int) -> list[Example]:
+    """Prompts of 4-8 random tokens; the answer is a function of the first one."""
+    generator = torch.Generator().manual_seed(seed)
+    result = []
+    for _ in range(count):
+        length = int(torch.randint(4, 9, (1,), generator=generator))
+        prompt = torch.randint(1, 60, (length,), generator=generator).tolist()
+        result.append(Example(tuple(prompt), (60 + prompt[0] % 7, 70)))
+    return result
+
+
+def searching_model(candidates: str = "mha", seed: int = 0) -> torch.nn.Module:
+    return patch_lavin(
+        tiny_model(seed=seed),
+        SkipPlan(4, [], skip_rank=4, adapter_rank=2),
+        search=candidates,
+    )
+
+
+def config(**overrides: object) -> TuningConfig:
+    values = dict(
+        k=2,
+        warmup_epochs=1,
+        search_epochs=2,
+        finetune_epochs=1,
+        batch_size=4,
+        eval_every=2,
+        checkpoint_every=3,
+        lr=5e-3,
+        seed=3,
+    )
+    values.update(overrides)
+    return TuningConfig(**values)
+
+
+def trainables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_schedule_phases_updates_and_final_plan():
+    model = searching_model()
+    before = trainables(model)
+    tuner = EASTuner(model, examples(16, 1), examples(4, 2), config(), pad_id=0)
+    result = tuner.run()
+    steps = result.history["steps"]
+    phases = [s["phase"] for s in steps]
+    assert phases == ["warmup"] * 4 + ["search"] * 8 + ["finetune"] * 4
+    assert all(len(s["arms"]) == 2 for s in steps if s["phase"] != "finetune")
+    assert len(result.history["updates"]) == 8 // 2
+    assert len(result.plan.skipped) == 2 and result.plan.skipped == tuple(result.arms)
+    assert current_plan(model) == result.plan
+    changed = [n for n, p in trainables(model).items() if not torch.equal(p, before[n])]
+    assert any("skip_pia" in n for n in changed) and any("attn_adapter" in n for n in changed)
+    assert all(math.isfinite(s["loss"]) for s in steps)
+
+
+def test_search_updates_are_eq16_of_the_recorded_losses():
+    model = searching_model()
+    result = EASTuner(model, examples(16, 1), examples(4, 2), config(), pad_id=0).run()
+    scores = torch.zeros(4, dtype=torch.float64)
+    for update in result.history["updates"]:
+        pi = torch.softmax(scores, dim=0)
+        rewards = torch.exp(-torch.tensor(update["losses"], dtype=torch.float64))
+        step = torch.zeros_like(scores)
+        for arms, reward in zip(update["proposals"], rewards, strict=True):
+            for i in arms:
+                step[i] += (rewards.mean() - reward) * pi[i] * (1 - pi[i])
+        scores = scores + step
+        torch.testing.assert_close(torch.tensor(update["scores"], dtype=torch.float64), scores)
+        assert len({tuple(a) for a in update["proposals"]}) == 3  # m distinct subnets
+    order = sorted(range(4), key=lambda i: (scores[i].item(), i))
+    assert result.plan.skipped == tuple(sorted(order[:2]))
+
+
+def test_subnet_losses_are_scored_on_the_held_out_batch_in_eval_mode():
+    model = searching_model()
+    held_out = examples(4, 2)
+    tuner = EASTuner(model, examples(8, 1), held_out, config(search_epochs=1), pad_id=0)
+    seen = []
+
+    def loss_fn(m: torch.nn.Module, batch: object) -> torch.Tensor:
+        seen.append((m.training, torch.is_grad_enabled(), batch.tokens.shape))
+        from eas_kernels.tuning import answer_loss
+
+        return answer_loss(m, batch)
+
+    tuner.loss_fn = loss_fn
+    tuner.run()
+    scoring = [s for s in seen if not s[0]]
+    assert len(scoring) == 3 and all(not grad for _, grad, _ in scoring)
+    assert all(shape == collate(held_out, 0).tokens.shape for _, _, shape in scoring)
+
+
+@pytest.mark.parametrize("stop_at", [2, 7, 13])
+def test_an_interrupted_run_resumes_to_the_same_plan_and_weights(tmp_path, stop_at):
+    reference_model = searching_model()
+    train, held_out = examples(16, 1), examples(4, 2)
+    reference = EASTuner(reference_model, train, held_out, config(), pad_id=0).run()
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(record: dict) -> None:
+        if record["step"] == stop_at:
+            raise Interrupted
+
+    first = searching_model()
+    tuner = EASTuner(first, train, held_out, config(), pad_id=0, run_dir=tmp_path)
+    tuner.progress = interrupt
+    with pytest.raises(Interrupted):
+        tuner.run()
+    resumed_model = searching_model()
+    resumed = EASTuner(resumed_model, train, held_out, config(), pad_id=0, run_dir=tmp_path)
+    result = resumed.run()
+    assert result.plan == reference.plan and result.scores == reference.scores
+    for name, value in trainables(reference_model).items():
+        assert torch.equal(trainables(resumed_model)[name], value), name
+    assert result.history == reference.history  # same losses, skip sets and updates
+
+
+def test_finetune_only_trains_the_current_plan():
+    model = patch_lavin(tiny_model(), SkipPlan(4, [1, 3], skip_rank=4, adapter_rank=2))
+    tuning = TuningConfig(warmup_epochs=0, search_epochs=0, finetune_epochs=2, batch_size=4)
+    result = EASTuner(model, examples(8, 1), examples(4, 2), tuning, pad_id=0).run()
+    assert result.plan == current_plan(model) and result.arms == ()
+    assert len(result.history["steps"]) == 4 and not result.history["updates"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"k": 4}, "k must be smaller than the number of arms"),
+        ({"k": 0}, "k must be"),
+        ({"k": None}, "k must be"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"lr": float("nan")}, "lr"),
+        ({"warmup_epochs": 0, "search_epochs": 0, "finetune_epochs": 0}, "at least one epoch"),
+    ],
+)
+def test_bad_configurations_are_refused(overrides, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        EASTuner(searching_model(), examples(8, 1), examples(4, 2), config(**overrides), pad_id=0)
+
+
+def test_bad_models_and_data_are_refused(tmp_path):
+    train, held_out = examples(8, 1), examples(4, 2)
+    with pytest.raises(ValueError, match="train must hold"):
+        EASTuner(searching_model(), [], held_out, config(), pad_id=0)
+    with pytest.raises(ValueError, match="held_out must hold"):
+        EASTuner(searching_model(), train, [], config(), pad_id=0)
+    with pytest.raises(ValueError, match="patched with search='mha'"):
+        EASTuner(searching_model("mha"), train, held_out, config(candidates="ffn"), pad_id=0)
+    with pytest.raises(TypeError, match="not patched"):
+        EASTuner(tiny_model(), train, held_out, config(), pad_id=0)
+    with pytest.raises(TypeError, match="TuningConfig"):
+        EASTuner(searching_model(), train, held_out, {"k": 2}, pad_id=0)
+    EASTuner(searching_model(), train, held_out, config(), pad_id=0, run_dir=tmp_path).run()
+    other = EASTuner(
+        searching_model(), train, held_out, config(seed=4), pad_id=0, run_dir=tmp_path
+    )
+    with pytest.raises(ValueError, match="another configuration"):
+        other.run()
+
+
+@pytest.mark.parametrize("candidates", ["ffn", "mha_or_ffn", "block"])
+def test_other_candidate_sets_search_end_to_end(candidates):
+    model = searching_model(candidates)
+    result = EASTuner(
+        model, examples(8, 1), examples(4, 2), config(candidates=candidates), pad_id=0
+    ).run()
+    assert current_plan(model) == result.plan
+    assert len(result.arms) == 2 and len(result.scores) == (8 if candidates == "mha_or_ffn" else 4)
+    if candidates == "ffn":
+        assert not result.plan.skipped and len(result.plan.skipped_ffns) == 2
+    if candidates == "block":
+        assert result.plan.skipped == result.plan.skipped_ffns == result.plan.skipped_blocks
