@@ -210,9 +210,19 @@ class EASPatch:
                     sites[index].active = site_role == role
             block.__dict__.pop("forward", None)
             if role == "mha":
-                block.forward = self._skipped_mha_forward(index, block)
+                block.forward = _SkippedMHAForward(
+                    index,
+                    getattr(block, self.layout.feed_forward),
+                    getattr(block, self.layout.ffn_norm),
+                    self._on_skipped_call,
+                )
             elif role == "block":
-                block.forward = self._skipped_block_forward(index, block)
+                block.forward = _SkippedBlockForward(
+                    index,
+                    getattr(block, self.layout.attention_norm),
+                    self.sites["block"][index],
+                    self._on_skipped_call,
+                )
             feed_forward = getattr(block, self.layout.feed_forward)
             feed_forward.__dict__.pop("forward", None)
             if role == "ffn":
@@ -227,34 +237,6 @@ class EASPatch:
     def current_plan(self) -> SkipPlan:
         """The patch's plan with the current skip sets."""
         return self.plan.replace(skipped=list(self.skipped), skipped_ffns=list(self.skipped_ffns))
-
-    def _skipped_mha_forward(self, index: int, block: nn.Module) -> Callable[..., torch.Tensor]:
-        """``x + FFN(ffn_norm(x))``: the block without its MHA (the PIA hooks ``ffn_norm``)."""
-        feed_forward = getattr(block, self.layout.feed_forward)
-        norm = getattr(block, self.layout.ffn_norm)
-        on_call = self._on_skipped_call
-
-        def forward(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-            if on_call is not None:
-                on_call(index, args, kwargs)
-            return hidden_states + feed_forward(norm(hidden_states))
-
-        return forward
-
-    def _skipped_block_forward(self, index: int, block: nn.Module) -> Callable[..., torch.Tensor]:
-        """``x + A(attention_norm(x))``: DAS's skipped block (EAS_SPEC §6)."""
-        norm = getattr(block, self.layout.attention_norm)
-        site = self.sites["block"][index]
-        runtime, on_call = self.runtime, self._on_skipped_call
-
-        def forward(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-            if on_call is not None:
-                on_call(index, args, kwargs)
-            delta = runtime.adapt(site, norm(hidden_states))
-            assert delta is not None
-            return hidden_states + delta
-
-        return forward
 
     def _release_cache(self, index: int, attention: nn.Module) -> None:
         """Free a KV cache held as ``cache_k``/``cache_v`` attributes (LaVIN, Meta)."""
@@ -289,6 +271,46 @@ class EASPatch:
         delattr(self.model, _PATCH_ATTR)
 
 
+# Hooks and replaced forwards are callable objects, not closures: ``copy.deepcopy`` of a
+# patched model then points the copies at the copied modules and runtime.
+class _SkippedMHAForward:
+    """``x + FFN(ffn_norm(x))``: the block without its MHA (the PIA hooks ``ffn_norm``)."""
+
+    def __init__(
+        self,
+        index: int,
+        feed_forward: nn.Module,
+        norm: nn.Module,
+        on_call: SkippedCallHook | None,
+    ) -> None:
+        self.index, self.feed_forward, self.norm, self.on_call = index, feed_forward, norm, on_call
+
+    def __call__(
+        self, hidden_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> torch.Tensor:
+        if self.on_call is not None:
+            self.on_call(self.index, args, kwargs)
+        return hidden_states + self.feed_forward(self.norm(hidden_states))
+
+
+class _SkippedBlockForward:
+    """``x + A(attention_norm(x))``: DAS's skipped block (EAS_SPEC §6)."""
+
+    def __init__(
+        self, index: int, norm: nn.Module, site: AdapterSite, on_call: SkippedCallHook | None
+    ) -> None:
+        self.index, self.norm, self.site, self.on_call = index, norm, site, on_call
+
+    def __call__(
+        self, hidden_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> torch.Tensor:
+        if self.on_call is not None:
+            self.on_call(self.index, args, kwargs)
+        delta = self.site.runtime.adapt(self.site, self.norm(hidden_states))
+        assert delta is not None
+        return hidden_states + delta
+
+
 def _no_ffn(hidden_states: torch.Tensor) -> torch.Tensor:
     """A skipped FFN's output: a zero that broadcasts (``h + 0`` is exactly ``h``)."""
     return hidden_states.new_zeros(())
@@ -301,37 +323,43 @@ def start_pos_index(block: nn.Module) -> int | None:
     return parameters.index("start_pos") if "start_pos" in parameters else None
 
 
-def _start_pos_hook(runtime: EASRuntime, position: int | None) -> Callable[..., None]:
+class _StartPosHook:
     """Block pre-hook: ``start_pos`` None or 0 is a fresh call, > 0 a decode call."""
 
-    def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
+    def __init__(self, runtime: EASRuntime, position: int | None) -> None:
+        self.runtime, self.position = runtime, position
+
+    def __call__(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
         start_pos = kwargs.get("start_pos")
-        if start_pos is None and position is not None and len(args) > position:
-            start_pos = args[position]
+        if start_pos is None and self.position is not None and len(args) > self.position:
+            start_pos = args[self.position]
         batch_size = (args[0] if args else next(iter(kwargs.values()))).shape[0]
-        runtime.enter(start_pos is None or start_pos == 0, batch_size)
-
-    return hook
+        self.runtime.enter(start_pos is None or start_pos == 0, batch_size)
 
 
-def _install_mask_hook(patch: EASPatch) -> None:
-    """Feed ``prompt_mask`` / ``attention_mask`` of the model's forward to the runtime."""
-    model, runtime = patch.model, patch.runtime
-    signature = inspect.signature(model.forward)
-    if not {"prompt_mask", "attention_mask"} & set(signature.parameters):
-        return
+class _MaskHook:
+    """Model pre-hook: ``prompt_mask`` (else ``attention_mask``) of a call → the runtime."""
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def __init__(self, runtime: EASRuntime, signature: inspect.Signature) -> None:
+        self.runtime, self.signature = runtime, signature
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         try:
-            bound = signature.bind(*args, **kwargs).arguments
+            bound = self.signature.bind(*args, **kwargs).arguments
         except TypeError:
             return  # the forward itself reports the bad call
         mask = bound.get("prompt_mask")
         if mask is None:
             mask = bound.get("attention_mask")
-        runtime.state_mask = None if mask is None else check_prompt_mask(mask)
+        self.runtime.state_mask = None if mask is None else check_prompt_mask(mask)
 
-    patch.keep(model.register_forward_pre_hook(hook, with_kwargs=True))
+
+def _install_mask_hook(patch: EASPatch) -> None:
+    """Feed ``prompt_mask`` / ``attention_mask`` of the model's forward to the runtime."""
+    signature = inspect.signature(patch.model.forward)
+    if {"prompt_mask", "attention_mask"} & set(signature.parameters):
+        hook = _MaskHook(patch.runtime, signature)
+        patch.keep(patch.model.register_forward_pre_hook(hook, with_kwargs=True))
 
 
 def check_prompt_mask(mask: object) -> torch.Tensor:
@@ -363,7 +391,7 @@ def patch_lavin(model: nn.Module, plan: SkipPlan, *, search: bool | str = False)
     candidates = check_patch_arguments(model, plan, search)
     patch = EASPatch(model, plan, candidates, LAVIN)
     for block in patch.blocks:
-        hook = _start_pos_hook(patch.runtime, start_pos_index(block))
+        hook = _StartPosHook(patch.runtime, start_pos_index(block))
         patch.keep(block.register_forward_pre_hook(hook, with_kwargs=True))
     _install_mask_hook(patch)
     return model

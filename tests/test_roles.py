@@ -190,3 +190,24 @@ def test_checkpoints_keep_ffn_and_block_roles(tmp_path, active_only):
         assert present == [list(all_pias)] * 4
     tokens = torch.tensor(random_sequences([9], vocab=97, seed=10))
     torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("mhas", "ffns"), ROLE_CASES)
+def test_a_deep_copy_of_a_patched_model_computes_with_its_own_modules(mhas, ffns):
+    model = patched(mhas, skipped_ffns=tuple(ffns), seed=16)
+    twin = copy.deepcopy(model)
+    tokens = torch.tensor(random_sequences([10, 10], vocab=97, seed=11))
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, :6] = True
+    expected = model(tokens, prompt_mask=mask)
+    torch.testing.assert_close(twin(tokens, prompt_mask=mask), expected, rtol=0, atol=0)
+    pristine = weights_snapshot(model)
+    with torch.no_grad():
+        for block in twin.layers:
+            block.feed_forward.w1.weight.mul_(1.5)
+            block.attention_norm.weight.mul_(0.5)
+    assert not torch.allclose(twin(tokens, prompt_mask=mask), expected)
+    reparameterize(twin, "merge")
+    greedy_generate(twin, [tokens[0].tolist()], 2)
+    assert torch.equal(model(tokens, prompt_mask=mask), expected)
+    assert_bitwise(model, pristine)
