@@ -57,10 +57,8 @@ import math
 import os
 import platform
 import random
-import statistics
 import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +75,8 @@ except ImportError:  # a checkout that is not installed: use the package beside 
 from eas_kernels import SkipPlan, greedy_generate, patch_lavin, reparameterize
 from eas_kernels.models.lavin import Transformer
 from eas_kernels.models.smollm2 import load_smollm2_lavin
+from eas_kernels.tuning import Example as TimingPrompt
+from eas_kernels.tuning.evaluate import floor_model, time_models
 
 SPECIES = ("setosa", "versicolor", "virginica")
 FEATURES = ("sepal length", "sepal width", "petal length", "petal width")
@@ -231,22 +231,6 @@ def skip_plan(num_layers: int, k: int) -> SkipPlan:
     return SkipPlan(num_layers, range(last - k, last))
 
 
-def _skipped_block_forward(
-    self: torch.nn.Module, x: torch.Tensor, *args: object, **kwargs: object
-) -> torch.Tensor:
-    """A block without its MHA and without any adapter: ``x + FFN(ffn_norm(x))``."""
-    return x + self.feed_forward(self.ffn_norm(x))
-
-
-def floor_model(base: Transformer, skipped: tuple[int, ...]) -> Transformer:
-    """A copy of the unpatched model with the MHAs of ``skipped`` removed, nothing added."""
-    model = copy.deepcopy(base)
-    for index in skipped:
-        block = model.layers[index]
-        block.forward = types.MethodType(_skipped_block_forward, block)
-    return model
-
-
 def train(
     model: Transformer,
     train_set: list[Example],
@@ -306,53 +290,6 @@ def accuracy(model: torch.nn.Module, test_set: list[Example], tokenizer: Any) ->
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-@torch.no_grad()
-def decode_timing(model: torch.nn.Module, prompt: list[int], steps: int) -> dict[str, float]:
-    """Prefill ``prompt`` (batch 1), then ``steps`` greedy decode calls, timed one by one."""
-    tokens = torch.tensor([prompt])
-    prompt_mask = torch.ones_like(tokens, dtype=torch.bool)
-    begin = time.perf_counter()
-    logits = model(tokens, start_pos=0, prompt_mask=prompt_mask)
-    prefill = time.perf_counter() - begin
-    position, times = len(prompt), []
-    for _ in range(steps):
-        next_token = logits[:, -1].argmax(dim=-1, keepdim=True)
-        begin = time.perf_counter()
-        logits = model(next_token, start_pos=position)
-        times.append(time.perf_counter() - begin)
-        position += 1
-    return {
-        "prefill_ms": 1e3 * prefill,
-        "first_decode_ms": 1e3 * times[0],
-        "ms_per_token": 1e3 * statistics.fmean(times[1:]),
-    }
-
-
-def time_configurations(
-    configurations: dict[str, tuple[torch.nn.Module, str | None]],
-    prompts: list[list[int]],
-    steps: int,
-) -> dict[str, dict[str, Any]]:
-    """Round-robin batch-1 decode timing; ``(model, reparameterize mode or None)`` each."""
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in configurations}
-    for round_index, prompt in enumerate([prompts[0], *prompts]):  # round 0: warm-up
-        for name, (model, mode) in configurations.items():
-            if mode is not None:
-                reparameterize(model, mode)
-            result = decode_timing(model, prompt, steps)
-            if round_index > 0:
-                runs[name].append(result)
-    summary = {}
-    for name, results in runs.items():
-        summary[name] = {
-            key: statistics.median(r[key] for r in results)
-            for key in ("ms_per_token", "first_decode_ms", "prefill_ms")
-        }
-        summary[name]["ms_per_token_each_prompt"] = [r["ms_per_token"] for r in results]
-        summary[name]["mode"] = configurations[name][1]
-    return summary
 
 
 # ----------------------------------------------------------------------------- main
@@ -439,13 +376,14 @@ def main(argv: list[str] | None = None) -> int:
             "train_seconds": train_seconds,
         }
 
-    floor = floor_model(base, plans["EAS"].skipped)
+    floor = floor_model(base, plans["EAS"])
     check_prompt = torch.tensor([test_set[0].prompt])
     fresh = patch_lavin(copy.deepcopy(base), plans["EAS"])
     with torch.no_grad():
         floor_check = (floor(check_prompt) - fresh(check_prompt)).abs().max().item()
     del fresh
-    timing_prompts = [e.prompt for e in test_set[: settings.timing_prompts]]
+    timed = test_set[: settings.timing_prompts]
+    timing_prompts = [TimingPrompt(tuple(e.prompt), ()) for e in timed]
     configurations: dict[str, tuple[torch.nn.Module, str | None]] = {
         "unpatched": (base, None),
         "LaVIN-style (eager)": (tuned["LaVIN-style"], "eager"),
@@ -458,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{settings.timing_tokens} tokens, {len(configurations)} configurations",
         start,
     )
-    timings = time_configurations(configurations, timing_prompts, settings.timing_tokens)
+    timings = time_models(configurations, timing_prompts, settings.timing_tokens)
     base_ms = timings["unpatched"]["ms_per_token"]
     for entry in timings.values():
         entry["speedup_vs_unpatched"] = base_ms / entry["ms_per_token"]

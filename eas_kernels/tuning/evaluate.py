@@ -96,11 +96,13 @@ def decode_timing(model: nn.Module, example: Example, steps: int) -> dict[str, f
 
 def time_models(
     models: dict[str, tuple[nn.Module, str | None]], examples: Sequence[Example], steps: int
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Round-robin batch-1 decode timing of ``{name: (model, mode or None)}``.
 
     One warm-up round, then each prompt of ``examples`` on every model in turn (so that a
-    background load hits all alike); medians over prompts.
+    background load hits all alike). Per model: the medians over prompts of
+    ``ms_per_token``, ``first_decode_ms`` and ``prefill_ms``, each prompt's
+    ``ms_per_token`` and the ``mode``.
     """
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     for round_index, example in enumerate([examples[0], *examples]):
@@ -110,10 +112,12 @@ def time_models(
             result = decode_timing(model, example, steps)
             if round_index > 0:
                 runs[name].append(result)
-    return {
-        name: {key: statistics.median(r[key] for r in results) for key in results[0]}
-        for name, results in runs.items()
-    }
+    summary: dict[str, dict[str, Any]] = {}
+    for name, results in runs.items():
+        summary[name] = {key: statistics.median(r[key] for r in results) for key in results[0]}
+        summary[name]["ms_per_token_each_prompt"] = [r["ms_per_token"] for r in results]
+        summary[name]["mode"] = models[name][1]
+    return summary
 
 
 def floor_model(model: nn.Module, plan: SkipPlan) -> nn.Module:

@@ -120,8 +120,7 @@ class EASTuner:
     Args:
         model: patched with ``search=config.candidates``.
         train: training examples (non-empty).
-        held_out: examples of the held-out batch that scores subnets (non-empty; the first
-            ``batch_size`` are used).
+        held_out: the held-out batch that scores subnets (non-empty; all of it, one batch).
         config: :class:`TuningConfig`.
         pad_id: padding token id of :func:`~eas_kernels.tuning.data.collate`.
         run_dir: folder of the checkpoint (None: no checkpoints).
@@ -163,7 +162,7 @@ class EASTuner:
         self.model = model
         self.patch = patch
         self.train = list(train)
-        self.held_out = collate(list(held_out)[: config.batch_size], pad_id)
+        self.held_out = collate(list(held_out), pad_id)
         self.pad_id = pad_id
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.loss_fn = loss_fn

@@ -49,7 +49,7 @@ class WorkloadConfig:
 
     model: str = "smollm2"
     train: int = 1200
-    held_out: int = 16
+    held_out: int = 32
     test: int = 200
     vision_epochs: int = 6
     seed: int = 0
