@@ -70,8 +70,8 @@ def _non_negative(text: str) -> int:
 def _workload_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("workload")
     group.add_argument("--model", choices=MODELS, default="smollm2", help="language model")
-    group.add_argument("--train", type=_positive(int), default=480, help="training questions")
-    group.add_argument("--held-out", type=_positive(int), default=32, help="search batch")
+    group.add_argument("--train", type=_positive(int), default=400, help="training questions")
+    group.add_argument("--held-out", type=_positive(int), default=16, help="search batch")
     group.add_argument("--test", type=_positive(int), default=200, help="test questions")
     group.add_argument("--vision-epochs", type=_positive(int), default=6)
     group.add_argument("--seed", type=int, default=0)
@@ -261,8 +261,15 @@ def _describe(plan: SkipPlan) -> str:
     return ", ".join(parts) or "nothing skipped"
 
 
-def trainable_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def epoch_losses(result: TuningResult) -> list[dict[str, Any]]:
+    """Mean training loss of each (phase, epoch) of a run, in order."""
+    groups: dict[tuple[str, int], list[float]] = {}
+    for step in result.history["steps"]:
+        groups.setdefault((step["phase"], step["epoch"]), []).append(step["loss"])
+    return [
+        {"phase": phase, "epoch": epoch, "mean_loss": sum(losses) / len(losses)}
+        for (phase, epoch), losses in groups.items()
+    ]
 
 
 def _save_tuned(model: nn.Module, folder: Path, *, active_only: bool) -> Path:
@@ -480,6 +487,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "plan": result.plan,
         "trainable_params": tuned_parameter_count(lavin),
         "accuracy": accuracy,
+        "epoch_losses": epoch_losses(result),
         "tuning_seconds": result.seconds,
         "epochs": epochs,
     }
@@ -498,6 +506,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "arms": list(result.arms),
         "trainable_params": tuned_parameter_count(eas),
         "accuracy": accuracy,
+        "epoch_losses": epoch_losses(result),
         "tuning_seconds": result.seconds,
         "epochs": epochs,
     }

@@ -48,8 +48,8 @@ class WorkloadConfig:
     """What :func:`build_workload` builds."""
 
     model: str = "smollm2"
-    train: int = 1200
-    held_out: int = 32
+    train: int = 400
+    held_out: int = 16
     test: int = 200
     vision_epochs: int = 6
     seed: int = 0
