@@ -12,7 +12,10 @@ LLaMA of the LaVIN layout (scaled-down width on CPU, LLaMA-7B width on a GPU):
 ``pytest benchmarks/ --benchmark-only``. Each test times its variant with pytest-benchmark
 and, in the same run, interleaves its variant with the floor to record
 ``ratio_vs_floor`` (median of paired timings) in ``extra_info``, with shapes, device and
-versions. Nothing is asserted about speed.
+versions. ``test_merge_break_even`` times a prefill plus the first decode step (which
+writes the PIAs into the weights) merged and eager, and one decode step of each, and
+records after how many decoded tokens merging has paid for itself. Nothing is asserted
+about speed.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import copy
 import platform
 import statistics
 import time
-import types
 
 import pytest
 import torch
 
 import eas_kernels
 from eas_kernels.models.lavin import ModelArgs, Transformer
+from eas_kernels.tuning.evaluate import floor_model
 
 K = 8
 PROMPT = 96
@@ -48,10 +51,6 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def _skip_attention(self, x, *args, **kwargs):
-    return x + self.feed_forward(self.ffn_norm(x))
-
-
 def _train_like(model: torch.nn.Module) -> None:
     """Non-zero PIA weights, so merging and the low-rank path are not no-ops."""
     generator = torch.Generator().manual_seed(0)
@@ -67,11 +66,7 @@ def variants() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     base = Transformer(ARGS).to(device=DEVICE, dtype=DTYPE).eval()
     built: dict[str, torch.nn.Module] = {"unpatched": base}
-    floor = copy.deepcopy(base)
-    for index in SKIPPED:
-        block = floor.layers[index]
-        block.forward = types.MethodType(_skip_attention, block)
-    built["floor"] = floor
+    built["floor"] = floor_model(base, eas_kernels.SkipPlan(ARGS.n_layers, SKIPPED))
     lavin = eas_kernels.patch_lavin(copy.deepcopy(base), eas_kernels.SkipPlan(ARGS.n_layers, []))
     _train_like(lavin)
     built["lavin_style"] = eas_kernels.reparameterize(lavin, "eager")
@@ -114,6 +109,18 @@ def _paired_ratio(decoder: Decoder, floor: Decoder, pairs: int = 30) -> float:
     return statistics.median(ratios)
 
 
+def _environment() -> dict[str, object]:
+    return dict(
+        shape=dict(dim=ARGS.dim, n_layers=ARGS.n_layers, n_heads=ARGS.n_heads,
+                   vocab=ARGS.vocab_size, prompt=PROMPT, batch=1, dtype=str(DTYPE)),
+        device=torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor()
+        or platform.machine(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        eas_kernels=eas_kernels.__version__,
+    )
+
+
 @pytest.mark.parametrize(
     "name", ["unpatched", "floor", "lavin_style", "eas_eager", "eas_merge", "eas_lowrank"]
 )
@@ -123,13 +130,51 @@ def test_decode_step(benchmark, variants, name):
     benchmark.extra_info.update(
         variant=name,
         skipped=SKIPPED,
-        shape=dict(dim=ARGS.dim, n_layers=ARGS.n_layers, n_heads=ARGS.n_heads,
-                   vocab=ARGS.vocab_size, prompt=PROMPT, batch=1, dtype=str(DTYPE)),
-        device=torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor()
-        or platform.machine(),
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        eas_kernels=eas_kernels.__version__,
+        **_environment(),
         ratio_vs_floor=round(_paired_ratio(decoder, floor), 4),
     )
     benchmark.pedantic(decoder.step, rounds=60, warmup_rounds=5, iterations=1)
+
+
+def _median_seconds(function, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        _synchronize()
+        start = time.perf_counter()
+        function()
+        _synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def test_merge_break_even(benchmark, variants):
+    """Prefill + first decode step (the merge happens there) vs eager, and the per-token
+    saving of merged decoding: ``break_even_tokens = extra start-up / saving per token``."""
+    prompt = torch.randint(1, ARGS.vocab_size, (1, PROMPT), device=DEVICE)
+    token = torch.tensor([[7]], device=DEVICE)
+
+    def start(model: torch.nn.Module):
+        @torch.no_grad()
+        def run() -> None:
+            model(prompt, start_pos=0)  # a new prefill first restores the merged weights
+            model(token, start_pos=PROMPT)
+
+        return run
+
+    merged, eager = variants["eas_merge"], variants["eas_eager"]
+    start_merged = _median_seconds(start(merged), 15)
+    start_eager = _median_seconds(start(eager), 15)
+    step_merged = _median_seconds(Decoder(merged).step, 40)
+    step_eager = _median_seconds(Decoder(eager).step, 40)
+    saving = step_eager - step_merged
+    extra = start_merged - start_eager
+    benchmark.extra_info.update(
+        skipped=SKIPPED,
+        **_environment(),
+        prefill_and_first_step_merged_ms=round(1e3 * start_merged, 3),
+        prefill_and_first_step_eager_ms=round(1e3 * start_eager, 3),
+        decode_step_merged_ms=round(1e3 * step_merged, 3),
+        decode_step_eager_ms=round(1e3 * step_eager, 3),
+        break_even_tokens=round(extra / saving, 2) if saving > 0 else None,
+    )
+    benchmark.pedantic(start(merged), rounds=15, warmup_rounds=2, iterations=1)
