@@ -30,6 +30,38 @@ from torch import nn
 from ._checks import check_positive_finite, check_positive_int, check_tensor, check_token_mask
 
 
+def router_softmax(
+    mean: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``α = softmax(router(ū) / τ)`` (Eq. 5), computed in at least float32, not rounded."""
+    compute = torch.promote_types(mean.dtype, torch.float32)
+    logits = F.linear(mean, router_weight, router_bias).to(compute)
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def state_from_mean(
+    mean: torch.Tensor,
+    down1_bias: torch.Tensor,
+    down2_weight: torch.Tensor | None,
+    down2_bias: torch.Tensor | None,
+    router_weight: torch.Tensor,
+    router_bias: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c, α)`` from the token means ``ū`` (``(B, d)``, in the weights' dtype):
+    ``c = b_d1 + down2(ū)`` (``b_d1`` without ``down2``), ``α`` rounded to ``ū``'s dtype.
+
+    The one implementation of the state epilogue, shared by :meth:`PIA.compute_state` and
+    the fused kernels (:mod:`eas_kernels.ops.pia_fused`).
+    """
+    if down2_weight is None:
+        c = down1_bias.expand(mean.shape[0], down1_bias.shape[0])
+    else:
+        c = down1_bias + F.linear(mean, down2_weight, down2_bias)
+    alpha = router_softmax(mean, router_weight, router_bias, temperature).to(mean.dtype)
+    return c, alpha
+
+
 @dataclass(frozen=True)
 class PIAState:
     """The frozen per-example state of a PIA: ``c`` is ``(B, rank)``, ``alpha`` is ``(B, 2)``."""
@@ -140,13 +172,17 @@ class PIA(nn.Module):
             summed = torch.where(mask.unsqueeze(-1), u.to(compute), 0.0).sum(dim=1)
             mean = summed / mask.sum(dim=1, keepdim=True)
         mean = mean.to(u.dtype)
-        batch = u.shape[0]
-        if self.down2 is not None:
-            c = self.down1.bias + self.down2(mean)
-        else:
-            c = self.down1.bias.expand(batch, self.rank)
-        logits = self.router(mean).to(compute) / self.temperature
-        alpha = torch.softmax(logits, dim=-1).to(u.dtype)
+        down2_weight = None if self.down2 is None else self.down2.weight
+        down2_bias = None if self.down2 is None else self.down2.bias
+        c, alpha = state_from_mean(
+            mean,
+            self.down1.bias,
+            down2_weight,
+            down2_bias,
+            self.router.weight,
+            self.router.bias,
+            self.temperature,
+        )
         return PIAState(c, alpha)
 
     def mixed_up_projection(self, state: PIAState) -> tuple[torch.Tensor, torch.Tensor]:

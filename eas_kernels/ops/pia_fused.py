@@ -49,12 +49,11 @@ tied together by :class:`PIAFusedFunction`, so a patched model compiles with
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .._checks import check_token_mask
-from ..pia import PIA, PIAState
+from ..pia import PIA, PIAState, router_softmax, state_from_mean
 
 # Tile sizes: BN tokens × BD features; the rank is padded to BR >= 16 (tl.dot's minimum).
 _GPU_BLOCKS = (64, 64)
@@ -260,14 +259,6 @@ def _bwd_weight_kernel(
 
 
 # ---------------------------------------------------------------------- custom ops
-def _router_softmax(
-    mean: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """``softmax(router(ū) / τ)`` in fp32 (fp64 for fp64), as :meth:`PIA.compute_state`."""
-    logits = F.linear(mean, router_weight, router_bias).to(_acc_dtype(mean.dtype))
-    return torch.softmax(logits / temperature, dim=-1)
-
-
 @torch.library.custom_op("eas_kernels::pia_fused_forward", mutates_args=())
 def pia_fused_forward(
     u: torch.Tensor,
@@ -296,11 +287,10 @@ def pia_fused_forward(
     _down_kernel[(batch, tiles)](u, mask_bytes, down1_weight, projected, sums, n, d, r, **cfg)
     count = mask.sum(1, keepdim=True)
     mean = (sums.sum(1) / count).to(u.dtype)
-    if down2_weight is None:
-        c = down1_bias.expand(batch, r).contiguous()
-    else:
-        c = down1_bias + F.linear(mean, down2_weight, down2_bias)
-    alpha = _router_softmax(mean, router_weight, router_bias, temperature).to(u.dtype)
+    c, alpha = state_from_mean(
+        mean, down1_bias, down2_weight, down2_bias, router_weight, router_bias, temperature
+    )
+    c = c.contiguous()  # an op's outputs must not alias its inputs (the expanded bias)
     z = _alloc(tuple(u.shape), u.dtype, u.device)
     grid = (batch, tiles, triton.cdiv(d, cfg["BD"]))
     _up_kernel[grid](
@@ -370,7 +360,7 @@ def pia_fused_backward(
     d_c = d_hidden.sum(1) + grad_c.to(acc)
     d_alpha = d_alpha_tiles.sum(1) + grad_alpha.to(acc)
     mean_acc = mean.to(acc)
-    soft = _router_softmax(mean, router_weight, router_bias, temperature)
+    soft = router_softmax(mean, router_weight, router_bias, temperature)
     d_logits = soft * (d_alpha - (soft * d_alpha).sum(-1, keepdim=True)) / temperature
     d_mean = d_logits @ router_weight.to(acc)
     if down2_weight is not None:
