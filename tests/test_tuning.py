@@ -138,6 +138,15 @@ def test_finetune_only_trains_the_current_plan():
     result = EASTuner(model, examples(8, 1), examples(4, 2), tuning, pad_id=0).run()
     assert result.plan == current_plan(model) and result.arms == ()
     assert len(result.history["steps"]) == 4 and not result.history["updates"]
+    assert result.scores == []
+
+
+def test_finetune_only_needs_no_search_arms():
+    """A one-layer model has a single arm, too few to search, but can be fine-tuned."""
+    model = patch_lavin(tiny_model(n_layers=1), SkipPlan(1, [], skip_rank=4, adapter_rank=2))
+    tuning = TuningConfig(warmup_epochs=0, search_epochs=0, finetune_epochs=1, batch_size=4)
+    result = EASTuner(model, examples(4, 1), examples(2, 2), tuning, pad_id=0).run()
+    assert result.plan == current_plan(model) and len(result.history["steps"]) == 1
 
 
 @pytest.mark.parametrize(

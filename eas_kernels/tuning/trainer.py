@@ -170,15 +170,18 @@ class EASTuner:
         self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.parameters:
             raise ValueError("model has no trainable parameters")
+        # No bandit when nothing is searched: the plan is then the model's skip sets.
         self.fixed_plan = None if config.searches else patch.current_plan()
-        self.bandit = BanditSearch(
-            self.candidates.num_arms,
-            config.k if config.searches else 1,
-            num_subnets=config.num_subnets,
-            lr=config.policy_lr,
-            temperature=config.policy_temperature,
-            seed=config.seed,
-        )
+        self.bandit: BanditSearch | None = None
+        if config.searches:
+            self.bandit = BanditSearch(
+                self.candidates.num_arms,
+                config.k,
+                num_subnets=config.num_subnets,
+                lr=config.policy_lr,
+                temperature=config.policy_temperature,
+                seed=config.seed,
+            )
         self.history: dict[str, list[Any]] = {"steps": [], "updates": []}
         self.position = {"phase": 0, "epoch": 0, "batch": 0, "step": 0, "search_step": 0}
         self.elapsed = 0.0
@@ -219,7 +222,7 @@ class EASTuner:
     def final_plan(self) -> SkipPlan:
         """The plan of the current preferences (the k arms of lowest score skipped), or
         the model's skip sets when nothing is searched."""
-        if self.fixed_plan is not None:
+        if self.bandit is None:
             return self.fixed_plan
         return self.candidates.plan(self.bandit.plan(), self.patch.plan)
 
@@ -294,8 +297,8 @@ class EASTuner:
         self.model.eval()
         return TuningResult(
             self.final_plan(),
-            self.bandit.plan() if self.config.searches else (),
-            self.bandit.scores.tolist(),
+            () if self.bandit is None else self.bandit.plan(),
+            [] if self.bandit is None else self.bandit.scores.tolist(),
             self.history,
             time.perf_counter() - started,
         )
@@ -352,7 +355,7 @@ class EASTuner:
             "trainable": {n: p.detach().clone() for n, p in self.parameters.items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "bandit": self.bandit.state_dict(),
+            "bandit": None if self.bandit is None else self.bandit.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
         }
@@ -380,6 +383,7 @@ class EASTuner:
         self.optimizer, self.scheduler = self._optimizer(min(self.position["phase"], 2))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.bandit.load_state_dict(state["bandit"])
+        if self.bandit is not None:
+            self.bandit.load_state_dict(state["bandit"])
         torch.set_rng_state(state["torch_rng"])
         self.history = state["history"]
