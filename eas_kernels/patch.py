@@ -210,7 +210,7 @@ class EASPatch:
                     sites[index].active = site_role == role
             block.__dict__.pop("forward", None)
             if role == "mha":
-                block.forward = _SkippedMHAForward(
+                block.forward = SkippedMHAForward(
                     index,
                     getattr(block, self.layout.feed_forward),
                     getattr(block, self.layout.ffn_norm),
@@ -226,7 +226,7 @@ class EASPatch:
             feed_forward = getattr(block, self.layout.feed_forward)
             feed_forward.__dict__.pop("forward", None)
             if role == "ffn":
-                feed_forward.forward = _no_ffn
+                feed_forward.forward = no_ffn
             attention = getattr(block, self.layout.attention)
             if role in ("mha", "block"):
                 self._release_cache(index, attention)
@@ -273,7 +273,7 @@ class EASPatch:
 
 # Hooks and replaced forwards are callable objects, not closures: ``copy.deepcopy`` of a
 # patched model then points the copies at the copied modules and runtime.
-class _SkippedMHAForward:
+class SkippedMHAForward:
     """``x + FFN(ffn_norm(x))``: the block without its MHA (the PIA hooks ``ffn_norm``)."""
 
     def __init__(
@@ -311,7 +311,7 @@ class _SkippedBlockForward:
         return hidden_states + delta
 
 
-def _no_ffn(hidden_states: torch.Tensor) -> torch.Tensor:
+def no_ffn(hidden_states: torch.Tensor) -> torch.Tensor:
     """A skipped FFN's output: a zero that broadcasts (``h + 0`` is exactly ``h``)."""
     return hidden_states.new_zeros(())
 

@@ -211,3 +211,18 @@ def test_a_deep_copy_of_a_patched_model_computes_with_its_own_modules(mhas, ffns
     greedy_generate(twin, [tokens[0].tolist()], 2)
     assert torch.equal(model(tokens, prompt_mask=mask), expected)
     assert_bitwise(model, pristine)
+
+
+@pytest.mark.parametrize(("mhas", "ffns"), ROLE_CASES)
+def test_the_floor_computes_what_a_fresh_patch_computes(mhas, ffns):
+    """Fresh PIAs add exactly zero, so the floor (parts deleted, nothing added) and a
+    freshly patched model agree for every role."""
+    from eas_kernels.tuning.evaluate import floor_model
+
+    base = tiny_model(seed=17)
+    plan = SkipPlan(4, mhas, skipped_ffns=ffns)
+    floor = floor_model(base, plan)
+    fresh = patch_lavin(copy.deepcopy(base), plan)
+    tokens = torch.tensor(random_sequences([9], vocab=97, seed=12))
+    torch.testing.assert_close(floor(tokens), fresh(tokens), rtol=1e-6, atol=1e-6)
+    assert not any("forward" in block.__dict__ for block in base.layers)  # base untouched

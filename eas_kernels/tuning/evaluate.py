@@ -12,7 +12,6 @@ weights; it is reported apart), median over prompts.
 from __future__ import annotations
 
 import copy
-import functools
 import statistics
 import time
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from torch import nn
 
 from ..generation import greedy_generate
 from ..layout import LAVIN
-from ..patch import patch_of
+from ..patch import SkippedMHAForward, no_ffn, patch_of
 from ..plan import SkipPlan
 from ..reparam import reparameterize
 from .data import Example
@@ -133,22 +132,17 @@ def floor_model(model: nn.Module, plan: SkipPlan) -> nn.Module:
         raise ValueError(f"plan is for {plan.num_layers} layers, the model has {len(blocks)}")
     for index, block in enumerate(blocks):
         role = plan.role(index)
-        if role == "mha":
-            block.forward = functools.partial(_without_attention, block)
+        if role == "mha":  # the patch's own MHA-less forward, with no PIA hooked on the norm
+            feed_forward = getattr(block, LAVIN.feed_forward)
+            block.forward = SkippedMHAForward(
+                index, feed_forward, getattr(block, LAVIN.ffn_norm), None
+            )
         elif role == "block":
             block.forward = _identity
         elif role == "ffn":
-            block.feed_forward.forward = _zero
+            getattr(block, LAVIN.feed_forward).forward = no_ffn
     return floor
-
-
-def _without_attention(block: nn.Module, x: torch.Tensor, *args: object) -> torch.Tensor:
-    return x + block.feed_forward(block.ffn_norm(x))
 
 
 def _identity(x: torch.Tensor, *args: object) -> torch.Tensor:
     return x
-
-
-def _zero(x: torch.Tensor) -> torch.Tensor:
-    return x.new_zeros(())
