@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .layout import HF_LLAMA, LAVIN
-from .patch import PIA_NAMES, ROLE_PIAS, EASPatch, check_search, patch_lavin, patch_of, unpatch
+from .patch import ROLE_PIAS, EASPatch, check_search, patch_lavin, patch_of, unpatch
 from .plan import SkipPlan
 
 PLAN_FILE = "eas_plan.json"
@@ -28,14 +28,12 @@ _VERSION = 2  # v1 wrote "search" as a bool
 
 
 def _pia_tensors(patch: EASPatch, active_only: bool = False) -> dict[str, torch.Tensor]:
+    """``layers.{i}.{pia name}.{key}`` → tensor for every PIA (active ones only on request)."""
     tensors = {}
-    plan = patch.current_plan()
-    for index, block in enumerate(patch.blocks):
-        names = (ROLE_PIAS[plan.role(index)],) if active_only else PIA_NAMES
-        for name in names:
-            if hasattr(block, name):
-                for key, value in getattr(block, name).state_dict().items():
-                    tensors[f"layers.{index}.{name}.{key}"] = value
+    for site in patch.runtime.sites:
+        if site.active or not active_only:
+            for key, value in site.pia.state_dict().items():
+                tensors[f"layers.{site.layer}.{ROLE_PIAS[site.kind]}.{key}"] = value
     return tensors
 
 

@@ -37,7 +37,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import from_pretrained, save_pretrained
 from .generation import greedy_generate
-from .patch import CANDIDATES, PIA_NAMES, ROLE_PIAS, current_plan, patch_lavin, set_skipped
+from .patch import CANDIDATES, current_plan, patch_lavin, runtime_of, set_skipped
 from .plan import SkipPlan
 from .search import Candidates
 from .tuning.data import easy_vqa_images, vqa_prompt
@@ -332,24 +332,9 @@ def _plots(result: TuningResult, candidates: Candidates, out: Path) -> dict[str,
 
 def tuned_parameter_count(model: nn.Module) -> int:
     """Parameters a tuning method trains: its PIAs (of the current roles) and the projector."""
-    names = set(PIA_NAMES)
-    pias = sum(
-        p.numel()
-        for name, p in model.named_parameters()
-        if names & set(name.split(".")) and _is_active(model, name)
-    )
+    active = runtime_of(model).active_sites
+    pias = sum(p.numel() for site in active for p in site.pia.parameters())
     return pias + sum(p.numel() for p in model.projector.parameters())
-
-
-def _is_active(model: nn.Module, parameter_name: str) -> bool:
-    """Whether a PIA parameter belongs to the role its layer currently has."""
-    plan = current_plan(model)
-    parts = parameter_name.split(".")
-    for position, part in enumerate(parts):
-        if part in PIA_NAMES:
-            layer = int(parts[position - 1])
-            return ROLE_PIAS[plan.role(layer)] == part
-    return False
 
 
 def _pretrained_count(workload: Workload) -> int:
