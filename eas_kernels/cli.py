@@ -495,7 +495,8 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "tuning_seconds": result.seconds,
         "epochs": epochs,
     }
-    plots = _plots(result, Candidates(args.candidates, layers), args.out)
+    candidates = Candidates(args.candidates, layers)
+    plots = _plots(result, candidates, args.out)
 
     timings = _timing(
         {
@@ -518,7 +519,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "bandit": {
             "scores": result.scores,
             "updates": result.history["updates"],
-            "arm_names": Candidates(args.candidates, layers).arm_names(),
+            "arm_names": candidates.arm_names(),
         },
         "plots": plots,
         "timing_method": (
@@ -536,18 +537,17 @@ def _print_table(
         f"{'method':28s} {'tuned params':>18s} {'test acc':>8s} {'ms/token':>9s} {'speed-up':>8s}"
     )
     print("\n" + header + "\n" + "-" * len(header))
-    rows = [(name, info) for name, info in methods.items()] + [("floor", None)]
-    rows.insert(0, ("unpatched (no tuning)", None))
-    for name, info in rows:
-        key = name if name in timings else ("unpatched" if name.startswith("unpatched") else name)
-        ms = timings[key]["ms_per_token"]
+    for name, timing in timings.items():  # unpatched, the tuned methods, the floor
+        label = "unpatched (no tuning)" if name == "unpatched" else name
+        ms = timing["ms_per_token"]
+        info = methods.get(name)
         params = "-"
         accuracy = "-"
         if info is not None:
             share = 100.0 * info["trainable_params"] / pretrained
             params = f"{info['trainable_params']:,} ({share:.2f}%)"
             accuracy = f"{info['accuracy']:.3f}"
-        print(f"{name:28s} {params:>18s} {accuracy:>8s} {ms:9.2f} {base_ms / ms:7.2f}x")
+        print(f"{label:28s} {params:>18s} {accuracy:>8s} {ms:9.2f} {base_ms / ms:7.2f}x")
     print(flush=True)
 
 
