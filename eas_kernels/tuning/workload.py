@@ -174,13 +174,17 @@ def build_workload(
     all_train = easy_vqa_records("train", None, config.seed)
     train_records = all_train[: config.train + config.held_out]
     test_records = easy_vqa_records("test", config.test, config.seed)
-    train_images = easy_vqa_images("train", [r.image_id for r in all_train])
     test_images = easy_vqa_images("test", [r.image_id for r in test_records])
     cache = None if cache_dir is None else Path(cache_dir) / f"vision_seed{config.seed}.pt"
+    trains_tower = pretrain_vision and (cache is None or not cache.is_file())
+    # Every training image only when stage 0 trains the tower; else those of the examples.
+    pixels_of = all_train if trains_tower else train_records
+    train_images = easy_vqa_images("train", [r.image_id for r in pixels_of])
     if not pretrain_vision:
         model.vision.eval().requires_grad_(False)
         info["vision"] = {"pretrained": False}
-    elif cache is not None and cache.is_file():
+    elif not trains_tower:
+        assert cache is not None
         model.vision.load_state_dict(torch.load(cache, map_location="cpu"))
         model.vision.eval().requires_grad_(False)
         info["vision"] = {"cached": str(cache)}
