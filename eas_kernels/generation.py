@@ -48,7 +48,7 @@ def greedy_generate(
     for row, prompt in enumerate(prompts):
         tokens[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
         prompt_mask[row, width - len(prompt) :] = True
-    extra = dict(prefill_kwargs or {})
+    extra = prefill_kwargs or {}
     logits = model(tokens, start_pos=0, prompt_mask=prompt_mask, **extra)[:, -1]
     steps = [logits]
     position = width

@@ -26,7 +26,7 @@ def plot_preferences(
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(8, 0.18 * len(arm_names) + 1.8))
     if updates:
-        scores = [[row[i] for row in (u["scores"] for u in updates)] for i in range(len(arm_names))]
+        scores = [list(arm) for arm in zip(*(u["scores"] for u in updates), strict=True)]
         steps = [u["step"] for u in updates]
         image = axes.imshow(
             scores,
