@@ -35,18 +35,22 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import from_pretrained, save_pretrained
 from .generation import greedy_generate
-from .patch import CANDIDATES, current_plan, patch_lavin, runtime_of, set_skipped
+from .patch import CANDIDATES, current_plan, patch_lavin, set_skipped
 from .plan import SkipPlan
 from .search import Candidates
 from .tuning.data import easy_vqa_images, vqa_prompt
-from .tuning.evaluate import answer_accuracy, floor_model, time_models
+from .tuning.evaluate import answer_accuracy, floor_model, time_models, tuned_parameter_count
 from .tuning.plots import plot_plan, plot_preferences
 from .tuning.trainer import EASTuner, TuningConfig, TuningResult
-from .tuning.workload import MODELS, Workload, WorkloadConfig, build_workload
-
-MULTIMODAL_FILE = "multimodal.pt"  # vision tower and projector of a tuned model
+from .tuning.workload import (
+    MODELS,
+    Workload,
+    WorkloadConfig,
+    build_workload,
+    load_tuned,
+    save_tuned,
+)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -261,35 +265,6 @@ def _describe(plan: SkipPlan) -> str:
     return ", ".join(parts) or "nothing skipped"
 
 
-def epoch_losses(result: TuningResult) -> list[dict[str, Any]]:
-    """Mean training loss of each (phase, epoch) of a run, in order."""
-    groups: dict[tuple[str, int], list[float]] = {}
-    for step in result.history["steps"]:
-        groups.setdefault((step["phase"], step["epoch"]), []).append(step["loss"])
-    return [
-        {"phase": phase, "epoch": epoch, "mean_loss": sum(losses) / len(losses)}
-        for (phase, epoch), losses in groups.items()
-    ]
-
-
-def _save_tuned(model: nn.Module, folder: Path, *, active_only: bool) -> Path:
-    save_pretrained(model, folder, active_only=active_only)
-    state = {"vision": model.vision.state_dict(), "projector": model.projector.state_dict()}
-    torch.save(state, folder / MULTIMODAL_FILE)
-    return folder
-
-
-def _load_tuned(base: nn.Module, folder: Path) -> nn.Module:
-    """A copy of ``base`` patched from ``folder`` with its vision tower and projector."""
-    if not (folder / MULTIMODAL_FILE).is_file():
-        raise FileNotFoundError(f"{folder} has no {MULTIMODAL_FILE}: not a tuned checkpoint")
-    model = copy.deepcopy(base)
-    state = torch.load(folder / MULTIMODAL_FILE, map_location="cpu")
-    model.vision.load_state_dict(state["vision"])
-    model.projector.load_state_dict(state["projector"])
-    return from_pretrained(model, folder)
-
-
 def _environment() -> dict[str, Any]:
     return {
         "eas_kernels": __version__,
@@ -330,13 +305,6 @@ def _plots(result: TuningResult, candidates: Candidates, out: Path) -> dict[str,
     return {"preferences": str(preferences), "plan": str(plan)}
 
 
-def tuned_parameter_count(model: nn.Module) -> int:
-    """Parameters a tuning method trains: its PIAs (of the current roles) and the projector."""
-    active = runtime_of(model).active_sites
-    pias = sum(p.numel() for site in active for p in site.pia.parameters())
-    return pias + sum(p.numel() for p in model.projector.parameters())
-
-
 def _pretrained_count(workload: Workload) -> int:
     llm = workload.model.llm
     total = sum(p.numel() for p in llm.parameters())
@@ -354,7 +322,7 @@ def cmd_search(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     result = _tune(model, workload, config, args.out / "search_state", args, console, "search")
     args.out.mkdir(parents=True, exist_ok=True)
     result.plan.save(args.out / "plan.json")
-    _save_tuned(model, args.out / "search", active_only=False)
+    save_tuned(model, args.out / "search", active_only=False)
     candidates = Candidates(args.candidates, layers)
     return {
         "workload": workload.info,
@@ -374,7 +342,7 @@ def cmd_finetune(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     plan = SkipPlan.load(args.plan)
     workload = _workload(args, console)
     if args.init is not None:
-        model = _load_tuned(workload.model, args.init)
+        model = load_tuned(workload.model, args.init)
         searched = current_plan(model)
         if (searched.skip_rank, searched.adapter_rank, searched.temperature) != (
             plan.skip_rank,
@@ -387,7 +355,7 @@ def cmd_finetune(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         model = patch_lavin(copy.deepcopy(workload.model), plan)
     config = _tuning_config(args, searches=False, finetune_epochs=args.epochs)
     result = _tune(model, workload, config, args.out / "finetune_state", args, console, "finetune")
-    folder = _save_tuned(model, args.out / "eas", active_only=True)
+    folder = save_tuned(model, args.out / "eas", active_only=True)
     return {
         "workload": workload.info,
         "plan": result.plan,
@@ -414,7 +382,7 @@ def _timing(
 
 def cmd_evaluate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     workload = _workload(args, console, pretrain_vision=False)  # the checkpoint has it
-    model = _load_tuned(workload.model, args.checkpoint)
+    model = load_tuned(workload.model, args.checkpoint)
     plan = current_plan(model)
     accuracy = answer_accuracy(model, workload.test, pad_id=workload.pad_id, mode="merge")
     console.log(f"test accuracy {accuracy:.3f} (merged, batch 1, greedy)")
@@ -435,7 +403,7 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     workload = _workload(args, console, pretrain_vision=False)  # the checkpoint has it
-    model = _load_tuned(workload.model, args.checkpoint)
+    model = load_tuned(workload.model, args.checkpoint)
     try:
         image = easy_vqa_images(args.split, [args.image_id])[args.image_id]
     except KeyError:
@@ -472,7 +440,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "plan": result.plan,
         "trainable_params": tuned_parameter_count(lavin),
         "accuracy": accuracy,
-        "epoch_losses": epoch_losses(result),
+        "epoch_losses": result.epoch_losses(),
         "tuning_seconds": result.seconds,
         "epochs": epochs,
     }
@@ -480,9 +448,9 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     searching = patch_lavin(copy.deepcopy(base), SkipPlan(layers, []), search=args.candidates)
     config = _tuning_config(args, searches=True, finetune_epochs=args.finetune_epochs)
     result = _tune(searching, workload, config, args.out / "eas_state", args, console, "EAS")
-    _save_tuned(searching, args.out / "eas", active_only=True)
+    save_tuned(searching, args.out / "eas", active_only=True)
     result.plan.save(args.out / "plan.json")
-    eas = _load_tuned(base, args.out / "eas")
+    eas = load_tuned(base, args.out / "eas")
     accuracy = answer_accuracy(eas, workload.test, pad_id=workload.pad_id, mode="merge")
     console.log(f"EAS: test accuracy {accuracy:.3f} (merged)")
     eas_name = f"EAS, {args.k} {args.candidates.upper()} skipped"
@@ -491,7 +459,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "arms": list(result.arms),
         "trainable_params": tuned_parameter_count(eas),
         "accuracy": accuracy,
-        "epoch_losses": epoch_losses(result),
+        "epoch_losses": result.epoch_losses(),
         "tuning_seconds": result.seconds,
         "epochs": epochs,
     }

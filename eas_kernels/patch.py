@@ -140,7 +140,7 @@ class EASPatch:
         self.search = search
         self.layout = layout
         self.blocks = blocks
-        self.runtime = EASRuntime()
+        self.runtime = EASRuntime(running=plan.state == "running")
         self.sites: dict[str, dict[int, AdapterSite]] = {role: {} for role in ROLE_PIAS}
         self.skipped: tuple[int, ...] = ()
         self.skipped_ffns: tuple[int, ...] = ()
@@ -169,7 +169,8 @@ class EASPatch:
     ) -> None:
         plan, layout = self.plan, self.layout
         rank = plan.adapter_rank if role == "kept" else plan.skip_rank
-        pia = PIA(dim, rank, token_mixing=role in ("mha", "ffn"), temperature=plan.temperature)
+        mixing = plan.token_mixing and role in ("mha", "ffn")
+        pia = PIA(dim, rank, token_mixing=mixing, temperature=plan.temperature)
         block.add_module(ROLE_PIAS[role], pia.to(device=device, dtype=dtype))
         if role == "mha":
             norm, targets = getattr(block, layout.ffn_norm), layout.ffn_linears(block)

@@ -77,6 +77,23 @@ class PIAState:
         return PIAState(self.c.detach(), self.alpha.detach())
 
 
+@dataclass(frozen=True)
+class RunningSums:
+    """What a running-state PIA carries between calls (``SkipPlan(state="running")``):
+    the sum of the tokens averaged so far, ``(B, dim)``, and their count, ``(B,)``, both in
+    at least float32."""
+
+    total: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.total.shape[0])
+
+    def detach(self) -> RunningSums:
+        return RunningSums(self.total.detach(), self.count.detach())
+
+
 class PIA(nn.Module):
     """Two-path low-rank adapter with token averaging and a softmax router.
 
@@ -235,3 +252,56 @@ class PIA(nn.Module):
         w_u, beta = self.mixed_up_projection(state)
         projected = F.linear(u, self.down1.weight)
         return torch.baddbmm(beta.unsqueeze(1), projected, w_u)
+
+    def running(
+        self, u: torch.Tensor, mask: torch.Tensor | None = None, carry: RunningSums | None = None
+    ) -> tuple[torch.Tensor, RunningSums]:
+        """The delta with a *running* state (the Table 4 ablation without the frozen bias
+        term; not re-parameterisable): ``(PIA(u), sums)``.
+
+        Token ``t`` of an example uses the state of the causal mean
+        ``ū_t = (Σ_{s≤t} m_s u_s + total) / (Σ_{s≤t} m_s + count)``, where ``(total,
+        count)`` come from ``carry`` (the earlier calls of a decode; zeros without it)::
+
+            c_t = b_d1 + down2(ū_t),  α_t = softmax(router(ū_t) / τ)
+            PIA(u)_t = α_t1·up1(u_t W_d1ᵀ + c_t) + α_t2·up2(u_t W_d1ᵀ + c_t)
+
+        ``mask`` (``(B, n)`` bool, None: all) selects the tokens that enter the sums; a
+        token before the first selected one is averaged over nothing and gets ``ū_t = 0``.
+        Returns the sums after the last token, for the next call.
+        """
+        self._check_input(u)
+        batch, tokens, dim = u.shape
+        compute = torch.promote_types(u.dtype, torch.float32)
+        if mask is None:
+            weights = torch.ones(batch, tokens, dtype=compute, device=u.device)
+        else:
+            check_tensor(mask, "mask", ndim=2, dtype=torch.bool, device=u.device)
+            if tuple(mask.shape) != (batch, tokens):
+                raise ValueError(
+                    f"mask must have shape {(batch, tokens)} (B, n), got {tuple(mask.shape)}"
+                )
+            weights = mask.to(compute)
+        totals = (u.to(compute) * weights.unsqueeze(-1)).cumsum(dim=1)
+        counts = weights.cumsum(dim=1)
+        if carry is not None:
+            if not isinstance(carry, RunningSums) or carry.batch_size != batch:
+                raise ValueError(f"carry must be the RunningSums of {batch} examples")
+            totals = totals + carry.total.unsqueeze(1)
+            counts = counts + carry.count.unsqueeze(1)
+        means = (totals / counts.clamp(min=1).unsqueeze(-1)).to(u.dtype)
+        down2_weight = None if self.down2 is None else self.down2.weight
+        down2_bias = None if self.down2 is None else self.down2.bias
+        c, alpha = state_from_mean(
+            means.reshape(batch * tokens, dim),
+            self.down1.bias,
+            down2_weight,
+            down2_bias,
+            self.router.weight,
+            self.router.bias,
+            self.temperature,
+        )
+        hidden = F.linear(u, self.down1.weight) + c.reshape(batch, tokens, -1)
+        alpha = alpha.reshape(batch, tokens, 2)
+        delta = alpha[..., :1] * self.up1(hidden) + alpha[..., 1:] * self.up2(hidden)
+        return delta, RunningSums(totals[:, -1], counts[:, -1])

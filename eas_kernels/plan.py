@@ -11,6 +11,7 @@ from ._checks import check_layer_indices, check_positive_finite, check_positive_
 _FORMAT = "eas_kernels.SkipPlan"
 _VERSION = 2
 _READABLE_VERSIONS = (1, 2)  # v1 documents have no "skipped_ffns"
+STATES = ("frozen", "running")
 
 
 class SkipPlan:
@@ -27,6 +28,14 @@ class SkipPlan:
             adapter (paper: 32).
         adapter_rank: rank of the router adapter before each kept MHA (paper: 8).
         temperature: router temperature ``τ`` of every PIA (paper: 10).
+        token_mixing: whether the PIAs of skipped MHAs and FFNs have the token-averaged
+            down path ``f_d2`` (Eq. 4). False gives the paper's Table 4 "Base": one down
+            path only (``c = b_d1``); the router still reads ``ū``.
+        state: ``"frozen"`` (EAS_SPEC §3: every PIA state is computed over the prompt at
+            the prefill and frozen; re-parameterisable) or ``"running"`` (the Table 4
+            ablation without the frozen bias term: token ``t``'s state is computed from
+            the mean of the tokens up to ``t``, prompt and answer, and updated at every
+            decode step; decode stays eager, since the weights would change per token).
 
     What each block runs, by role (:func:`eas_kernels.patch_lavin` builds it)::
 
@@ -49,6 +58,8 @@ class SkipPlan:
         "skip_rank",
         "adapter_rank",
         "temperature",
+        "token_mixing",
+        "state",
     )
 
     def __init__(
@@ -60,6 +71,8 @@ class SkipPlan:
         skip_rank: int = 32,
         adapter_rank: int = 8,
         temperature: float = 10.0,
+        token_mixing: bool = True,
+        state: str = "frozen",
     ) -> None:
         num_layers = check_positive_int(num_layers, "num_layers")
         object.__setattr__(self, "num_layers", num_layers)
@@ -70,6 +83,12 @@ class SkipPlan:
         object.__setattr__(self, "skip_rank", check_positive_int(skip_rank, "skip_rank"))
         object.__setattr__(self, "adapter_rank", check_positive_int(adapter_rank, "adapter_rank"))
         object.__setattr__(self, "temperature", check_positive_finite(temperature, "temperature"))
+        if not isinstance(token_mixing, bool):
+            raise TypeError(f"token_mixing must be a bool, got {token_mixing!r}")
+        object.__setattr__(self, "token_mixing", token_mixing)
+        if state not in STATES:
+            raise ValueError(f"state must be one of {STATES}, got {state!r}")
+        object.__setattr__(self, "state", state)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("SkipPlan is immutable")
@@ -111,6 +130,8 @@ class SkipPlan:
             "skip_rank": self.skip_rank,
             "adapter_rank": self.adapter_rank,
             "temperature": self.temperature,
+            "token_mixing": self.token_mixing,
+            "state": self.state,
         }
 
     @classmethod
@@ -123,7 +144,7 @@ class SkipPlan:
                 f"version={data.get('version')!r}"
             )
         fields = {"num_layers", "skipped", "skip_rank", "adapter_rank", "temperature"}
-        optional = {"skipped_ffns"}
+        optional = {"skipped_ffns", "token_mixing", "state"}
         unknown = set(data) - fields - optional - {"format", "version"}
         missing = fields - set(data)
         if unknown or missing:
@@ -140,6 +161,8 @@ class SkipPlan:
             skip_rank=data["skip_rank"],
             adapter_rank=data["adapter_rank"],
             temperature=data["temperature"],
+            token_mixing=data.get("token_mixing", True),
+            state=data.get("state", "frozen"),
         )
 
     def to_json(self) -> str:
@@ -172,10 +195,14 @@ class SkipPlan:
     def __hash__(self) -> int:
         return hash(tuple(getattr(self, name) for name in self.__slots__))
 
+    def _ablations(self) -> str:
+        mixing = "" if self.token_mixing else ", token_mixing=False"
+        return mixing + ("" if self.state == "frozen" else f", state={self.state!r}")
+
     def __repr__(self) -> str:
         ffns = f"skipped_ffns={list(self.skipped_ffns)}, " if self.skipped_ffns else ""
         return (
             f"SkipPlan(num_layers={self.num_layers}, skipped={list(self.skipped)}, {ffns}"
             f"skip_rank={self.skip_rank}, adapter_rank={self.adapter_rank}, "
-            f"temperature={self.temperature})"
+            f"temperature={self.temperature}{self._ablations()})"
         )

@@ -32,11 +32,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import add_lowrank, lowrank_factors, merged_linear
-from .pia import PIA, PIAState
+from .pia import PIA, PIAState, RunningSums
 
 MODES = ("eager", "merge", "lowrank", "auto")
 # Site kinds are layer roles (SkipPlan.role); how error messages name their PIAs.
 _ROLE_NAMES = {"kept": "attention", "mha": "skip", "ffn": "FFN-skip", "block": "block"}
+
+
+def _prompt_and_after(mask: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor | None:
+    """The prompt mask plus every position after each example's last prompt token (the
+    answer of a teacher-forced batch, left-padded), or None (all tokens)."""
+    if mask is None:
+        return None
+    if tuple(mask.shape) != tuple(u.shape[:2]):
+        raise ValueError(
+            f"prompt mask has shape {tuple(mask.shape)} but the PIA sees "
+            f"{tuple(u.shape[:2])} (B, n) tokens"
+        )
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask, positions, -1).amax(dim=1, keepdim=True)
+    return mask | (positions > last)
 
 
 @dataclass
@@ -77,7 +92,7 @@ class AdapterSite:
         self.pia = pia
         self.targets = targets
         self.active = False
-        self.state: PIAState | None = None
+        self.state: PIAState | RunningSums | None = None
         self.projected: torch.Tensor | None = None
         self._lowrank_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._norm_hook = None if norm is None else norm.register_forward_hook(self._on_norm_output)
@@ -176,8 +191,9 @@ class AdapterSite:
 class EASRuntime:
     """Frozen states, mode and re-parameterisation of one patched model."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, running: bool = False) -> None:
         self.sites: list[AdapterSite] = []
+        self.running = running  # SkipPlan(state="running"): states follow every token
         self.mode = "eager"
         self.state_mask: torch.Tensor | None = None
         self.decoding = False
@@ -223,6 +239,8 @@ class EASRuntime:
     def adapt(self, site: AdapterSite, u: torch.Tensor) -> torch.Tensor | None:
         """What the site makes of the norm output ``u``: ``u + PIA(u)`` for a site with
         targets (``None`` once they are re-parameterised), ``PIA(u)`` for one without."""
+        if self.running:
+            return self._adapt_running(site, u)
         if not self.decoding:
             mask = self.state_mask
             if mask is not None and tuple(mask.shape) != tuple(u.shape[:2]):
@@ -247,12 +265,24 @@ class EASRuntime:
             return None
         return u + site.pia(u, state=site.state)
 
+    def _adapt_running(self, site: AdapterSite, u: torch.Tensor) -> torch.Tensor:
+        """Running states (:meth:`PIA.running`): a fresh call averages the prompt tokens
+        and every token after the prompt (the answer, under teacher forcing), causally;
+        a decode call adds its tokens to the sums of the previous calls."""
+        if self.decoding:
+            assert isinstance(site.state, RunningSums)
+            delta, sums = site.pia.running(u, None, site.state)
+        else:
+            delta, sums = site.pia.running(u, _prompt_and_after(self.state_mask, u))
+        site.state = sums.detach()
+        return u + delta if site.reparameterizable else delta
+
     # ------------------------------------------------------------------ modes
     def realize(self, mode: str, batch_size: int) -> None:
         """Apply ``mode`` for the current frozen states (all sites at once, or none)."""
         resolved = mode
         if mode == "auto":
-            resolved = "merge" if batch_size == 1 else "lowrank"
+            resolved = "eager" if self.running else "merge" if batch_size == 1 else "lowrank"
         if resolved == "merge":
             if batch_size != 1:
                 raise ValueError(
@@ -297,6 +327,11 @@ class EASRuntime:
         """
         if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if self.running and mode in ("merge", "lowrank"):
+            raise ValueError(
+                f"mode={mode!r} needs frozen PIA states; this model's plan has "
+                "state='running' (its states change at every token): use 'eager' or 'auto'"
+            )
         if not self.decoding:
             self.mode = mode
             return

@@ -57,11 +57,17 @@ def patched(
     dtype: torch.dtype = torch.float32,
     search: bool | str = False,
     skipped_ffns: tuple[int, ...] = (),
+    plan_options: dict[str, object] | None = None,
     **overrides: object,
 ) -> Transformer:
     model = tiny_model(seed, dtype, **overrides)
     plan = eas_kernels.SkipPlan(
-        model.n_layers, skipped, skipped_ffns=skipped_ffns, skip_rank=6, adapter_rank=3
+        model.n_layers,
+        skipped,
+        skipped_ffns=skipped_ffns,
+        skip_rank=6,
+        adapter_rank=3,
+        **(plan_options or {}),
     )
     eas_kernels.patch_lavin(model, plan, search=search)
     if trained:

@@ -48,6 +48,16 @@ def pia_reference(
     return torch.stack(outputs)
 
 
+def pia_running_reference(pia: nn.Module, u: torch.Tensor, mask=None, state=None) -> torch.Tensor:
+    """``PIA(u)`` with running states (``SkipPlan(state="running")``) for an unpadded batch:
+    token ``t`` uses the state of the mean of tokens ``0..t``, recomputed from scratch."""
+    outputs = []
+    for t in range(u.shape[1]):
+        prefix = u[:, : t + 1]
+        outputs.append(pia_reference(pia, prefix)[:, -1])
+    return torch.stack(outputs, dim=1)
+
+
 def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps)
     return normed.type_as(x) * norm.weight
@@ -63,6 +73,7 @@ def eas_forward_reference(
     prompt_len: int,
     skipped: set[int],
     skipped_ffns: set[int] = frozenset(),
+    running: bool = False,
 ) -> torch.Tensor:
     """Logits ``(n, vocab)`` of one unpadded sequence through the EAS model of §2–3.
 
@@ -70,7 +81,10 @@ def eas_forward_reference(
     ``x + FFN(v + PIA_s(v))``; in ``skipped_ffns`` only ``x + Attn(u + PIA_f(u))``; in
     both ``x + A(u)`` (DAS, §6); the others ``x + Attn(u + PIA_a(u))`` then the FFN. A layer
     without the PIA its role needs uses none (the unpatched block, or the parts removed).
+    ``running``: every PIA uses running states instead (``prompt_len`` is then unused,
+    since the prompt and everything after it are averaged causally).
     """
+    adapt = pia_running_reference if running else pia_reference
     n = tokens.shape[0]
     mask = torch.zeros(1, n, dtype=torch.bool)
     mask[0, :prompt_len] = True
@@ -82,17 +96,17 @@ def eas_forward_reference(
         if mha_skipped and ffn_skipped:
             adapter = getattr(block, "block_adapter", None)
             u = rms_norm(block.attention_norm, x)
-            x = x if adapter is None else x + pia_reference(adapter, u, mask)
+            x = x if adapter is None else x + adapt(adapter, u, mask)
         elif mha_skipped:
             v = rms_norm(block.ffn_norm, x)
             pia = getattr(block, "skip_pia", None)
-            z = v if pia is None else v + pia_reference(pia, v, mask)
+            z = v if pia is None else v + adapt(pia, v, mask)
             x = x + ffn(block.feed_forward, z)
         else:
             u = rms_norm(block.attention_norm, x)
             adapter = getattr(block, "ffn_skip_pia" if ffn_skipped else "attn_adapter", None)
             if adapter is not None:
-                u = u + pia_reference(adapter, u, mask)
+                u = u + adapt(adapter, u, mask)
             h = x + block.attention(u, None, freqs, causal)
             x = h if ffn_skipped else h + ffn(block.feed_forward, rms_norm(block.ffn_norm, h))
     return linear(model.output, rms_norm(model.norm, x))[0].float()

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..generation import greedy_generate
 from ..layout import LAVIN
-from ..patch import SkippedMHAForward, no_ffn, patch_of
+from ..patch import SkippedMHAForward, no_ffn, patch_of, runtime_of
 from ..plan import SkipPlan
 from ..reparam import reparameterize
 from .data import Example
@@ -117,6 +117,14 @@ def time_models(
         summary[name]["ms_per_token_each_prompt"] = [r["ms_per_token"] for r in results]
         summary[name]["mode"] = models[name][1]
     return summary
+
+
+def tuned_parameter_count(model: nn.Module) -> int:
+    """Parameters a tuning method trains: the PIAs of the current roles and, for a
+    multimodal model, its projector."""
+    pias = sum(p.numel() for site in runtime_of(model).active_sites for p in site.pia.parameters())
+    projector = getattr(model, "projector", None)
+    return pias + (0 if projector is None else sum(p.numel() for p in projector.parameters()))
 
 
 def floor_model(model: nn.Module, plan: SkipPlan) -> nn.Module:

@@ -113,6 +113,16 @@ class TuningResult:
     history: dict[str, list[Any]] = field(default_factory=dict)
     seconds: float = 0.0
 
+    def epoch_losses(self) -> list[dict[str, Any]]:
+        """Mean training loss of each (phase, epoch) of the run, in order."""
+        groups: dict[tuple[str, int], list[float]] = {}
+        for step in self.history.get("steps", []):
+            groups.setdefault((step["phase"], step["epoch"]), []).append(step["loss"])
+        return [
+            {"phase": phase, "epoch": epoch, "mean_loss": sum(losses) / len(losses)}
+            for (phase, epoch), losses in groups.items()
+        ]
+
 
 class EASTuner:
     """Run the schedule of the module docstring on a patched ``model``.

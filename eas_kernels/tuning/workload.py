@@ -14,6 +14,7 @@ of each tuning method. The LLM itself is always frozen.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import from_pretrained, save_pretrained
 from ..models.lavin import ModelArgs, Transformer
 from ..models.multimodal import LaVINStyleMLLM, VisionTower
 from .data import (
@@ -40,6 +42,7 @@ from .data import (
 )
 
 MODELS = ("smollm2", "tiny")
+MULTIMODAL_FILE = "multimodal.pt"  # vision tower and projector of a tuned model
 SMOLLM2_IMAGE_TOKEN = "<filename>"  # a special token no text encodes to
 
 
@@ -226,3 +229,26 @@ def build_workload(
         }
     )
     return Workload(model, encode, decode, pad_id, train, held_out, test, info)
+
+
+def save_tuned(model: LaVINStyleMLLM, folder: str | os.PathLike[str], *, active_only: bool) -> Path:
+    """Save a tuned multimodal model: plan + PIAs (:func:`~eas_kernels.save_pretrained`)
+    and its vision tower and projector (``multimodal.pt``). Returns the folder."""
+    folder = Path(folder)
+    save_pretrained(model, folder, active_only=active_only)
+    state = {"vision": model.vision.state_dict(), "projector": model.projector.state_dict()}
+    torch.save(state, folder / MULTIMODAL_FILE)
+    return folder
+
+
+def load_tuned(base: LaVINStyleMLLM, folder: str | os.PathLike[str]) -> LaVINStyleMLLM:
+    """A copy of the untuned ``base`` patched from a :func:`save_tuned` folder, with the
+    folder's vision tower and projector."""
+    folder = Path(folder)
+    if not (folder / MULTIMODAL_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has no {MULTIMODAL_FILE}: not a tuned checkpoint")
+    model = copy.deepcopy(base)
+    state = torch.load(folder / MULTIMODAL_FILE, map_location="cpu")
+    model.vision.load_state_dict(state["vision"])
+    model.projector.load_state_dict(state["projector"])
+    return from_pretrained(model, folder)
