@@ -1,0 +1,83 @@
+"""The paper-table recipes of ``python/``: their method lists, and the shared harness end
+to end on the tiny model (tune, cache, accuracy per decode mode, timing, JSON and PNG)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "python"))
+
+experiments = importlib.import_module("paper_experiments")
+TABLES = ["table1_methods", "table3_candidates", "table4_pia_ablation", "table5_skip_number"]
+SMOLLM2_LAYERS = 30
+TINY = [
+    "--model",
+    "tiny",
+    "--train",
+    "16",
+    "--held-out",
+    "8",
+    "--test",
+    "6",
+    "--timing-prompts",
+    "2",
+    "--timing-tokens",
+    "3",
+]
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_table_methods_are_valid_rows_for_smollm2(table):
+    methods = importlib.import_module(table).METHODS
+    assert len({m.name for m in methods}) == len(methods)
+    for method in methods:
+        method.plan(SMOLLM2_LAYERS)  # validated by SkipPlan
+        assert method.mode in ("eager", "merge")
+        if method.candidates is not None:
+            assert 0 < method.k < SMOLLM2_LAYERS
+
+
+def test_table4_last_two_rows_share_one_tuned_model():
+    methods = importlib.import_module("table4_pia_ablation").METHODS
+    args = experiments.options("", [])
+    keys = [json.dumps(experiments._key(m, args), sort_keys=True) for m in methods]
+    assert keys[2] == keys[3] and len(set(keys)) == 3
+
+
+def test_harness_tunes_caches_measures_and_reports(tmp_path, capsys):
+    methods = [
+        experiments.Method("LaVIN-style", mode="eager"),
+        experiments.Method("EAS-2", candidates="mha", k=2),
+        experiments.Method(
+            "running", skipped=(3, 4), plan_options=(("state", "running"),), mode="eager"
+        ),
+        experiments.Method("frozen eager", skipped=(3, 4), mode="eager"),
+        experiments.Method("frozen merged", skipped=(3, 4), mode="merge"),
+    ]
+    argv = [*TINY, "--out", str(tmp_path)]
+    report = experiments.run_table("tiny", "tiny table", methods, argv, {"source": "none"})
+    rows = {row["name"]: row for row in report["rows"]}
+    assert set(rows) == {m.name for m in methods}
+    assert rows["EAS-2"]["skipped_mhas"] and len(rows["EAS-2"]["skipped_mhas"]) == 2
+    assert rows["running"]["plan"]["state"] == "running"
+    assert rows["frozen eager"]["folder"] == rows["frozen merged"]["folder"]
+    assert rows["LaVIN-style"]["trainable_params"] < rows["frozen eager"]["trainable_params"]
+    for row in rows.values():
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["ms_per_token"] > 0 and row["floor_ms_per_token"] > 0
+    assert (tmp_path / "tiny.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "tiny.json").read_text())
+    assert saved["rows"] == report["rows"] and "| frozen merged |" in saved["markdown"]
+    results = sorted((tmp_path / "methods").glob("*/result.json"))
+    assert len(results) == 4  # five rows, four tuned models
+    capsys.readouterr()
+    again = experiments.run_table("tiny", "tiny table", methods, argv, {"source": "none"})
+    assert "tuning (" not in capsys.readouterr().out  # every row came from the cache
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
+    assert len(sorted((tmp_path / "methods").glob("*/result.json"))) == 4
