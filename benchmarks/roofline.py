@@ -1,4 +1,5 @@
-"""Timing helpers and the machine's roofline, measured in the run that uses them.
+"""Timing helpers, the machine's roofline (measured in the run that uses them) and
+trained-looking adapters for the benchmarks.
 
 ``peak``: the rate of a large GEMM (float32; bfloat16 as well, for reference);
 ``bandwidth``: bytes read plus bytes written per second by a large copy. A kernel's floor
@@ -82,3 +83,14 @@ def machine() -> dict[str, object]:
         eas_kernels=eas_kernels.__version__,
         load_average_1min=round(os.getloadavg()[0], 2),
     )
+
+
+def randomize_trainables(model: torch.nn.Module, seed: int) -> None:
+    """Give every trainable (adapter) parameter random non-zero values, as after tuning, so
+    that merging and the low-rank path are not no-ops."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                noise = torch.randn(parameter.shape, generator=generator) * 0.02
+                parameter.copy_(noise.to(parameter))

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import eas_kernels
+from benchmarks.roofline import randomize_trainables
 from eas_kernels.models.lavin import ModelArgs, Transformer
 from eas_kernels.tuning.evaluate import floor_model
 
@@ -37,11 +38,13 @@ PROMPT = 96
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 ARGS = (
-    ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=512,
-              max_batch_size=1)
+    ModelArgs(
+        dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=512, max_batch_size=1
+    )
     if DEVICE == "cuda"
-    else ModelArgs(dim=256, n_layers=32, n_heads=8, vocab_size=4096, max_seq_len=512,
-                   max_batch_size=1)
+    else ModelArgs(
+        dim=256, n_layers=32, n_heads=8, vocab_size=4096, max_seq_len=512, max_batch_size=1
+    )
 )
 SKIPPED = list(range(ARGS.n_layers - K - 1, ARGS.n_layers - 1))  # deep layers (paper Fig. 6)
 
@@ -51,16 +54,6 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def _train_like(model: torch.nn.Module) -> None:
-    """Non-zero PIA weights, so merging and the low-rank path are not no-ops."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                noise = torch.randn(parameter.shape, generator=generator) * 0.02
-                parameter.copy_(noise.to(parameter))
-
-
 @pytest.fixture(scope="module")
 def variants() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
@@ -68,12 +61,12 @@ def variants() -> dict[str, torch.nn.Module]:
     built: dict[str, torch.nn.Module] = {"unpatched": base}
     built["floor"] = floor_model(base, eas_kernels.SkipPlan(ARGS.n_layers, SKIPPED))
     lavin = eas_kernels.patch_lavin(copy.deepcopy(base), eas_kernels.SkipPlan(ARGS.n_layers, []))
-    _train_like(lavin)
+    randomize_trainables(lavin, 0)
     built["lavin_style"] = eas_kernels.reparameterize(lavin, "eager")
     for mode in ("eager", "merge", "lowrank"):
         model = copy.deepcopy(base)
         eas_kernels.patch_lavin(model, eas_kernels.SkipPlan(ARGS.n_layers, SKIPPED))
-        _train_like(model)
+        randomize_trainables(model, 0)
         built[f"eas_{mode}"] = eas_kernels.reparameterize(model, mode)
     return built
 
@@ -111,10 +104,18 @@ def _paired_ratio(decoder: Decoder, floor: Decoder, pairs: int = 30) -> float:
 
 def _environment() -> dict[str, object]:
     return dict(
-        shape=dict(dim=ARGS.dim, n_layers=ARGS.n_layers, n_heads=ARGS.n_heads,
-                   vocab=ARGS.vocab_size, prompt=PROMPT, batch=1, dtype=str(DTYPE)),
-        device=torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor()
-        or platform.machine(),
+        shape=dict(
+            dim=ARGS.dim,
+            n_layers=ARGS.n_layers,
+            n_heads=ARGS.n_heads,
+            vocab=ARGS.vocab_size,
+            prompt=PROMPT,
+            batch=1,
+            dtype=str(DTYPE),
+        ),
+        device=torch.cuda.get_device_name()
+        if DEVICE == "cuda"
+        else platform.processor() or platform.machine(),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         eas_kernels=eas_kernels.__version__,

@@ -39,7 +39,7 @@ import pytest
 import torch
 
 import eas_kernels
-from benchmarks.roofline import DEVICE, machine, timed
+from benchmarks.roofline import DEVICE, machine, randomize_trainables, timed
 from eas_kernels.models.lavin import ModelArgs, Transformer
 from eas_kernels.ops import free_pristine_buffers
 from eas_kernels.patch import runtime_of
@@ -73,6 +73,13 @@ def base_model(name: str) -> Transformer:
     return Transformer(args).to(device=DEVICE, dtype=dtype).eval()
 
 
+def shape_of(base: Transformer) -> dict[str, object]:
+    weight = base.tok_embeddings.weight
+    return dict(
+        dim=base.params.dim, layers=base.n_layers, vocab=weight.shape[0], dtype=str(weight.dtype)
+    )
+
+
 def deep_layers(layers: int, k: int) -> list[int]:
     return list(range(layers - 1 - k, layers - 1))
 
@@ -91,12 +98,7 @@ def build(variant: str, base: Transformer, mode: str | None = None) -> torch.nn.
     if variant == "unpatched":
         return base
     model = eas_kernels.patch_lavin(copy.deepcopy(base), plan_of(variant, base.n_layers))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                noise = torch.randn(parameter.shape, generator=generator) * 0.02
-                parameter.copy_(noise.to(parameter))
+    randomize_trainables(model, 1)
     if mode is None:
         mode = "merge" if variant.startswith("eas") else "eager"
     return eas_kernels.reparameterize(model, mode)
@@ -163,12 +165,7 @@ def test_generate(benchmark, model_name, variant):
         model=model_name,
         variant=variant,
         skipped=list(plan_of(variant, base.n_layers).skipped),
-        shape=dict(
-            dim=base.params.dim,
-            layers=base.n_layers,
-            vocab=vocab,
-            dtype=str(base.tok_embeddings.weight.dtype),
-        ),
+        shape=shape_of(base),
         prompt=PROMPT,
         new_tokens=NEW_TOKENS,
         ms_per_token=round(1e3 * statistics.median(seconds) / NEW_TOKENS, 3),
@@ -213,12 +210,7 @@ def test_batched_decode(benchmark, variant, batch):
         batch=batch,
         mode="lowrank",
         skipped=list(plan_of(variant, base.n_layers).skipped),
-        shape=dict(
-            dim=base.params.dim,
-            layers=base.n_layers,
-            vocab=vocab,
-            dtype=str(base.tok_embeddings.weight.dtype),
-        ),
+        shape=shape_of(base),
         ratio_vs_floor=round(statistics.median(ratios), 4),
         floor_ms_per_step=round(1e3 * statistics.median(timed(step_floor) for _ in range(10)), 3),
         **machine(),
