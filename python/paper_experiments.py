@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -74,8 +75,10 @@ class Method:
 
     ``candidates`` names the searched candidate set (``"mha"``, ``"ffn"``,
     ``"mha_or_ffn"``, ``"block"``) with ``k`` arms skipped; ``None`` trains the fixed plan
-    ``SkipPlan(L, skipped, **plan_options)`` (``skipped=()``: LaVIN-style). ``mode`` is
-    the decode mode it is evaluated and timed with.
+    ``SkipPlan(L, skipped, **plan_options)`` (``skipped=()``: LaVIN-style); with
+    ``plan_from``, the fixed plan is the skip set that the earlier row of that name
+    searched (a diagnostic: its plan with a fixed-plan method's fine-tuning budget).
+    ``mode`` is the decode mode it is evaluated and timed with.
     """
 
     name: str
@@ -84,6 +87,7 @@ class Method:
     skipped: tuple[int, ...] = ()
     plan_options: tuple[tuple[str, Any], ...] = ()
     mode: str = "merge"
+    plan_from: str | None = None
 
     def plan(self, num_layers: int) -> SkipPlan:
         return SkipPlan(num_layers, list(self.skipped), **dict(self.plan_options))
@@ -362,7 +366,13 @@ def run_table(
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     work = workload(args)
-    rows = [run_method(method, work, args) for method in methods]
+    rows: list[Row] = []
+    for method in methods:
+        if method.plan_from is not None:
+            source = next(row for row in rows if row.method.name == method.plan_from)
+            searched = tuple(source.result["skipped_mhas"])
+            method = dataclasses.replace(method, skipped=searched, plan_from=None)
+        rows.append(run_method(method, work, args))
     timings = time_rows(rows, work, args)
     unpatched_ms = timings["unpatched"]["ms_per_token"]
     table = print_table(title, rows, work, unpatched_ms)

@@ -9,7 +9,11 @@ harness, schedule and measurements: ``paper_experiments.py``):
   router adapter ``x + A(attention_norm(x))`` that stays at inference (EAS_SPEC §6);
 * **EAS-4 / 8 / 12** — the bandit searches k MHAs to skip; each is replaced by a rank-32
   PIA and every kept MHA gets a rank-8 adapter, all re-parameterised after the prefill
-  (``merge``).
+  (``merge``);
+* **EAS-8 plan, 3 fine-tune epochs** — a diagnostic: the skip set EAS-8 searched, trained
+  as a fixed plan for 3 epochs like LaVIN-style (EAS-8 itself fine-tunes its plan for 1
+  epoch after 2 epochs of warm-up and search), which separates the plan's quality from
+  the fine-tuning budget.
 
 ``python python/table1_methods.py`` (about 25 minutes on a 2-core CPU, fewer when
 other tables have already tuned the EAS rows) writes ``runs/paper/table1.json`` and
@@ -26,6 +30,7 @@ METHODS = [
     Method("LaVIN-style", mode="eager"),
     Method("DAS-4", candidates="block", k=4, mode="eager"),
     *(Method(f"EAS-{k}", candidates="mha", k=k) for k in (4, 8, 12)),
+    Method("EAS-8 plan, 3 fine-tune epochs", plan_from="EAS-8"),
 ]
 
 PAPER = {

@@ -54,17 +54,20 @@ def test_harness_tunes_caches_measures_and_reports(tmp_path, capsys):
     methods = [
         experiments.Method("LaVIN-style", mode="eager"),
         experiments.Method("EAS-2", candidates="mha", k=2),
+        experiments.Method("EAS-2 plan", plan_from="EAS-2"),
         experiments.Method(
-            "running", skipped=(3, 4), plan_options=(("state", "running"),), mode="eager"
+            "running", skipped=(2, 3, 4), plan_options=(("state", "running"),), mode="eager"
         ),
-        experiments.Method("frozen eager", skipped=(3, 4), mode="eager"),
-        experiments.Method("frozen merged", skipped=(3, 4), mode="merge"),
+        experiments.Method("frozen eager", skipped=(2, 3, 4), mode="eager"),
+        experiments.Method("frozen merged", skipped=(2, 3, 4), mode="merge"),
     ]
     argv = [*TINY, "--out", str(tmp_path)]
     report = experiments.run_table("tiny", "tiny table", methods, argv, {"source": "none"})
     rows = {row["name"]: row for row in report["rows"]}
     assert set(rows) == {m.name for m in methods}
     assert rows["EAS-2"]["skipped_mhas"] and len(rows["EAS-2"]["skipped_mhas"]) == 2
+    assert rows["EAS-2 plan"]["skipped_mhas"] == rows["EAS-2"]["skipped_mhas"]
+    assert rows["EAS-2 plan"]["folder"] != rows["EAS-2"]["folder"]
     assert rows["running"]["plan"]["state"] == "running"
     assert rows["frozen eager"]["folder"] == rows["frozen merged"]["folder"]
     assert rows["LaVIN-style"]["trainable_params"] < rows["frozen eager"]["trainable_params"]
@@ -75,9 +78,9 @@ def test_harness_tunes_caches_measures_and_reports(tmp_path, capsys):
     saved = json.loads((tmp_path / "tiny.json").read_text())
     assert saved["rows"] == report["rows"] and "| frozen merged |" in saved["markdown"]
     results = sorted((tmp_path / "methods").glob("*/result.json"))
-    assert len(results) == 4  # five rows, four tuned models
+    assert len(results) == 5  # six rows, five tuned models
     capsys.readouterr()
     again = experiments.run_table("tiny", "tiny table", methods, argv, {"source": "none"})
     assert "tuning (" not in capsys.readouterr().out  # every row came from the cache
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
-    assert len(sorted((tmp_path / "methods").glob("*/result.json"))) == 4
+    assert len(sorted((tmp_path / "methods").glob("*/result.json"))) == 5
