@@ -23,7 +23,7 @@ the method's decode mode (``merge`` for EAS, ``eager`` for LaVIN-style and DAS, 
 adapters stay). Decode speed (:func:`time_rows`): milliseconds per decode step at batch 1,
 mean of the steps after the first, median over 8 test prompts, all models of a table
 round-robin; each plan's *floor* (the unpatched model with the same parts deleted and no
-adapter) is timed beside it.
+adapter) is timed beside it, and ratios are medians of per-prompt ratios.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -232,8 +233,10 @@ def _tune(method: Method, work: Workload, args: argparse.Namespace, folder: Path
 def time_rows(rows: Sequence[Row], work: Workload, args: argparse.Namespace) -> dict[str, Any]:
     """Round-robin decode timing of every row, the unpatched model and each plan's floor.
 
-    Adds ``ms_per_token``, ``floor_ms_per_token``, ``ratio_vs_floor`` and
-    ``speedup_vs_unpatched`` to each row's result and returns the raw timings.
+    Adds ``ms_per_token`` and ``floor_ms_per_token`` (medians over prompts),
+    ``ratio_vs_floor`` and ``speedup_vs_unpatched`` (medians over prompts of the
+    per-prompt ratios, which a slow drift of the machine's speed cancels out of) to each
+    row's result and returns the raw timings.
     """
     models: dict[str, tuple[nn.Module, str | None]] = {"unpatched": (work.model, None)}
     floors: dict[str, str] = {}
@@ -249,16 +252,21 @@ def time_rows(rows: Sequence[Row], work: Workload, args: argparse.Namespace) -> 
         f"{args.timing_tokens} tokens, round-robin"
     )
     timings = time_models(models, work.test[: args.timing_prompts], args.timing_tokens)
-    unpatched = timings["unpatched"]["ms_per_token"]
+
+    def paired(name: str, reference: str) -> float:
+        """Median over prompts of the per-prompt ratio (both ran the prompt back to back)."""
+        ours = timings[name]["ms_per_token_each_prompt"]
+        theirs = timings[reference]["ms_per_token_each_prompt"]
+        return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+
     for row in rows:
-        ms = timings[row.method.name]["ms_per_token"]
-        floor_name = floors.get(row.method.name)
-        floor = unpatched if floor_name is None else timings[floor_name]["ms_per_token"]
+        name = row.method.name
+        floor_name = floors.get(name, "unpatched")
         row.result.update(
-            ms_per_token=ms,
-            floor_ms_per_token=floor,
-            ratio_vs_floor=ms / floor,
-            speedup_vs_unpatched=unpatched / ms,
+            ms_per_token=timings[name]["ms_per_token"],
+            floor_ms_per_token=timings[floor_name]["ms_per_token"],
+            ratio_vs_floor=paired(name, floor_name),
+            speedup_vs_unpatched=1 / paired(name, "unpatched"),
         )
     return timings
 
