@@ -40,7 +40,13 @@ from .patch import CANDIDATES, current_plan, patch_lavin, set_skipped
 from .plan import SkipPlan
 from .search import Candidates
 from .tuning.data import easy_vqa_images, vqa_prompt
-from .tuning.evaluate import answer_accuracy, floor_model, time_models, tuned_parameter_count
+from .tuning.evaluate import (
+    answer_accuracy,
+    floor_model,
+    pretrained_parameter_count,
+    time_models,
+    tuned_parameter_count,
+)
 from .tuning.plots import plot_plan, plot_preferences
 from .tuning.trainer import EASTuner, TuningConfig, TuningResult
 from .tuning.workload import (
@@ -305,14 +311,6 @@ def _plots(result: TuningResult, candidates: Candidates, out: Path) -> dict[str,
     return {"preferences": str(preferences), "plan": str(plan)}
 
 
-def _pretrained_count(workload: Workload) -> int:
-    llm = workload.model.llm
-    total = sum(p.numel() for p in llm.parameters())
-    if llm.output.weight is llm.tok_embeddings.weight:
-        total -= llm.output.weight.numel()
-    return total
-
-
 # ----------------------------------------------------------------------------- commands
 def cmd_search(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     workload = _workload(args, console)
@@ -477,7 +475,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         args,
         console,
     )
-    pretrained = _pretrained_count(workload)
+    pretrained = pretrained_parameter_count(workload.model.llm)
     _print_table(methods, timings, pretrained)
     return {
         "workload": workload.info,

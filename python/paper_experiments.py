@@ -53,6 +53,7 @@ from eas_kernels.tuning import EASTuner, TuningConfig
 from eas_kernels.tuning.evaluate import (
     answer_accuracy,
     floor_model,
+    pretrained_parameter_count,
     time_models,
     tuned_parameter_count,
 )
@@ -271,13 +272,6 @@ def time_rows(rows: Sequence[Row], work: Workload, args: argparse.Namespace) -> 
     return timings
 
 
-def pretrained_params(work: Workload) -> int:
-    llm = work.model.llm
-    total = sum(p.numel() for p in llm.parameters())
-    tied = llm.output.weight is llm.tok_embeddings.weight
-    return total - (llm.output.weight.numel() if tied else 0)
-
-
 def environment() -> dict[str, Any]:
     return {
         "eas_kernels": eas_kernels.__version__,
@@ -292,7 +286,7 @@ def environment() -> dict[str, Any]:
 
 
 def print_table(title: str, rows: Sequence[Row], work: Workload, unpatched_ms: float) -> str:
-    total = pretrained_params(work)
+    total = pretrained_parameter_count(work.model.llm)
     lines = [
         title,
         "",
@@ -395,7 +389,7 @@ def run_table(
         ],
         "unpatched_ms_per_token": unpatched_ms,
         "timings": timings,
-        "pretrained_params": pretrained_params(work),
+        "pretrained_params": pretrained_parameter_count(work.model.llm),
         "workload": work.info,
         "markdown": table,
         "plot": str(plot),

@@ -198,3 +198,15 @@ def test_other_candidate_sets_search_end_to_end(candidates):
         assert not result.plan.skipped and len(result.plan.skipped_ffns) == 2
     if candidates == "block":
         assert result.plan.skipped == result.plan.skipped_ffns == result.plan.skipped_blocks
+
+
+def test_pretrained_parameter_count_counts_a_copied_tied_output_once():
+    from eas_kernels.tuning.evaluate import pretrained_parameter_count
+    from tests.helpers import tiny_model
+
+    model = tiny_model(0)
+    total = sum(p.numel() for p in model.parameters())
+    assert pretrained_parameter_count(model) == total  # untied, different values
+    with torch.no_grad():
+        model.output.weight.copy_(model.tok_embeddings.weight)  # a converted tied checkpoint
+    assert pretrained_parameter_count(model) == total - model.output.weight.numel()

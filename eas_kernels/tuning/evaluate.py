@@ -127,6 +127,16 @@ def tuned_parameter_count(model: nn.Module) -> int:
     return pias + (0 if projector is None else sum(p.numel() for p in projector.parameters()))
 
 
+def pretrained_parameter_count(llm: nn.Module) -> int:
+    """Parameters of a LaVIN-layout language model, an output matrix equal to the token
+    embedding (a tied checkpoint, copied by the conversion) counted once."""
+    total = sum(p.numel() for p in llm.parameters())
+    output, embedding = llm.output.weight, llm.tok_embeddings.weight
+    if output is embedding or (output.shape == embedding.shape and torch.equal(output, embedding)):
+        total -= output.numel()
+    return total
+
+
 def floor_model(model: nn.Module, plan: SkipPlan) -> nn.Module:
     """A copy of the *unpatched* ``model`` with the plan's skipped parts removed and
     nothing added: the speed limit of any adapter scheme for that plan.
