@@ -45,7 +45,7 @@ from eas_kernels.ops import free_pristine_buffers
 from eas_kernels.patch import runtime_of
 from eas_kernels.tuning.evaluate import floor_model
 
-PROMPT, NEW_TOKENS, PAIRS = 96, 64, 3
+PROMPT, NEW_TOKENS, PAIRS = 96, 64, 7
 GPU = DEVICE.type == "cuda"
 VARIANTS = ["unpatched", "lavin_style", "das_4", "eas_4", "eas_8", "eas_12", "eas_16"]
 
