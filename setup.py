@@ -55,7 +55,9 @@ def _cuda_archs() -> list[str]:
     text = os.environ.get("EAS_CUDA_ARCHS", DEFAULT_ARCHS)
     archs = [a.strip().replace(".", "") for a in text.replace(",", ";").split(";") if a.strip()]
     if not archs or not all(a.isdigit() for a in archs):
-        raise RuntimeError(f"EAS_CUDA_ARCHS must list compute capabilities like '80;90', got {text!r}")
+        raise RuntimeError(
+            f"EAS_CUDA_ARCHS must list compute capabilities like '80;90', got {text!r}"
+        )
     return archs
 
 
