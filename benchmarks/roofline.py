@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -51,6 +51,41 @@ def paired_medians(
         for name, fn in variants.items():
             times[name].append(timed(fn, setup))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def paired_times(
+    fn: Callable[[], object], reference: Callable[[], object], pairs: int
+) -> tuple[list[float], list[float]]:
+    """Seconds of ``fn`` and of ``reference``, run back to back ``pairs`` times."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(pairs):
+        times[0].append(timed(fn))
+        times[1].append(timed(reference))
+    return times
+
+
+def median_ratio(times: Sequence[float], reference_times: Sequence[float]) -> float:
+    """Median of the pairwise ratios ``times[i] / reference_times[i]``."""
+    return statistics.median(a / b for a, b in zip(times, reference_times, strict=True))
+
+
+class FixedPositionDecoder:
+    """Prefill ``prompt`` (``(B, n)``) and take one decode step (which realises the
+    model's mode: the merge or the low-rank factors), then time single decode steps that
+    always write position ``n``."""
+
+    def __init__(self, model: torch.nn.Module, prompt: torch.Tensor) -> None:
+        self.model = model
+        self.position = prompt.shape[1]
+        self.token = torch.full((prompt.shape[0], 1), 7, device=prompt.device)
+        with torch.no_grad():
+            model(prompt, start_pos=0)
+            model(self.token, start_pos=self.position)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.model._num_real.fill_(self.position)  # the same position every round
+        self.model(self.token, start_pos=self.position)
 
 
 def _best(fn: Callable[[], object], repeats: int = 5) -> float:

@@ -23,13 +23,18 @@ from __future__ import annotations
 import copy
 import platform
 import statistics
-import time
 
 import pytest
 import torch
 
 import eas_kernels
-from benchmarks.roofline import randomize_trainables
+from benchmarks.roofline import (
+    FixedPositionDecoder,
+    median_ratio,
+    paired_times,
+    randomize_trainables,
+    timed,
+)
 from eas_kernels.models.lavin import ModelArgs, Transformer
 from eas_kernels.tuning.evaluate import floor_model
 
@@ -49,11 +54,6 @@ ARGS = (
 SKIPPED = list(range(ARGS.n_layers - K - 1, ARGS.n_layers - 1))  # deep layers (paper Fig. 6)
 
 
-def _synchronize() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.fixture(scope="module")
 def variants() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
@@ -71,35 +71,9 @@ def variants() -> dict[str, torch.nn.Module]:
     return built
 
 
-class Decoder:
-    """Prefill once, then time single decode steps that always write the same position."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.token = torch.tensor([[7]], device=DEVICE)
-        prompt = torch.randint(1, ARGS.vocab_size, (1, PROMPT), device=DEVICE)
-        with torch.no_grad():
-            model(prompt, start_pos=0)
-            model(self.token, start_pos=PROMPT)  # realises the mode (merge happens here)
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.model._num_real.fill_(PROMPT)  # keep the position fixed across rounds
-        self.model(self.token, start_pos=PROMPT)
-
-
-def _paired_ratio(decoder: Decoder, floor: Decoder, pairs: int = 30) -> float:
-    ratios = []
-    for _ in range(pairs):
-        times = []
-        for candidate in (decoder, floor):
-            _synchronize()
-            start = time.perf_counter()
-            candidate.step()
-            _synchronize()
-            times.append(time.perf_counter() - start)
-        ratios.append(times[0] / times[1])
-    return statistics.median(ratios)
+def decoder(model: torch.nn.Module) -> FixedPositionDecoder:
+    prompt = torch.randint(1, ARGS.vocab_size, (1, PROMPT), device=DEVICE)
+    return FixedPositionDecoder(model, prompt)
 
 
 def _environment() -> dict[str, object]:
@@ -126,26 +100,18 @@ def _environment() -> dict[str, object]:
     "name", ["unpatched", "floor", "lavin_style", "eas_eager", "eas_merge", "eas_lowrank"]
 )
 def test_decode_step(benchmark, variants, name):
-    decoder = Decoder(variants[name])
-    floor = Decoder(variants["floor"])
+    step, floor_step = decoder(variants[name]).step, decoder(variants["floor"]).step
     benchmark.extra_info.update(
         variant=name,
         skipped=SKIPPED,
         **_environment(),
-        ratio_vs_floor=round(_paired_ratio(decoder, floor), 4),
+        ratio_vs_floor=round(median_ratio(*paired_times(step, floor_step, 30)), 4),
     )
-    benchmark.pedantic(decoder.step, rounds=60, warmup_rounds=5, iterations=1)
+    benchmark.pedantic(step, rounds=60, warmup_rounds=5, iterations=1)
 
 
 def _median_seconds(function, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        _synchronize()
-        start = time.perf_counter()
-        function()
-        _synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(function) for _ in range(rounds))
 
 
 def test_merge_break_even(benchmark, variants):
@@ -165,8 +131,8 @@ def test_merge_break_even(benchmark, variants):
     merged, eager = variants["eas_merge"], variants["eas_eager"]
     start_merged = _median_seconds(start(merged), 15)
     start_eager = _median_seconds(start(eager), 15)
-    step_merged = _median_seconds(Decoder(merged).step, 40)
-    step_eager = _median_seconds(Decoder(eager).step, 40)
+    step_merged = _median_seconds(decoder(merged).step, 40)
+    step_eager = _median_seconds(decoder(eager).step, 40)
     saving = step_eager - step_merged
     extra = start_merged - start_eager
     benchmark.extra_info.update(

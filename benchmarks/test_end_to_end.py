@@ -39,7 +39,15 @@ import pytest
 import torch
 
 import eas_kernels
-from benchmarks.roofline import DEVICE, machine, randomize_trainables, timed
+from benchmarks.roofline import (
+    DEVICE,
+    FixedPositionDecoder,
+    machine,
+    median_ratio,
+    paired_times,
+    randomize_trainables,
+    timed,
+)
 from eas_kernels.models.lavin import ModelArgs, Transformer
 from eas_kernels.ops import free_pristine_buffers
 from eas_kernels.patch import runtime_of
@@ -156,11 +164,7 @@ def test_generate(benchmark, model_name, variant):
     vocab = base.tok_embeddings.weight.shape[0]
     run, run_floor = generator_of(model, vocab), generator_of(floor, vocab)
     run(), run_floor()  # warm-up
-    seconds, floor_seconds = [], []
-    for _ in range(PAIRS):
-        seconds.append(timed(run))
-        floor_seconds.append(timed(run_floor))
-    ratios = [a / b for a, b in zip(seconds, floor_seconds, strict=True)]
+    seconds, floor_seconds = paired_times(run, run_floor, PAIRS)
     benchmark.extra_info.update(
         model=model_name,
         variant=variant,
@@ -170,7 +174,7 @@ def test_generate(benchmark, model_name, variant):
         new_tokens=NEW_TOKENS,
         ms_per_token=round(1e3 * statistics.median(seconds) / NEW_TOKENS, 3),
         floor_ms_per_token=round(1e3 * statistics.median(floor_seconds) / NEW_TOKENS, 3),
-        ratio_vs_floor=round(statistics.median(ratios), 4),
+        ratio_vs_floor=round(median_ratio(seconds, floor_seconds), 4),
         **memory(variant, model, base),
         **machine(),
     )
@@ -187,31 +191,15 @@ def test_batched_decode(benchmark, variant, batch):
     vocab = base.tok_embeddings.weight.shape[0]
     prompt = torch.randint(1, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(3))
     prompt = prompt.to(DEVICE)
-    token = torch.full((batch, 1), 7, device=DEVICE)
-
-    def stepper(candidate: torch.nn.Module):
-        with torch.no_grad():
-            candidate(prompt, start_pos=0)
-            candidate(token, start_pos=PROMPT)  # installs the low-rank factors
-
-        @torch.no_grad()
-        def step() -> None:
-            candidate._num_real.fill_(PROMPT)  # the same position every round
-            candidate(token, start_pos=PROMPT)
-
-        return step
-
-    step, step_floor = stepper(model), stepper(floor)
-    ratios = []
-    for _ in range(20):
-        ratios.append(timed(step) / timed(step_floor))
+    step = FixedPositionDecoder(model, prompt).step  # installs the low-rank factors
+    step_floor = FixedPositionDecoder(floor, prompt).step
     benchmark.extra_info.update(
         variant=variant,
         batch=batch,
         mode="lowrank",
         skipped=list(plan_of(variant, base.n_layers).skipped),
         shape=shape_of(base),
-        ratio_vs_floor=round(statistics.median(ratios), 4),
+        ratio_vs_floor=round(median_ratio(*paired_times(step, step_floor, 20)), 4),
         floor_ms_per_step=round(1e3 * statistics.median(timed(step_floor) for _ in range(10)), 3),
         **machine(),
     )
