@@ -189,18 +189,19 @@ class PIA(nn.Module):
             summed = torch.where(mask.unsqueeze(-1), u.to(compute), 0.0).sum(dim=1)
             mean = summed / mask.sum(dim=1, keepdim=True)
         mean = mean.to(u.dtype)
-        down2_weight = None if self.down2 is None else self.down2.weight
-        down2_bias = None if self.down2 is None else self.down2.bias
-        c, alpha = state_from_mean(
-            mean,
+        return PIAState(*self._state_of_means(mean))
+
+    def _state_of_means(self, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c, α)`` of token means ``(N, dim)`` (:func:`state_from_mean` on this PIA)."""
+        return state_from_mean(
+            means,
             self.down1.bias,
-            down2_weight,
-            down2_bias,
+            None if self.down2 is None else self.down2.weight,
+            None if self.down2 is None else self.down2.bias,
             self.router.weight,
             self.router.bias,
             self.temperature,
         )
-        return PIAState(c, alpha)
 
     def mixed_up_projection(self, state: PIAState) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W_u, β)`` of each example: ``(B, rank, dim)`` and ``(B, dim)`` (EAS_SPEC §4)."""
@@ -290,17 +291,7 @@ class PIA(nn.Module):
             totals = totals + carry.total.unsqueeze(1)
             counts = counts + carry.count.unsqueeze(1)
         means = (totals / counts.clamp(min=1).unsqueeze(-1)).to(u.dtype)
-        down2_weight = None if self.down2 is None else self.down2.weight
-        down2_bias = None if self.down2 is None else self.down2.bias
-        c, alpha = state_from_mean(
-            means.reshape(batch * tokens, dim),
-            self.down1.bias,
-            down2_weight,
-            down2_bias,
-            self.router.weight,
-            self.router.bias,
-            self.temperature,
-        )
+        c, alpha = self._state_of_means(means.reshape(batch * tokens, dim))
         hidden = F.linear(u, self.down1.weight) + c.reshape(batch, tokens, -1)
         alpha = alpha.reshape(batch, tokens, 2)
         delta = alpha[..., :1] * self.up1(hidden) + alpha[..., 1:] * self.up2(hidden)

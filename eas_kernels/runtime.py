@@ -39,16 +39,11 @@ MODES = ("eager", "merge", "lowrank", "auto")
 _ROLE_NAMES = {"kept": "attention", "mha": "skip", "ffn": "FFN-skip", "block": "block"}
 
 
-def _prompt_and_after(mask: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor | None:
+def _prompt_and_after(mask: torch.Tensor | None) -> torch.Tensor | None:
     """The prompt mask plus every position after each example's last prompt token (the
     answer of a teacher-forced batch, left-padded), or None (all tokens)."""
     if mask is None:
         return None
-    if tuple(mask.shape) != tuple(u.shape[:2]):
-        raise ValueError(
-            f"prompt mask has shape {tuple(mask.shape)} but the PIA sees "
-            f"{tuple(u.shape[:2])} (B, n) tokens"
-        )
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = torch.where(mask, positions, -1).amax(dim=1, keepdim=True)
     return mask | (positions > last)
@@ -242,12 +237,7 @@ class EASRuntime:
         if self.running:
             return self._adapt_running(site, u)
         if not self.decoding:
-            mask = self.state_mask
-            if mask is not None and tuple(mask.shape) != tuple(u.shape[:2]):
-                raise ValueError(
-                    f"prompt mask has shape {tuple(mask.shape)} but {site.name} sees "
-                    f"{tuple(u.shape[:2])} (B, n) tokens"
-                )
+            mask = self._state_mask_for(site, u)
             if site.reparameterizable:
                 adapted, state = site.pia.adapt(u, mask)
             else:
@@ -265,6 +255,16 @@ class EASRuntime:
             return None
         return u + site.pia(u, state=site.state)
 
+    def _state_mask_for(self, site: AdapterSite, u: torch.Tensor) -> torch.Tensor | None:
+        """The prompt mask of a fresh call, checked against the tokens ``site`` sees."""
+        mask = self.state_mask
+        if mask is not None and tuple(mask.shape) != tuple(u.shape[:2]):
+            raise ValueError(
+                f"prompt mask has shape {tuple(mask.shape)} but {site.name} sees "
+                f"{tuple(u.shape[:2])} (B, n) tokens"
+            )
+        return mask
+
     def _adapt_running(self, site: AdapterSite, u: torch.Tensor) -> torch.Tensor:
         """Running states (:meth:`PIA.running`): a fresh call averages the prompt tokens
         and every token after the prompt (the answer, under teacher forcing), causally;
@@ -273,7 +273,7 @@ class EASRuntime:
             assert isinstance(site.state, RunningSums)
             delta, sums = site.pia.running(u, None, site.state)
         else:
-            delta, sums = site.pia.running(u, _prompt_and_after(self.state_mask, u))
+            delta, sums = site.pia.running(u, _prompt_and_after(self._state_mask_for(site, u)))
         site.state = sums.detach()
         return u + delta if site.reparameterizable else delta
 
