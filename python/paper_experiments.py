@@ -180,8 +180,7 @@ def run_method(method: Method, work: Workload, args: argparse.Namespace) -> Row:
             f"{method.name}: accuracy {accuracy:.3f} ({method.mode}, "
             f"{time.perf_counter() - began:.0f} s)"
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    result_file.write_text(json.dumps(result, indent=2) + "\n")
+        result_file.write_text(json.dumps(result, indent=2) + "\n")  # the folder exists
     summary = {k: v for k, v in result.items() if k not in ("key", "accuracy_by_mode")}
     summary.update(
         name=method.name,
