@@ -36,18 +36,22 @@ struct MergeArgs {
   int num_threads;       // CPU only
 };
 
-// M_e = W_u^{(e)} Wᵀ and g_e = β^{(e)} Wᵀ for all examples at once: dst = U Wᵀ.
+// The low-rank path's factors, F = U Wᵀ, with U the PIA's up basis (EAS_SPEC §4):
+// rows W_u1ᵀ (r), W_u2ᵀ (r), b_u1, b_u2, so n = 2r + 2. Independent of the examples' states.
 struct FactorArgs {
   const void* weight;    // W (out, d), rows of `ld` elements
   int dtype;
   int64_t out, d, ld;
-  const float* up;       // U (n, d) contiguous fp32: B*r rows of W_u^{(e)}, then B rows of β
+  const float* up;       // U (n, d) contiguous fp32
   int64_t n;
-  float* dst;            // (n, out) contiguous fp32: rows of M (B*r), then rows of g (B)
+  float* dst;            // F (n, out) contiguous fp32
   int num_threads;
 };
 
-// y[b, t, :] += proj[b, t, :] @ M[b] + g[b], in place (y and proj share the storage dtype).
+// y[b, t, :] += κ[b, t, :] F, in place, where F = [A; C; a₁; a₂] ((2r + 2) x out) and, with
+// example b's state (α₁, α₂, c) and p = proj[b, t, :] + c,
+// κ[b, t, :] = [α₁ p, α₂ p, α₁, α₂]: per example M_b = α₁ A + α₂ C and g_b = c M_b + α₁ a₁ +
+// α₂ a₂, so y += proj M_b + g_b. y and proj share the storage dtype.
 struct LowrankAddArgs {
   void* y;               // (B, n, out), unit stride along out
   int dtype;
@@ -55,8 +59,8 @@ struct LowrankAddArgs {
   int64_t y_sb, y_st;    // strides of y (elements)
   const void* proj;      // (B, n, rank) = x W_d1ᵀ
   int64_t p_sb, p_st, p_sk;
-  const float* factor;   // M (B, rank, out) contiguous fp32
-  const float* offset;   // g (B, out) contiguous fp32
+  const float* mix;      // (B, rank + 2) contiguous fp32: α₁, α₂, c of each example
+  const float* factor;   // F (2 rank + 2, out) contiguous fp32
   int num_threads;
 };
 

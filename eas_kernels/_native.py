@@ -30,7 +30,7 @@ from torch.autograd.graph import increment_version
 
 from ._checks import check_tensor
 
-ABI_VERSION = 1  # must equal build_info()["abi"] of both compiled modules
+ABI_VERSION = 2  # must equal build_info()["abi"] of both compiled modules
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 BACKENDS = ("auto", "native", "torch")
 OPS = ("merged_linear", "lowrank_factors", "add_lowrank")

@@ -212,6 +212,18 @@ class PIA(nn.Module):
         beta = torch.bmm(state.c.unsqueeze(1), w_u).squeeze(1) + b_mix
         return w_u, beta
 
+    def up_basis(self) -> torch.Tensor:
+        """``U = [W_u1ᵀ; W_u2ᵀ; b_u1; b_u2]``, ``(2·rank + 2, dim)``: the state-free rows that
+        every example's ``W_u`` and ``β`` combine (EAS_SPEC §4), for the low-rank path
+        (:func:`eas_kernels.ops.lowrank_factors`)."""
+        up1, up2 = self.up1, self.up2
+        return torch.cat([up1.weight.t(), up2.weight.t(), up1.bias[None], up2.bias[None]])
+
+    def state_mix(self, state: PIAState) -> torch.Tensor:
+        """``[α₁, α₂, c]`` of each example, ``(B, rank + 2)``: with ``U`` = :meth:`up_basis`,
+        ``W_u = α₁ U[:r] + α₂ U[r:2r]`` and ``β = c W_u + α₁ U[2r] + α₂ U[2r+1]``."""
+        return torch.cat([state.alpha.to(state.c.dtype), state.c], dim=1)
+
     def adapt(
         self, u: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, PIAState]:

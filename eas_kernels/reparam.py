@@ -16,7 +16,7 @@ def reparameterize(model: nn.Module, mode: str = "auto") -> nn.Module:
             ``W1``/``W3`` of skipped layers, ``wq``/``wk``/``wv`` of kept layers — with the
             rank-r update ``W' = W + (W W_uᵀ) W_d1``, ``b' = b + W βᵀ``; batch size 1.
         ``"lowrank"``: no weight change; each target adds ``(u W_d1ᵀ) M_e + g_e`` per
-            example (any batch size).
+            example (any batch size), as ``κ F`` with factors ``F`` shared by the batch.
         ``"auto"``: ``merge`` for batch 1, ``lowrank`` otherwise.
 
     Takes effect at once when the model holds frozen states (after a prefill), else at

@@ -18,7 +18,8 @@ Each call of a patched block is either
   after a fresh one the runtime *realises* its mode (EAS_SPEC §4): ``eager`` keeps
   computing ``u + PIA(u; S)``; ``merge`` writes every PIA into its targets' weights
   (batch 1) and the sites pass ``u`` through; ``lowrank`` leaves the weights alone and
-  adds ``(u W_d1ᵀ) M_e + g_e`` to each target's output per example; ``auto`` is merge
+  adds ``(u W_d1ᵀ) M_e + g_e`` to each target's output per example (``κ F``, see
+  :mod:`eas_kernels.ops.lowrank`); ``auto`` is merge
   for batch 1 and lowrank otherwise.
 """
 
@@ -118,10 +119,11 @@ class AdapterSite:
     def install_lowrank(self) -> None:
         assert self.state is not None
         with torch.no_grad():
-            up_mix, beta = self.pia.mixed_up_projection(self.state)
+            basis, mix = self.pia.up_basis(), self.pia.state_mix(self.state)
             for linear in self.targets:
-                factor, offset = lowrank_factors(linear.weight, up_mix, beta)
-                hook = functools.partial(self._add_lowrank, factor=factor, offset=offset)
+                factor = lowrank_factors(linear.weight, basis)
+                mix = mix.to(factor.dtype).contiguous()
+                hook = functools.partial(self._add_lowrank, mix=mix, factor=factor)
                 self._lowrank_hooks.append(linear.register_forward_hook(hook))
 
     def _add_lowrank(
@@ -130,11 +132,11 @@ class AdapterSite:
         inputs: tuple[torch.Tensor, ...],
         output: torch.Tensor,
         *,
+        mix: torch.Tensor,
         factor: torch.Tensor,
-        offset: torch.Tensor,
     ) -> torch.Tensor:
         assert self.projected is not None, "low-rank target called without its site"
-        return add_lowrank(output, self.projected, factor, offset)
+        return add_lowrank(output, self.projected, mix, factor)
 
     def remove_lowrank(self) -> None:
         for handle in self._lowrank_hooks:

@@ -31,27 +31,46 @@ CASES = [  # (B, n tokens, out, d, r, states): odd shapes, ranks 1..64, batch 1.
     (8, 3, 64, 48, 32, "distinct"),
     (33, 1, 16, 16, 64, "distinct"),
     (33, 1, 70, 40, 8, "identical"),
+    (7, 1, 200, 33, 3, "distinct"),  # out spans several column chunks and a partial one
 ]
 
 
 def problem(batch, tokens, out, dim, rank, states, dtype, seed, device="cpu"):
-    """Weights, per-example PIA projections and the layer's input, all in ``dtype``."""
+    """A layer, a PIA's down projection and up basis, B states and the layer's input."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=generator) * scale
 
-    up_mix, beta = randn(batch, rank, dim, scale=0.3), randn(batch, dim, scale=0.3)
+    alpha = torch.softmax(randn(batch, 2, scale=2.0), dim=-1)
+    mix = torch.cat([alpha, randn(batch, rank, scale=0.3)], dim=1)  # [α₁, α₂, c]
     if states == "identical":
-        up_mix, beta = up_mix[:1].expand_as(up_mix), beta[:1].expand_as(beta)
+        mix = mix[:1].expand_as(mix).contiguous()
+
+    def stored(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=device, dtype=dtype)
+
     return dict(
-        weight=randn(out, dim, scale=0.3),
-        bias=randn(out),
-        down=randn(rank, dim, scale=0.3),
-        up_mix=up_mix,
-        beta=beta,
-        u=randn(batch, tokens, dim),
+        weight=stored(randn(out, dim, scale=0.3)),
+        bias=stored(randn(out)),
+        down=stored(randn(rank, dim, scale=0.3)),
+        basis=stored(randn(2 * rank + 2, dim, scale=0.3)),  # [W_u1ᵀ; W_u2ᵀ; b_u1; b_u2]
+        mix=mix.to(device),
+        u=stored(randn(batch, tokens, dim)),
     )
+
+
+def unmerged_layer(p) -> torch.Tensor:
+    """The layer on ``z = u + PIA(u)`` in float64, straight from EAS_SPEC §4."""
+    rank = p["down"].shape[0]
+    u, weight, down, basis = (p[k].double() for k in ("u", "weight", "down", "basis"))
+    mix = p["mix"].double()
+    alpha1, alpha2, c = mix[:, 0, None], mix[:, 1, None], mix[:, 2:]
+    up_mix = alpha1[..., None] * basis[:rank] + alpha2[..., None] * basis[rank : 2 * rank]
+    beta = torch.bmm(c.unsqueeze(1), up_mix).squeeze(1)
+    beta = beta + alpha1 * basis[2 * rank] + alpha2 * basis[2 * rank + 1]
+    z = u + torch.baddbmm(beta.unsqueeze(1), u @ down.t(), up_mix)
+    return z @ weight.t() + p["bias"].double()
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -61,45 +80,41 @@ def test_factors_match_the_reference_with_poisoned_outputs(kernels, monkeypatch,
     monkeypatch.setattr(lowrank_module, "torch", PoisonedTorch())
     with on_kernels(kernels) as device:
         p = problem(*case, dtype, seed=case[2], device=device)
-        factor, offset = lowrank_factors(p["weight"], p["up_mix"], p["beta"], backend="native")
-    assert factor.dtype == offset.dtype == torch.float32
-    assert factor.is_contiguous() and offset.is_contiguous()
-    same_dtype = lowrank_factors_reference(p["weight"], p["up_mix"], p["beta"])
-    exact = lowrank_factors_reference(
-        p["weight"].double(), p["up_mix"].double(), p["beta"].double()
-    )
-    for ours, torch_own, exact_one, name in zip(
-        (factor, offset), same_dtype, exact, ("M", "g"), strict=True
-    ):
-        assert_within_twice_torch_error(ours, torch_own, exact_one, name)
-        torch.testing.assert_close(ours.double(), exact_one, rtol=1e-5, atol=1e-5)
+        factor = lowrank_factors(p["weight"], p["basis"], backend="native")
+    assert factor.dtype == torch.float32 and factor.is_contiguous()
+    torch_own = lowrank_factors_reference(p["weight"], p["basis"])
+    exact = lowrank_factors_reference(p["weight"].double(), p["basis"].double())
+    assert_within_twice_torch_error(factor, torch_own, exact, "F")
+    torch.testing.assert_close(factor.double(), exact, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_the_path_matches_the_unmerged_layer(kernels, case, dtype):
-    """``x Wᵀ + b + (x W_d1ᵀ) M_e + g_e`` vs the layer on ``x + PIA(x)``, in float64."""
+    """``x Wᵀ + b + κ F`` vs the layer on ``x + PIA(x)`` with each example's state."""
     with on_kernels(kernels) as device:
         p = problem(*case, dtype, seed=case[3], device=device)
         output = F.linear(p["u"], p["weight"], p["bias"])
         projected = F.linear(p["u"], p["down"])
-        factor, offset = lowrank_factors(p["weight"], p["up_mix"], p["beta"], backend="native")
-        ours = add_lowrank(output.clone(), projected, factor, offset, backend="native")
+        factor = lowrank_factors(p["weight"], p["basis"], backend="native")
+        ours = add_lowrank(output.clone(), projected, p["mix"], factor, backend="native")
+        last = slice(case[0] - 1, case[0])  # the last example, alone
+        alone = add_lowrank(output[last].clone(), projected[last], p["mix"][last], factor)
+    torch.testing.assert_close(ours[last], alone, rtol=0, atol=0)
+    mix = p["mix"].to(dtype)
     torch_own = add_lowrank_reference(
-        output, projected, *lowrank_factors_reference(p["weight"], p["up_mix"], p["beta"])
+        output, projected, mix, lowrank_factors_reference(p["weight"], p["basis"])
     )
-    u, w, down = p["u"].double(), p["weight"].double(), p["down"].double()
-    z = u + torch.baddbmm(p["beta"].double().unsqueeze(1), u @ down.t(), p["up_mix"].double())
-    exact = z @ w.t() + p["bias"].double()
-    assert_within_twice_torch_error(ours, torch_own, exact, "y")
+    assert_within_twice_torch_error(ours, torch_own, unmerged_layer(p), "y")
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kernels", KERNELS)
-def test_add_writes_exactly_its_outputs_through_strides(kernels, dtype):
+def test_add_writes_exactly_its_outputs_through_strides(kernels, dtype, tokens):
     """Output rows strided inside a NaN-filled buffer: only (B, n, out) is written."""
-    batch, tokens, out, rank = 4, 3, 45, 7
+    batch, out, rank = 4, 45, 7
     generator = torch.Generator().manual_seed(3)
     with on_kernels(kernels) as device:
 
@@ -111,16 +126,16 @@ def test_add_writes_exactly_its_outputs_through_strides(kernels, dtype):
         output.copy_(randn(batch, tokens, out))
         before = output.clone()
         projected = randn(batch, rank, tokens, to=dtype).transpose(1, 2)
-        factor, offset = randn(batch, rank, out), randn(batch, out)
-        result = add_lowrank(output, projected, factor, offset, backend="native")
+        mix, factor = randn(batch, rank + 2), randn(2 * rank + 2, out)
+        result = add_lowrank(output, projected, mix, factor, backend="native")
     assert result is output and output._version > 0
     outside = torch.ones_like(buffer, dtype=torch.bool)
     outside[:, 1 : tokens + 1, 2 : out + 2] = False
     assert buffer[outside].isnan().all()
-    exact = torch.baddbmm(
-        before.double() + offset.double().unsqueeze(1), projected.double(), factor.double()
+    exact = add_lowrank_reference(
+        before.double(), projected.double(), mix.double(), factor.double()
     )
-    same_dtype = add_lowrank_reference(before, projected, factor.to(dtype), offset.to(dtype))
+    same_dtype = add_lowrank_reference(before, projected, mix.to(dtype), factor.to(dtype))
     assert_within_twice_torch_error(result, same_dtype, exact, "y")
     if dtype == torch.float32:
         torch.testing.assert_close(result.double(), exact, rtol=1e-5, atol=1e-5)
@@ -132,72 +147,75 @@ def test_fallbacks_and_backends_agree():
     projected = F.linear(p["u"], p["down"])
     results = {}
     for backend in ("torch", "native", "auto"):
-        factor, offset = lowrank_factors(p["weight"], p["up_mix"], p["beta"], backend=backend)
+        factor = lowrank_factors(p["weight"], p["basis"], backend=backend)
         assert factor.dtype == torch.float32
-        results[backend] = add_lowrank(output.clone(), projected, factor, offset, backend=backend)
+        results[backend] = add_lowrank(output.clone(), projected, p["mix"], factor, backend=backend)
     assert torch.equal(results["native"], results["auto"])
     torch.testing.assert_close(results["native"], results["torch"], rtol=0.02, atol=0.02)
 
 
 def test_float64_and_autograd_calls_run_the_reference_under_auto():
     p = problem(2, 1, 12, 8, 3, "distinct", torch.float64, seed=5)
-    factor, offset = lowrank_factors(p["weight"], p["up_mix"], p["beta"])
+    factor = lowrank_factors(p["weight"], p["basis"])
     assert factor.dtype == torch.float64
-    torch.testing.assert_close(
-        factor, lowrank_factors_reference(p["weight"], p["up_mix"], p["beta"])[0]
+    torch.testing.assert_close(factor, lowrank_factors_reference(p["weight"], p["basis"]))
+    y = add_lowrank(
+        F.linear(p["u"], p["weight"], p["bias"]),
+        F.linear(p["u"], p["down"]),
+        p["mix"].double(),
+        factor,
     )
+    torch.testing.assert_close(y, unmerged_layer(p), rtol=1e-10, atol=1e-10)
     p32 = problem(2, 1, 12, 8, 3, "distinct", torch.float32, seed=6)
     down = p32["down"].requires_grad_()
-    factor, offset = lowrank_factors(p32["weight"], p32["up_mix"], p32["beta"])
+    factor = lowrank_factors(p32["weight"], p32["basis"])
     output = F.linear(p32["u"], p32["weight"])
     projected = F.linear(p32["u"], down)
-    result = add_lowrank(output, projected, factor, offset)  # auto: the reference
+    result = add_lowrank(output, projected, p32["mix"], factor)  # auto: the reference
     result.sum().backward()
     assert down.grad is not None
     with pytest.raises(RuntimeError, match="do not record gradients"):
-        add_lowrank(output, projected, factor, offset, backend="native")
+        add_lowrank(output, projected, p32["mix"], factor, backend="native")
 
 
 def test_bad_input_is_refused_with_a_clear_error():
     p = problem(2, 1, 12, 8, 3, "distinct", torch.float32, seed=7)
-    w, up, beta = p["weight"], p["up_mix"], p["beta"]
-    factor, offset = lowrank_factors(w, up, beta)
+    w, basis, mix = p["weight"], p["basis"], p["mix"]
+    factor = lowrank_factors(w, basis)
     y = F.linear(p["u"], w)
     proj = F.linear(p["u"], p["down"])
     native = dict(backend="native")
     cases = [
-        (lambda: lowrank_factors(w.t(), up, beta, **native), ValueError, "up_mix must have shape"),
+        (lambda: lowrank_factors(w.t(), basis, **native), ValueError, "up_basis must have shape"),
+        (lambda: lowrank_factors(w, basis[:-1]), ValueError, "up_basis must have shape"),
+        (lambda: lowrank_factors(w, basis[:2]), ValueError, r"r >= 1"),
+        (lambda: lowrank_factors(w[:, ::2], basis[:, ::2], **native), ValueError, "unit stride"),
+        (lambda: lowrank_factors(w, basis[0]), ValueError, "2 dimensions"),
+        (lambda: lowrank_factors(w.double(), basis, **native), TypeError, "native kernels take"),
+        (lambda: lowrank_factors(w, basis.to("meta")), ValueError, "device"),
+        (lambda: add_lowrank(y, proj, mix, factor.half()), TypeError, "factor must have dtype"),
+        (lambda: add_lowrank(y, proj, mix.half(), factor), TypeError, "mix must have dtype"),
+        (lambda: add_lowrank(y, proj, mix[:1], factor), ValueError, "mix must have shape"),
+        (lambda: add_lowrank(y, proj, mix[:, :-1], factor), ValueError, "mix must have shape"),
+        (lambda: add_lowrank(y, proj, mix, factor[:-2]), ValueError, "factor must have shape"),
+        (lambda: add_lowrank(y, proj[:, :, :2], mix, factor), ValueError, "mix must have"),
+        (lambda: add_lowrank(y, proj.half(), mix, factor), TypeError, "projected"),
         (
-            lambda: lowrank_factors(w[:, ::2], up[..., ::2], beta[:, ::2], **native),
+            lambda: add_lowrank(y[:, :, :1].expand(2, 1, 12), proj, mix, factor, **native),
             ValueError,
             "unit stride",
         ),
-        (lambda: lowrank_factors(w, up[0], beta), ValueError, "3 dimensions"),
-        (lambda: lowrank_factors(w, up, beta[:1]), ValueError, "beta must have shape"),
-        (lambda: lowrank_factors(w.double(), up, beta, **native), TypeError, "native kernels take"),
-        (lambda: lowrank_factors(w, up.to("meta"), beta), ValueError, "device"),
-        (lambda: add_lowrank(y, proj, factor.half(), offset), TypeError, "factor must have dtype"),
-        (lambda: add_lowrank(y, proj, factor, offset[:1]), ValueError, "offset must have shape"),
-        (lambda: add_lowrank(y, proj[:, :, :2], factor, offset), ValueError, "factor must have"),
-        (lambda: add_lowrank(y, proj.half(), factor, offset), TypeError, "projected"),
         (
-            lambda: add_lowrank(y[:, :, :1].expand(2, 1, 12), proj, factor, offset, **native),
-            ValueError,
-            "unit stride",
-        ),
-        (
-            lambda: add_lowrank(
-                y, proj, factor.transpose(1, 2).contiguous().transpose(1, 2), offset, **native
-            ),
+            lambda: add_lowrank(y, proj, mix, factor.t().contiguous().t(), **native),
             ValueError,
             "contiguous",
         ),
         (
-            lambda: add_lowrank(y[:1].expand(2, 1, 12), proj, factor, offset, **native),
+            lambda: add_lowrank(y[:1].expand(2, 1, 12), proj, mix, factor, **native),
             ValueError,
             "overlapping",
         ),
-        (lambda: add_lowrank(y, proj, factor, offset, backend="fast"), ValueError, "backend"),
+        (lambda: add_lowrank(y, proj, mix, factor, backend="fast"), ValueError, "backend"),
     ]
     for call, error, match in cases:
         with pytest.raises(error, match=match):

@@ -78,7 +78,7 @@ inline bool check_row(const MergeArgs& a, const MergeTarget& tg, int64_t o, cons
   // Not cleared by the bound: compute the row as phase 3 will and look.
   const T* w = static_cast<const T*>(tg.weight) + o * tg.ld;
   T* merged = new T[a.d];
-  axpy_rows<S, T, 1>(w, tg.ld, merged, a.d, q_row, r + 1, a.down, a.d, r);
+  axpy_rows<S, T, 1>(w, tg.ld, merged, a.d, q_row, r + 1, a.down, a.d, a.d, r);
   bool finite = true;
   for (int64_t j = 0; j < a.d && finite; ++j) finite = is_finite(to_float(merged[j]));
   delete[] merged;
@@ -167,7 +167,7 @@ int merge(const MergeArgs& a) {
       for (int64_t i0 = row0; i0 < row1; i0 += S::kAxpyRows) {
         const int mr = static_cast<int>(row1 - i0 < S::kAxpyRows ? row1 - i0 : S::kAxpyRows);
         axpy_rows_any<S, T>(mr, w + i0 * tg.ld, tg.ld, w + i0 * tg.ld, tg.ld,
-                            q_target + i0 * ldq, ldq, a.down, d, r);
+                            q_target + i0 * ldq, ldq, a.down, d, d, r);
       }
     }
   }

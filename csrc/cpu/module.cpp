@@ -84,8 +84,7 @@ void lowrank_factors(uintptr_t weight, int dtype, int64_t out, int64_t d, int64_
 
 void lowrank_add(uintptr_t y, int dtype, int64_t batch, int64_t tokens, int64_t out,
                  int64_t rank, int64_t y_sb, int64_t y_st, uintptr_t proj, int64_t p_sb,
-                 int64_t p_st, int64_t p_sk, uintptr_t factor, uintptr_t offset,
-                 int num_threads) {
+                 int64_t p_st, int64_t p_sk, uintptr_t mix, uintptr_t factor, int num_threads) {
   positive(batch, "batch");
   positive(tokens, "tokens");
   positive(out, "out");
@@ -93,8 +92,8 @@ void lowrank_add(uintptr_t y, int dtype, int64_t batch, int64_t tokens, int64_t 
   positive(num_threads, "num_threads");
   const LowrankAddArgs args{pointer<void>(y, "y"), checked_dtype(dtype), batch, tokens, out, rank,
                             y_sb, y_st, pointer<const void>(proj, "proj"), p_sb, p_st, p_sk,
-                            pointer<const float>(factor, "factor"),
-                            pointer<const float>(offset, "offset"), num_threads};
+                            pointer<const float>(mix, "mix"),
+                            pointer<const float>(factor, "factor"), num_threads};
   py::gil_scoped_release release;
   g_table->lowrank_add[args.dtype](args);
 }
@@ -123,7 +122,7 @@ py::dict build_info() {
 #else
   info["openmp"] = py::none();
 #endif
-  info["abi"] = 1;
+  info["abi"] = 2;
   return info;
 }
 
@@ -134,8 +133,8 @@ PYBIND11_MODULE(_C, m) {
   using namespace eas::cpu;
   m.doc() = "eas_kernels CPU kernels (merge, low-rank factors, low-rank add); see csrc/README.md";
   m.def("merge", &merge, "Merge one PIA into a site's targets in place; -1 or refused target");
-  m.def("lowrank_factors", &lowrank_factors, "dst = U Wᵀ (fp32): M_e and g_e of every example");
-  m.def("lowrank_add", &lowrank_add, "y += proj @ M_e + g_e per example, in place");
+  m.def("lowrank_factors", &lowrank_factors, "F = U Wᵀ (fp32), U the up basis (abi.h)");
+  m.def("lowrank_add", &lowrank_add, "y += κ F per row, in place (abi.h)");
   m.def("isa", [] { return std::string(g_table->name); }, "instruction set of the kernels in use");
   m.def("isas", &isas, "instruction sets this CPU can run, best first");
   m.def("set_isa", &set_isa, "use the kernels of one instruction set (tests, benchmarks)");

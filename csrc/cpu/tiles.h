@@ -163,31 +163,33 @@ inline void axpy_tail(const T* src, T* dst, const float* p, const float* dmat, i
   store_n<S>(dst, S::add(load_n<S>(src, n), acc), n);
 }
 
-// Rows [0, mr) of a block (mr <= kAxpyRows): dst = round(src + P D) over all d columns.
+// Rows [0, mr) of a block (mr <= kAxpyRows), columns [0, n): dst = round(src + P D), with
+// D's rows `ldd` floats apart.
 template <class S, class T, int MR>
 inline void axpy_rows(const T* src, int64_t lds, T* dst, int64_t ldo, const float* p,
-                      int64_t ldp, const float* dmat, int64_t d, int64_t rank) {
+                      int64_t ldp, const float* dmat, int64_t ldd, int64_t n, int64_t rank) {
   constexpr int64_t kStep = S::kAxpyVecs * S::kWidth;
   int64_t c = 0;
-  for (; c + kStep <= d; c += kStep)
-    axpy_tile<S, T, MR, S::kAxpyVecs>(src + c, lds, dst + c, ldo, p, ldp, dmat + c, d, rank);
-  for (; c + S::kWidth <= d; c += S::kWidth)
-    axpy_tile<S, T, MR, 1>(src + c, lds, dst + c, ldo, p, ldp, dmat + c, d, rank);
-  if (c < d)
+  for (; c + kStep <= n; c += kStep)
+    axpy_tile<S, T, MR, S::kAxpyVecs>(src + c, lds, dst + c, ldo, p, ldp, dmat + c, ldd, rank);
+  for (; c + S::kWidth <= n; c += S::kWidth)
+    axpy_tile<S, T, MR, 1>(src + c, lds, dst + c, ldo, p, ldp, dmat + c, ldd, rank);
+  if (c < n)
     for (int i = 0; i < MR; ++i)
-      axpy_tail<S, T>(src + i * lds + c, dst + i * ldo + c, p + i * ldp, dmat + c, d, rank, d - c);
+      axpy_tail<S, T>(src + i * lds + c, dst + i * ldo + c, p + i * ldp, dmat + c, ldd, rank,
+                      n - c);
 }
 
 template <class S, class T>
 inline void axpy_rows_any(int mr, const T* src, int64_t lds, T* dst, int64_t ldo,
-                          const float* p, int64_t ldp, const float* dmat, int64_t d,
-                          int64_t rank) {
+                          const float* p, int64_t ldp, const float* dmat, int64_t ldd,
+                          int64_t n, int64_t rank) {
   static_assert(S::kAxpyRows <= 12, "axpy tiles have at most 12 rows");
   switch (mr) {
 #define EAS_AXPY_ROWS(M)                                                       \
   case M:                                                                      \
     if constexpr (M <= S::kAxpyRows)                                           \
-      axpy_rows<S, T, M>(src, lds, dst, ldo, p, ldp, dmat, d, rank);           \
+      axpy_rows<S, T, M>(src, lds, dst, ldo, p, ldp, dmat, ldd, n, rank);      \
     break;
     EAS_AXPY_ROWS(1)
     EAS_AXPY_ROWS(2)

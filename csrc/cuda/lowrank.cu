@@ -1,11 +1,12 @@
-// The batched per-example low-rank path (EAS_SPEC §4), CUDA; the math of csrc/cpu/lowrank.h.
+// The batched low-rank path (EAS_SPEC §4), CUDA; the math of csrc/cpu/lowrank.h.
 //
-//   factors: [M; g] = U Wᵀ, U = [W_u^{(0)}; ...; W_u^{(B-1)}; β^{(0)}; ...; β^{(B-1)}]
-//            ((B r + B) x d, fp32): dots_kernel writing (n x out) fp32, once per example;
-//   add:     y[b, t, c] = round((y[b, t, c] + g_b[c]) + Σ_k proj[b, t, k] M_b[k, c]),
-//            k ascending with fmaf: one thread per output column, blocks of 256 columns
-//            looping over the (b, t) rows; proj[b, t] is staged in shared memory. Per token r·out
-//            multiply-adds and one read and one write of y.
+//   factors: F = U Wᵀ, U = [W_u1ᵀ; W_u2ᵀ; b_u1; b_u2] ((2r + 2) x d, fp32): dots_kernel
+//            writing (2r + 2) x out fp32, once for the batch;
+//   add:     y[b, t, c] = round(y[b, t, c] + Σ_k κ[b, t, k] F[k, c]), κ = [α₁ p, α₂ p, α₁, α₂]
+//            with p = proj[b, t, :] + c_b; the sum from zero, k ascending with fmaf, then
+//            added to y once. One thread per output column (blocks of 256 columns), each
+//            block taking kRows (b, t) rows at a time with their κ staged in shared memory,
+//            so that a column of F is read once per kRows rows.
 #include "common.cuh"
 #include "dots.cuh"
 #include "launch.h"
@@ -14,26 +15,55 @@ namespace eas::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kRows = 4;
 
 template <class T>
 __global__ void add_kernel(T* __restrict__ y, int64_t rows, int64_t tokens, int64_t out,
                            int64_t rank, int64_t y_sb, int64_t y_st, const T* __restrict__ proj,
-                           int64_t p_sb, int64_t p_st, int64_t p_sk,
-                           const float* __restrict__ factor, const float* __restrict__ offset) {
-  extern __shared__ float projected[];  // rank
+                           int64_t p_sb, int64_t p_st, int64_t p_sk, const float* __restrict__ mix,
+                           const float* __restrict__ factor) {
+  extern __shared__ float coefficients[];  // kRows x (2 rank + 2): κ of the block's rows
+  const int64_t width = 2 * rank + 2;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  for (int64_t bt = blockIdx.y; bt < rows; bt += gridDim.y) {  // rows = B * tokens
-    const int64_t b = bt / tokens, t = bt % tokens;
-    const T* p = proj + b * p_sb + t * p_st;
-    __syncthreads();  // the previous row's reads of `projected` are done
-    for (int64_t k = threadIdx.x; k < rank; k += kThreads) projected[k] = to_float(p[k * p_sk]);
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.y) * kRows; row0 < rows;
+       row0 += static_cast<int64_t>(gridDim.y) * kRows) {
+    const int count = rows - row0 < kRows ? static_cast<int>(rows - row0) : kRows;
+    __syncthreads();  // the previous rows' reads of `coefficients` are done
+    for (int64_t i = threadIdx.x; i < kRows * (rank + 1); i += kThreads) {
+      const int j = static_cast<int>(i / (rank + 1));
+      const int64_t k = i % (rank + 1);
+      float* kappa = coefficients + j * width;
+      if (j >= count) {  // rows past the end: zeros, never stored
+        if (k < rank) kappa[k] = kappa[rank + k] = 0.0f;
+        else kappa[2 * rank] = kappa[2 * rank + 1] = 0.0f;
+        continue;
+      }
+      const int64_t b = (row0 + j) / tokens, t = (row0 + j) % tokens;
+      const float* m = mix + b * (rank + 2);
+      if (k < rank) {
+        const float shifted = to_float(proj[b * p_sb + t * p_st + k * p_sk]) + m[2 + k];
+        kappa[k] = m[0] * shifted;
+        kappa[rank + k] = m[1] * shifted;
+      } else {
+        kappa[2 * rank] = m[0];
+        kappa[2 * rank + 1] = m[1];
+      }
+    }
     __syncthreads();
     if (c < out) {
-      T* yp = y + b * y_sb + t * y_st + c;
-      const float* m = factor + b * rank * out + c;
-      float acc = to_float(*yp) + offset[b * out + c];
-      for (int64_t k = 0; k < rank; ++k) acc = fmaf(projected[k], m[k * out], acc);
-      *yp = from_float<T>(acc);
+      float delta[kRows];
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) delta[j] = 0.0f;
+      for (int64_t k = 0; k < width; ++k) {
+        const float f = factor[k * out + c];
+#pragma unroll
+        for (int j = 0; j < kRows; ++j) delta[j] = fmaf(coefficients[j * width + k], f, delta[j]);
+      }
+      for (int j = 0; j < count; ++j) {
+        const int64_t b = (row0 + j) / tokens, t = (row0 + j) % tokens;
+        T* yp = y + b * y_sb + t * y_st + c;
+        *yp = from_float<T>(to_float(*yp) + delta[j]);
+      }
     }
   }
 }
@@ -52,15 +82,18 @@ void lowrank_factors(const FactorArgs& a, int device, void* stream) {
 }
 
 void lowrank_add(const LowrankAddArgs& a, int device, void* stream) {
+  const size_t shared = sizeof(float) * kRows * static_cast<size_t>(2 * a.rank + 2);
+  if (shared > 48 * 1024) throw std::invalid_argument("lowrank_add supports rank <= 1535");
   check(cudaSetDevice(device), "cudaSetDevice");
   const int64_t rows = a.batch * a.tokens;
+  const int64_t row_blocks = (rows + kRows - 1) / kRows;
   with_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const dim3 grid(blocks(a.out, kThreads), static_cast<unsigned>(rows < 65535 ? rows : 65535));
-    const size_t shared = sizeof(float) * static_cast<size_t>(a.rank);
+    const dim3 grid(blocks(a.out, kThreads),
+                    static_cast<unsigned>(row_blocks < 65535 ? row_blocks : 65535));
     add_kernel<T><<<grid, kThreads, shared, static_cast<cudaStream_t>(stream)>>>(
         static_cast<T*>(a.y), rows, a.tokens, a.out, a.rank, a.y_sb, a.y_st,
-        static_cast<const T*>(a.proj), a.p_sb, a.p_st, a.p_sk, a.factor, a.offset);
+        static_cast<const T*>(a.proj), a.p_sb, a.p_st, a.p_sk, a.mix, a.factor);
     return 0;
   });
   check(cudaGetLastError(), "lowrank_add");

@@ -70,17 +70,17 @@ void lowrank_factors_py(uintptr_t weight, int dtype, int64_t out, int64_t d, int
 }
 
 void lowrank_add_py(uintptr_t y, int dtype, int64_t batch, int64_t tokens, int64_t out,
-                 int64_t rank, int64_t y_sb, int64_t y_st, uintptr_t proj, int64_t p_sb,
-                 int64_t p_st, int64_t p_sk, uintptr_t factor, uintptr_t offset, int device,
-                 uintptr_t stream) {
+                    int64_t rank, int64_t y_sb, int64_t y_st, uintptr_t proj, int64_t p_sb,
+                    int64_t p_st, int64_t p_sk, uintptr_t mix, uintptr_t factor, int device,
+                    uintptr_t stream) {
   positive(batch, "batch");
   positive(tokens, "tokens");
   positive(out, "out");
   positive(rank, "rank");
   const LowrankAddArgs args{pointer<void>(y, "y"), dtype, batch, tokens, out, rank, y_sb, y_st,
                             pointer<const void>(proj, "proj"), p_sb, p_st, p_sk,
-                            pointer<const float>(factor, "factor"),
-                            pointer<const float>(offset, "offset"), 1};
+                            pointer<const float>(mix, "mix"),
+                            pointer<const float>(factor, "factor"), 1};
   py::gil_scoped_release release;
   lowrank_add(args, device, stream_of(stream));
 }
@@ -95,7 +95,7 @@ py::dict build_info() {
     if (end == std::string::npos) break;
     start = end + 1;
   }
-  info["abi"] = 1;
+  info["abi"] = 2;
   info["archs"] = names;
   const int version = runtime_version();
   info["cuda_version"] = std::to_string(version / 1000) + "." + std::to_string(version % 1000 / 10);
@@ -109,8 +109,8 @@ PYBIND11_MODULE(_C_cuda, m) {
   using namespace eas::cuda;
   m.doc() = "eas_kernels CUDA kernels (merge, low-rank factors, low-rank add); see csrc/README.md";
   m.def("merge", &merge_py, "Merge one PIA into a site's targets in place; -1 or refused target");
-  m.def("lowrank_factors", &lowrank_factors_py, "dst = U Wᵀ (fp32): M_e and g_e of every example");
-  m.def("lowrank_add", &lowrank_add_py, "y += proj @ M_e + g_e per example, in place");
+  m.def("lowrank_factors", &lowrank_factors_py, "F = U Wᵀ (fp32), U the up basis (abi.h)");
+  m.def("lowrank_add", &lowrank_add_py, "y += κ F per row, in place (abi.h)");
   m.def("build_info", &build_info, "ABI, compute capabilities and CUDA runtime of this build");
   m.def("device_count", &device_count, "CUDA devices the static runtime sees");
   m.def("device_status", &device_status, "'N device(s)' or why none is usable");

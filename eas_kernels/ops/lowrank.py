@@ -1,18 +1,29 @@
-"""The per-example low-rank path: a frozen PIA applied without changing weights (EAS_SPEC §4).
+"""The batched low-rank path: a frozen PIA applied without changing weights (EAS_SPEC §4).
 
-For example ``e`` with mixed up projection ``W_u^{(e)}`` (``r × d``) and ``β^{(e)}``, the
-linear layer reading ``z = u + PIA(u)`` computes
+For example ``e`` with state ``(α₁, α₂, c)``, the linear layer reading ``z = u + PIA(u)``
+computes
 
     z Wᵀ + b = (u Wᵀ + b) + (u W_d1ᵀ) M_e + g_e,   M_e = W_u^{(e)} Wᵀ (r × out),  g_e = β^{(e)} Wᵀ
 
-``M_e`` and ``g_e`` are built once per example after the prefill
-(:func:`lowrank_factors`: ``B·(r+1)·out·d`` multiply-adds, one kernel for the batch); each
-decoded token then costs ``d·r + r·out`` extra multiply-adds (:func:`add_lowrank`, which
-adds ``(u W_d1ᵀ) M_e + g_e`` into ``u Wᵀ + b`` in place: one read and one write of the
-layer's output, no extra pass over it), and any batch of examples with distinct states
-works. Both accumulate in float32 and round once. The native kernels are in
-``csrc/cpu/lowrank.h`` and ``csrc/cuda/lowrank.cu``; the ``*_reference`` functions are the
-PyTorch references.
+with ``W_u^{(e)} = α₁ W_u1ᵀ + α₂ W_u2ᵀ`` and ``β^{(e)} = c W_u^{(e)} + α₁ b_u1 + α₂ b_u2``.
+Both are combinations of four state-free factors, ``F = U Wᵀ`` with the PIA's up basis
+``U = [W_u1ᵀ; W_u2ᵀ; b_u1; b_u2]`` (:meth:`eas_kernels.PIA.up_basis`):
+
+    F = [A; C; a₁; a₂]  ((2r + 2) × out),   M_e = α₁ A + α₂ C,   g_e = c M_e + α₁ a₁ + α₂ a₂
+
+so per row of the layer's output, with ``p = u W_d1ᵀ + c`` and ``κ = [α₁ p, α₂ p, α₁, α₂]``,
+
+    z Wᵀ + b = (u Wᵀ + b) + κ F.
+
+:func:`lowrank_factors` builds ``F`` once for a batch (``(2r + 2)·out·d`` multiply-adds,
+whatever the number of examples B); :func:`add_lowrank` adds ``κ F`` into ``u Wᵀ + b`` in
+place for each decoded token: ``(2r + 2)·out`` multiply-adds per example, one read and one
+write of the layer's output, and ``F`` read once per step for the whole batch (per-example
+factors ``M_e`` would be read B times: ``B·r·out`` floats per step). Any batch of examples
+with distinct states works. Both accumulate in float32 and round once. The native kernels
+are in ``csrc/cpu/lowrank.h`` and ``csrc/cuda/lowrank.cu``; the ``*_reference`` functions
+are the PyTorch references (the reference add builds ``M_e`` and ``g_e`` of every example,
+the form EAS_SPEC §4 states).
 """
 
 from __future__ import annotations
@@ -23,26 +34,29 @@ from .. import _native
 from .._checks import check_tensor
 
 
-def lowrank_factors_reference(
-    weight: torch.Tensor, up_mix: torch.Tensor, beta: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M, g)``: ``M = W_u Wᵀ`` ``(B, r, out)`` and ``g = β Wᵀ`` ``(B, out)``.
-
-    ``weight`` ``(out, d)``; ``up_mix`` ``(B, r, d)``; ``beta`` ``(B, d)``. Same dtype as
-    ``weight``.
-    """
-    return torch.matmul(up_mix, weight.t()), beta @ weight.t()
+def lowrank_factors_reference(weight: torch.Tensor, up_basis: torch.Tensor) -> torch.Tensor:
+    """``F = U Wᵀ``: ``weight`` ``(out, d)``, ``up_basis`` ``U`` ``(2r + 2, d)``; ``(2r + 2, out)``
+    in their common dtype."""
+    return up_basis @ weight.t()
 
 
 def add_lowrank_reference(
-    output: torch.Tensor, projected: torch.Tensor, factor: torch.Tensor, offset: torch.Tensor
+    output: torch.Tensor, projected: torch.Tensor, mix: torch.Tensor, factor: torch.Tensor
 ) -> torch.Tensor:
-    """``output + projected @ M + g`` per example.
+    """``output + projected @ M_e + g_e`` per example, ``M_e`` and ``g_e`` built from ``F``.
 
     ``output`` ``(B, n, out)`` is ``u Wᵀ + b``; ``projected`` ``(B, n, r)`` is ``u W_d1ᵀ``;
-    ``factor`` ``M`` ``(B, r, out)``; ``offset`` ``g`` ``(B, out)``.
+    ``mix`` ``(B, r + 2)`` is each example's ``[α₁, α₂, c]``; ``factor`` ``F`` ``(2r + 2, out)``.
     """
-    return torch.baddbmm(output + offset.unsqueeze(1), projected, factor)
+    rank = projected.shape[-1]
+    alpha1, alpha2, c = mix[:, 0, None, None], mix[:, 1, None, None], mix[:, 2:]
+    m = alpha1 * factor[:rank] + alpha2 * factor[rank : 2 * rank]  # (B, r, out)
+    g = (
+        (c.unsqueeze(1) @ m).squeeze(1)
+        + alpha1[:, 0] * factor[2 * rank]
+        + alpha2[:, 0] * factor[2 * rank + 1]
+    )
+    return torch.baddbmm(output + g.unsqueeze(1), projected, m)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,43 +64,35 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def lowrank_factors(
-    weight: torch.Tensor,
-    up_mix: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M, g)`` of every example, in float32 (float64 for a float64 weight).
+    weight: torch.Tensor, up_basis: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """``F = U Wᵀ`` in float32 (float64 for a float64 weight), contiguous.
 
     Args:
         weight: ``W`` ``(out, d)``, unit stride along ``d``.
-        up_mix: ``W_u^{(e)}`` of each example ``(B, r, d)``; ``beta``: ``β^{(e)}`` ``(B, d)``;
+        up_basis: ``U = [W_u1ᵀ; W_u2ᵀ; b_u1; b_u2]`` ``(2r + 2, d)`` (:meth:`PIA.up_basis`),
             any floating dtype, ``weight``'s device.
         backend: ``"auto"``, ``"native"`` or ``"torch"`` (None: ``EAS_BACKEND`` or auto).
 
-    Returns ``M = W_u Wᵀ`` ``(B, r, out)`` and ``g = β Wᵀ`` ``(B, out)``, both contiguous,
-    accumulated in float32.
+    Returns ``F`` ``(2r + 2, out)``, accumulated in float32: what :func:`add_lowrank` takes
+    for every example of a batch, whatever their states.
     """
     check_tensor(weight, "weight", ndim=2, floating=True)
     out, d = weight.shape
     device = weight.device
-    check_tensor(up_mix, "up_mix", ndim=3, device=device, floating=True)
-    batch, rank = up_mix.shape[:2]
-    if batch == 0 or rank == 0 or up_mix.shape[2] != d:
-        raise ValueError(f"up_mix must have shape (B >= 1, r >= 1, {d}), got {tuple(up_mix.shape)}")
-    check_tensor(beta, "beta", ndim=2, device=device, floating=True)
-    if tuple(beta.shape) != (batch, d):
-        raise ValueError(f"beta must have shape ({batch}, {d}), got {tuple(beta.shape)}")
-    grad = _native.needs_grad(weight, up_mix, beta)
+    check_tensor(up_basis, "up_basis", ndim=2, device=device, floating=True)
+    rows = up_basis.shape[0]
+    if rows < 4 or rows % 2 or up_basis.shape[1] != d:
+        raise ValueError(
+            f"up_basis must have shape (2r + 2, {d}) with r >= 1, got {tuple(up_basis.shape)}"
+        )
+    grad = _native.needs_grad(weight, up_basis)
     if not _native.use_native("lowrank_factors", backend, device, weight.dtype, grad):
         compute = _compute_dtype(weight.dtype)
-        factor, offset = lowrank_factors_reference(
-            weight.to(compute), up_mix.to(compute), beta.to(compute)
-        )
-        return factor.contiguous(), offset.contiguous()
+        return lowrank_factors_reference(weight.to(compute), up_basis.to(compute)).contiguous()
     _native.check_matrix_rows(weight, "weight", device=device)
-    up = _native.fp32_rows(torch.cat([up_mix.reshape(batch * rank, d), beta]))
-    dst = torch.empty(batch * (rank + 1), out, dtype=torch.float32, device=device)
+    up = _native.fp32_rows(up_basis)
+    dst = torch.empty(rows, out, dtype=torch.float32, device=device)
     args = (
         weight.data_ptr(),
         _native.DTYPE_CODES[weight.dtype],
@@ -94,19 +100,19 @@ def lowrank_factors(
         d,
         _native.row_stride(weight),
         up.data_ptr(),
-        up.shape[0],
+        rows,
         dst.data_ptr(),
     )
     kernels = _native.module(device)
     kernels.lowrank_factors(*args, *_native.launch_args(device))
-    return dst[: batch * rank].view(batch, rank, out), dst[batch * rank :]
+    return dst
 
 
 def add_lowrank(
     output: torch.Tensor,
     projected: torch.Tensor,
+    mix: torch.Tensor,
     factor: torch.Tensor,
-    offset: torch.Tensor,
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -116,8 +122,9 @@ def add_lowrank(
         output: ``u Wᵀ + b`` ``(B, n, out)``, unit stride along ``out``. Consumed: the
             native kernels write the result into it.
         projected: ``u W_d1ᵀ`` ``(B, n, r)``, ``output``'s dtype.
-        factor: ``M`` ``(B, r, out)`` and ``offset``: ``g`` ``(B, out)``, as returned by
-            :func:`lowrank_factors` (float32, contiguous; float64 for a float64 output).
+        mix: each example's state ``[α₁, α₂, c]`` ``(B, r + 2)`` (:meth:`PIA.state_mix`) and
+        factor: ``F`` ``(2r + 2, out)`` as returned by :func:`lowrank_factors`; both float32
+            (float64 for a float64 output), contiguous.
         backend: ``"auto"``, ``"native"`` or ``"torch"`` (None: ``EAS_BACKEND`` or auto).
     """
     check_tensor(output, "output", ndim=3, floating=True)
@@ -130,23 +137,23 @@ def add_lowrank(
             f"projected must have shape ({batch}, {tokens}, r >= 1), got {tuple(projected.shape)}"
         )
     compute = _compute_dtype(dtype)
-    check_tensor(factor, "factor", ndim=3, dtype=compute, device=device)
-    if tuple(factor.shape) != (batch, rank, out):
+    check_tensor(mix, "mix", ndim=2, dtype=compute, device=device)
+    if tuple(mix.shape) != (batch, rank + 2):
+        raise ValueError(f"mix must have shape ({batch}, {rank + 2}), got {tuple(mix.shape)}")
+    check_tensor(factor, "factor", ndim=2, dtype=compute, device=device)
+    if tuple(factor.shape) != (2 * rank + 2, out):
         raise ValueError(
-            f"factor must have shape ({batch}, {rank}, {out}), got {tuple(factor.shape)}"
+            f"factor must have shape ({2 * rank + 2}, {out}), got {tuple(factor.shape)}"
         )
-    check_tensor(offset, "offset", ndim=2, dtype=compute, device=device)
-    if tuple(offset.shape) != (batch, out):
-        raise ValueError(f"offset must have shape ({batch}, {out}), got {tuple(offset.shape)}")
-    grad = _native.needs_grad(output, projected, factor, offset)
+    grad = _native.needs_grad(output, projected, mix, factor)
     if not _native.use_native("add_lowrank", backend, device, dtype, grad):
-        result = add_lowrank_reference(output.to(compute), projected.to(compute), factor, offset)
+        result = add_lowrank_reference(output.to(compute), projected.to(compute), mix, factor)
         return result.to(dtype)
     _native.check_rows(output, "output", dtype=dtype, device=device, shape=(batch, tokens, out))
     _native.check_no_overlap(output, "output")
-    for name, tensor in (("factor", factor), ("offset", offset)):
+    for name, tensor in (("mix", mix), ("factor", factor)):
         if not tensor.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (as lowrank_factors returns it)")
+            raise ValueError(f"{name} must be contiguous")
     args = (
         output.data_ptr(),
         _native.DTYPE_CODES[dtype],
@@ -157,8 +164,8 @@ def add_lowrank(
         *output.stride()[:2],
         projected.data_ptr(),
         *projected.stride(),
+        mix.data_ptr(),
         factor.data_ptr(),
-        offset.data_ptr(),
     )
     kernels = _native.module(device)
     kernels.lowrank_add(*args, *_native.launch_args(device))
