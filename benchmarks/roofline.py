@@ -41,15 +41,17 @@ def timed(fn: Callable[[], object], setup: Callable[[], object] | None = None) -
 def paired_medians(
     variants: dict[str, Callable[[], object]],
     rounds: int,
-    setup: Callable[[], object] | None = None,
+    setup: Callable[[], object] | dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, float]:
-    """Median seconds of each variant, the variants interleaved round by round."""
+    """Median seconds of each variant, the variants interleaved round by round (in the
+    dict's order); ``setup`` runs untimed before every call, one for all or one per name."""
+    setups = setup if isinstance(setup, dict) else dict.fromkeys(variants, setup)
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for fn in variants.values():
-        timed(fn, setup)  # warm up
+    for name, fn in variants.items():
+        timed(fn, setups[name])  # warm up
     for _ in range(rounds):
         for name, fn in variants.items():
-            times[name].append(timed(fn, setup))
+            times[name].append(timed(fn, setups[name]))
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -19,6 +19,7 @@ struct MergeTarget {
   int64_t out;           // rows of W
   int64_t ld;            // row stride of W, in elements (>= d)
   void* pristine;        // (out, d) contiguous, receives a bitwise copy of W
+  int copy_pristine;     // 0: pristine already holds W bitwise (kept since W's last restore)
   const void* bias;      // b (out,), or nullptr for a layer without bias (zero)
   void* new_bias;        // (out,) receives b + W βᵀ, rounded once to the storage dtype
 };

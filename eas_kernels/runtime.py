@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import add_lowrank, lowrank_factors, merged_linear
+from .ops import add_lowrank, lowrank_factors, merged_linear, restore_merged
 from .pia import PIA, PIAState, RunningSums
 
 MODES = ("eager", "merge", "lowrank", "auto")
@@ -59,8 +59,8 @@ class _MergeRecord:
     bias: torch.Tensor | None  # None: the layer had no bias before the merge
 
     def restore(self) -> None:
+        restore_merged(self.linear.weight, self.weight)
         with torch.no_grad():
-            self.linear.weight.copy_(self.weight)
             if self.bias is None:
                 self.linear.bias = None
             else:

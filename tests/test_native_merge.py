@@ -11,6 +11,7 @@ from eas_kernels.ops import (
     merged_linear,
     merged_linear_reference,
     pristine_bytes,
+    restore_merged,
 )
 from tests.helpers import same_bits
 from tests.native_helpers import (
@@ -91,9 +92,11 @@ def test_merge_matches_the_reference_with_poisoned_outputs(
                 torch.testing.assert_close(new_bias, reference[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("restore", ["restore_merged", "copy_"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_ten_thousand_merge_restore_cycles_leave_weights_bitwise_identical(dtype):
-    """Random states each cycle; restore is what the runtime does: ``copy_(pristine)``."""
+def test_ten_thousand_merge_restore_cycles_leave_weights_bitwise_identical(dtype, restore):
+    """Random states each cycle; restored as the runtime does (``restore_merged``, after
+    which the next merge skips the copy) or with a plain ``copy_(pristine)``."""
     s = site([24, 40, 8], 32, 6, dtype, seed=11)
     snapshot = [w.clone() for w in s["weights"]]
     generator = torch.Generator().manual_seed(12)
@@ -104,7 +107,11 @@ def test_ten_thousand_merge_restore_cycles_leave_weights_bitwise_identical(dtype
         merged = merged_linear(s["weights"], s["biases"], s["down_weight"], up_mix, beta)
         changed += not torch.equal(s["weights"][0], snapshot[0])
         for weight, target in zip(s["weights"], merged, strict=True):
-            weight.copy_(target.pristine)
+            if restore == "copy_":
+                weight.copy_(target.pristine)
+            else:
+                restore_merged(weight, target.pristine)
+        del merged, target  # the copies go back to their buffers, as the runtime's do
     assert changed == 10_000
     for weight, original in zip(s["weights"], snapshot, strict=True):
         assert same_bits(weight, original)
@@ -200,6 +207,59 @@ def test_a_restored_weight_reuses_its_buffer():
     del first
     second = merged_linear(s["weights"], s["biases"], *pia_args(s))
     assert second[0].pristine.data_ptr() == pointer
+
+
+def kept_buffer(weight: torch.Tensor) -> torch.Tensor:
+    """The pristine buffer kept for ``weight`` (not lent out)."""
+    return merge_module._buffers[weight].base
+
+
+def merge_then_restore(s: dict, backend: str, *, restore=restore_merged) -> list[torch.Tensor]:
+    """Merge ``s`` and restore it; return the merged weights."""
+    merged = merged_linear(s["weights"], s["biases"], *pia_args(s), backend=backend)
+    merged_weights = [w.clone() for w in s["weights"]]
+    for weight, target in zip(s["weights"], merged, strict=True):
+        restore(weight, target.pristine)
+    return merged_weights
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_after_restore_merged_the_next_merge_does_not_copy_again(backend):
+    s = site([16, 24], 8, 2, torch.float32, seed=28)
+    originals = [w.clone() for w in s["weights"]]
+    merged_weights = merge_then_restore(s, backend)
+    for weight, original in zip(s["weights"], originals, strict=True):
+        assert same_bits(weight, original)
+        # an edit through .data is invisible to the version counters: it shows the skip
+        kept_buffer(weight).data.fill_(float("nan"))
+    second = merged_linear(s["weights"], s["biases"], *pia_args(s), backend=backend)
+    for weight, target, merged_weight in zip(s["weights"], second, merged_weights, strict=True):
+        assert target.pristine.isnan().all()  # not written again
+        assert same_bits(weight, merged_weight)  # the merge itself read the weight
+    free_pristine_buffers()
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_a_weight_or_buffer_changed_after_its_restore_is_copied_again(backend):
+    s = site([16, 24, 8], 8, 2, torch.float32, seed=29)
+    weights = s["weights"]
+    merge_then_restore(s, backend)
+    changed, buffer_changed, _ = weights
+    changed.add_(1.0)  # the weight changed in place after its restore
+    kept_buffer(buffer_changed).zero_()  # its kept buffer changed in place
+    expected = [w.clone() for w in weights]
+    second = merged_linear(weights, s["biases"], *pia_args(s), backend=backend)
+    for target, weight in zip(second, expected, strict=True):
+        assert same_bits(target.pristine, weight)
+    for weight, target in zip(weights, second, strict=True):
+        weight.copy_(target.pristine)  # a plain copy_: nothing is known about the buffers
+    del second, target
+    for weight in weights:
+        kept_buffer(weight).data.fill_(float("nan"))
+    third = merged_linear(weights, s["biases"], *pia_args(s), backend=backend)
+    for target, weight in zip(third, expected, strict=True):
+        assert same_bits(target.pristine, weight)
+    free_pristine_buffers()
 
 
 def test_a_native_merge_bumps_the_version_counter():

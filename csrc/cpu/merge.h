@@ -9,7 +9,8 @@
 //
 // in three phases over all targets of the site:
 //   1. per block of rows: Q by register-tiled dot products, then a bitwise copy of the
-//      block into `pristine` (non-temporal stores) and the row maxima max_j |W[o, j]|;
+//      block into `pristine` (non-temporal stores; skipped when the caller knows `pristine`
+//      already holds W, see MergeTarget::copy_pristine) and the row maxima max_j |W[o, j]|;
 //   2. check, before any write to W: refuse the merge if an entry of Q or b' is not
 //      finite, or if one of W' could be. A row is cleared by the bound
 //      max|W_o| + Σ_k |P_ok| max|W_d1[k, :]| < max_finite(T) / 2; a row the bound does not
@@ -128,7 +129,8 @@ int merge(const MergeArgs& a) {
     dot_block<S, T>(w, tg.ld, row0, row1, a.up, r + 1, d, q_target, ldq, 1);
     for (int64_t o = row0; o < row1; ++o) {
       maxima[first_row[t] + o] = merge_detail::row_max_abs<S, T>(w + o * tg.ld, d);
-      S::copy_stream(pristine + o * d, w + o * tg.ld, d * static_cast<int64_t>(sizeof(T)));
+      if (tg.copy_pristine)
+        S::copy_stream(pristine + o * d, w + o * tg.ld, d * static_cast<int64_t>(sizeof(T)));
     }
     S::fence();
   }

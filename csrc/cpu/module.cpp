@@ -44,7 +44,7 @@ void positive(int64_t value, const char* name) {
   if (value <= 0) throw std::invalid_argument(std::string(name) + " must be positive");
 }
 
-using Target = std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t>;
+using Target = std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t, bool>;
 
 int merge(const std::vector<Target>& targets, int dtype, int64_t d, int64_t rank, uintptr_t up,
           uintptr_t down, uintptr_t scratch, int num_threads) {
@@ -53,11 +53,11 @@ int merge(const std::vector<Target>& targets, int dtype, int64_t d, int64_t rank
   positive(num_threads, "num_threads");
   if (targets.empty()) throw std::invalid_argument("no merge target");
   std::vector<MergeTarget> converted;
-  for (const auto& [weight, out, ld, pristine, bias, new_bias] : targets) {
+  for (const auto& [weight, out, ld, pristine, bias, new_bias, copy] : targets) {
     positive(out, "out");
     if (ld < d) throw std::invalid_argument("row stride ld must be >= d");
     converted.push_back(MergeTarget{pointer<void>(weight, "weight"), out, ld,
-                                    pointer<void>(pristine, "pristine"),
+                                    pointer<void>(pristine, "pristine"), copy ? 1 : 0,
                                     reinterpret_cast<const void*>(bias),
                                     pointer<void>(new_bias, "new_bias")});
   }

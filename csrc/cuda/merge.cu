@@ -7,7 +7,8 @@
 //   W' = round(W + Δ),  Δ = Σ_k P[:, k] W_d1[k, :] summed from zero, k ascending, fmaf
 //   b' = round(b + W βᵀ)
 //
-// 1. dots_kernel (Q), copy_kernel (bitwise copy of W into `pristine`, row maxima |W|),
+// 1. dots_kernel (Q), copy_kernel (bitwise copy of W into `pristine` unless it already holds
+//    W, see MergeTarget::copy_pristine; row maxima |W|),
 //    down_max_kernel (max_j |W_d1[k, j]|, Inf if row k is not finite);
 // 2. check_kernel, one warp per row: finite Q row and b', and W' finite — cleared by the
 //    bound max|W_o| + Σ_k |P_ok| max|W_d1[k, :]| < max_finite(T) / 2, else computed and
@@ -28,7 +29,7 @@ constexpr int kThreads = 256;
 
 template <class T>
 __global__ void copy_kernel(const T* __restrict__ w, int64_t ld, int64_t d, T* __restrict__ pristine,
-                            float* __restrict__ maxima) {
+                            int copy, float* __restrict__ maxima) {
   __shared__ float partial[kThreads / 32];
   const int64_t row = blockIdx.x;
   const T* src = w + row * ld;
@@ -36,7 +37,7 @@ __global__ void copy_kernel(const T* __restrict__ w, int64_t ld, int64_t d, T* _
   float m = 0.0f;
   for (int64_t j = threadIdx.x; j < d; j += kThreads) {
     const T x = src[j];
-    dst[j] = x;  // bit copy
+    if (copy) dst[j] = x;  // bit copy
     m = fmaxf(m, fabsf(to_float(x)));
   }
   for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
@@ -166,7 +167,7 @@ int merge_typed(const MergeArgs& a, cudaStream_t stream) {
     float* q_t = q + row0 * (r + 1);
     launch_dots<T>(w, tg.ld, tg.out, a.up, r + 1, d, q_t, r + 1, 1, stream);
     copy_kernel<T><<<static_cast<unsigned>(tg.out), kThreads, 0, stream>>>(
-        w, tg.ld, d, static_cast<T*>(tg.pristine), maxima + row0);
+        w, tg.ld, d, static_cast<T*>(tg.pristine), tg.copy_pristine, maxima + row0);
     check_kernel<T><<<blocks(tg.out, kThreads / 32), kThreads, 0, stream>>>(
         w, tg.ld, tg.out, d, r, static_cast<const T*>(tg.bias), static_cast<T*>(tg.new_bias), q_t,
         maxima + row0, a.down, down_max, refused + t);

@@ -34,7 +34,7 @@ void positive(int64_t value, const char* name) {
 
 void* stream_of(uintptr_t handle) { return reinterpret_cast<void*>(handle); }
 
-using Target = std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t>;
+using Target = std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t, bool>;
 
 int merge_py(const std::vector<Target>& targets, int dtype, int64_t d, int64_t rank, uintptr_t up,
           uintptr_t down, uintptr_t scratch, int device, uintptr_t stream) {
@@ -42,11 +42,11 @@ int merge_py(const std::vector<Target>& targets, int dtype, int64_t d, int64_t r
   positive(rank, "rank");
   if (targets.empty()) throw std::invalid_argument("no merge target");
   std::vector<MergeTarget> converted;
-  for (const auto& [weight, out, ld, pristine, bias, new_bias] : targets) {
+  for (const auto& [weight, out, ld, pristine, bias, new_bias, copy] : targets) {
     positive(out, "out");
     if (ld < d) throw std::invalid_argument("row stride ld must be >= d");
     converted.push_back(MergeTarget{pointer<void>(weight, "weight"), out, ld,
-                                    pointer<void>(pristine, "pristine"),
+                                    pointer<void>(pristine, "pristine"), copy ? 1 : 0,
                                     reinterpret_cast<const void*>(bias),
                                     pointer<void>(new_bias, "new_bias")});
   }

@@ -25,6 +25,7 @@ from .merge import (
     merged_linear,
     merged_linear_reference,
     pristine_bytes,
+    restore_merged,
 )
 
 PIA_BACKENDS = ("auto", "triton", "torch")
@@ -76,4 +77,5 @@ __all__ = [
     "merged_linear_reference",
     "pia_backend",
     "pristine_bytes",
+    "restore_merged",
 ]

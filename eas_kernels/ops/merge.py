@@ -19,7 +19,10 @@ fp32 accumulation, one rounding. :func:`merged_linear_reference` is the PyTorch 
 Pristine copies are buffers the size of the merged weights. Each is kept, after its
 weight is restored, for that weight's next merge (a fresh allocation of 180 MB costs more
 than the merge itself on a CPU: page faults); :func:`pristine_bytes` reports their memory
-and :func:`free_pristine_buffers` releases those not in use.
+and :func:`free_pristine_buffers` releases those not in use. A weight put back with
+:func:`restore_merged` is bitwise its buffer, so its next merge does not write the copy
+again, as long as torch's version counters show that neither was modified in place since
+(an edit through ``.data`` bypasses them: call :func:`free_pristine_buffers` after one).
 """
 
 from __future__ import annotations
@@ -66,11 +69,20 @@ class MergedTarget(NamedTuple):
 
 
 class _PristineBuffer:
-    """A buffer kept for one weight, and the view of it that is currently lent out."""
+    """A buffer kept for one weight, the view of it that is currently lent out, and what
+    proves that the buffer holds the weight bitwise (set by :func:`restore_merged`)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.base = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         self.lent: weakref.ref[torch.Tensor] | None = None
+        self.synced: tuple[int, int, int] | None = None
+
+    def sync_key(self, weight: torch.Tensor) -> tuple[int, int, int] | None:
+        """Both version counters and the weight's address; None for inference tensors,
+        which have no version counter."""
+        if weight.is_inference() or self.base.is_inference():
+            return None
+        return (weight._version, self.base._version, weight.data_ptr())
 
     def fits(self, weight: torch.Tensor) -> bool:
         base = self.base
@@ -82,19 +94,36 @@ class _PristineBuffer:
     def lend(self) -> torch.Tensor:
         view = self.base.view(self.base.shape)  # a distinct tensor object: dies with its holder
         self.lent = weakref.ref(view)
+        self.synced = None
         return view
 
 
 _buffers: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> _PristineBuffer
 
 
-def _pristine_buffer(weight: torch.Tensor) -> torch.Tensor:
-    """A buffer for ``weight``'s pristine copy: its kept one when free, else a new one."""
+def _pristine_buffer(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A buffer for ``weight``'s pristine copy — its kept one when free, else a new one —
+    and whether it already holds ``weight`` bitwise (then the merge need not copy it)."""
     buffer = _buffers.get(weight)
     if buffer is None or buffer.in_use() or not buffer.fits(weight):
         buffer = _PristineBuffer(weight)
         _buffers[weight] = buffer
-    return buffer.lend()
+    holds_weight = buffer.synced is not None and buffer.synced == buffer.sync_key(weight)
+    return buffer.lend(), holds_weight
+
+
+def restore_merged(weight: torch.Tensor, pristine: torch.Tensor) -> None:
+    """Put a merged weight back bitwise: ``weight.copy_(pristine)``.
+
+    ``pristine`` is the copy :func:`merged_linear` returned for ``weight``. Afterwards the
+    buffer is known to hold ``weight``, so the next merge of ``weight`` skips writing the
+    copy unless either tensor was modified in place in between (or ``weight`` moved).
+    """
+    with torch.no_grad():
+        weight.copy_(pristine)
+    buffer = _buffers.get(weight)
+    if buffer is not None and buffer.fits(weight) and buffer.base.data_ptr() == pristine.data_ptr():
+        buffer.synced = buffer.sync_key(weight)
 
 
 def pristine_bytes() -> int:
@@ -186,8 +215,9 @@ def merged_linear(
             ``(d,)`` — any floating dtype, same device.
         backend: ``"auto"``, ``"native"`` or ``"torch"`` (None: ``EAS_BACKEND`` or auto).
 
-    Returns, per weight, its pristine copy (restore with ``weight.copy_(pristine)``,
-    bitwise) and ``b' = b + W βᵀ``. fp32 accumulation, one rounding to the weight's dtype.
+    Returns, per weight, its pristine copy (restore with :func:`restore_merged`, or
+    ``weight.copy_(pristine)``: bitwise) and ``b' = b + W βᵀ``. fp32 accumulation, one
+    rounding to the weight's dtype.
 
     Raises ValueError, before writing any weight, when a ``W'`` or ``b'`` would hold NaN
     or Inf in the weight's dtype.
@@ -202,7 +232,7 @@ def merged_linear(
     down = _native.fp32_rows(down_weight)
     results, targets = [], []
     for weight, bias in zip(weights, biases, strict=True):
-        pristine = _pristine_buffer(weight)
+        pristine, holds_weight = _pristine_buffer(weight)
         new_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=device)
         bias_pointer = 0 if bias is None else bias.data_ptr()
         targets.append(
@@ -213,6 +243,7 @@ def merged_linear(
                 pristine.data_ptr(),
                 bias_pointer,
                 new_bias.data_ptr(),
+                not holds_weight,  # write the copy
             )
         )
         results.append(MergedTarget(pristine, new_bias))
@@ -246,8 +277,9 @@ def _merge_with_torch(
             raise _refusal(weight)
     results = []
     for weight, (new_weight, new_bias) in zip(weights, merged, strict=True):
-        pristine = _pristine_buffer(weight)
-        pristine.copy_(weight)
+        pristine, holds_weight = _pristine_buffer(weight)
+        if not holds_weight:
+            pristine.copy_(weight)
         weight.copy_(new_weight)
         results.append(MergedTarget(pristine, new_bias))
     return results
