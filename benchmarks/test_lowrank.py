@@ -5,9 +5,12 @@ examples with distinct PIA states, float32 and bfloat16 (EAS_SPEC §4):
 
 * ``without`` — ``x W1ᵀ`` and ``x W3ᵀ`` (``F.linear``), the projections of the model without
   the PIA;
-* ``with_path`` — the same plus the site's ``p = x W_d1ᵀ`` and, per target,
-  ``add_lowrank(y, p, mix, F)`` (the compiled kernel; the pytest-benchmark figure), which
-  adds ``κ F`` with the state-free factors ``F = [W_u1ᵀ; W_u2ᵀ; b_u1; b_u2] Wᵀ``.
+* ``with_path`` — the same plus the site's ``p = x W_d1ᵀ`` and, per target, the bound
+  ``LowrankAdd(mix, F)(y, p)`` that the runtime's hooks call (the compiled kernel; the
+  pytest-benchmark figure), which adds ``κ F`` with the state-free factors
+  ``F = [W_u1ᵀ; W_u2ᵀ; b_u1; b_u2] Wᵀ``;
+* ``with_checked_calls`` — the same through ``add_lowrank(y, p, mix, F)``, which checks
+  every argument at every call.
 
 ``ratio_with_vs_without`` is the median of paired timings (target: ≤ 1.05). The build of
 ``F`` (once per batch of examples, whatever B) is timed too, against ``torch.matmul``.
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.roofline import DEVICE, machine, timed
-from eas_kernels.ops import add_lowrank, lowrank_factors, lowrank_factors_reference
+from eas_kernels.ops import LowrankAdd, add_lowrank, lowrank_factors, lowrank_factors_reference
 
 DIM, OUT, RANK = 4096, 11008, 32
 PAIRS = 40
@@ -54,12 +57,18 @@ class Layer:
 
     def build(self) -> None:
         self.factors = [lowrank_factors(w, self.basis) for w in self.weights]
+        self.adds = [LowrankAdd(self.mix, factor) for factor in self.factors]
 
     def without(self) -> None:
         for weight in self.weights:
             F.linear(self.x, weight)
 
     def with_path(self) -> None:
+        projected = F.linear(self.x, self.down)
+        for weight, add in zip(self.weights, self.adds, strict=True):
+            add(F.linear(self.x, weight), projected)
+
+    def with_checked_calls(self) -> None:
         projected = F.linear(self.x, self.down)
         for weight, factor in zip(self.weights, self.factors, strict=True):
             add_lowrank(F.linear(self.x, weight), projected, self.mix, factor)
@@ -80,6 +89,9 @@ def test_lowrank_token(benchmark, batch, dtype):
     benchmark.extra_info.update(
         shape=dict(d=DIM, out=OUT, r=RANK, batch=batch, tokens=1, targets=2, dtype=str(dtype)),
         ratio_with_vs_without=round(paired_ratio(layer.with_path, layer.without), 3),
+        ratio_checked_calls_vs_without=round(
+            paired_ratio(layer.with_checked_calls, layer.without), 3
+        ),
         median_ms=dict(without=round(without * 1e3, 3), with_path=round(with_path * 1e3, 3)),
         factor_build_ms=dict(
             native_per_target=round(layer.build_seconds / 2 * 1e3, 1),

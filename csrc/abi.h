@@ -39,6 +39,7 @@ struct MergeArgs {
 
 // The low-rank path's factors, F = U Wᵀ, with U the PIA's up basis (EAS_SPEC §4):
 // rows W_u1ᵀ (r), W_u2ᵀ (r), b_u1, b_u2, so n = 2r + 2. Independent of the examples' states.
+// Accumulated and written in fp32 (Python rounds them to fp16/bf16 for such layers).
 struct FactorArgs {
   const void* weight;    // W (out, d), rows of `ld` elements
   int dtype;
@@ -61,7 +62,7 @@ struct LowrankAddArgs {
   const void* proj;      // (B, n, rank) = x W_d1ᵀ
   int64_t p_sb, p_st, p_sk;
   const float* mix;      // (B, rank + 2) contiguous fp32: α₁, α₂, c of each example
-  const float* factor;   // F (2 rank + 2, out) contiguous fp32
+  const void* factor;    // F (2 rank + 2, out) contiguous, in y's storage dtype
   int num_threads;
 };
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import add_lowrank, lowrank_factors, merged_linear, restore_merged
+from .ops import LowrankAdd, lowrank_factors, merged_linear, restore_merged
 from .pia import PIA, PIAState, RunningSums
 
 MODES = ("eager", "merge", "lowrank", "auto")
@@ -122,8 +122,8 @@ class AdapterSite:
             basis, mix = self.pia.up_basis(), self.pia.state_mix(self.state)
             for linear in self.targets:
                 factor = lowrank_factors(linear.weight, basis)
-                mix = mix.to(factor.dtype).contiguous()
-                hook = functools.partial(self._add_lowrank, mix=mix, factor=factor)
+                mix = mix.to(torch.promote_types(factor.dtype, torch.float32)).contiguous()
+                hook = functools.partial(self._add_lowrank, add=LowrankAdd(mix, factor))
                 self._lowrank_hooks.append(linear.register_forward_hook(hook))
 
     def _add_lowrank(
@@ -132,11 +132,10 @@ class AdapterSite:
         inputs: tuple[torch.Tensor, ...],
         output: torch.Tensor,
         *,
-        mix: torch.Tensor,
-        factor: torch.Tensor,
+        add: LowrankAdd,
     ) -> torch.Tensor:
         assert self.projected is not None, "low-rank target called without its site"
-        return add_lowrank(output, self.projected, mix, factor)
+        return add(output, self.projected)
 
     def remove_lowrank(self) -> None:
         for handle in self._lowrank_hooks:

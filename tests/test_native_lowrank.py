@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import eas_kernels.ops.lowrank as lowrank_module
 from eas_kernels.ops import (
+    LowrankAdd,
     add_lowrank,
     add_lowrank_reference,
     lowrank_factors,
@@ -81,11 +82,12 @@ def test_factors_match_the_reference_with_poisoned_outputs(kernels, monkeypatch,
     with on_kernels(kernels) as device:
         p = problem(*case, dtype, seed=case[2], device=device)
         factor = lowrank_factors(p["weight"], p["basis"], backend="native")
-    assert factor.dtype == torch.float32 and factor.is_contiguous()
+    assert factor.dtype == dtype and factor.is_contiguous()  # fp32 accumulation, kept in dtype
     torch_own = lowrank_factors_reference(p["weight"], p["basis"])
     exact = lowrank_factors_reference(p["weight"].double(), p["basis"].double())
     assert_within_twice_torch_error(factor, torch_own, exact, "F")
-    torch.testing.assert_close(factor.double(), exact, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(factor.double(), exact, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -126,7 +128,7 @@ def test_add_writes_exactly_its_outputs_through_strides(kernels, dtype, tokens):
         output.copy_(randn(batch, tokens, out))
         before = output.clone()
         projected = randn(batch, rank, tokens, to=dtype).transpose(1, 2)
-        mix, factor = randn(batch, rank + 2), randn(2 * rank + 2, out)
+        mix, factor = randn(batch, rank + 2), randn(2 * rank + 2, out, to=dtype)
         result = add_lowrank(output, projected, mix, factor, backend="native")
     assert result is output and output._version > 0
     outside = torch.ones_like(buffer, dtype=torch.bool)
@@ -148,7 +150,7 @@ def test_fallbacks_and_backends_agree():
     results = {}
     for backend in ("torch", "native", "auto"):
         factor = lowrank_factors(p["weight"], p["basis"], backend=backend)
-        assert factor.dtype == torch.float32
+        assert factor.dtype == torch.bfloat16
         results[backend] = add_lowrank(output.clone(), projected, p["mix"], factor, backend=backend)
     assert torch.equal(results["native"], results["auto"])
     torch.testing.assert_close(results["native"], results["torch"], rtol=0.02, atol=0.02)
@@ -176,6 +178,62 @@ def test_float64_and_autograd_calls_run_the_reference_under_auto():
     assert down.grad is not None
     with pytest.raises(RuntimeError, match="do not record gradients"):
         add_lowrank(output, projected, p32["mix"], factor, backend="native")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_bound_add_equals_add_lowrank_on_every_path(dtype):
+    """Contiguous calls take the bound fast path, strided ones and calls that record
+    gradients take add_lowrank; all give add_lowrank's result."""
+    p = problem(5, 3, 70, 40, 6, "distinct", dtype, seed=9)
+    output = F.linear(p["u"], p["weight"], p["bias"])
+    projected = F.linear(p["u"], p["down"])
+    factor = lowrank_factors(p["weight"], p["basis"])
+    bound = LowrankAdd(p["mix"], factor)
+    expected = add_lowrank(output.clone(), projected, p["mix"], factor)
+    fast = output.clone()
+    assert bound(fast, projected) is fast and torch.equal(fast, expected)
+    strided = torch.full((5, 3, 75), float("nan"), dtype=dtype)[:, :, :70]
+    strided.copy_(output)
+    assert torch.equal(
+        bound(strided, projected.transpose(1, 2).contiguous().transpose(1, 2)), expected
+    )
+    with_torch = LowrankAdd(p["mix"], factor, backend="torch")(output.clone(), projected)
+    torch.testing.assert_close(with_torch, expected, rtol=0.02, atol=0.02)
+    if dtype == torch.float32:
+        down = p["down"].clone().requires_grad_()
+        traced = bound(output.clone(), F.linear(p["u"], down))  # the reference, with autograd
+        traced.sum().backward()
+        assert down.grad is not None
+        torch.testing.assert_close(traced.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_bound_add_checks_its_factors_once():
+    p = problem(2, 1, 12, 8, 3, "distinct", torch.float32, seed=10)
+    factor = lowrank_factors(p["weight"], p["basis"])
+    mix = p["mix"]
+    cases = [
+        (lambda: LowrankAdd(mix, factor[:3]), ValueError, "factor must have shape"),
+        (lambda: LowrankAdd(mix[:, :-1], factor), ValueError, "mix must have shape"),
+        (lambda: LowrankAdd(mix.double(), factor), TypeError, "mix must have dtype"),
+        (lambda: LowrankAdd(mix, factor.t().contiguous().t()), ValueError, "contiguous"),
+        (lambda: LowrankAdd(mix, factor, backend="fast"), ValueError, "backend"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    bound = LowrankAdd(mix, factor)
+    y = F.linear(p["u"], p["weight"])
+    with pytest.raises(ValueError, match="mix must have shape"):
+        bound(y[:1], F.linear(p["u"], p["down"])[:1])  # another batch size: add_lowrank's check
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_factors_that_overflow_float16_are_refused(backend):
+    p = problem(2, 1, 12, 8, 3, "distinct", torch.float16, seed=8)
+    basis = p["basis"].clone()
+    basis[0] = 60.0  # F[0, :] = 60 Σ_j W[:, j]: beyond float16's 65504 with W = 200
+    with pytest.raises(ValueError, match="NaN or Inf in torch.float16"):
+        lowrank_factors(torch.full_like(p["weight"], 200.0), basis, backend=backend)
 
 
 def test_bad_input_is_refused_with_a_clear_error():

@@ -5,7 +5,8 @@
 // α₁ b_u1 + α₂ b_u2, so for a target W (out x d, storage type T) the per-example factors
 // M_e = W_u^{(e)} Wᵀ and g_e = β^{(e)} Wᵀ are combinations of four state-free ones:
 //
-//   factors: F = U Wᵀ ((2r + 2) x out, fp32), U = [W_u1ᵀ; W_u2ᵀ; b_u1; b_u2]:
+//   factors: F = U Wᵀ ((2r + 2) x out, accumulated in fp32 and kept in the layer's storage
+//            type: half the bytes for bf16/fp16 layers), U = [W_u1ᵀ; W_u2ᵀ; b_u1; b_u2]:
 //            A = W_u1ᵀ Wᵀ, C = W_u2ᵀ Wᵀ, a₁ = b_u1 Wᵀ, a₂ = b_u2 Wᵀ; (2r + 2)·out·d
 //            multiply-adds once for the batch, whatever B; register-tiled dot products over
 //            blocks of W rows that stay in cache while U streams past them;
@@ -72,6 +73,7 @@ void lowrank_add(const LowrankAddArgs& a) {
   constexpr int64_t kChunk = S::kAxpyVecs * S::kWidth;
   const int64_t chunks = (a.out + kChunk - 1) / kChunk;
   T* y = static_cast<T*>(a.y);
+  const T* factor = static_cast<const T*>(a.factor);
   const int threads = threads_for(a.num_threads, rows * width * a.out);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t run = 0; run < runs; ++run) {
@@ -84,7 +86,7 @@ void lowrank_add(const LowrankAddArgs& a) {
         const int mr = static_cast<int>(run_rows - i0 < S::kAxpyRows ? run_rows - i0 : S::kAxpyRows);
         T* rows_at = y_run + i0 * stride;
         axpy_rows_any<S, T>(mr, rows_at, stride, rows_at, stride, kappa_run + i0 * width, width,
-                            a.factor + c0, a.out, n, width);
+                            factor + c0, a.out, n, width);
       }
     }
   }

@@ -93,7 +93,7 @@ void lowrank_add(uintptr_t y, int dtype, int64_t batch, int64_t tokens, int64_t 
   const LowrankAddArgs args{pointer<void>(y, "y"), checked_dtype(dtype), batch, tokens, out, rank,
                             y_sb, y_st, pointer<const void>(proj, "proj"), p_sb, p_st, p_sk,
                             pointer<const float>(mix, "mix"),
-                            pointer<const float>(factor, "factor"), num_threads};
+                            pointer<const void>(factor, "factor"), num_threads};
   py::gil_scoped_release release;
   g_table->lowrank_add[args.dtype](args);
 }

@@ -1,5 +1,6 @@
 // Register-tiled building blocks shared by the CPU ops, templated on a SIMD layer `S`
-// (simd_*.h) and a storage type `T` (float, Half, BFloat16). All arithmetic is fp32.
+// (simd_*.h) and a storage type `T` (float, Half, BFloat16; axpy's D matrix may be stored
+// as float or as T). All arithmetic is fp32.
 //
 //   dot_tile:  dst[i, j] = Σ_k W[i, k] U[j, k]             (MR rows of W x NR rows of U)
 //   axpy_tile: W[i, c]   = round(W[i, c] + Σ_k P[i, k] D[k, c])   (MR rows x NV vectors)
@@ -124,9 +125,9 @@ inline void dot_block(const T* w, int64_t ldw, int64_t row0, int64_t row1, const
 
 // MR rows x NV vectors starting at column c (NV * width columns, all inside the row):
 // src rows at `src` (stride lds), results rounded once into dst rows (stride ldd_out).
-template <class S, class T, int MR, int NV>
+template <class S, class T, int MR, int NV, class D>
 inline void axpy_tile(const T* src, int64_t lds, T* dst, int64_t ldo, const float* p,
-                      int64_t ldp, const float* dmat, int64_t ldd, int64_t rank) {
+                      int64_t ldp, const D* dmat, int64_t ldd, int64_t rank) {
   using V = typename S::V;
   V acc[MR][NV];
 #pragma GCC unroll 8
@@ -154,8 +155,8 @@ inline void axpy_tile(const T* src, int64_t lds, T* dst, int64_t ldo, const floa
 }
 
 // One row, columns [c, c + n) with n < width (the tail of a row).
-template <class S, class T>
-inline void axpy_tail(const T* src, T* dst, const float* p, const float* dmat, int64_t ldd,
+template <class S, class T, class D>
+inline void axpy_tail(const T* src, T* dst, const float* p, const D* dmat, int64_t ldd,
                       int64_t rank, int64_t n) {
   using V = typename S::V;
   V acc = S::zero();
@@ -165,9 +166,9 @@ inline void axpy_tail(const T* src, T* dst, const float* p, const float* dmat, i
 
 // Rows [0, mr) of a block (mr <= kAxpyRows), columns [0, n): dst = round(src + P D), with
 // D's rows `ldd` floats apart.
-template <class S, class T, int MR>
+template <class S, class T, int MR, class D>
 inline void axpy_rows(const T* src, int64_t lds, T* dst, int64_t ldo, const float* p,
-                      int64_t ldp, const float* dmat, int64_t ldd, int64_t n, int64_t rank) {
+                      int64_t ldp, const D* dmat, int64_t ldd, int64_t n, int64_t rank) {
   constexpr int64_t kStep = S::kAxpyVecs * S::kWidth;
   int64_t c = 0;
   for (; c + kStep <= n; c += kStep)
@@ -180,9 +181,9 @@ inline void axpy_rows(const T* src, int64_t lds, T* dst, int64_t ldo, const floa
                       n - c);
 }
 
-template <class S, class T>
+template <class S, class T, class D>
 inline void axpy_rows_any(int mr, const T* src, int64_t lds, T* dst, int64_t ldo,
-                          const float* p, int64_t ldp, const float* dmat, int64_t ldd,
+                          const float* p, int64_t ldp, const D* dmat, int64_t ldd,
                           int64_t n, int64_t rank) {
   static_assert(S::kAxpyRows <= 12, "axpy tiles have at most 12 rows");
   switch (mr) {

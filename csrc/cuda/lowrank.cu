@@ -1,7 +1,8 @@
 // The batched low-rank path (EAS_SPEC §4), CUDA; the math of csrc/cpu/lowrank.h.
 //
 //   factors: F = U Wᵀ, U = [W_u1ᵀ; W_u2ᵀ; b_u1; b_u2] ((2r + 2) x d, fp32): dots_kernel
-//            writing (2r + 2) x out fp32, once for the batch;
+//            writing (2r + 2) x out fp32, once for the batch (kept in the layer's storage
+//            type, rounded by Python);
 //   add:     y[b, t, c] = round(y[b, t, c] + Σ_k κ[b, t, k] F[k, c]), κ = [α₁ p, α₂ p, α₁, α₂]
 //            with p = proj[b, t, :] + c_b; the sum from zero, k ascending with fmaf, then
 //            added to y once. One thread per output column (blocks of 256 columns), each
@@ -21,7 +22,7 @@ template <class T>
 __global__ void add_kernel(T* __restrict__ y, int64_t rows, int64_t tokens, int64_t out,
                            int64_t rank, int64_t y_sb, int64_t y_st, const T* __restrict__ proj,
                            int64_t p_sb, int64_t p_st, int64_t p_sk, const float* __restrict__ mix,
-                           const float* __restrict__ factor) {
+                           const T* __restrict__ factor) {
   extern __shared__ float coefficients[];  // kRows x (2 rank + 2): κ of the block's rows
   const int64_t width = 2 * rank + 2;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
@@ -55,7 +56,7 @@ __global__ void add_kernel(T* __restrict__ y, int64_t rows, int64_t tokens, int6
 #pragma unroll
       for (int j = 0; j < kRows; ++j) delta[j] = 0.0f;
       for (int64_t k = 0; k < width; ++k) {
-        const float f = factor[k * out + c];
+        const float f = to_float(factor[k * out + c]);
 #pragma unroll
         for (int j = 0; j < kRows; ++j) delta[j] = fmaf(coefficients[j * width + k], f, delta[j]);
       }
@@ -93,7 +94,8 @@ void lowrank_add(const LowrankAddArgs& a, int device, void* stream) {
                     static_cast<unsigned>(row_blocks < 65535 ? row_blocks : 65535));
     add_kernel<T><<<grid, kThreads, shared, static_cast<cudaStream_t>(stream)>>>(
         static_cast<T*>(a.y), rows, a.tokens, a.out, a.rank, a.y_sb, a.y_st,
-        static_cast<const T*>(a.proj), a.p_sb, a.p_st, a.p_sk, a.mix, a.factor);
+        static_cast<const T*>(a.proj), a.p_sb, a.p_st, a.p_sk, a.mix,
+        static_cast<const T*>(a.factor));
     return 0;
   });
   check(cudaGetLastError(), "lowrank_add");

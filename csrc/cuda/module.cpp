@@ -80,7 +80,7 @@ void lowrank_add_py(uintptr_t y, int dtype, int64_t batch, int64_t tokens, int64
   const LowrankAddArgs args{pointer<void>(y, "y"), dtype, batch, tokens, out, rank, y_sb, y_st,
                             pointer<const void>(proj, "proj"), p_sb, p_st, p_sk,
                             pointer<const float>(mix, "mix"),
-                            pointer<const float>(factor, "factor"), 1};
+                            pointer<const void>(factor, "factor"), 1};
   py::gil_scoped_release release;
   lowrank_add(args, device, stream_of(stream));
 }

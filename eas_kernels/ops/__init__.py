@@ -14,6 +14,7 @@ import os
 import torch
 
 from .lowrank import (
+    LowrankAdd,
     add_lowrank,
     add_lowrank_reference,
     lowrank_factors,
@@ -67,6 +68,7 @@ def pia_backend(u: torch.Tensor) -> str:
 
 __all__ = [
     "PIA_BACKENDS",
+    "LowrankAdd",
     "MergedTarget",
     "add_lowrank",
     "add_lowrank_reference",
