@@ -242,25 +242,48 @@ class LowrankAdd:
             if not tensor.is_contiguous():
                 raise ValueError(f"{name} must be contiguous")
         self.mix, self.factor, self.backend = mix, factor, backend
-        self._native = _native.use_native("add_lowrank", backend, device, dtype, False)
+        self._dtype, self._device = dtype, device
         self._shape = (mix.shape[0], rows // 2 - 1, out)  # B, r, out
+        native = _native.use_native("add_lowrank", backend, device, dtype, False)
+        self._kernel = _native.module(device).lowrank_add if native else None
+        self._pointers = (mix.data_ptr(), factor.data_ptr())  # alive as long as self
 
     def __call__(self, output: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
-        batch, rank, out = self._shape
-        factor = self.factor
+        dtype, device = self._dtype, self._device
         if (
-            self._native
-            and output.dtype is factor.dtype
-            and projected.dtype is factor.dtype
-            and output.dim() == 3
-            and output.shape[0] == batch
-            and output.shape[2] == out
-            and projected.shape == (batch, output.shape[1], rank)
-            and output.device == factor.device
-            and projected.device == factor.device
+            self._kernel is not None
+            and output.dtype is dtype
+            and projected.dtype is dtype
+            and output.device == device
+            and projected.device == device
             and output.is_contiguous()
             and projected.is_contiguous()
-            and not _native.needs_grad(output, projected)
+            and not (torch.is_grad_enabled() and (output.requires_grad or projected.requires_grad))
         ):
-            return _add_native(output, projected, self.mix, factor)
-        return add_lowrank(output, projected, self.mix, factor, backend=self.backend)
+            batch, rank, out = self._shape
+            shape = output.shape
+            if (
+                len(shape) == 3
+                and shape[0] == batch
+                and shape[2] == out
+                and projected.shape == (batch, shape[1], rank)
+            ):
+                tokens = shape[1]  # contiguous: strides (tokens·out, out, 1), (tokens·r, r, 1)
+                self._kernel(
+                    output.data_ptr(),
+                    _native.DTYPE_CODES[dtype],
+                    batch,
+                    tokens,
+                    out,
+                    rank,
+                    tokens * out,
+                    out,
+                    projected.data_ptr(),
+                    tokens * rank,
+                    rank,
+                    1,
+                    *self._pointers,
+                    *_native.launch_args(device),
+                )
+                return _native.bumped(output)
+        return add_lowrank(output, projected, self.mix, self.factor, backend=self.backend)
