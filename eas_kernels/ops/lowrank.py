@@ -177,32 +177,48 @@ def add_lowrank(
         return result.to(dtype)
     _native.check_rows(output, "output", dtype=dtype, device=device, shape=(batch, tokens, out))
     _native.check_no_overlap(output, "output")
+    _check_contiguous(mix, factor)
+    return _launch_add(
+        _native.module(device).lowrank_add,
+        output,
+        projected,
+        (mix.data_ptr(), factor.data_ptr()),
+        output.stride()[:2],
+        projected.stride(),
+    )
+
+
+def _check_contiguous(mix: torch.Tensor, factor: torch.Tensor) -> None:
     for name, tensor in (("mix", mix), ("factor", factor)):
         if not tensor.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-    return _add_native(output, projected, mix, factor)
 
 
-def _add_native(
-    output: torch.Tensor, projected: torch.Tensor, mix: torch.Tensor, factor: torch.Tensor
+def _launch_add(
+    kernel,
+    output: torch.Tensor,
+    projected: torch.Tensor,
+    pointers: tuple[int, int],
+    output_strides: tuple[int, ...],
+    projected_strides: tuple[int, ...],
 ) -> torch.Tensor:
-    """The native kernel on arguments already checked."""
+    """The native add on arguments already checked: ``pointers`` are those of ``mix`` and
+    ``factor``; strides in elements, ``(b, t)`` of ``output`` and ``(b, t, k)`` of
+    ``projected``."""
     batch, tokens, out = output.shape
-    device = output.device
-    args = (
+    kernel(
         output.data_ptr(),
         _native.DTYPE_CODES[output.dtype],
         batch,
         tokens,
         out,
         projected.shape[2],
-        *output.stride()[:2],
+        *output_strides,
         projected.data_ptr(),
-        *projected.stride(),
-        mix.data_ptr(),
-        factor.data_ptr(),
+        *projected_strides,
+        *pointers,
+        *_native.launch_args(output.device),
     )
-    _native.module(device).lowrank_add(*args, *_native.launch_args(device))
     return _native.bumped(output)
 
 
@@ -238,9 +254,7 @@ class LowrankAdd:
         check_tensor(mix, "mix", ndim=2, dtype=_compute_dtype(dtype), device=device)
         if mix.shape[1] != rows // 2 + 1:
             raise ValueError(f"mix must have shape (B, {rows // 2 + 1}), got {tuple(mix.shape)}")
-        for name, tensor in (("mix", mix), ("factor", factor)):
-            if not tensor.is_contiguous():
-                raise ValueError(f"{name} must be contiguous")
+        _check_contiguous(mix, factor)
         self.mix, self.factor, self.backend = mix, factor, backend
         self._dtype, self._device = dtype, device
         self._shape = (mix.shape[0], rows // 2 - 1, out)  # B, r, out
@@ -269,21 +283,12 @@ class LowrankAdd:
                 and projected.shape == (batch, shape[1], rank)
             ):
                 tokens = shape[1]  # contiguous: strides (tokens·out, out, 1), (tokens·r, r, 1)
-                self._kernel(
-                    output.data_ptr(),
-                    _native.DTYPE_CODES[dtype],
-                    batch,
-                    tokens,
-                    out,
-                    rank,
-                    tokens * out,
-                    out,
-                    projected.data_ptr(),
-                    tokens * rank,
-                    rank,
-                    1,
-                    *self._pointers,
-                    *_native.launch_args(device),
+                return _launch_add(
+                    self._kernel,
+                    output,
+                    projected,
+                    self._pointers,
+                    (tokens * out, out),
+                    (tokens * rank, rank, 1),
                 )
-                return _native.bumped(output)
         return add_lowrank(output, projected, self.mix, self.factor, backend=self.backend)
