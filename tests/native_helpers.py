@@ -1,4 +1,4 @@
-"""Shared pieces of the native-kernel tests: instruction sets, poisoned outputs, error rule."""
+"""Shared pieces of the native-kernel tests: instruction sets, poisoned outputs, error rules."""
 
 from __future__ import annotations
 
@@ -64,3 +64,56 @@ def assert_within_twice_torch_error(
     ours_error = (ours.double() - exact).abs().max().item()
     torch_error = (torch_same_dtype.double() - exact).abs().max().item()
     assert ours_error <= 2 * torch_error, (what, ours_error, torch_error)
+
+
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def float32_gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u) for float32 (u = 2^-24): a float32 result whose
+    terms each went through at most n roundings has relative perturbations |theta| <= gamma_n.
+    """
+    return n * FLOAT32_UNIT_ROUNDOFF / (1 - n * FLOAT32_UNIT_ROUNDOFF)
+
+
+def assert_float32_accumulation(
+    ours: torch.Tensor,
+    torch_same_dtype: torch.Tensor,
+    exact: torch.Tensor,
+    magnitude: torch.Tensor,
+    roundings: int,
+    what: str,
+) -> None:
+    """A float32 result is correctly accumulated in float32; other dtypes: the 2x rule.
+
+    ``exact`` is the same expression evaluated in float64 on the same inputs, ``magnitude``
+    the sum of the absolute values of its terms (for a sum of products: the expression
+    evaluated in float64 on the inputs' absolute values, e.g. ``|W| @ |beta|`` for
+    ``W @ beta``), and ``roundings`` the most float32 roundings any term meets (a length-k
+    dot product: k, in any order of summation, fused or not). Every element must satisfy
+
+        |ours - exact| <= max(2 * max|torch_same_dtype - exact|, gamma_roundings * magnitude)
+
+    i.e. flash-attention's rule, or else the standard error bound of float32 accumulation
+    (Higham, Accuracy and Stability of Numerical Algorithms, §3.1 and Lemma 3.1), which
+    holds for every summation order. PyTorch's own error, whose summation order depends on
+    the host (MKL picks its AVX-512, AVX2 or SSE kernel per CPU), can be far below that
+    bound, a fraction of an ulp; twice it is then not a guarantee any float32 kernel with
+    another order meets. No ulp-of-|exact| rule: under cancellation |exact| is small and
+    an ulp of it says nothing. float16 and bfloat16 results keep the 2x rule alone
+    (:func:`assert_within_twice_torch_error`).
+    """
+    if ours.dtype != torch.float32:
+        assert_within_twice_torch_error(ours, torch_same_dtype, exact, what)
+        return
+    ours_error = (ours.double() - exact).abs()
+    torch_error = (torch_same_dtype.double() - exact).abs().max().item()
+    bound = float32_gamma(roundings) * magnitude.double()
+    allowed = bound.clamp(min=2 * torch_error)
+    worst = int((ours_error - allowed).argmax())
+    assert bool((ours_error <= allowed).all()), (
+        what,
+        f"|ours - exact| = {ours_error.flatten()[worst].item():.3g} at flat index {worst}",
+        f"2 * torch error = {2 * torch_error:.3g}",
+        f"gamma_{roundings} * magnitude there = {bound.flatten()[worst].item():.3g}",
+    )

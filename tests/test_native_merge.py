@@ -18,6 +18,7 @@ from tests.native_helpers import (
     DTYPES,
     KERNELS,
     PoisonedTorch,
+    assert_float32_accumulation,
     assert_within_twice_torch_error,
     on_kernels,
     requires_cpu_kernels,
@@ -55,6 +56,11 @@ def pia_args(s: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return s["down_weight"], s["up_mix"], s["beta"]
 
 
+def in_float64(*tensors: torch.Tensor | None, absolute: bool = False) -> list:
+    """``tensors`` in float64 (their absolute values with ``absolute``); None stays None."""
+    return [None if t is None else (t.double().abs() if absolute else t.double()) for t in tensors]
+
+
 SHAPES = [  # (outs of the site's targets, d, r): odd sizes, tails of every vector width
     ([7], 13, 1),
     ([40, 24], 24, 5),
@@ -81,12 +87,19 @@ def test_merge_matches_the_reference_with_poisoned_outputs(
             pristine, new_bias = merged[i]
             assert same_bits(pristine, original)
             reference = merged_linear_reference(original, bias, *pia_args(s))
-            args64 = [t.double() for t in pia_args(s)]
-            exact = merged_linear_reference(
-                original.double(), None if bias is None else bias.double(), *args64
+            exact = merged_linear_reference(*in_float64(original, bias, *pia_args(s)))
+            # the same sums on absolute values: Σ|terms| of every element of W' and b'
+            magnitude = merged_linear_reference(
+                *in_float64(original, bias, *pia_args(s), absolute=True)
             )
-            assert_within_twice_torch_error(weight, reference[0], exact[0], f"weight {i}")
-            assert_within_twice_torch_error(new_bias, reference[1], exact[1], f"bias {i}")
+            # W' = W + (W W_uᵀ) W_d1: d roundings in P, r in Δ, one adding W; b' = b + W βᵀ
+            roundings = {"weight": dim + rank + 1, "bias": dim + 1}
+            for name, ours, torch_own, exact_, magnitude_ in zip(
+                ("weight", "bias"), (weight, new_bias), reference, exact, magnitude, strict=True
+            ):
+                assert_float32_accumulation(
+                    ours, torch_own, exact_, magnitude_, roundings[name], f"{name} {i}"
+                )
             if dtype == torch.float32:
                 torch.testing.assert_close(weight, reference[0], rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(new_bias, reference[1], rtol=1e-5, atol=1e-5)
