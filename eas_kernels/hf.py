@@ -4,29 +4,49 @@ Works on ``LlamaForCausalLM`` and on any model whose decoder layers have LLaMA's
 (``self_attn.q_proj/k_proj/v_proj``, ``mlp.gate_proj/up_proj/down_proj``,
 ``input_layernorm``, ``post_attention_layernorm``), ``LlavaForConditionalGeneration``'s
 language model included (its CLIP vision layers do not match and stay untouched).
+Verified with the ``transformers`` releases :data:`VERIFIED_TRANSFORMERS` (oldest and
+newest; CI tests both).
 
-Per call of the patched model (a forward pre-hook on the model given to :func:`patch_hf`):
+**Phase of a call.** The EAS runtime must know whether a call of the patched model starts
+a new prompt (*fresh*: PIA states are computed over its prompt tokens, EAS_SPEC §3) or
+continues the last one (*decode*: the frozen states are used and re-parameterised by the
+mode of :func:`eas_kernels.reparameterize`). A forward pre-hook on the model decides it
+from what the model receives, whatever ``generate()`` names it:
 
-* **phase** — a call with a ``past_key_values`` cache that already holds tokens (or the
-  cache of the last prefill) is a *decode* call: the frozen PIA states are used and
-  re-parameterised by the mode of :func:`eas_kernels.reparameterize`. Any other call
-  (training, evaluation, the prefill of ``generate()``) is *fresh*: states are recomputed.
-* **prompt mask** (EAS_SPEC §3) of a fresh call: with ``labels``, the tokens before the
-  first supervised label (the first position ``t ≥ 1`` with ``labels[t] != -100``, since
-  ``labels[0]`` is never a target), minus padding; otherwise the ``attention_mask`` (the
-  prompt's real tokens at the prefill of ``generate()``); otherwise all tokens.
-* **KV cache** — a skipped layer's slot in a ``transformers`` ``Cache`` becomes a
-  ``DummyLayer`` (the library's placeholder for layers without attention), so it never
-  allocates; sequence lengths and masks come from the first kept layer.
+* the ``Cache`` of the call is any argument that is a ``transformers`` ``Cache`` (it was
+  ``past_key_values=`` up to 5.23, ``cache=`` from 5.24 on);
+* a call whose cache already holds tokens decodes — however many tokens it brings — and
+  must continue the cache of this model's last fresh call (else ``ValueError``); any other
+  call (training, evaluation, a prefill) is fresh;
+* inside :meth:`generate` (wrapped on the instance) the first call must be fresh and every
+  later one must decode: a first call on a cache that holds tokens is a continued
+  conversation and is refused (``ValueError``: pass the whole conversation as the prompt);
+  a later call that does not continue the cache means the call protocol of this
+  ``transformers`` release is unknown, and is refused (``RuntimeError`` naming the verified
+  releases) instead of decoding with a wrong state;
+* the first decoder layer checks that the cache it receives agrees with that phase
+  (``RuntimeError`` otherwise), so a cache the root call did not show cannot go unnoticed.
 
-``generate()`` needs its cache (the default ``use_cache=True``): without one every step is
-a fresh call and the states would follow the generated tokens.
+``generate()`` options that cannot give the prompt's states are refused before anything
+runs: ``use_cache=False`` (every step would be a fresh call), ``prefill_chunk_size``
+(no chunk sees the whole prompt) and assisted generation (its first call feeds draft tokens
+with the prompt).
+
+**Prompt mask** (EAS_SPEC §3) of a fresh call: with ``labels``, :func:`prompt_mask_from_labels`;
+otherwise the ``attention_mask`` (the prompt's real tokens at the prefill of
+``generate()``; a 4-D mask, as ``generate()`` passes with a static cache, gives the keys
+the call's last token attends); otherwise all tokens.
+
+**KV cache.** A skipped layer's slot in a ``Cache`` becomes a ``DummyLayer`` (the library's
+placeholder for layers without attention), so it never allocates; sequence lengths and
+masks come from the first kept layer.
 """
 
 from __future__ import annotations
 
 import inspect
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -38,33 +58,79 @@ from .plan import SkipPlan
 from .runtime import EASRuntime
 
 IGNORE_INDEX = -100
+# The oldest and the newest transformers release CI runs the Hugging Face tests against;
+# pyproject.toml's lower bound and ci/constraints-oldest.txt pin the first (tested).
+VERIFIED_TRANSFORMERS = ("5.23.0", "5.24.0")
+# generate() options that would put other tokens than the prompt's into the PIA states.
+_ASSISTED_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
 
-def _cache_classes() -> tuple[type, type]:
+def _transformers_classes() -> tuple[type, type]:
     try:
         from transformers.cache_utils import Cache, DummyLayer
-    except ImportError as error:  # transformers < 5 has no DummyLayer
+    except ImportError as error:  # transformers < 5.23 has no DummyLayer
         raise ImportError(
-            "eas_kernels.patch_hf needs transformers >= 5 (pip install 'transformers>=5')"
+            f"eas_kernels.patch_hf needs transformers >= {VERIFIED_TRANSFORMERS[0]} "
+            f"(pip install 'transformers>={VERIFIED_TRANSFORMERS[0]}')"
         ) from error
     return Cache, DummyLayer
+
+
+def protocol_error(what: str) -> RuntimeError:
+    """The error for a call protocol that patch_hf does not know (a new transformers)."""
+    import transformers
+
+    oldest, newest = VERIFIED_TRANSFORMERS
+    return RuntimeError(
+        f"eas_kernels.patch_hf cannot follow this transformers call protocol: {what}. It is "
+        f"verified with transformers {oldest} to {newest}; this is transformers "
+        f"{transformers.__version__}. Install a verified release (pip install "
+        f"'transformers>={oldest},<={newest}'): decoding with a wrong PIA state is refused."
+    )
 
 
 def prompt_mask_from_labels(
     labels: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``(B, n)`` bool: real tokens before each example's first supervised label.
+    """``(B, n)`` bool: each example's prompt in a training batch.
 
-    ``labels`` follows Hugging Face's convention (not shifted; ``-100`` = no target;
-    position 0 is never a target). A row without any target keeps all its real tokens.
+    ``labels`` follows Hugging Face's convention (not shifted; ``-100`` = no target). The
+    prompt of a row is its real tokens (``attention_mask``, all when None) before its first
+    label. A row whose first real token carries a label — ``labels = input_ids``, as
+    causal-LM collators such as ``DataCollatorForLanguageModeling`` make them — has no
+    prompt/answer split: its state averages all its real tokens, and so does a row without
+    any label.
     """
-    supervised = labels[:, 1:] != IGNORE_INDEX
     n = labels.shape[1]
-    first = torch.where(supervised.any(dim=1), supervised.int().argmax(dim=1) + 1, n)
-    mask = torch.arange(n, device=labels.device).unsqueeze(0) < first.unsqueeze(1)
+    real = torch.ones_like(labels, dtype=torch.bool)
     if attention_mask is not None:
-        mask = mask & attention_mask.bool()
-    return mask
+        real = attention_mask.bool()
+    positions = torch.arange(n, device=labels.device).expand_as(labels)
+    first_label = torch.where(labels != IGNORE_INDEX, positions, n).amin(dim=1, keepdim=True)
+    first_real = torch.where(real, positions, n).amin(dim=1, keepdim=True)
+    return real & ((positions < first_label) | (first_label <= first_real))
+
+
+def key_padding_mask(attention_mask: object, tokens: int, past: int = 0) -> torch.Tensor | None:
+    """``(B, tokens)`` bool real-token mask of a call's ``attention_mask``, or None.
+
+    A 2-D mask is Hugging Face's padding mask. A 4-D ``(B, heads, queries, keys)`` mask
+    (``generate()`` builds one for a static cache; bool, True = attend, or additive float,
+    0 = attend) gives the keys ``[past, past + tokens)`` that the call's last token
+    attends: with left padding, exactly the real tokens.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim not in (2, 4):
+        shape = getattr(attention_mask, "shape", None)
+        raise TypeError(
+            "attention_mask must be a 2-D padding mask or a 4-D attention mask tensor, got "
+            f"{type(attention_mask).__name__}{'' if shape is None else tuple(shape)}"
+        )
+    if attention_mask.ndim == 2:
+        return attention_mask.bool()
+    last_query = attention_mask[:, 0, -1, past : past + tokens]
+    return last_query if last_query.dtype == torch.bool else last_query == 0
 
 
 class _HFCallHook:
@@ -72,8 +138,17 @@ class _HFCallHook:
 
     def __init__(self, model: nn.Module) -> None:
         self.signature = inspect.signature(model.forward)
-        self.cache_class, self.dummy_class = _cache_classes()
+        self.var_keyword = next(
+            (
+                p.name
+                for p in self.signature.parameters.values()
+                if p.kind is inspect.Parameter.VAR_KEYWORD
+            ),
+            None,
+        )
+        self.cache_class, self.dummy_class = _transformers_classes()
         self.last_cache: weakref.ref | None = None
+        self.generate_calls: int | None = None  # model calls so far in a generate(), else None
         self.patch: EASPatch | None = None  # set once the patch exists
 
     @property
@@ -81,41 +156,94 @@ class _HFCallHook:
         assert self.patch is not None
         return self.patch.runtime
 
+    # ------------------------------------------------------------------ the root call
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         try:
             bound = self.signature.bind(*args, **kwargs).arguments
         except TypeError:
             return  # the forward itself reports the bad call
-        extra = bound.get("kwargs", {})
-        get = lambda name: bound.get(name, extra.get(name))  # noqa: E731
-        inputs = get("input_ids")
+        arguments = dict(bound)
+        arguments.update(arguments.pop(self.var_keyword, None) or {})
+        inputs = arguments.get("input_ids")
         if inputs is None:
-            inputs = get("inputs_embeds")
-        if inputs is None:
-            return
-        cache = get("past_key_values")
-        if isinstance(cache, self.cache_class):
+            inputs = arguments.get("inputs_embeds")
+        if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
+            return  # the forward itself reports the bad call
+        cache = self.find_cache(arguments.values())
+        if cache is not None:
             self.mark_skipped(cache)
-        fresh = not self._continues(cache)
-        if fresh:
-            labels, attention_mask = get("labels"), get("attention_mask")
-            if labels is not None:
-                mask = prompt_mask_from_labels(labels, attention_mask)
-            else:
-                mask = None if attention_mask is None else attention_mask.bool()
-            self.runtime.state_mask = None if mask is None else check_prompt_mask(mask)
-            self.last_cache = weakref.ref(cache) if isinstance(cache, self.cache_class) else None
-        self.runtime.enter(fresh, inputs.shape[0])
+        past = self.cached_tokens(cache)
+        continues = past > 0 or (cache is not None and self.all_skipped and self.is_last(cache))
+        self._check_generate_protocol(continues, past, cache, arguments)
+        if continues:
+            if not self.is_last(cache):
+                raise ValueError(
+                    f"this call continues a cache that holds {past} tokens but was not filled "
+                    "by this model's last prefill, whose frozen PIA states it would use: "
+                    "start from a new cache (or none) with the whole prompt"
+                )
+            self.runtime.enter(False, inputs.shape[0])
+            return
+        labels = arguments.get("labels")
+        mask = key_padding_mask(arguments.get("attention_mask"), inputs.shape[1], past)
+        if isinstance(labels, torch.Tensor):
+            mask = prompt_mask_from_labels(labels, mask)
+        self.runtime.state_mask = None if mask is None else check_prompt_mask(mask)
+        self.last_cache = None if cache is None else weakref.ref(cache)
+        self.runtime.enter(True, inputs.shape[0])
 
-    def _continues(self, cache: Any) -> bool:
-        if not isinstance(cache, self.cache_class):
-            return False
-        if self.last_cache is not None and self.last_cache() is cache:
-            return True
+    def _check_generate_protocol(
+        self, continues: bool, past: int, cache: Any, arguments: Mapping[str, Any]
+    ) -> None:
+        position = arguments.get("cache_position")
+        if (
+            cache is None
+            and isinstance(position, torch.Tensor)
+            and position.numel()
+            and int(position.min()) > 0
+        ):
+            raise protocol_error(
+                "a call at cache_position > 0 passes no transformers Cache that eas_kernels "
+                "recognises"
+            )
+        if self.generate_calls is None:
+            return
+        first = self.generate_calls == 0
+        self.generate_calls += 1
+        if first and continues:
+            raise ValueError(
+                f"generate() continues a cache that already holds {past} tokens (a continued "
+                "conversation): the PIA states average the whole prompt at the prefill, and "
+                "this call does not see it. Pass the whole conversation as the prompt, "
+                "without a cache"
+            )
+        if not first and not continues:
+            raise protocol_error(
+                "generate() called the model again without a Cache that holds the prompt "
+                f"(found {'no Cache' if cache is None else 'an empty Cache'})"
+            )
+
+    # ------------------------------------------------------------------ caches
+    def find_cache(self, values: Any) -> Any:
+        """The first ``transformers`` ``Cache`` among ``values``, else None."""
+        return next((value for value in values if isinstance(value, self.cache_class)), None)
+
+    def cached_tokens(self, cache: Any) -> int:
+        """Tokens ``cache`` holds (0 for None, or when no layer tracks a length)."""
+        if cache is None:
+            return 0
         try:
-            return cache.get_seq_length() > 0
+            return int(cache.get_seq_length())
         except ValueError:  # every layer skipped: no layer tracks a length
-            return False
+            return 0
+
+    def is_last(self, cache: Any) -> bool:
+        return self.last_cache is not None and self.last_cache() is cache
+
+    @property
+    def all_skipped(self) -> bool:
+        assert self.patch is not None
+        return len(self.patch.skipped) == len(self.patch.blocks)
 
     def mark_skipped(self, cache: Any) -> None:
         """Put a ``DummyLayer`` in the empty cache slot of each skipped layer."""
@@ -133,9 +261,85 @@ class _HFCallHook:
                 layers[index] = self.dummy_class()
 
     def on_skipped_call(self, index: int, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        if isinstance(cache, self.cache_class):
+        cache = self.find_cache([*args, *kwargs.values()])
+        if cache is not None:
             self.mark_skipped(cache)
+
+    def check_first_layer(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Pre-hook of the first decoder layer: the cache it gets agrees with the phase."""
+        if self.all_skipped:
+            return  # no layer tracks a length
+        cache = self.find_cache([*args, *kwargs.values()])
+        holds = self.cached_tokens(cache) > 0
+        if holds != self.runtime.decoding:
+            raise protocol_error(
+                f"the decoder layers get {'no' if cache is None else 'a'} Cache holding "
+                f"{self.cached_tokens(cache)} tokens in a "
+                f"{'decode' if self.runtime.decoding else 'fresh'} call"
+            )
+
+    # ------------------------------------------------------------------ generate()
+    def check_generate_options(self, model: nn.Module, kwargs: dict) -> None:
+        """Refuse (ValueError) generate() options that cannot give the prompt's states."""
+
+        def option(name: str) -> Any:
+            if name in kwargs:
+                return kwargs[name]
+            config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+            return getattr(config, name, None)
+
+        if option("use_cache") is False:
+            raise ValueError(
+                "generate(use_cache=False) is not supported on a patch_hf model: without a "
+                "cache every step is a fresh call, and the PIA states would average the "
+                "generated tokens; keep the default use_cache=True"
+            )
+        if option("prefill_chunk_size") is not None:
+            raise ValueError(
+                f"generate(prefill_chunk_size={option('prefill_chunk_size')}) is not "
+                "supported on a patch_hf model: the PIA states average the whole prompt, "
+                "which no chunk sees; leave prefill_chunk_size=None"
+            )
+        used = [name for name in _ASSISTED_OPTIONS if option(name) is not None]
+        if used:
+            raise ValueError(
+                f"assisted generation ({', '.join(used)}) is not supported on a patch_hf "
+                "model: its first call feeds draft tokens with the prompt, and they would "
+                "enter the PIA states"
+            )
+
+
+class _GenerateWithEAS:
+    """``model.generate`` on a patched instance: refuses what EAS cannot serve, and tells
+    the call hook where a generation starts and ends."""
+
+    def __init__(self, model: nn.Module, hook: _HFCallHook) -> None:
+        self.model, self.hook = model, hook
+        self.__doc__ = type(model).generate.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.hook.check_generate_options(self.model, kwargs)
+        outer = self.hook.generate_calls
+        self.hook.generate_calls = 0
+        try:
+            return type(self.model).generate(self.model, *args, **kwargs)
+        finally:
+            self.hook.generate_calls = outer
+
+
+class _InstanceAttribute:
+    """An attribute set on one module instance; ``remove()`` puts back what was there."""
+
+    def __init__(self, module: nn.Module, name: str, value: Any) -> None:
+        self.module, self.name = module, name
+        self.previous = module.__dict__.get(name)
+        module.__dict__[name] = value
+
+    def remove(self) -> None:
+        if self.previous is None:
+            self.module.__dict__.pop(self.name, None)
+        else:
+            self.module.__dict__[self.name] = self.previous
 
 
 def kv_cache_bytes(cache: Any) -> int:
@@ -164,15 +368,19 @@ def patch_hf(model: nn.Module, plan: SkipPlan, *, search: bool | str = False) ->
     if not hasattr(model, "config"):
         raise TypeError(f"model must be a Hugging Face PreTrainedModel, got {type(model).__name__}")
     hook = _HFCallHook(model)
-    hook.patch = EASPatch(model, plan, candidates, HF_LLAMA, on_skipped_call=hook.on_skipped_call)
-    hook.patch.keep(model.register_forward_pre_hook(hook, with_kwargs=True))
+    patch = EASPatch(model, plan, candidates, HF_LLAMA, on_skipped_call=hook.on_skipped_call)
+    hook.patch = patch
+    patch.keep(model.register_forward_pre_hook(hook, with_kwargs=True))
+    patch.keep(patch.blocks[0].register_forward_pre_hook(hook.check_first_layer, with_kwargs=True))
+    if callable(getattr(type(model), "generate", None)):
+        patch.keep(_InstanceAttribute(model, "generate", _GenerateWithEAS(model, hook)))
     return model
 
 
 def unpatch_hf(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_hf`: the original modules, weights (bitwise) and flags."""
     patch = patch_of(model)
-    if patch.layout is not HF_LLAMA:
+    if patch.layout != HF_LLAMA:
         raise TypeError("model was not patched by patch_hf (use eas_kernels.unpatch)")
     patch.remove()
     return model

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -54,6 +55,12 @@ CANDIDATES = {
 }
 
 SkippedCallHook = Callable[[int, tuple, dict], None]
+
+
+class Removable(Protocol):
+    """What :meth:`EASPatch.keep` takes: a hook handle, or anything undone by ``remove()``."""
+
+    def remove(self) -> None: ...
 
 
 def patch_of(model: nn.Module) -> EASPatch:
@@ -155,6 +162,10 @@ class EASPatch:
             for role in ROLE_PIAS:
                 if role in searched or role == plan.role(index):
                     self._add_site(index, block, role, dim, dtype, device)
+        restore = _RestoreMergedWeights(self.runtime)
+        for linear in {id(t): t for s in self.runtime.sites for t in s.targets}.values():
+            self.keep(linear.register_state_dict_pre_hook(restore))
+            self.keep(linear.register_load_state_dict_pre_hook(restore))
         self.set_skipped(plan.skipped, plan.skipped_ffns)
         setattr(model, _PATCH_ATTR, self)
 
@@ -182,8 +193,8 @@ class EASPatch:
         self.runtime.sites.append(site)
         self.sites[role][index] = site
 
-    def keep(self, handle: torch.utils.hooks.RemovableHandle) -> None:
-        """Remember a hook that :meth:`remove` must take off."""
+    def keep(self, handle: Removable) -> None:
+        """Remember a hook (or anything with ``remove()``) that :meth:`remove` must undo."""
         self._handles.append(handle)
 
     def roles(self, indices: Iterable[int], ffns: Iterable[int] = ()) -> SkipPlan:
@@ -274,6 +285,20 @@ class EASPatch:
 
 # Hooks and replaced forwards are callable objects, not closures: ``copy.deepcopy`` of a
 # patched model then points the copies at the copied modules and runtime.
+class _RestoreMergedWeights:
+    """State-dict and load-state-dict pre-hook of every adapter target: weights that hold
+    a merged PIA go back to their pretrained values (bitwise) before they are read or
+    overwritten, so ``state_dict()``, ``save_pretrained`` and ``torch.save`` save the
+    pretrained model, and a loaded weight is not overwritten by a later restore. The next
+    decode call merges again."""
+
+    def __init__(self, runtime: EASRuntime) -> None:
+        self.runtime = runtime
+
+    def __call__(self, module: nn.Module, *args: object) -> None:
+        self.runtime.restore_weights()
+
+
 class SkippedMHAForward:
     """``x + FFN(ffn_norm(x))``: the block without its MHA (the PIA hooks ``ffn_norm``)."""
 

@@ -319,6 +319,11 @@ class EASRuntime:
             site.remove_lowrank()
         self.realized = None
 
+    def restore_weights(self) -> None:
+        """Put merged weights back (bitwise) now; the next decode call merges again."""
+        if self.realized == "merge":
+            self.unrealize()
+
     def set_mode(self, mode: str) -> None:
         """Switch mode; applied now to frozen states that allow it, else at the next decode.
 

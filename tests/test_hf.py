@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import (
     CLIPVisionConfig,
+    DataCollatorForLanguageModeling,
+    GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
@@ -21,7 +24,13 @@ from transformers.cache_utils import DummyLayer
 
 import eas_kernels as E
 from eas_kernels.patch import runtime_of
-from tests.helpers import assert_bitwise, randomize_pias, tiny_model, weights_snapshot
+from tests.helpers import (
+    assert_bitwise,
+    randomize_pias,
+    same_bits,
+    tiny_model,
+    weights_snapshot,
+)
 
 SKIPPED = [0, 5, 11, 17, 23, 27]  # layer 0 too: lengths must come from the first kept layer
 PROMPTS = [
@@ -140,12 +149,18 @@ def test_skipped_layers_keep_no_kv_cache(eas_smollm2, smollm2_hf):
 
 
 def test_prompt_mask_from_labels():
-    labels = torch.tensor([[-100, -100, 7, 8], [-100, -100, -100, 9], [5, 6, 7, 8], [-100] * 4])
-    attention = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]])
+    """Prompt = real tokens before the first label; a row whose first real token carries a
+    label (labels = input_ids, left padding set to -100) or that has no label: all real."""
+    labels = torch.tensor(
+        [[-100, -100, 7, 8], [-100, -100, -100, 9], [5, 6, 7, 8], [-100] * 4, [-100, 4, 5, 6]]
+    )
+    attention = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
     expected = torch.tensor(
-        [[0, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool
+        [[0, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]], dtype=torch.bool
     )
     assert torch.equal(E.prompt_mask_from_labels(labels, attention), expected)
+    no_padding = torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(E.prompt_mask_from_labels(labels[:1]), no_padding)
 
 
 def instruction_batches(tokenizer, steps: int, batch_size: int = 4):
@@ -393,3 +408,170 @@ def test_patching_an_instance_leaves_other_models_and_the_class_alone():
     lavin = E.patch_lavin(tiny_model(), E.SkipPlan(4, []))
     with pytest.raises(TypeError, match="not patched by patch_hf"):
         E.unpatch_hf(lavin)
+
+
+# ---------------------------------------------------------------------- generation protocol
+def patched_tiny(skipped=(0, 2), seed: int = 0) -> LlamaForCausalLM:
+    """A tiny LLaMA, layer 0 skipped (lengths come from the first kept layer), PIAs random."""
+    model = tiny_llama(seed).eval()
+    E.patch_hf(model, E.SkipPlan(4, list(skipped), skip_rank=8, adapter_rank=4))
+    randomize_pias(model, seed=seed + 1, scale=0.05)
+    return model
+
+
+def left_padded_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 64, (2, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def logits_of(model, inputs: dict, **kwargs) -> torch.Tensor:
+    return torch.stack(generate(model, inputs, **kwargs).logits, dim=1)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"use_cache": False}, "use_cache=False"),
+        ({"generation_config": GenerationConfig(use_cache=False)}, "use_cache=False"),
+        ({"prefill_chunk_size": 4}, "prefill_chunk_size=4"),
+        ({"prompt_lookup_num_tokens": 3}, "assisted generation"),
+    ],
+)
+def test_generate_refuses_options_that_cannot_give_the_prompt_states(options, message):
+    model = patched_tiny()
+    inputs = left_padded_batch()
+    snapshot = weights_snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        generate(model, {k: v[:1] for k, v in inputs.items()}, **options)
+    assert_bitwise(model, snapshot)
+    assert all(site.state is None for site in runtime_of(model).sites)
+
+
+def test_static_cache_with_a_left_padded_batch_equals_the_dynamic_cache():
+    model = patched_tiny()
+    inputs = left_padded_batch()
+    for mode in ("eager", "lowrank"):
+        E.reparameterize(model, mode)
+        dynamic = logits_of(model, inputs)
+        static = logits_of(model, inputs, cache_implementation="static")
+        torch.testing.assert_close(static, dynamic, rtol=0, atol=1e-6)
+    E.reparameterize(model, "merge")
+    one = {k: v[:1] for k, v in inputs.items()}
+    torch.testing.assert_close(
+        logits_of(model, one, cache_implementation="static"),
+        logits_of(model, one),
+        rtol=0,
+        atol=1e-6,
+    )
+
+
+def test_a_continued_conversation_or_a_foreign_cache_is_refused():
+    model = patched_tiny()
+    E.reparameterize(model, "merge")
+    one = {k: v[1:] for k, v in left_padded_batch().items()}
+    out = generate(model, one)
+    cache = out.past_key_values
+    turn_two = torch.cat([out.sequences, torch.tensor([[5, 6, 7]])], dim=1)
+    with pytest.raises(ValueError, match="continued conversation"):
+        generate(model, {"input_ids": turn_two}, past_key_values=cache)
+    other = patched_tiny(seed=3)
+    with torch.no_grad():
+        foreign = other(**one, use_cache=True).past_key_values
+        model(**one)  # a prefill without that cache
+        with pytest.raises(ValueError, match="not filled by this model's last prefill"):
+            model(torch.tensor([[9]]), past_key_values=foreign)
+    whole = {"input_ids": turn_two}  # what the refusal asks for works
+    assert generate(model, whole).sequences.shape[1] == turn_two.shape[1] + 6
+
+
+def test_an_unknown_call_protocol_fails_loudly_instead_of_decoding(monkeypatch):
+    """Two simulated protocol changes: the cache reaches the model in a form the hook does
+    not know, and the decoder layers get a cache that the model's call did not show."""
+    import eas_kernels.hf as hf
+
+    class NotTheCache:
+        pass
+
+    real_classes = hf._transformers_classes()
+    with monkeypatch.context() as patch:
+        patch.setattr(hf, "_transformers_classes", lambda: (NotTheCache, real_classes[1]))
+        model = patched_tiny()
+    with pytest.raises(RuntimeError, match=r"verified with transformers 5\.\d+\.\d+ to 5\."):
+        generate(model, left_padded_batch())
+
+    model = patched_tiny()
+    with torch.no_grad():
+        cache = model(**left_padded_batch(), use_cache=True).past_key_values
+    name = (
+        "cache"
+        if "cache" in inspect.signature(model.model.forward).parameters
+        else "past_key_values"
+    )
+
+    def inject(module, args, kwargs):
+        return args, {**kwargs, name: cache}
+
+    model.model.register_forward_pre_hook(inject, with_kwargs=True)
+    with pytest.raises(RuntimeError, match="decoder layers get a Cache holding 7 tokens"):
+        with torch.no_grad():
+            model(torch.tensor([[9], [10]]))
+
+
+def test_causal_lm_collator_batches_train_with_the_whole_sequence_as_prompt(smollm2_hf):
+    hf, tokenizer = smollm2_hf
+    model = copy.deepcopy(hf)
+    E.patch_hf(model, E.SkipPlan(30, SKIPPED, skip_rank=8))
+    tokenizer.padding_side = "left"
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    batch = collator([tokenizer(text) for text in PROMPTS])
+    assert (batch["labels"] == -100).any() and (batch["labels"][:, -1] != -100).all()
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.equal(runtime_of(model).state_mask, batch["attention_mask"].bool())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_saving_while_merged_saves_the_pretrained_weights(tmp_path):
+    original = tiny_llama()
+    model = patched_tiny()
+    E.reparameterize(model, "merge")
+    one = {k: v[1:] for k, v in left_padded_batch().items()}
+    expected = generate(model, one).sequences
+    attention = model.model.layers[1].self_attn.q_proj
+    assert attention.bias is not None  # generate() left the PIAs merged, with added biases
+    model.save_pretrained(tmp_path / "hf")
+    state = model.state_dict()
+    assert attention.bias is None and not any(key.endswith("proj.bias") for key in state)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    for key, value in original.state_dict().items():
+        assert same_bits(reloaded.state_dict()[key], value), key
+        assert same_bits(state[key], value), key
+    # decoding goes on after a save (merged again), and a load is not undone by a restore
+    out = generate(model, one)
+    assert torch.equal(out.sequences, expected)
+    model.load_state_dict(original.state_dict(), strict=False)
+    generate(model, one)
+    E.unpatch_hf(model)
+    assert_bitwise(model, weights_snapshot(original))
+
+
+def test_unpatch_hf_of_a_deep_copy_restores_the_copy_only():
+    original = tiny_llama()
+    model = patched_tiny()
+    E.reparameterize(model, "merge")
+    one = {k: v[1:] for k, v in left_padded_batch().items()}
+    expected = generate(model, one).sequences  # leaves the PIAs merged
+    clone = copy.deepcopy(model)
+    E.unpatch_hf(clone)
+    assert_bitwise(clone, weights_snapshot(original))
+    assert "generate" not in vars(clone) and not clone._forward_pre_hooks
+    with torch.no_grad():
+        assert torch.equal(clone(**one).logits, original.eval()(**one).logits)
+    assert torch.equal(generate(model, one).sequences, expected)
+    E.unpatch_hf(model)
+    assert_bitwise(model, weights_snapshot(original))
