@@ -60,19 +60,62 @@ from .runtime import EASRuntime
 IGNORE_INDEX = -100
 # The oldest and the newest transformers release CI runs the Hugging Face tests against;
 # pyproject.toml's lower bound and ci/constraints-oldest.txt pin the first (tested).
-VERIFIED_TRANSFORMERS = ("5.23.0", "5.24.0")
+VERIFIED_TRANSFORMERS = ("5.5.0", "5.24.0")
 # generate() options that would put other tokens than the prompt's into the PIA states.
 _ASSISTED_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
 
+class SkippedLayerSlot:
+    """The cache slot of a skipped layer on ``transformers`` releases without ``DummyLayer``
+    (before 5.23): it holds nothing and is no ``CacheLayerMixin``, so the ``Cache`` takes
+    lengths and mask sizes from its first attention layer, as it does for ``DummyLayer``."""
+
+    supports_early_init = False
+    is_compileable = True
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self) -> None:
+        self.is_initialized = True
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def update(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("the cache slot of a layer whose MHA is skipped holds no keys/values")
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _nothing(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    offload = prefetch = reset = crop = reorder_cache = _nothing
+    batch_repeat_interleave = batch_select_indices = _nothing
+
+
 def _transformers_classes() -> tuple[type, type]:
+    """``transformers``' ``Cache`` and the placeholder for a skipped layer's slot; ImportError
+    naming the verified releases when ``transformers`` is missing or older than them."""
+    oldest = VERIFIED_TRANSFORMERS[0]
     try:
-        from transformers.cache_utils import Cache, DummyLayer
-    except ImportError as error:  # transformers < 5.23 has no DummyLayer
+        import transformers
+        from packaging.version import Version
+        from transformers.cache_utils import Cache
+    except ImportError as error:
         raise ImportError(
-            f"eas_kernels.patch_hf needs transformers >= {VERIFIED_TRANSFORMERS[0]} "
-            f"(pip install 'transformers>={VERIFIED_TRANSFORMERS[0]}')"
+            f"eas_kernels.patch_hf needs transformers >= {oldest} (pip install "
+            f"'transformers>={oldest}')"
         ) from error
+    if Version(transformers.__version__) < Version(oldest):
+        raise ImportError(
+            f"eas_kernels.patch_hf needs transformers >= {oldest} (verified: {oldest} to "
+            f"{VERIFIED_TRANSFORMERS[1]}), found {transformers.__version__}: pip install "
+            f"'transformers>={oldest}'"
+        )
+    try:
+        from transformers.cache_utils import DummyLayer
+    except ImportError:  # before 5.23
+        return Cache, SkippedLayerSlot
     return Cache, DummyLayer
 
 
@@ -251,6 +294,15 @@ class _HFCallHook:
         if not isinstance(layers, list):
             return
         assert self.patch is not None
+        if self.dummy_class is SkippedLayerSlot and getattr(cache, "is_compileable", False):
+            import transformers
+
+            raise ValueError(
+                f"a static (compileable) cache, such as generate(cache_implementation="
+                f"'static') makes, needs transformers >= 5.23 on a patch_hf model (its "
+                f"DummyLayer holds a skipped layer's slot); this is transformers "
+                f"{transformers.__version__}: use the default dynamic cache, or upgrade"
+            )
         skipped = self.patch.skipped
         if len(skipped) == len(layers):
             return  # keep one layer that tracks the sequence length

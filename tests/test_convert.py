@@ -28,6 +28,7 @@ from eas_kernels.models.convert import (
 from eas_kernels.models.lavin import ModelArgs, Transformer
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.transformers  # .ci/run runs these on the oldest transformers too
 LlamaConfig = transformers.LlamaConfig
 LlamaForCausalLM = transformers.LlamaForCausalLM
 

@@ -20,9 +20,9 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
-from transformers.cache_utils import DummyLayer
 
 import eas_kernels as E
+from eas_kernels.hf import _transformers_classes
 from eas_kernels.patch import runtime_of
 from tests.helpers import (
     assert_bitwise,
@@ -32,6 +32,9 @@ from tests.helpers import (
     weights_snapshot,
 )
 
+# transformers' DummyLayer (>= 5.23) or eas_kernels' own placeholder before it
+SKIPPED_SLOT = _transformers_classes()[1]
+pytestmark = pytest.mark.transformers  # .ci/run runs these on the oldest transformers too
 SKIPPED = [0, 5, 11, 17, 23, 27]  # layer 0 too: lengths must come from the first kept layer
 PROMPTS = [
     "The capital of France is",
@@ -142,7 +145,7 @@ def test_skipped_layers_keep_no_kv_cache(eas_smollm2, smollm2_hf):
     inputs = encode(tokenizer, PROMPTS)
     cache = generate(model, inputs).past_key_values
     for index, layer in enumerate(cache.layers):
-        assert isinstance(layer, DummyLayer) == (index in SKIPPED), index
+        assert isinstance(layer, SKIPPED_SLOT) == (index in SKIPPED), index
     full = generate(smollm2_hf[0], inputs).past_key_values
     saved = 1 - E.kv_cache_bytes(cache) / E.kv_cache_bytes(full)
     assert saved == pytest.approx(len(SKIPPED) / 30)
@@ -453,6 +456,11 @@ def test_generate_refuses_options_that_cannot_give_the_prompt_states(options, me
 def test_static_cache_with_a_left_padded_batch_equals_the_dynamic_cache():
     model = patched_tiny()
     inputs = left_padded_batch()
+    if SKIPPED_SLOT is E.hf.SkippedLayerSlot:  # transformers < 5.23: refused, nothing changed
+        with pytest.raises(ValueError, match="static .* needs transformers >= 5.23"):
+            generate(model, inputs, cache_implementation="static")
+        assert all(site.state is None for site in runtime_of(model).sites)
+        return
     for mode in ("eager", "lowrank"):
         E.reparameterize(model, mode)
         dynamic = logits_of(model, inputs)
@@ -575,3 +583,37 @@ def test_unpatch_hf_of_a_deep_copy_restores_the_copy_only():
     assert torch.equal(generate(model, one).sequences, expected)
     E.unpatch_hf(model)
     assert_bitwise(model, weights_snapshot(original))
+
+
+def test_the_declared_transformers_range_is_the_tested_one():
+    """pyproject's lower bounds are what .ci/run installs for the oldest run, and the first
+    release patch_hf names as verified."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    pins = dict(
+        line.split("==")
+        for line in (root / ".ci" / "constraints-oldest.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    declared = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    for name, version in pins.items():
+        bounds = [d for d in declared if d.split(">=")[0] == name]
+        assert bounds, name
+        lower = bounds[0].split(">=")[1].split(",")[0].split(";")[0].strip()
+        assert version.split(".")[: len(lower.split("."))] == lower.split("."), (name, lower)
+    assert pins["transformers"] == E.hf.VERIFIED_TRANSFORMERS[0]
+
+
+def test_a_transformers_older_than_the_verified_range_is_refused(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.4.0")
+    model = tiny_llama()
+    snapshot = weights_snapshot(model)
+    with pytest.raises(ImportError, match=r"needs transformers >= 5\.5\.0 .*found 5\.4\.0"):
+        E.patch_hf(model, E.SkipPlan(4, [1]))
+    assert not hasattr(model, "_eas_patch")
+    assert_bitwise(model, snapshot)

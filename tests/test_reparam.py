@@ -254,3 +254,30 @@ def test_inference_mode_generation_then_training_then_restore():
         logits[:, 2:-1].flatten(0, 1), tokens[:, 3:].flatten()
     ).backward()
     assert_bitwise(model, snapshot)
+
+
+def test_state_dict_while_merged_holds_the_pretrained_weights_and_decoding_goes_on():
+    """A state dict taken between decode steps (a checkpoint, save_pretrained) holds the
+    pretrained weights and no added bias; the next decode step merges again."""
+    pretrained = weights_snapshot(tiny_model())
+    model = patched([1, 2])
+    reparameterize(model, "merge")
+    tokens = torch.tensor(random_sequences([6], 97, seed=3))
+
+    def decode(take_state_dict: bool) -> torch.Tensor:
+        logits = []
+        with torch.no_grad():
+            last = model(tokens, start_pos=0)[:, -1]
+            for step in range(3):
+                logits.append(last)
+                if take_state_dict and step == 1:
+                    state = model.state_dict()
+                    assert not any(key.endswith(("wq.bias", "w1.bias")) for key in state)
+                    for key, value in pretrained.items():
+                        assert torch.equal(state[key], value), key
+                following = last.argmax(-1, keepdim=True)
+                last = model(following, start_pos=tokens.shape[1] + step)[:, -1]
+        return torch.stack(logits)
+
+    assert torch.equal(decode(take_state_dict=True), decode(take_state_dict=False))
+    assert runtime_of(model).realized == "merge"

