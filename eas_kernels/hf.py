@@ -199,6 +199,10 @@ class _HFCallHook:
         assert self.patch is not None
         return self.patch.runtime
 
+    def __getstate__(self) -> dict:
+        # a pickled model (torch.save) starts over: the next call with a cache is a prefill
+        return {**self.__dict__, "last_cache": None}
+
     # ------------------------------------------------------------------ the root call
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         try:

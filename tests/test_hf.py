@@ -35,12 +35,23 @@ from tests.helpers import (
 # transformers' DummyLayer (>= 5.23) or eas_kernels' own placeholder before it
 SKIPPED_SLOT = _transformers_classes()[1]
 pytestmark = pytest.mark.transformers  # .ci/run runs these on the oldest transformers too
+# What this release calls the cache argument (past_key_values up to 5.23, cache from 5.24)
+CACHE_ARGUMENT = next(
+    name
+    for name in ("cache", "past_key_values")
+    if name in inspect.signature(LlamaForCausalLM.forward).parameters
+)
 SKIPPED = [0, 5, 11, 17, 23, 27]  # layer 0 too: lengths must come from the first kept layer
 PROMPTS = [
     "The capital of France is",
     "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n",
     "Once upon a time, in a small village,",
 ]
+
+
+def cache_of(output) -> object:
+    """The cache a model call or generate() returned, under this release's name."""
+    return output[CACHE_ARGUMENT]
 
 
 def encode(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -143,10 +154,10 @@ def test_skipped_layers_keep_no_kv_cache(eas_smollm2, smollm2_hf):
     model, tokenizer = eas_smollm2
     E.reparameterize(model, "auto")
     inputs = encode(tokenizer, PROMPTS)
-    cache = generate(model, inputs).past_key_values
+    cache = cache_of(generate(model, inputs))
     for index, layer in enumerate(cache.layers):
         assert isinstance(layer, SKIPPED_SLOT) == (index in SKIPPED), index
-    full = generate(smollm2_hf[0], inputs).past_key_values
+    full = cache_of(generate(smollm2_hf[0], inputs))
     saved = 1 - E.kv_cache_bytes(cache) / E.kv_cache_bytes(full)
     assert saved == pytest.approx(len(SKIPPED) / 30)
 
@@ -481,16 +492,16 @@ def test_a_continued_conversation_or_a_foreign_cache_is_refused():
     E.reparameterize(model, "merge")
     one = {k: v[1:] for k, v in left_padded_batch().items()}
     out = generate(model, one)
-    cache = out.past_key_values
+    cache = cache_of(out)
     turn_two = torch.cat([out.sequences, torch.tensor([[5, 6, 7]])], dim=1)
     with pytest.raises(ValueError, match="continued conversation"):
-        generate(model, {"input_ids": turn_two}, past_key_values=cache)
+        generate(model, {"input_ids": turn_two}, **{CACHE_ARGUMENT: cache})
     other = patched_tiny(seed=3)
     with torch.no_grad():
-        foreign = other(**one, use_cache=True).past_key_values
+        foreign = cache_of(other(**one, use_cache=True))
         model(**one)  # a prefill without that cache
         with pytest.raises(ValueError, match="not filled by this model's last prefill"):
-            model(torch.tensor([[9]]), past_key_values=foreign)
+            model(torch.tensor([[9]]), **{CACHE_ARGUMENT: foreign})
     whole = {"input_ids": turn_two}  # what the refusal asks for works
     assert generate(model, whole).sequences.shape[1] == turn_two.shape[1] + 6
 
@@ -512,15 +523,10 @@ def test_an_unknown_call_protocol_fails_loudly_instead_of_decoding(monkeypatch):
 
     model = patched_tiny()
     with torch.no_grad():
-        cache = model(**left_padded_batch(), use_cache=True).past_key_values
-    name = (
-        "cache"
-        if "cache" in inspect.signature(model.model.forward).parameters
-        else "past_key_values"
-    )
+        cache = cache_of(model(**left_padded_batch(), use_cache=True))
 
     def inject(module, args, kwargs):
-        return args, {**kwargs, name: cache}
+        return args, {**kwargs, CACHE_ARGUMENT: cache}
 
     model.model.register_forward_pre_hook(inject, with_kwargs=True)
     with pytest.raises(RuntimeError, match="decoder layers get a Cache holding 7 tokens"):
@@ -617,3 +623,17 @@ def test_a_transformers_older_than_the_verified_range_is_refused(monkeypatch):
         E.patch_hf(model, E.SkipPlan(4, [1]))
     assert not hasattr(model, "_eas_patch")
     assert_bitwise(model, snapshot)
+
+
+def test_a_patched_model_pickles_after_generate_and_starts_over():
+    import io
+
+    model = patched_tiny()
+    E.reparameterize(model, "eager")
+    inputs = left_padded_batch()
+    expected = generate(model, inputs).sequences
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the hook's weak reference to the last cache is not pickled
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(generate(loaded, inputs).sequences, expected)
