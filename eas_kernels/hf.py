@@ -53,7 +53,13 @@ import torch
 from torch import nn
 
 from .layout import HF_LLAMA
-from .patch import EASPatch, check_patch_arguments, check_prompt_mask, patch_of
+from .patch import (
+    EASPatch,
+    all_or_nothing,
+    check_patch_arguments,
+    check_prompt_mask,
+    patch_of,
+)
 from .plan import SkipPlan
 from .runtime import EASRuntime
 
@@ -417,19 +423,22 @@ def patch_hf(model: nn.Module, plan: SkipPlan, *, search: bool | str = False) ->
     ``x + mlp(v + PIA(v))`` with ``v = post_attention_layernorm(x)``, no attention and no KV
     cache; every non-PIA parameter is frozen (FFN and whole-block skips, and ``search``,
     as in :func:`~eas_kernels.patch_lavin`). Instances are patched, never classes, so
-    other models in the process are unaffected; :func:`unpatch_hf` undoes it. See the
+    other models in the process are unaffected; :func:`unpatch_hf` undoes it. A failure
+    while patching, ``KeyboardInterrupt`` included, leaves the model as it was. See the
     module docstring for how training calls, ``generate()`` and caches are handled.
     """
     candidates = check_patch_arguments(model, plan, search)
     if not hasattr(model, "config"):
         raise TypeError(f"model must be a Hugging Face PreTrainedModel, got {type(model).__name__}")
     hook = _HFCallHook(model)
-    patch = EASPatch(model, plan, candidates, HF_LLAMA, on_skipped_call=hook.on_skipped_call)
-    hook.patch = patch
-    patch.keep(model.register_forward_pre_hook(hook, with_kwargs=True))
-    patch.keep(patch.blocks[0].register_forward_pre_hook(hook.check_first_layer, with_kwargs=True))
-    if callable(getattr(type(model), "generate", None)):
-        patch.keep(_InstanceAttribute(model, "generate", _GenerateWithEAS(model, hook)))
+    with all_or_nothing(model):
+        patch = EASPatch(model, plan, candidates, HF_LLAMA, on_skipped_call=hook.on_skipped_call)
+        hook.patch = patch
+        patch.keep(model.register_forward_pre_hook(hook, with_kwargs=True))
+        first = patch.blocks[0]
+        patch.keep(first.register_forward_pre_hook(hook.check_first_layer, with_kwargs=True))
+        if callable(getattr(type(model), "generate", None)):
+            patch.keep(_InstanceAttribute(model, "generate", _GenerateWithEAS(model, hook)))
     return model
 
 

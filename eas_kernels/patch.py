@@ -19,8 +19,9 @@ Hugging Face models.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import torch
@@ -104,6 +105,70 @@ def check_patch_arguments(model: object, plan: object, search: object) -> str | 
     return candidates
 
 
+# Per-module dicts a patch may add entries to (hooks, children, parameters): restored by
+# key set on failure.
+_MODULE_DICTS = (
+    "_modules",
+    "_parameters",
+    "_buffers",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+class _ModelStructure:
+    """What patching may change on a model, taken before it does: every module's instance
+    attributes, children, parameters, buffers and hooks, and each parameter's
+    ``requires_grad``. :meth:`restore` puts all of it back (the same objects)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [
+            (
+                module,
+                dict(module.__dict__),
+                {
+                    name: dict(getattr(module, name))
+                    for name in _MODULE_DICTS
+                    if hasattr(module, name)
+                },
+            )
+            for module in model.modules()
+        ]
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for module, attributes, dicts in self.modules:
+            for name in set(module.__dict__) - set(attributes):
+                del module.__dict__[name]
+            module.__dict__.update(attributes)
+            for name, entries in dicts.items():
+                live = getattr(module, name)
+                live.clear()
+                live.update(entries)
+        for parameter, flag in self.requires_grad:
+            parameter.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module) -> Iterator[None]:
+    """Patch ``model`` in the body, or not at all: if the body raises — ``KeyboardInterrupt``
+    included — the model's modules, hooks, attributes and flags are put back as they were
+    before re-raising (:class:`_ModelStructure`; weights are never written while patching)."""
+    structure = _ModelStructure(model)
+    try:
+        yield
+    except BaseException:
+        structure.restore()
+        raise
+
+
 class EASPatch:
     """PIAs, hooks and layer roles installed on one model; :meth:`remove` undoes all of it.
 
@@ -142,6 +207,13 @@ class EASPatch:
             for name in PIA_NAMES:
                 if hasattr(block, name):
                     raise ValueError(f"block {index} already has an attribute {name!r}")
+        width = min(dim for dim, _, _ in widths)
+        for name in ("skip_rank", "adapter_rank"):
+            if getattr(plan, name) > width:
+                raise ValueError(
+                    f"plan.{name} = {getattr(plan, name)} exceeds the model's width {width}: "
+                    "a low-rank adapter's rank must be at most the hidden size"
+                )
         self.model = model
         self.plan = plan
         self.search = search
@@ -412,14 +484,17 @@ def patch_lavin(model: nn.Module, plan: SkipPlan, *, search: bool | str = False)
     states over the prompt mask — the model's ``prompt_mask`` argument, else its
     ``attention_mask``, else :func:`set_prompt_mask`, else all tokens; ``start_pos > 0``
     decodes with the frozen states. Raises ``TypeError``/``ValueError`` before changing
-    anything when ``model`` or ``plan`` do not fit. :func:`unpatch` undoes it.
+    anything when ``model`` or ``plan`` do not fit (a rank above the hidden size included);
+    any failure while patching, ``KeyboardInterrupt`` included, leaves the model as it was
+    (:func:`all_or_nothing`). :func:`unpatch` undoes it.
     """
     candidates = check_patch_arguments(model, plan, search)
-    patch = EASPatch(model, plan, candidates, LAVIN)
-    for block in patch.blocks:
-        hook = _StartPosHook(patch.runtime, start_pos_index(block))
-        patch.keep(block.register_forward_pre_hook(hook, with_kwargs=True))
-    _install_mask_hook(patch)
+    with all_or_nothing(model):
+        patch = EASPatch(model, plan, candidates, LAVIN)
+        for block in patch.blocks:
+            hook = _StartPosHook(patch.runtime, start_pos_index(block))
+            patch.keep(block.register_forward_pre_hook(hook, with_kwargs=True))
+        _install_mask_hook(patch)
     return model
 
 

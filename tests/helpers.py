@@ -109,3 +109,44 @@ def assert_bitwise(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
     assert current.keys() == snapshot.keys()
     for name, tensor in snapshot.items():
         assert same_bits(current[name], tensor), f"{name} changed"
+
+
+_HOOKS_AND_CHILDREN = (
+    "_modules",
+    "_parameters",
+    "_buffers",
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def structure(model: nn.Module) -> dict:
+    """Everything but the weights that a patch may change: per module its instance
+    attributes, children, parameters, buffers and hooks; each parameter's requires_grad."""
+    described: dict = {
+        name: (
+            sorted(vars(module)),
+            {key: list(getattr(module, key)) for key in _HOOKS_AND_CHILDREN},
+        )
+        for name, module in model.named_modules()
+    }
+    described["requires_grad"] = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    return described
+
+
+def fail_at(monkeypatch, owner: object, name: str, at: int) -> None:
+    """Make call number ``at`` (from 0) of ``owner.name`` raise ``KeyboardInterrupt``."""
+    original = getattr(owner, name)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(None)
+        if len(calls) - 1 == at:
+            raise KeyboardInterrupt(f"{name} call {at}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)

@@ -26,8 +26,10 @@ from eas_kernels.hf import _transformers_classes
 from eas_kernels.patch import runtime_of
 from tests.helpers import (
     assert_bitwise,
+    fail_at,
     randomize_pias,
     same_bits,
+    structure,
     tiny_model,
     weights_snapshot,
 )
@@ -637,3 +639,23 @@ def test_a_patched_model_pickles_after_generate_and_starts_over():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert torch.equal(generate(loaded, inputs).sequences, expected)
+
+
+def test_a_patch_hf_interrupted_anywhere_leaves_the_model_as_it_was(monkeypatch):
+    from eas_kernels.hf import _InstanceAttribute
+    from eas_kernels.patch import EASPatch
+
+    plan = E.SkipPlan(4, [0, 2], skip_rank=8, adapter_rank=4)
+    points = [(EASPatch, "_add_site", k) for k in range(4)]
+    points += [(EASPatch, "set_skipped", 0), (_InstanceAttribute, "__init__", 0)]
+    for owner, name, at in points:
+        model = tiny_llama()
+        before, weights = structure(model), weights_snapshot(model)
+        with monkeypatch.context() as context:
+            fail_at(context, owner, name, at)
+            with pytest.raises(KeyboardInterrupt):
+                E.patch_hf(model, plan)
+        assert structure(model) == before, (name, at)
+        assert_bitwise(model, weights)
+        E.unpatch_hf(E.patch_hf(model, plan))
+        assert structure(model) == before, (name, at)

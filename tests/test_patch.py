@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -10,13 +11,25 @@ import torch.nn.functional as F
 from torch import nn
 
 import eas_kernels
-from eas_kernels import SkipPlan, greedy_generate, patch_lavin, set_skipped, skipped_layers
+from eas_kernels import (
+    SkipPlan,
+    from_pretrained,
+    greedy_generate,
+    patch_lavin,
+    save_pretrained,
+    set_skipped,
+    skipped_layers,
+    unpatch,
+)
+from eas_kernels.patch import runtime_of
 from tests.helpers import (
     assert_bitwise,
+    fail_at,
     left_pad,
     patched,
     random_sequences,
     randomize_pias,
+    structure,
     tiny_model,
     weights_snapshot,
 )
@@ -299,3 +312,47 @@ def test_unpatch_restores_the_original_model_exactly():
     with pytest.raises(TypeError, match="not patched"):
         eas_kernels.unpatch(model)
     eas_kernels.patch_lavin(model, SkipPlan(4, [3]))  # patchable again
+
+
+# ---------------------------------------------------------------------- all or nothing
+@pytest.mark.parametrize("search", [False, "mha_or_ffn"])
+def test_a_patch_interrupted_anywhere_leaves_the_model_as_it_was(monkeypatch, search):
+    """KeyboardInterrupt at every PIA the patch installs (every block), while it switches
+    roles and while it hooks the masks: the model is bitwise and structurally unchanged,
+    and can be patched (and unpatched) afterwards."""
+    from eas_kernels import patch as patch_module
+    from eas_kernels.patch import EASPatch
+
+    plan = SkipPlan(4, [1, 2], skip_rank=6, adapter_rank=3)
+    sites = len(runtime_of(patch_lavin(tiny_model(), plan, search=search)).sites)
+    points = [(EASPatch, "_add_site", k) for k in range(sites)]
+    points += [(EASPatch, "set_skipped", 0), (patch_module, "_install_mask_hook", 0)]
+    for owner, name, at in points:
+        model = tiny_model()
+        before, weights = structure(model), weights_snapshot(model)
+        with monkeypatch.context() as context:
+            fail_at(context, owner, name, at)
+            with pytest.raises(KeyboardInterrupt):
+                patch_lavin(model, plan, search=search)
+        assert structure(model) == before, (name, at)
+        assert_bitwise(model, weights)
+        patch_lavin(model, plan, search=search)
+        unpatch(model)
+        assert structure(model) == before, (name, at)
+
+
+def test_a_rank_above_the_width_is_refused_before_anything_is_allocated(tmp_path):
+    model = tiny_model()  # width 48
+    before = structure(model)
+    with pytest.raises(ValueError, match=r"plan\.skip_rank = 1099511627776 exceeds"):
+        patch_lavin(model, SkipPlan(4, [1], skip_rank=2**40))
+    with pytest.raises(ValueError, match=r"plan\.adapter_rank = 49 exceeds the model's width 48"):
+        patch_lavin(model, SkipPlan(4, [1], adapter_rank=49))
+    assert structure(model) == before
+    folder = save_pretrained(patch_lavin(tiny_model(), SkipPlan(4, [1])), tmp_path / "eas")
+    document = json.loads((folder / "eas_plan.json").read_text())
+    document["plan"]["skip_rank"] = 2**40  # a tampered checkpoint
+    (folder / "eas_plan.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="skip_rank = 1099511627776 exceeds"):
+        from_pretrained(model, folder)
+    assert structure(model) == before

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_positive_int
+from ..files import load_tensor_file
 from ..patch import patch_of
 from ..plan import SkipPlan
 from ..search import BanditSearch, Candidates
@@ -48,6 +49,18 @@ from .data import IGNORE_INDEX, Batch, Example, collate
 
 PHASES = ("warmup", "search", "finetune")
 CHECKPOINT_FILE = "tuner_checkpoint.pt"
+# What a tuner checkpoint holds (read weights-only: tensors and plain containers).
+CHECKPOINT_KEYS = (
+    "config",
+    "position",
+    "elapsed",
+    "trainable",
+    "optimizer",
+    "scheduler",
+    "bandit",
+    "torch_rng",
+    "history",
+)
 
 LossFunction = Callable[[nn.Module, Batch], torch.Tensor]
 Progress = Callable[[dict[str, Any]], None]
@@ -377,7 +390,7 @@ class EASTuner:
         path = self._checkpoint_path()
         if path is None or not path.is_file():
             return
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_tensor_file(path, "tuner checkpoint", CHECKPOINT_KEYS)
         if state["config"] != asdict(self.config):
             raise ValueError(
                 f"{path} was written by a run with another configuration: {state['config']} "

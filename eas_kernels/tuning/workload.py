@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import from_pretrained, save_pretrained
+from ..files import load_tensor_file
 from ..models.lavin import ModelArgs, Transformer
 from ..models.multimodal import LaVINStyleMLLM, VisionTower
 from .data import (
@@ -188,7 +189,7 @@ def build_workload(
         info["vision"] = {"pretrained": False}
     elif not trains_tower:
         assert cache is not None
-        model.vision.load_state_dict(torch.load(cache, map_location="cpu"))
+        model.vision.load_state_dict(load_tensor_file(cache, "vision tower cache"))
         model.vision.eval().requires_grad_(False)
         info["vision"] = {"cached": str(cache)}
     else:
@@ -248,7 +249,9 @@ def load_tuned(base: LaVINStyleMLLM, folder: str | os.PathLike[str]) -> LaVINSty
     if not (folder / MULTIMODAL_FILE).is_file():
         raise FileNotFoundError(f"{folder} has no {MULTIMODAL_FILE}: not a tuned checkpoint")
     model = copy.deepcopy(base)
-    state = torch.load(folder / MULTIMODAL_FILE, map_location="cpu")
+    state = load_tensor_file(
+        folder / MULTIMODAL_FILE, "tuned vision tower", ("vision", "projector")
+    )
     model.vision.load_state_dict(state["vision"])
     model.projector.load_state_dict(state["projector"])
     return from_pretrained(model, folder)
