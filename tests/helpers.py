@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -150,3 +151,19 @@ def fail_at(monkeypatch, owner: object, name: str, at: int) -> None:
         return original(*args, **kwargs)
 
     monkeypatch.setattr(owner, name, failing)
+
+
+def assert_all_or_nothing(monkeypatch, make_model, patch, unpatch, points) -> None:
+    """Interrupt ``patch(model)`` at each of ``points`` (owner, method name, call index): the
+    model stays bitwise and structurally as it was, and patches and unpatches afterwards."""
+    for owner, name, at in points:
+        model = make_model()
+        before, weights = structure(model), weights_snapshot(model)
+        with monkeypatch.context() as context:
+            fail_at(context, owner, name, at)
+            with pytest.raises(KeyboardInterrupt):
+                patch(model)
+        assert structure(model) == before, (name, at)
+        assert_bitwise(model, weights)
+        unpatch(patch(model))
+        assert structure(model) == before, (name, at)

@@ -25,11 +25,10 @@ import eas_kernels as E
 from eas_kernels.hf import _transformers_classes
 from eas_kernels.patch import runtime_of
 from tests.helpers import (
+    assert_all_or_nothing,
     assert_bitwise,
-    fail_at,
     randomize_pias,
     same_bits,
-    structure,
     tiny_model,
     weights_snapshot,
 )
@@ -648,14 +647,6 @@ def test_a_patch_hf_interrupted_anywhere_leaves_the_model_as_it_was(monkeypatch)
     plan = E.SkipPlan(4, [0, 2], skip_rank=8, adapter_rank=4)
     points = [(EASPatch, "_add_site", k) for k in range(4)]
     points += [(EASPatch, "set_skipped", 0), (_InstanceAttribute, "__init__", 0)]
-    for owner, name, at in points:
-        model = tiny_llama()
-        before, weights = structure(model), weights_snapshot(model)
-        with monkeypatch.context() as context:
-            fail_at(context, owner, name, at)
-            with pytest.raises(KeyboardInterrupt):
-                E.patch_hf(model, plan)
-        assert structure(model) == before, (name, at)
-        assert_bitwise(model, weights)
-        E.unpatch_hf(E.patch_hf(model, plan))
-        assert structure(model) == before, (name, at)
+    assert_all_or_nothing(
+        monkeypatch, tiny_llama, lambda m: E.patch_hf(m, plan), E.unpatch_hf, points
+    )

@@ -23,8 +23,8 @@ from eas_kernels import (
 )
 from eas_kernels.patch import runtime_of
 from tests.helpers import (
+    assert_all_or_nothing,
     assert_bitwise,
-    fail_at,
     left_pad,
     patched,
     random_sequences,
@@ -327,18 +327,9 @@ def test_a_patch_interrupted_anywhere_leaves_the_model_as_it_was(monkeypatch, se
     sites = len(runtime_of(patch_lavin(tiny_model(), plan, search=search)).sites)
     points = [(EASPatch, "_add_site", k) for k in range(sites)]
     points += [(EASPatch, "set_skipped", 0), (patch_module, "_install_mask_hook", 0)]
-    for owner, name, at in points:
-        model = tiny_model()
-        before, weights = structure(model), weights_snapshot(model)
-        with monkeypatch.context() as context:
-            fail_at(context, owner, name, at)
-            with pytest.raises(KeyboardInterrupt):
-                patch_lavin(model, plan, search=search)
-        assert structure(model) == before, (name, at)
-        assert_bitwise(model, weights)
-        patch_lavin(model, plan, search=search)
-        unpatch(model)
-        assert structure(model) == before, (name, at)
+    assert_all_or_nothing(
+        monkeypatch, tiny_model, lambda m: patch_lavin(m, plan, search=search), unpatch, points
+    )
 
 
 def test_a_rank_above_the_width_is_refused_before_anything_is_allocated(tmp_path):
