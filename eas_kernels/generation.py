@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import torch
 from torch import nn
+
+from .models.lavin import ModelArgs
 
 
 @dataclass
@@ -33,16 +36,21 @@ def greedy_generate(
     ``prefill_kwargs`` go to the prefill call only (e.g. ``images=`` of a multimodal
     model). ``logits[b, t]`` are the logits that chose new token ``t`` of prompt ``b``.
     """
-    if not prompts or any(len(prompt) == 0 for prompt in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    _check_prompts(prompts)
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, int)
         or max_new_tokens < 1
     ):
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    device = next(model.parameters()).device
     width = max(len(prompt) for prompt in prompts)
+    limit = _max_seq_len(model)
+    if limit is not None and width + max_new_tokens - 1 > limit:
+        raise ValueError(
+            f"the longest prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) - 1 "
+            f"exceeds the model's max_seq_len {limit}: lower max_new_tokens"
+        )
+    device = next(model.parameters()).device
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     prompt_mask = torch.zeros_like(tokens, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
@@ -58,3 +66,31 @@ def greedy_generate(
         position += 1
     stacked = torch.stack(steps, dim=1)
     return Generation(stacked.argmax(dim=-1).tolist(), stacked)
+
+
+def _check_prompts(prompts: object) -> None:
+    """TypeError/ValueError unless ``prompts`` is a non-empty sequence of non-empty
+    sequences of int token ids (not strings, not floats, not bools)."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    for row, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+            raise TypeError(
+                f"prompts[{row}] must be a list of int token ids, got {type(prompt).__name__}"
+            )
+        if len(prompt) == 0:
+            raise ValueError("prompts must be a non-empty list of non-empty token lists")
+        for token in prompt:
+            if isinstance(token, bool) or not isinstance(token, Integral):
+                raise TypeError(
+                    f"prompts[{row}] must hold int token ids, got {type(token).__name__} {token!r}"
+                )
+
+
+def _max_seq_len(model: nn.Module) -> int | None:
+    """The ``max_seq_len`` of the LaVIN-layout model inside ``model``, if there is one."""
+    for module in model.modules():
+        params = getattr(module, "params", None)
+        if isinstance(params, ModelArgs):
+            return params.max_seq_len
+    return None

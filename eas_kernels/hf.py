@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import check_tensor
 from .layout import HF_LLAMA
 from .patch import (
     EASPatch,
@@ -150,9 +151,19 @@ def prompt_mask_from_labels(
     prompt/answer split: its state averages all its real tokens, and so does a row without
     any label.
     """
+    check_tensor(labels, "labels", ndim=2)
+    assert isinstance(labels, torch.Tensor)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     n = labels.shape[1]
     real = torch.ones_like(labels, dtype=torch.bool)
     if attention_mask is not None:
+        check_tensor(attention_mask, "attention_mask", ndim=2, device=labels.device)
+        if attention_mask.shape != labels.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of labels {tuple(labels.shape)}, got "
+                f"{tuple(attention_mask.shape)}"
+            )
         real = attention_mask.bool()
     positions = torch.arange(n, device=labels.device).expand_as(labels)
     first_label = torch.where(labels != IGNORE_INDEX, positions, n).amin(dim=1, keepdim=True)
@@ -406,8 +417,10 @@ class _InstanceAttribute:
 
 def kv_cache_bytes(cache: Any) -> int:
     """Bytes held by the key/value tensors of a ``transformers`` ``Cache``."""
+    if not isinstance(getattr(cache, "layers", None), list):
+        raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__}")
     total = 0
-    for layer in getattr(cache, "layers", []):
+    for layer in cache.layers:
         for name in ("keys", "values"):
             tensor = getattr(layer, name, None)
             if isinstance(tensor, torch.Tensor):
