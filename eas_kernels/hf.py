@@ -38,8 +38,8 @@ otherwise the ``attention_mask`` (the prompt's real tokens at the prefill of
 the call's last token attends); otherwise all tokens.
 
 **KV cache.** A skipped layer's slot in a ``Cache`` becomes a ``DummyLayer`` (the library's
-placeholder for layers without attention), so it never allocates; sequence lengths and
-masks come from the first kept layer.
+placeholder for layers without attention; :class:`SkippedLayerSlot` before 5.23), so it
+never allocates; sequence lengths and masks come from the first kept layer.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ from .runtime import EASRuntime
 
 IGNORE_INDEX = -100
 # The oldest and the newest transformers release CI runs the Hugging Face tests against;
-# pyproject.toml's lower bound and ci/constraints-oldest.txt pin the first (tested).
+# pyproject.toml's lower bound and .ci/constraints-oldest.txt pin the first (tested).
 VERIFIED_TRANSFORMERS = ("5.5.0", "5.24.0")
 # generate() options that would put other tokens than the prompt's into the PIA states.
 _ASSISTED_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
@@ -171,13 +171,13 @@ def prompt_mask_from_labels(
     return real & ((positions < first_label) | (first_label <= first_real))
 
 
-def key_padding_mask(attention_mask: object, tokens: int, past: int = 0) -> torch.Tensor | None:
+def key_padding_mask(attention_mask: object, tokens: int) -> torch.Tensor | None:
     """``(B, tokens)`` bool real-token mask of a call's ``attention_mask``, or None.
 
     A 2-D mask is Hugging Face's padding mask. A 4-D ``(B, heads, queries, keys)`` mask
     (``generate()`` builds one for a static cache; bool, True = attend, or additive float,
-    0 = attend) gives the keys ``[past, past + tokens)`` that the call's last token
-    attends: with left padding, exactly the real tokens.
+    0 = attend) gives the first ``tokens`` keys (a fresh call's, the cache being empty)
+    that the call's last token attends: with left padding, exactly the real tokens.
     """
     if attention_mask is None:
         return None
@@ -189,7 +189,7 @@ def key_padding_mask(attention_mask: object, tokens: int, past: int = 0) -> torc
         )
     if attention_mask.ndim == 2:
         return attention_mask.bool()
-    last_query = attention_mask[:, 0, -1, past : past + tokens]
+    last_query = attention_mask[:, 0, -1, :tokens]
     return last_query if last_query.dtype == torch.bool else last_query == 0
 
 
@@ -238,7 +238,7 @@ class _HFCallHook:
             self.mark_skipped(cache)
         past = self.cached_tokens(cache)
         continues = past > 0 or (cache is not None and self.all_skipped and self.is_last(cache))
-        self._check_generate_protocol(continues, past, cache, arguments)
+        self._check_protocol(continues, past, cache, arguments)
         if continues:
             if not self.is_last(cache):
                 raise ValueError(
@@ -249,14 +249,14 @@ class _HFCallHook:
             self.runtime.enter(False, inputs.shape[0])
             return
         labels = arguments.get("labels")
-        mask = key_padding_mask(arguments.get("attention_mask"), inputs.shape[1], past)
+        mask = key_padding_mask(arguments.get("attention_mask"), inputs.shape[1])
         if isinstance(labels, torch.Tensor):
             mask = prompt_mask_from_labels(labels, mask)
         self.runtime.state_mask = None if mask is None else check_prompt_mask(mask)
         self.last_cache = None if cache is None else weakref.ref(cache)
         self.runtime.enter(True, inputs.shape[0])
 
-    def _check_generate_protocol(
+    def _check_protocol(
         self, continues: bool, past: int, cache: Any, arguments: Mapping[str, Any]
     ) -> None:
         position = arguments.get("cache_position")
