@@ -25,6 +25,18 @@ def check_positive_int(value: object, name: str) -> int:
     return int(value)
 
 
+SEED_LIMIT = 2**63  # torch generators take 64-bit seeds; derived seeds stay below this
+
+
+def check_seed(value: object, name: str = "seed") -> int:
+    """Return ``value`` after checking it is an int in ``[0, 2**63)`` (a torch seed)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2**63), got {value}")
+    return int(value)
+
+
 def check_positive_finite(value: object, name: str) -> float:
     """Return ``value`` as a float after checking it is a finite positive real number."""
     if isinstance(value, bool) or not isinstance(value, Real):

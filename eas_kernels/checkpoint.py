@@ -19,7 +19,7 @@ from torch import nn
 
 from .layout import HF_LLAMA, LAVIN
 from .patch import ROLE_PIAS, EASPatch, check_search, patch_lavin, patch_of, unpatch
-from .plan import SkipPlan
+from .plan import SkipPlan, parse_json
 
 PLAN_FILE = "eas_plan.json"
 WEIGHTS_FILE = "eas_pia.safetensors"
@@ -71,9 +71,10 @@ def _read(folder: Path) -> tuple[SkipPlan, str | None, dict[str, torch.Tensor]]:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not an eas_kernels checkpoint: no {name}")
     try:
-        document = json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{folder / PLAN_FILE} is not valid JSON: {error}") from error
+        text = (folder / PLAN_FILE).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{folder / PLAN_FILE} is not valid JSON: {error}") from None
+    document = parse_json(text, str(folder / PLAN_FILE))
     if not isinstance(document, dict) or document.get("format") != _FORMAT:
         raise ValueError(f"{folder / PLAN_FILE} is not an eas_kernels checkpoint plan")
     if document.get("version") not in (1, _VERSION):
@@ -83,7 +84,10 @@ def _read(folder: Path) -> tuple[SkipPlan, str | None, dict[str, torch.Tensor]]:
         search = check_search(False if search is None else search)
     except ValueError as error:
         raise ValueError(f"{folder / PLAN_FILE}: bad 'search' field: {error}") from None
-    plan = SkipPlan.from_dict(document.get("plan"))
+    try:
+        plan = SkipPlan.from_dict(document.get("plan"))
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{folder / PLAN_FILE}: {error}") from None
     try:
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, OSError) as error:

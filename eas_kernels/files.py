@@ -6,16 +6,21 @@ pickle may hold tensors and plain containers (dict, list, tuple, str, numbers, N
 nothing else, so loading it cannot run code. Whatever cannot be read that way — a
 truncated file, a foreign one, one whose pickle would call a function — is refused with a
 ``ValueError`` naming the file, before anything is changed.
+
+Files a run writes are written atomically (:func:`save_atomically`): a run killed while
+writing leaves the previous file or none, never a truncated one that a resume would read.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def load_tensor_file(
@@ -32,6 +37,13 @@ def load_tensor_file(
     a dict, or lacks one of ``keys``.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (a {what})")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} is not a {what}: not a file written by torch.save (no zip archive; "
+            "truncated or foreign)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the same refusal
@@ -45,3 +57,49 @@ def load_tensor_file(
     if missing:
         raise ValueError(f"{path} is not a {what}: it lacks {missing}")
     return state
+
+
+def load_module_state(
+    module: nn.Module, state: object, path: str | os.PathLike[str], what: str
+) -> None:
+    """Load ``state`` (read from ``path``) into ``module``, or refuse it before any change.
+
+    ``state`` must be a dict with exactly ``module``'s state-dict keys, each a tensor of the
+    same shape and dtype kind, floating ones finite. Raises ``ValueError`` naming ``path``
+    otherwise.
+    """
+    expected = module.state_dict()
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a {what}: it holds a {type(state).__name__}, not a dict")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} is not a {what}: missing keys {missing[:4]}, unexpected keys {unexpected[:4]}"
+        )
+    for key, target in expected.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or value.shape != target.shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"{path} is not a {what}: {key} is {shape}, expected a tensor of shape "
+                f"{tuple(target.shape)}"
+            )
+        if value.is_floating_point() != target.is_floating_point():
+            raise ValueError(f"{path} is not a {what}: {key} has dtype {value.dtype}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{path} is not a {what}: {key} holds NaN or Inf")
+    module.load_state_dict(state)
+
+
+def save_atomically(state: object, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(state, path)`` through a temporary file and a rename: a reader sees the
+    previous file or the complete new one, never a partial write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path

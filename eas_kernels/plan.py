@@ -172,10 +172,7 @@ class SkipPlan:
     def from_json(cls, text: str) -> SkipPlan:
         if not isinstance(text, (str, bytes)):
             raise TypeError(f"text must be a JSON string, got {type(text).__name__}")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"text is not valid JSON: {error}") from error
+        data = parse_json(text, "text")
         return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -184,8 +181,17 @@ class SkipPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SkipPlan:
-        with open(path, encoding="utf-8") as handle:
-            return cls.from_json(handle.read())
+        """The plan of a JSON file; ``ValueError`` naming ``path`` when it is no plan."""
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a directory, not a plan JSON file")
+        with open(path, "rb") as handle:
+            text = handle.read()
+        try:
+            return cls.from_json(text.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path} is not a plan JSON file: {error}") from None
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{path}: {error}") from None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SkipPlan):
@@ -206,3 +212,14 @@ class SkipPlan:
             f"skip_rank={self.skip_rank}, adapter_rank={self.adapter_rank}, "
             f"temperature={self.temperature}{self._ablations()})"
         )
+
+
+def parse_json(text: str | bytes, name: str) -> object:
+    """``json.loads(text)``; ``ValueError`` naming ``name`` for text that is not JSON or is
+    nested too deeply to parse (``RecursionError``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{name} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{name} is JSON nested too deeply to be a plan") from None

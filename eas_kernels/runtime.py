@@ -25,6 +25,7 @@ Each call of a patched block is either
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -145,14 +146,14 @@ class AdapterSite:
 
     # ------------------------------------------------------------------ merge
     def check_finite(self) -> None:
-        """Refuse (ValueError) a PIA or state holding NaN/Inf, naming the tensor."""
+        """Refuse (ValueError) a frozen state holding NaN/Inf, naming the tensor (the PIA's
+        weights are checked at every fresh call: :meth:`EASRuntime.enter`)."""
         assert self.state is not None
-        named = list(self.pia.named_parameters())
-        named += [("state.c", self.state.c), ("state.alpha", self.state.alpha)]
-        for name, tensor in named:
+        for field in dataclasses.fields(self.state):
+            name, tensor = f"state.{field.name}", getattr(self.state, field.name)
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(
-                    f"{self.name}: {name} holds NaN or Inf; refusing to merge it into the weights"
+                    f"{self.name}: {name} holds NaN or Inf; refusing to decode with it"
                 )
 
     def merge(self, records: list[_MergeRecord]) -> None:
@@ -207,17 +208,37 @@ class EASRuntime:
     # ------------------------------------------------------------------ call phases
     def enter(self, fresh: bool, batch_size: int) -> None:
         """Called before a patched model computes: ``fresh`` for a training forward or a
-        prefill (states recomputed), else a decode call (frozen states used)."""
+        prefill (states recomputed), else a decode call (frozen states used).
+
+        A fresh call first checks the active PIAs' weights, in every mode (one host sync
+        per device): NaN or Inf is refused with a ``ValueError`` naming the tensor, before
+        anything changes. The first decode call checks the frozen states the same way.
+        """
         if fresh:
+            self._check_finite_weights()
             if self.decoding or self.realized is not None:
                 self.unrealize()
             self.decoding = False
             return
         if not self.decoding:
             self._check_states(batch_size)
+            for site in self.active_sites:
+                site.check_finite()
             self.decoding = True
         if self.realized is None:
             self.realize(self.mode, batch_size)
+
+    def _check_finite_weights(self) -> None:
+        flags: dict[torch.device, list[tuple[AdapterSite, str, torch.Tensor]]] = {}
+        for site in self.active_sites:
+            for name, parameter in site.pia.named_parameters():
+                flag = torch.isfinite(parameter.detach()).all()
+                flags.setdefault(parameter.device, []).append((site, name, flag))
+        for entries in flags.values():
+            if bool(torch.stack([flag for _, _, flag in entries]).all()):
+                continue
+            site, name = next((site, name) for site, name, flag in entries if not bool(flag))
+            raise ValueError(f"{site.name}: {name} holds NaN or Inf; refusing to run it")
 
     def _check_states(self, batch_size: int) -> None:
         for site in self.active_sites:
@@ -298,8 +319,6 @@ class EASRuntime:
 
     def _merge_all(self) -> None:
         sites = self.reparameterizable_sites
-        for site in sites:
-            site.check_finite()
         records: list[_MergeRecord] = []
         try:
             for site in sites:

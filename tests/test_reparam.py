@@ -13,6 +13,7 @@ from eas_kernels.ops import (
     merged_linear_reference,
 )
 from eas_kernels.patch import runtime_of
+from eas_kernels.pia import PIAState
 from tests.helpers import assert_bitwise, patched, random_sequences, tiny_model, weights_snapshot
 from tests.reference import merged_weight_reference, pia_reference
 
@@ -167,21 +168,35 @@ def test_a_thousand_merge_restore_cycles_leave_weights_bitwise_identical(dtype):
     assert_bitwise(model, snapshot)
 
 
-def test_merge_refuses_non_finite_pia_weights_and_changes_nothing():
+@pytest.mark.parametrize("mode", ["eager", "merge", "lowrank", "auto"])
+def test_every_mode_refuses_non_finite_pia_weights_at_the_prefill(mode):
+    """A corrupted PIA is refused before it computes anything, in every mode, and the
+    previous example's merge stays as it was (issue 17, finding 6)."""
     model = patched([1], seed=37)
-    snapshot = weights_snapshot(model)
-    with torch.no_grad():
-        model.layers[3].attn_adapter.up2.weight[0, 0] = float("nan")
-    snapshot = weights_snapshot(model)
-    reparameterize(model, "merge")
+    reparameterize(model, mode)
     with torch.no_grad():
         model(torch.tensor([[1, 2]]), start_pos=0)
-        with pytest.raises(ValueError, match="layer 3 attention PIA: up2.weight holds NaN"):
+        model(torch.tensor([[3]]), start_pos=2)
+        model.layers[3].attn_adapter.up2.weight[0, 0] = float("nan")
+    snapshot = weights_snapshot(model)
+    with torch.no_grad(), pytest.raises(ValueError, match="layer 3 attention PIA: up2.weight"):
+        model(torch.tensor([[4, 5, 6]]), start_pos=0)
+    assert_bitwise(model, snapshot)
+
+
+@pytest.mark.parametrize("mode", ["eager", "merge", "lowrank", "auto"])
+def test_every_mode_refuses_a_non_finite_state_at_the_first_decode(mode):
+    model = patched([1], seed=37)
+    reparameterize(model, mode)
+    snapshot = weights_snapshot(model)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2]]), start_pos=0)
+        site = runtime_of(model).active_sites[2]
+        site.state = PIAState(site.state.c.clone().fill_(float("inf")), site.state.alpha)
+        with pytest.raises(ValueError, match=f"{site.name}: state.c holds NaN or Inf"):
             model(torch.tensor([[3]]), start_pos=2)
     assert_bitwise(model, snapshot)
-    with pytest.raises(ValueError, match="NaN"):
-        reparameterize(model, "merge")
-    assert_bitwise(model, snapshot)
+    assert runtime_of(model).realized is None
 
 
 def test_a_merge_failing_midway_is_rolled_back(monkeypatch):

@@ -39,8 +39,13 @@ def test_load_tensor_file_refuses_code_truncation_and_wrong_contents(tmp_path):
     assert torch.equal(load_tensor_file(tmp_path / "good.pt", "thing", ["a"])["a"], torch.ones(3))
     data = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"cut\.pt is not a thing that can be read safely"):
+    with pytest.raises(ValueError, match=r"cut\.pt is not a thing: not a file written by torch"):
         load_tensor_file(tmp_path / "cut.pt", "thing")
+    (tmp_path / "text.pt").write_text("12 garbage\n")  # torch.load: "invalid literal for int()"
+    with pytest.raises(ValueError, match=r"text\.pt is not a thing: not a file written by torch"):
+        load_tensor_file(tmp_path / "text.pt", "thing")
+    with pytest.raises(FileNotFoundError, match=r"none\.pt: no such file \(a thing\)"):
+        load_tensor_file(tmp_path / "none.pt", "thing")
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="holds a list, not a dict"):
         load_tensor_file(tmp_path / "list.pt", "thing")
@@ -68,13 +73,14 @@ def test_malicious_multimodal_files_are_refused(tmp_path):
         build_workload,
         load_tuned,
         save_tuned,
+        vision_cache_name,
     )
 
     marker = tmp_path / "ran"
     workload_config = WorkloadConfig(model="tiny", train=4, held_out=2, test=2, vision_epochs=1)
     cache = tmp_path / "cache"
     cache.mkdir()
-    malicious(cache / f"vision_seed{workload_config.seed}.pt", marker)
+    malicious(cache / vision_cache_name(workload_config), marker)
     with pytest.raises(ValueError, match="not a vision tower cache that can be read safely"):
         build_workload(workload_config, cache_dir=cache, log=lambda _: None)
     assert not marker.exists()

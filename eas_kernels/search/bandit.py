@@ -25,7 +25,12 @@ from numbers import Real
 
 import torch
 
-from .._checks import check_layer_indices, check_positive_finite, check_positive_int
+from .._checks import (
+    check_layer_indices,
+    check_positive_finite,
+    check_positive_int,
+    check_seed,
+)
 
 
 class BanditSearch:
@@ -66,9 +71,7 @@ class BanditSearch:
         if seed is None:
             self.generator.seed()
         else:
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-            self.generator.manual_seed(seed)
+            self.generator.manual_seed(check_seed(seed))
         self._scores = torch.zeros(self.num_arms, dtype=torch.float64)
 
     @property
@@ -158,7 +161,13 @@ class BanditSearch:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore scores and generator; the configuration must match this search."""
+        """Restore scores and generator; the configuration must match this search.
+
+        Raises ``ValueError`` (nothing changed) for a state of another search or a
+        malformed one.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"state must be a dict, got {type(state).__name__}")
         config = ("num_arms", "k", "num_subnets", "lr", "temperature")
         for name in config:
             if state.get(name) != getattr(self, name):
@@ -169,5 +178,12 @@ class BanditSearch:
         scores = state.get("scores")
         if not isinstance(scores, torch.Tensor) or scores.shape != (self.num_arms,):
             raise ValueError(f"state['scores'] must be a tensor of shape ({self.num_arms},)")
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("state['scores'] holds NaN or Inf")
+        generator = torch.Generator()
+        try:
+            generator.set_state(state.get("generator"))
+        except (TypeError, RuntimeError) as error:
+            raise ValueError(f"state['generator'] is not a generator state: {error}") from None
         self._scores = scores.to(torch.float64).clone()
-        self.generator.set_state(state["generator"])
+        self.generator = generator

@@ -24,14 +24,28 @@ history) are written atomically every ``checkpoint_every`` steps and at each pha
 :meth:`EASTuner.run` resumes from the last one, and a run killed at any point resumes to
 the same final plan and weights (CPU, same versions): batch orders are a function of
 (seed, phase, epoch), all sampling uses the bandit's own seeded generator.
+
+A checkpoint is resumed only by the run that wrote it: its *run key* — the configuration,
+a fingerprint of the training and held-out examples, and whatever the caller adds
+(``run_key``, e.g. the command line's data arguments) — must match, else ``ValueError``
+names the first entry that differs and both values. A checkpoint is read weights-only and
+checked entry by entry before anything of the run changes; trainable parameters that hold
+NaN or Inf are never written. SIGINT (Ctrl-C) during :meth:`EASTuner.run` finishes the
+current step, writes a checkpoint there and raises :class:`TuningInterrupted`; a second
+SIGINT interrupts at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_positive_int
-from ..files import load_tensor_file
+from .._checks import SEED_LIMIT, check_positive_int, check_seed
+from ..files import load_tensor_file, save_atomically
 from ..patch import patch_of
 from ..plan import SkipPlan
 from ..search import BanditSearch, Candidates
@@ -51,7 +65,7 @@ PHASES = ("warmup", "search", "finetune")
 CHECKPOINT_FILE = "tuner_checkpoint.pt"
 # What a tuner checkpoint holds (read weights-only: tensors and plain containers).
 CHECKPOINT_KEYS = (
-    "config",
+    "run_key",
     "position",
     "elapsed",
     "trainable",
@@ -61,6 +75,8 @@ CHECKPOINT_KEYS = (
     "torch_rng",
     "history",
 )
+
+POSITION_KEYS = ("phase", "epoch", "batch", "step", "search_step")
 
 LossFunction = Callable[[nn.Module, Batch], torch.Tensor]
 Progress = Callable[[dict[str, Any]], None]
@@ -99,6 +115,7 @@ class TuningConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        check_seed(self.seed)
         if self.searches:
             check_positive_int(self.k, "k")
         if self.warmup_epochs + self.search_epochs + self.finetune_epochs == 0:
@@ -114,6 +131,52 @@ def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
         batch.labels[:, 1:].reshape(-1),
         ignore_index=IGNORE_INDEX,
     )
+
+
+class TuningInterrupted(KeyboardInterrupt):
+    """SIGINT stopped :meth:`EASTuner.run` between two steps; ``checkpoint`` holds the run
+    at ``step`` (None without a run folder) and the same run resumes from it."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        self.step = step
+        self.checkpoint = checkpoint
+        where = f"checkpoint {checkpoint}" if checkpoint else "no run folder, nothing saved"
+        super().__init__(f"interrupted after step {step} ({where})")
+
+
+class _StopRequest:
+    """Turns the first SIGINT into a request honoured between steps (main thread only;
+    elsewhere SIGINT keeps its usual effect). A second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_StopRequest]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def example_fingerprint(examples: Sequence[Example]) -> str:
+    """``"<n> examples, sha256 <12 hex>"`` of the examples' tokens and images, in order."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(repr((example.prompt, example.answer)).encode())
+        if example.image is not None:
+            image = example.image.detach().cpu().contiguous()
+            digest.update(repr((tuple(image.shape), str(image.dtype))).encode())
+            digest.update(image.view(torch.uint8).numpy().tobytes())
+    return f"{len(examples)} examples, sha256 {digest.hexdigest()[:12]}"
 
 
 @dataclass
@@ -149,6 +212,9 @@ class EASTuner:
         run_dir: folder of the checkpoint (None: no checkpoints).
         loss_fn: ``loss_fn(model, batch)``; default :func:`answer_loss`.
         progress: called after every step with a dict (phase, epoch, step, loss, plan, ...).
+        run_key: more entries of the run key (module docstring), checked before the
+            configuration: names → JSON-like values (the command line passes ``--train``,
+            ``--model``, ...).
     """
 
     def __init__(
@@ -162,6 +228,7 @@ class EASTuner:
         run_dir: str | os.PathLike[str] | None = None,
         loss_fn: LossFunction = answer_loss,
         progress: Progress | None = None,
+        run_key: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(config, TuningConfig):
             raise TypeError(f"config must be a TuningConfig, got {type(config).__name__}")
@@ -182,10 +249,20 @@ class EASTuner:
             raise ValueError("train must hold at least one example")
         if len(held_out) == 0:
             raise ValueError("held_out must hold at least one example")
+        if run_key is not None and not (
+            isinstance(run_key, Mapping) and all(isinstance(k, str) for k in run_key)
+        ):
+            raise TypeError(f"run_key must be a mapping with str keys, got {run_key!r}")
         self.model = model
         self.patch = patch
         self.train = list(train)
         self.held_out = collate(list(held_out), pad_id)
+        self.run_key = {
+            **dict(run_key or {}),
+            **asdict(self.config),
+            "train": example_fingerprint(self.train),
+            "held_out": example_fingerprint(list(held_out)),
+        }
         self.pad_id = pad_id
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.loss_fn = loss_fn
@@ -234,7 +311,7 @@ class EASTuner:
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     def _order(self, phase: int, epoch: int) -> list[int]:
-        seed = self.config.seed * 1_000_003 + phase * 1009 + epoch
+        seed = (self.config.seed * 1_000_003 + phase * 1009 + epoch) % SEED_LIMIT
         generator = torch.Generator().manual_seed(seed)
         return torch.randperm(len(self.train), generator=generator).tolist()
 
@@ -258,7 +335,11 @@ class EASTuner:
         self.model.train()
         loss = self.loss_fn(self.model, batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {self.position}")
+            raise FloatingPointError(
+                f"training diverged: the loss is {loss.item()} at step "
+                f"{self.position['step'] + 1} ({PHASES[self.position['phase']]}); "
+                f"lower lr (now {self.config.lr})"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -291,6 +372,10 @@ class EASTuner:
         """
         if resume:
             self._load_checkpoint()
+        with _StopRequest().installed() as stop:
+            return self._run(stop, halt_after_step)
+
+    def _run(self, stop: _StopRequest, halt_after_step: int | None) -> TuningResult:
         started = time.perf_counter() - self.elapsed
         position = self.position
         while position["phase"] < len(PHASES):
@@ -308,6 +393,8 @@ class EASTuner:
                     self._step(phase, batch, started)
                     if halt_after_step is not None and position["step"] == halt_after_step:
                         os.kill(os.getpid(), 9)
+                    if stop.requested:
+                        self._interrupt(started)
                 position["epoch"] += 1
                 position["batch"] = 0
             position["phase"] += 1
@@ -362,6 +449,11 @@ class EASTuner:
             self.elapsed = time.perf_counter() - started
             self._save_checkpoint()
 
+    def _interrupt(self, started: float) -> None:
+        self.elapsed = time.perf_counter() - started
+        self._save_checkpoint()
+        raise TuningInterrupted(self.position["step"], self._checkpoint_path())
+
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_path(self) -> Path | None:
         return None if self.run_dir is None else self.run_dir / CHECKPOINT_FILE
@@ -370,9 +462,15 @@ class EASTuner:
         path = self._checkpoint_path()
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        for name, parameter in self.parameters.items():
+            if not bool(torch.isfinite(parameter).all()):
+                raise FloatingPointError(
+                    f"training diverged: trainable parameter {name} holds NaN or Inf after "
+                    f"step {self.position['step']}; lower lr (now {self.config.lr}). "
+                    "No checkpoint written"
+                )
         state = {
-            "config": asdict(self.config),
+            "run_key": self.run_key,
             "position": dict(self.position),
             "elapsed": self.elapsed,
             "trainable": {n: p.detach().clone() for n, p in self.parameters.items()},
@@ -382,31 +480,90 @@ class EASTuner:
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
         }
-        temporary = path.with_suffix(".tmp")
-        torch.save(state, temporary)
-        os.replace(temporary, path)
+        save_atomically(state, path)
 
     def _load_checkpoint(self) -> None:
+        """Resume from the checkpoint in ``run_dir``; every entry is checked, and the
+        optimizer, schedule and bandit are rebuilt, before anything of the run changes."""
         path = self._checkpoint_path()
         if path is None or not path.is_file():
             return
         state = load_tensor_file(path, "tuner checkpoint", CHECKPOINT_KEYS)
-        if state["config"] != asdict(self.config):
-            raise ValueError(
-                f"{path} was written by a run with another configuration: {state['config']} "
-                f"(this run: {asdict(self.config)}); use another run folder or resume=False"
-            )
-        if set(state["trainable"]) != set(self.parameters):
-            raise ValueError(f"{path} holds other trainable parameters than this model's")
+
+        def refuse(reason: str) -> ValueError:
+            return ValueError(f"{path} is not a usable tuner checkpoint: {reason}")
+
+        self._check_run_key(path, state["run_key"])
+        position = state["position"]
+        if not (isinstance(position, dict) and set(position) == set(POSITION_KEYS)) or not all(
+            type(position[k]) is int and position[k] >= 0 for k in POSITION_KEYS
+        ):
+            raise refuse(f"position must map {POSITION_KEYS} to ints >= 0, got {position!r}")
+        if position["phase"] > len(PHASES):
+            raise refuse(f"phase {position['phase']} is out of range")
+        elapsed = state["elapsed"]
+        if type(elapsed) not in (int, float) or not math.isfinite(elapsed) or elapsed < 0:
+            raise refuse(f"elapsed must be a number of seconds, got {elapsed!r}")
+        trainable = state["trainable"]
+        if not isinstance(trainable, dict) or set(trainable) != set(self.parameters):
+            raise refuse("it holds other trainable parameters than this model's")
+        for name, value in trainable.items():
+            target = self.parameters[name]
+            if not (
+                isinstance(value, torch.Tensor)
+                and value.shape == target.shape
+                and value.dtype == target.dtype
+                and bool(torch.isfinite(value).all())
+            ):
+                raise refuse(
+                    f"trainable {name} is not a finite {target.dtype} tensor of shape "
+                    f"{tuple(target.shape)}"
+                )
+        rng = state["torch_rng"]
+        if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8):
+            raise refuse("torch_rng is not a generator state")
+        history = state["history"]
+        if not (
+            isinstance(history, dict)
+            and all(isinstance(history.get(key), list) for key in ("steps", "updates"))
+        ):
+            raise refuse("history must hold the lists 'steps' and 'updates'")
+        optimizer, scheduler = self._optimizer(min(position["phase"], 2))
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if self.bandit is not None:
+                bandit = copy.deepcopy(self.bandit)
+                bandit.load_state_dict(state["bandit"])
+            torch.Generator().set_state(rng)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as error:
+            raise refuse(f"{type(error).__name__}: {error}") from None
+        # Everything checked: the run changes from here on.
         with torch.no_grad():
-            for name, value in state["trainable"].items():
+            for name, value in trainable.items():
                 self.parameters[name].copy_(value)
-        self.position = state["position"]
-        self.elapsed = state["elapsed"]
-        self.optimizer, self.scheduler = self._optimizer(min(self.position["phase"], 2))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.position = dict(position)
+        self.elapsed = float(elapsed)
+        self.optimizer, self.scheduler = optimizer, scheduler
         if self.bandit is not None:
-            self.bandit.load_state_dict(state["bandit"])
-        torch.set_rng_state(state["torch_rng"])
-        self.history = state["history"]
+            self.bandit = bandit
+        torch.set_rng_state(rng)
+        self.history = history
+
+    def _check_run_key(self, path: Path, written: object) -> None:
+        if not isinstance(written, dict):
+            raise ValueError(f"{path} is not a usable tuner checkpoint: run_key is not a dict")
+        for name, value in self.run_key.items():
+            if name not in written or written[name] != value:
+                before = written.get(name, "(not recorded)")
+                raise ValueError(
+                    f"{path} was written by a run with {name} = {before!r}; this run has "
+                    f"{name} = {value!r}. Use another run folder, or start afresh "
+                    "(resume=False, --no-resume)"
+                )
+        extra = sorted(set(written) - set(self.run_key))
+        if extra:
+            raise ValueError(
+                f"{path} was written by a run with other settings ({extra}); use another run "
+                "folder, or start afresh (resume=False, --no-resume)"
+            )

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_seed
 from ..checkpoint import from_pretrained, save_pretrained
-from ..files import load_tensor_file
+from ..files import load_module_state, load_tensor_file, save_atomically
 from ..models.lavin import ModelArgs, Transformer
 from ..models.multimodal import LaVINStyleMLLM, VisionTower
 from .data import (
@@ -115,8 +116,23 @@ def pretrain_vision_tower(
 ) -> dict[str, float]:
     """Train ``tower`` (plus two linear heads, discarded) to classify colour and shape.
 
-    Returns the final training accuracies. Unknown labels (``-1``) are ignored.
+    Returns the final training accuracies. Unknown labels (``-1``) are ignored. The heads
+    draw their initial weights from the global RNG, which is then put back as it was: what
+    follows (the PIAs' initial weights) does not depend on whether the tower was trained
+    here or read from a cache.
     """
+    with torch.random.fork_rng():
+        return _pretrain_vision_tower(tower, images, labels, epochs, seed, batch_size)
+
+
+def _pretrain_vision_tower(
+    tower: VisionTower,
+    images: dict[int, torch.Tensor],
+    labels: dict[int, tuple[int, int]],
+    epochs: int,
+    seed: int,
+    batch_size: int,
+) -> dict[str, float]:
     ids = sorted(labels)
     pixels = torch.stack([images[i] for i in ids])
     targets = torch.tensor([labels[i] for i in ids])
@@ -161,25 +177,38 @@ def build_workload(
     """Build the workload of ``config``; the vision tower is cached in ``cache_dir``.
 
     ``pretrain_vision=False`` leaves the tower random (for a caller that loads a tuned
-    checkpoint's tower).
+    checkpoint's tower). The cache file is named by the seed and the tower's epochs, is
+    written atomically and is read weights-only; the workload, the global RNG state after
+    it included, is the same with and without it.
     """
     if config.model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {config.model!r}")
-    for name in ("train", "held_out", "test"):
+    for name in ("train", "held_out", "test", "vision_epochs", "max_batch_size"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1 (examples), got {value!r}")
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_seed(config.seed)
+    all_train = easy_vqa_records("train", None, config.seed)
+    if config.train + config.held_out > len(all_train):
+        raise ValueError(
+            f"train + held_out ({config.train} + {config.held_out}) exceeds the "
+            f"{len(all_train)} questions of easy-vqa's training split"
+        )
+    all_test = easy_vqa_records("test", None, config.seed)
+    if config.test > len(all_test):
+        raise ValueError(
+            f"test ({config.test}) exceeds the {len(all_test)} questions of easy-vqa's test split"
+        )
     started = time.perf_counter()
     llm, tokenizer, image_id, info = _language_model(config)
     log(f"language model: {info['name']} ({llm.n_layers} layers, d={llm.params.dim})")
     encode, decode = _codec(tokenizer)
     torch.manual_seed(config.seed)
     model = LaVINStyleMLLM(llm, image_id, VisionTower())
-    all_train = easy_vqa_records("train", None, config.seed)
     train_records = all_train[: config.train + config.held_out]
-    test_records = easy_vqa_records("test", config.test, config.seed)
+    test_records = all_test[: config.test]
     test_images = easy_vqa_images("test", [r.image_id for r in test_records])
-    cache = None if cache_dir is None else Path(cache_dir) / f"vision_seed{config.seed}.pt"
+    cache = None if cache_dir is None else Path(cache_dir) / vision_cache_name(config)
     trains_tower = pretrain_vision and (cache is None or not cache.is_file())
     # Every training image only when stage 0 trains the tower; else those of the examples.
     pixels_of = all_train if trains_tower else train_records
@@ -189,7 +218,8 @@ def build_workload(
         info["vision"] = {"pretrained": False}
     elif not trains_tower:
         assert cache is not None
-        model.vision.load_state_dict(load_tensor_file(cache, "vision tower cache"))
+        state = load_tensor_file(cache, "vision tower cache")
+        load_module_state(model.vision, state, cache, "vision tower cache")
         model.vision.eval().requires_grad_(False)
         info["vision"] = {"cached": str(cache)}
     else:
@@ -207,8 +237,7 @@ def build_workload(
             f"shape {scores['shape_accuracy']:.3f} train accuracy"
         )
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.vision.state_dict(), cache)
+            save_atomically(model.vision.state_dict(), cache)
     weight = llm.tok_embeddings.weight
     model.vision.to(dtype=weight.dtype)
 
@@ -232,13 +261,19 @@ def build_workload(
     return Workload(model, encode, decode, pad_id, train, held_out, test, info)
 
 
+def vision_cache_name(config: WorkloadConfig) -> str:
+    """The file of ``config``'s pretrained vision tower in a cache folder: the tower
+    depends on the seed and its epochs only (it trains on every training image)."""
+    return f"vision_seed{config.seed}_epochs{config.vision_epochs}.pt"
+
+
 def save_tuned(model: LaVINStyleMLLM, folder: str | os.PathLike[str], *, active_only: bool) -> Path:
     """Save a tuned multimodal model: plan + PIAs (:func:`~eas_kernels.save_pretrained`)
     and its vision tower and projector (``multimodal.pt``). Returns the folder."""
     folder = Path(folder)
     save_pretrained(model, folder, active_only=active_only)
     state = {"vision": model.vision.state_dict(), "projector": model.projector.state_dict()}
-    torch.save(state, folder / MULTIMODAL_FILE)
+    save_atomically(state, folder / MULTIMODAL_FILE)
     return folder
 
 
@@ -252,6 +287,8 @@ def load_tuned(base: LaVINStyleMLLM, folder: str | os.PathLike[str]) -> LaVINSty
     state = load_tensor_file(
         folder / MULTIMODAL_FILE, "tuned vision tower", ("vision", "projector")
     )
-    model.vision.load_state_dict(state["vision"])
-    model.projector.load_state_dict(state["projector"])
+    load_module_state(model.vision, state["vision"], folder / MULTIMODAL_FILE, "tuned vision tower")
+    load_module_state(
+        model.projector, state["projector"], folder / MULTIMODAL_FILE, "tuned projector"
+    )
     return from_pretrained(model, folder)
