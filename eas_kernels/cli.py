@@ -14,7 +14,10 @@ LLaMA) and writes into ``--out``:
 * ``demo``     all of it, LaVIN-style tuning vs EAS with k skipped MHAs, and a table.
 
 Each command also writes ``<command>_report.json`` (arguments, results, timings,
-versions). Bad arguments end with exit status 2 and one line naming the problem.
+versions). Bad arguments — and files that are missing, unreadable, unwritable or not what
+they should be — end with exit status 2 and one line naming the argument, before any
+work. Ctrl-C during training finishes the step, saves the checkpoint and ends with exit
+status 130 and one line saying how to resume; running the same command again resumes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from ._checks import SEED_LIMIT
 from .generation import greedy_generate
 from .patch import CANDIDATES, current_plan, patch_lavin, set_skipped
 from .plan import SkipPlan
@@ -48,7 +53,7 @@ from .tuning.evaluate import (
     tuned_parameter_count,
 )
 from .tuning.plots import plot_plan, plot_preferences
-from .tuning.trainer import EASTuner, TuningConfig, TuningResult
+from .tuning.trainer import EASTuner, TuningConfig, TuningInterrupted, TuningResult
 from .tuning.workload import (
     MODELS,
     Workload,
@@ -77,6 +82,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text}")
+    return value
+
+
 def _workload_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("workload")
     group.add_argument("--model", choices=MODELS, default="smollm2", help="language model")
@@ -84,7 +96,7 @@ def _workload_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--held-out", type=_positive(int), default=16, help="search batch")
     group.add_argument("--test", type=_positive(int), default=200, help="test questions")
     group.add_argument("--vision-epochs", type=_positive(int), default=6)
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=_seed, default=0)
     group.add_argument("--out", type=Path, default=Path("runs/eas"), help="output folder")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -250,6 +262,7 @@ def _tune(
         config,
         pad_id=workload.pad_id,
         run_dir=run_dir,
+        run_key=_run_key(args, model),
     )
     epochs = config.warmup_epochs + config.search_epochs + config.finetune_epochs
     total = epochs * math.ceil(len(workload.train) / config.batch_size)
@@ -260,6 +273,19 @@ def _tune(
         console.close()
     console.log(f"{name}: plan {_describe(result.plan)} ({result.seconds:.0f} s)")
     return result
+
+
+def _run_key(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+    """The arguments that change a tuning run's result beyond its :class:`TuningConfig`
+    and examples: a checkpoint written under other values is not resumed."""
+    key = {name: getattr(args, name.lstrip("-").replace("-", "_")) for name in _DATA_ARGUMENTS}
+    key["plan"] = current_plan(model).to_dict()
+    if getattr(args, "init", None) is not None:
+        key["--init"] = str(args.init.resolve())
+    return key
+
+
+_DATA_ARGUMENTS = ("--model", "--train", "--held-out", "--test", "--vision-epochs", "--seed")
 
 
 def _describe(plan: SkipPlan) -> str:
@@ -311,6 +337,40 @@ def _plots(result: TuningResult, candidates: Candidates, out: Path) -> dict[str,
     return {"preferences": str(preferences), "plan": str(plan)}
 
 
+class _BadArgument(ValueError):
+    """An argument refused before any work (exit status 2)."""
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse paths that cannot work before anything runs: ``--out`` must be a writable
+    folder (created if missing), ``--plan`` a file, ``--checkpoint``/``--init`` folders."""
+    out = args.out
+    if out.exists() and not out.is_dir():
+        raise _BadArgument(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise _BadArgument(f"--out {out} is not a writable folder: {error.strerror}") from None
+    for flag, kind in (("--plan", "file"), ("--checkpoint", "folder"), ("--init", "folder")):
+        path = getattr(args, flag.lstrip("-"), None)
+        if path is None:
+            continue
+        if not path.exists():
+            raise _BadArgument(f"{flag} {path} does not exist")
+        if (kind == "file") != path.is_file():
+            raise _BadArgument(f"{flag} {path} is not a {kind}")
+
+
+def _load(flag: str, load: Any, *arguments: Any) -> Any:
+    """``load(*arguments)``, with any refusal of the file reworded to name ``flag``."""
+    try:
+        return load(*arguments)
+    except (ValueError, TypeError, OSError) as error:
+        raise _BadArgument(f"{flag}: {error}") from None
+
+
 # ----------------------------------------------------------------------------- commands
 def cmd_search(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     workload = _workload(args, console)
@@ -337,20 +397,22 @@ def cmd_search(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 
 def cmd_finetune(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    plan = SkipPlan.load(args.plan)
+    plan = _load("--plan", SkipPlan.load, args.plan)
     workload = _workload(args, console)
     if args.init is not None:
-        model = load_tuned(workload.model, args.init)
+        model = _load("--init", load_tuned, workload.model, args.init)
         searched = current_plan(model)
         if (searched.skip_rank, searched.adapter_rank, searched.temperature) != (
             plan.skip_rank,
             plan.adapter_rank,
             plan.temperature,
         ):
-            raise ValueError(f"--plan {args.plan} has other adapter sizes than --init {args.init}")
+            raise _BadArgument(
+                f"--plan {args.plan} has other adapter sizes than --init {args.init}"
+            )
         set_skipped(model, plan.skipped, ffns=plan.skipped_ffns)
     else:
-        model = patch_lavin(copy.deepcopy(workload.model), plan)
+        model = _load("--plan", patch_lavin, copy.deepcopy(workload.model), plan)
     config = _tuning_config(args, searches=False, finetune_epochs=args.epochs)
     result = _tune(model, workload, config, args.out / "finetune_state", args, console, "finetune")
     folder = save_tuned(model, args.out / "eas", active_only=True)
@@ -380,7 +442,7 @@ def _timing(
 
 def cmd_evaluate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     workload = _workload(args, console, pretrain_vision=False)  # the checkpoint has it
-    model = load_tuned(workload.model, args.checkpoint)
+    model = _load("--checkpoint", load_tuned, workload.model, args.checkpoint)
     plan = current_plan(model)
     accuracy = answer_accuracy(model, workload.test, pad_id=workload.pad_id, mode="merge")
     console.log(f"test accuracy {accuracy:.3f} (merged, batch 1, greedy)")
@@ -401,7 +463,7 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     workload = _workload(args, console, pretrain_vision=False)  # the checkpoint has it
-    model = load_tuned(workload.model, args.checkpoint)
+    model = _load("--checkpoint", load_tuned, workload.model, args.checkpoint)
     try:
         image = easy_vqa_images(args.split, [args.image_id])[args.image_id]
     except KeyError:
@@ -530,12 +592,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     console = Console(args.quiet)
+    prefix = f"eas-kernels {args.command}"
     try:
+        _check_paths(args)
         report = COMMANDS[args.command](args, console)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
-        print(f"eas-kernels {args.command}: error: {error}", file=sys.stderr, flush=True)
+        _write_report(args, report, console)
+    except TuningInterrupted as interrupt:
+        console.close()
+        resume = "run the same command again to resume" if interrupt.checkpoint else "no resume"
+        print(f"{prefix}: {interrupt.args[0]}; {resume}", file=sys.stderr, flush=True)
+        return 130
+    except KeyboardInterrupt:
+        console.close()
+        print(
+            f"{prefix}: interrupted; the same command resumes from the last checkpoint, if any",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
+    except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as error:
+        console.close()
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{prefix}: error: {message}", file=sys.stderr, flush=True)
         return 2
-    _write_report(args, report, console)
     return 0
 
 

@@ -344,7 +344,24 @@ class EASTuner:
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
+        self._check_finite_parameters()
         return float(loss.item())
+
+    def _check_finite_parameters(self) -> None:
+        """Refuse (FloatingPointError) trainable parameters that a step made NaN/Inf, so
+        that no checkpoint holds them (one host sync per device)."""
+        flags: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+        for name, parameter in self.parameters.items():
+            flag = torch.isfinite(parameter.detach()).all()
+            flags.setdefault(parameter.device, []).append((name, flag))
+        for entries in flags.values():
+            if bool(torch.stack([flag for _, flag in entries]).all()):
+                continue
+            name = next(name for name, flag in entries if not bool(flag))
+            raise FloatingPointError(
+                f"training diverged: step {self.position['step'] + 1} made {name} NaN or Inf; "
+                f"lower lr (now {self.config.lr})"
+            )
 
     @torch.no_grad()
     def _score_subnets(self) -> dict[str, Any]:
@@ -462,13 +479,6 @@ class EASTuner:
         path = self._checkpoint_path()
         if path is None:
             return
-        for name, parameter in self.parameters.items():
-            if not bool(torch.isfinite(parameter).all()):
-                raise FloatingPointError(
-                    f"training diverged: trainable parameter {name} holds NaN or Inf after "
-                    f"step {self.position['step']}; lower lr (now {self.config.lr}). "
-                    "No checkpoint written"
-                )
         state = {
             "run_key": self.run_key,
             "position": dict(self.position),
