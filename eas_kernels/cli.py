@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -108,6 +109,9 @@ def _training_options(parser: argparse.ArgumentParser, *, search: bool) -> None:
     group.add_argument("--checkpoint-every", type=_positive(int), default=25)
     group.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     group.add_argument("--halt-after-step", type=int, default=None, help=argparse.SUPPRESS)
+    group.add_argument(
+        "--halt-signal", choices=("KILL", "INT"), default="KILL", help=argparse.SUPPRESS
+    )
     if search:
         group.add_argument("--k", type=_positive(int), default=8, help="arms to skip")
         group.add_argument("--candidates", choices=sorted(CANDIDATES), default="mha")
@@ -268,7 +272,11 @@ def _tune(
     total = epochs * math.ceil(len(workload.train) / config.batch_size)
     tuner.progress = console.progress(total, name)
     try:
-        result = tuner.run(resume=not args.no_resume, halt_after_step=args.halt_after_step)
+        result = tuner.run(
+            resume=not args.no_resume,
+            halt_after_step=args.halt_after_step,
+            halt_signal=getattr(signal, f"SIG{args.halt_signal}"),
+        )
     finally:
         console.close()
     console.log(f"{name}: plan {_describe(result.plan)} ({result.seconds:.0f} s)")
@@ -467,7 +475,9 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     try:
         image = easy_vqa_images(args.split, [args.image_id])[args.image_id]
     except KeyError:
-        raise ValueError(f"easy-vqa has no {args.split} image {args.image_id}") from None
+        raise _BadArgument(
+            f"--image-id {args.image_id}: easy-vqa's {args.split} split has no such image"
+        ) from None
     prompt = [model.image_token_id] * model.num_image_tokens + workload.encode(
         vqa_prompt(args.question)
     )

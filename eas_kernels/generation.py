@@ -43,13 +43,18 @@ def greedy_generate(
         or max_new_tokens < 1
     ):
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, Integral) or pad_id < 0:
+        raise ValueError(f"pad_id must be an int >= 0, got {pad_id!r}")
     width = max(len(prompt) for prompt in prompts)
-    limit = _max_seq_len(model)
-    if limit is not None and width + max_new_tokens - 1 > limit:
-        raise ValueError(
-            f"the longest prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) - 1 "
-            f"exceeds the model's max_seq_len {limit}: lower max_new_tokens"
-        )
+    args = _model_args(model)
+    if args is not None:
+        if width + max_new_tokens - 1 > args.max_seq_len:
+            raise ValueError(
+                f"the longest prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) - 1 "
+                f"exceeds the model's max_seq_len {args.max_seq_len}: lower max_new_tokens"
+            )
+        if pad_id >= args.vocab_size:
+            raise ValueError(f"pad_id must be below the vocabulary size {args.vocab_size}")
     device = next(model.parameters()).device
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     prompt_mask = torch.zeros_like(tokens, dtype=torch.bool)
@@ -87,10 +92,10 @@ def _check_prompts(prompts: object) -> None:
                 )
 
 
-def _max_seq_len(model: nn.Module) -> int | None:
-    """The ``max_seq_len`` of the LaVIN-layout model inside ``model``, if there is one."""
+def _model_args(model: nn.Module) -> ModelArgs | None:
+    """The :class:`ModelArgs` of the LaVIN-layout model inside ``model``, if there is one."""
     for module in model.modules():
         params = getattr(module, "params", None)
         if isinstance(params, ModelArgs):
-            return params.max_seq_len
+            return params
     return None

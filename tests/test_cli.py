@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,46 @@ def test_a_killed_search_resumes_to_the_same_plan(searched, tmp_path):
         assert resumed[key] == uninterrupted[key], key
 
 
+def test_ctrl_c_saves_the_step_and_says_how_to_resume(searched, tmp_path):
+    """SIGINT (sent by the run itself after step 5, as Ctrl-C would) ends the run with exit
+    130 and one line; the checkpoint holds step 5 and the same command resumes from it to
+    the uninterrupted result."""
+    arguments = [*WORKLOAD, *SEARCH, "--out", str(tmp_path)]
+    interrupted = cli(
+        "search", *arguments, "--halt-after-step", "5", "--halt-signal", "INT", check=False
+    )
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert "Traceback" not in interrupted.stderr
+    assert interrupted.stderr.strip().splitlines() == [
+        f"eas-kernels search: interrupted after step 5 (checkpoint "
+        f"{tmp_path / 'search_state' / 'tuner_checkpoint.pt'}); run the same command again to "
+        "resume"
+    ]
+    assert not (tmp_path / "plan.json").exists()
+    resumed = cli("search", *arguments)
+    assert "Traceback" not in resumed.stderr
+    assert SkipPlan.load(tmp_path / "plan.json") == SkipPlan.load(searched / "plan.json")
+    report = json.loads((tmp_path / "search_report.json").read_text())
+    uninterrupted = json.loads((searched / "search_report.json").read_text())
+    for key in ("scores", "losses", "updates"):
+        assert report[key] == uninterrupted[key], key
+
+
+def test_a_run_folder_of_another_workload_is_not_resumed(searched, tmp_path):
+    shutil.copytree(searched / "search_state", tmp_path / "search_state")
+    before = (tmp_path / "search_state" / "tuner_checkpoint.pt").read_bytes()
+    for flag, value in (("--train", "12"), ("--held-out", "4"), ("--test", "4")):
+        workload = list(WORKLOAD)
+        workload[workload.index(flag) + 1] = value
+        result = cli("search", *workload, *SEARCH, "--out", str(tmp_path), check=False)
+        written = WORKLOAD[WORKLOAD.index(flag) + 1]
+        assert result.returncode == 2, result.stderr
+        assert f"with {flag} = {written}; this run has {flag} = {value}" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert (tmp_path / "search_state" / "tuner_checkpoint.pt").read_bytes() == before
+    assert not (tmp_path / "plan.json").exists()
+
+
 def test_finetune_evaluate_generate(searched, tmp_path):
     out = tmp_path / "tuned"
     cli(
@@ -126,7 +167,7 @@ def test_finetune_evaluate_generate(searched, tmp_path):
     [
         (["search", "--k", "6"], "k must be smaller than the number of arms"),
         (["finetune", "--plan", "PLAN30", "--epochs", "1"], "plan is for 30 layers"),
-        (["evaluate", "--checkpoint", "MISSING"], "not a tuned checkpoint"),
+        (["evaluate", "--checkpoint", "MISSING"], "--checkpoint"),
     ],
 )
 def test_bad_input_ends_with_one_clear_line(tmp_path, arguments, message):

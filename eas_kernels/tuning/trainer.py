@@ -381,18 +381,27 @@ class EASTuner:
         }
 
     # ------------------------------------------------------------------ run
-    def run(self, *, resume: bool = True, halt_after_step: int | None = None) -> TuningResult:
+    def run(
+        self,
+        *,
+        resume: bool = True,
+        halt_after_step: int | None = None,
+        halt_signal: int = signal.SIGKILL,
+    ) -> TuningResult:
         """Run (or, with ``resume`` and a checkpoint in ``run_dir``, continue) the schedule.
 
-        ``halt_after_step`` stops the process with SIGKILL right after that global step
-        (tests use it to check that a killed run resumes to the same result).
+        ``halt_after_step`` sends ``halt_signal`` (SIGKILL by default) to this process
+        right after that global step (tests use it to check that a killed or interrupted
+        run resumes to the same result).
         """
         if resume:
             self._load_checkpoint()
         with _StopRequest().installed() as stop:
-            return self._run(stop, halt_after_step)
+            return self._run(stop, halt_after_step, halt_signal)
 
-    def _run(self, stop: _StopRequest, halt_after_step: int | None) -> TuningResult:
+    def _run(
+        self, stop: _StopRequest, halt_after_step: int | None, halt_signal: int
+    ) -> TuningResult:
         started = time.perf_counter() - self.elapsed
         position = self.position
         while position["phase"] < len(PHASES):
@@ -409,7 +418,7 @@ class EASTuner:
                     )
                     self._step(phase, batch, started)
                     if halt_after_step is not None and position["step"] == halt_after_step:
-                        os.kill(os.getpid(), 9)
+                        os.kill(os.getpid(), halt_signal)
                     if stop.requested:
                         self._interrupt(started)
                 position["epoch"] += 1
@@ -539,15 +548,26 @@ class EASTuner:
         ):
             raise refuse("history must hold the lists 'steps' and 'updates'")
         optimizer, scheduler = self._optimizer(min(position["phase"], 2))
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if self.bandit is not None:
-                bandit = copy.deepcopy(self.bandit)
-                bandit.load_state_dict(state["bandit"])
-            torch.Generator().set_state(rng)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as error:
-            raise refuse(f"{type(error).__name__}: {error}") from None
+        bandit = None if self.bandit is None else copy.deepcopy(self.bandit)
+        loads = [
+            ("optimizer", optimizer.load_state_dict),
+            ("scheduler", scheduler.load_state_dict),
+            ("bandit", (lambda _: None) if bandit is None else bandit.load_state_dict),
+            ("torch_rng", torch.Generator().set_state),
+        ]
+        for entry, load in loads:
+            try:
+                load(state[entry])
+            except (
+                ValueError,
+                TypeError,
+                KeyError,
+                IndexError,
+                AttributeError,
+                RuntimeError,
+            ) as error:
+                reason = " ".join(str(error).split())
+                raise refuse(f"{entry}: {type(error).__name__}: {reason}") from None
         # Everything checked: the run changes from here on.
         with torch.no_grad():
             for name, value in trainable.items():
@@ -555,8 +575,7 @@ class EASTuner:
         self.position = dict(position)
         self.elapsed = float(elapsed)
         self.optimizer, self.scheduler = optimizer, scheduler
-        if self.bandit is not None:
-            self.bandit = bandit
+        self.bandit = bandit
         torch.set_rng_state(rng)
         self.history = history
 
