@@ -45,6 +45,7 @@ from .generation import greedy_generate
 from .patch import CANDIDATES, current_plan, patch_lavin, set_skipped
 from .plan import SkipPlan
 from .search import Candidates
+from .tuning import EASTuner, TuningConfig, TuningInterrupted, TuningResult
 from .tuning.data import easy_vqa_images, vqa_prompt
 from .tuning.evaluate import (
     answer_accuracy,
@@ -54,7 +55,6 @@ from .tuning.evaluate import (
     tuned_parameter_count,
 )
 from .tuning.plots import plot_plan, plot_preferences
-from .tuning.trainer import EASTuner, TuningConfig, TuningInterrupted, TuningResult
 from .tuning.workload import (
     MODELS,
     Workload,

@@ -73,6 +73,19 @@ def test_a_killed_search_resumes_to_the_same_plan(searched, tmp_path):
         assert resumed[key] == uninterrupted[key], key
 
 
+def test_a_cached_vision_tower_gives_the_same_search(searched, tmp_path):
+    """The second run in a folder reads the tower from the cache instead of training it;
+    nothing else may change (the PIAs' initial weights come from the global RNG)."""
+    shutil.copytree(searched / "cache", tmp_path / "cache")
+    cli("search", *WORKLOAD, *SEARCH, "--out", str(tmp_path))
+    report = json.loads((tmp_path / "search_report.json").read_text())
+    assert "cached" in report["workload"]["vision"]
+    uninterrupted = json.loads((searched / "search_report.json").read_text())
+    assert "cached" not in uninterrupted["workload"]["vision"]
+    for key in ("plan", "scores", "losses", "updates"):
+        assert report[key] == uninterrupted[key], key
+
+
 def test_ctrl_c_saves_the_step_and_says_how_to_resume(searched, tmp_path):
     """SIGINT (sent by the run itself after step 5, as Ctrl-C would) ends the run with exit
     130 and one line; the checkpoint holds step 5 and the same command resumes from it to

@@ -179,9 +179,7 @@ def test_bad_models_and_data_are_refused(tmp_path):
     with pytest.raises(TypeError, match="TuningConfig"):
         EASTuner(searching_model(), train, held_out, {"k": 2}, pad_id=0)
     EASTuner(searching_model(), train, held_out, config(), pad_id=0, run_dir=tmp_path).run()
-    other = EASTuner(
-        searching_model(), train, held_out, config(seed=4), pad_id=0, run_dir=tmp_path
-    )
+    other = EASTuner(searching_model(), train, held_out, config(seed=4), pad_id=0, run_dir=tmp_path)
     with pytest.raises(ValueError, match=r"written by a run with seed = 3; this run has seed = 4"):
         other.run()
 

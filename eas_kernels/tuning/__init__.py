@@ -1,7 +1,8 @@
 """Tuning EAS end to end: the schedule, its data, evaluation and plots (EAS_SPEC §5).
 
 * :mod:`.trainer`  — :class:`EASTuner` and :class:`TuningConfig`: warm-up → search →
-  fine-tune on any patched model, with checkpoints and resume;
+  fine-tune on any patched model, with checkpoints and resume (:class:`TuningInterrupted`
+  when Ctrl-C stopped it at a step's end);
 * :mod:`.data`     — examples, left-padded batches, the easy-vqa data set;
 * :mod:`.workload` — the demo's LaVIN-style multimodal model on easy-vqa;
 * :mod:`.evaluate` — accuracy (greedy, batch 1) and decode speed, the floor model;
@@ -9,13 +10,14 @@
 """
 
 from .data import Batch, Example, collate
-from .trainer import EASTuner, TuningConfig, TuningResult, answer_loss
+from .trainer import EASTuner, TuningConfig, TuningInterrupted, TuningResult, answer_loss
 
 __all__ = [
     "Batch",
     "EASTuner",
     "Example",
     "TuningConfig",
+    "TuningInterrupted",
     "TuningResult",
     "answer_loss",
     "collate",
