@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import check_tensors
 from .layout import HF_LLAMA, LAVIN
 from .patch import ROLE_PIAS, EASPatch, check_search, patch_lavin, patch_of, unpatch
 from .plan import SkipPlan, parse_json
@@ -124,20 +125,7 @@ def from_pretrained(base_model: nn.Module, path: str | os.PathLike[str]) -> nn.M
 
 def _load_pias(patch: EASPatch, tensors: dict[str, torch.Tensor]) -> None:
     targets = _pia_tensors(patch)
-    missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}"
-        )
-    for key, target in targets.items():
-        value = tensors[key]
-        if value.shape != target.shape:
-            raise ValueError(
-                f"checkpoint tensor {key} has shape {tuple(value.shape)}, the model's PIA needs "
-                f"{tuple(target.shape)}"
-            )
-        if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
-            raise ValueError(f"checkpoint tensor {key} is not a finite floating tensor")
+    check_tensors(tensors, targets, "checkpoint does not fit the model's PIAs")
     with torch.no_grad():
         for key, target in targets.items():
             target.copy_(tensors[key])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,35 +59,34 @@ def load_tensor_file(
     return state
 
 
-def load_module_state(
-    module: nn.Module, state: object, path: str | os.PathLike[str], what: str
-) -> None:
-    """Load ``state`` (read from ``path``) into ``module``, or refuse it before any change.
-
-    ``state`` must be a dict with exactly ``module``'s state-dict keys, each a tensor of the
-    same shape and dtype kind, floating ones finite. Raises ``ValueError`` naming ``path``
-    otherwise.
-    """
-    expected = module.state_dict()
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a {what}: it holds a {type(state).__name__}, not a dict")
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+def check_tensors(values: object, targets: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse ``values`` (``ValueError`` starting with ``where``) unless it is a dict with
+    exactly the keys of ``targets``, each a tensor of the target's shape, floating where the
+    target is, and finite."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: it holds a {type(values).__name__}, not a dict")
+    missing, unexpected = sorted(set(targets) - set(values)), sorted(set(values) - set(targets))
     if missing or unexpected:
-        raise ValueError(
-            f"{path} is not a {what}: missing keys {missing[:4]}, unexpected keys {unexpected[:4]}"
-        )
-    for key, target in expected.items():
-        value = state[key]
+        raise ValueError(f"{where}: missing keys {missing[:4]}, unexpected keys {unexpected[:4]}")
+    for key, target in targets.items():
+        value = values[key]
         if not isinstance(value, torch.Tensor) or value.shape != target.shape:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(
-                f"{path} is not a {what}: {key} is {shape}, expected a tensor of shape "
-                f"{tuple(target.shape)}"
+                f"{where}: {key} is {shape}, expected a tensor of shape {tuple(target.shape)}"
             )
         if value.is_floating_point() != target.is_floating_point():
-            raise ValueError(f"{path} is not a {what}: {key} has dtype {value.dtype}")
+            raise ValueError(f"{where}: {key} has dtype {value.dtype}, expected {target.dtype}")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{path} is not a {what}: {key} holds NaN or Inf")
+            raise ValueError(f"{where}: {key} holds NaN or Inf")
+
+
+def load_module_state(
+    module: nn.Module, state: object, path: str | os.PathLike[str], what: str
+) -> None:
+    """Load ``state`` (read from ``path``) into ``module`` after :func:`check_tensors`
+    against its state dict; ``ValueError`` naming ``path`` before any change otherwise."""
+    check_tensors(state, module.state_dict(), f"{path} is not a {what}")
     module.load_state_dict(state)
 
 

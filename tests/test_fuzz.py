@@ -288,7 +288,7 @@ CHECKPOINT_FILES = [
     ("weights garbage", WEIGHTS_FILE, garbage, ValueError, "eas_pia.safetensors is corrupt"),
     ("weights truncated", WEIGHTS_FILE, truncated, ValueError, "eas_pia.safetensors is corrupt"),
     ("weights pickle", WEIGHTS_FILE, code, ValueError, "eas_pia.safetensors is corrupt"),
-    ("weights NaN", WEIGHTS_FILE, edit_weights(nan_first), ValueError, "not a finite"),
+    ("weights NaN", WEIGHTS_FILE, edit_weights(nan_first), ValueError, "holds NaN or Inf"),
     (
         "weights key",
         WEIGHTS_FILE,
@@ -308,7 +308,7 @@ CHECKPOINT_FILES = [
         WEIGHTS_FILE,
         edit_weights(lambda t: t.update({first_tensor(t): t[first_tensor(t)].long()})),
         ValueError,
-        "not a finite floating",
+        "has dtype torch.int64",
     ),
 ]
 

@@ -105,6 +105,7 @@ def _codec(tokenizer: Any) -> tuple[Callable[[str], list[int]], Callable[[list[i
     return encode, tokenizer.decode
 
 
+@torch.random.fork_rng()
 def pretrain_vision_tower(
     tower: VisionTower,
     images: dict[int, torch.Tensor],
@@ -117,22 +118,10 @@ def pretrain_vision_tower(
     """Train ``tower`` (plus two linear heads, discarded) to classify colour and shape.
 
     Returns the final training accuracies. Unknown labels (``-1``) are ignored. The heads
-    draw their initial weights from the global RNG, which is then put back as it was: what
-    follows (the PIAs' initial weights) does not depend on whether the tower was trained
-    here or read from a cache.
+    draw their initial weights from the global RNG, which is put back as it was on return
+    (``fork_rng``): what follows (the PIAs' initial weights) does not depend on whether the
+    tower was trained here or read from a cache.
     """
-    with torch.random.fork_rng():
-        return _pretrain_vision_tower(tower, images, labels, epochs, seed, batch_size)
-
-
-def _pretrain_vision_tower(
-    tower: VisionTower,
-    images: dict[int, torch.Tensor],
-    labels: dict[int, tuple[int, int]],
-    epochs: int,
-    seed: int,
-    batch_size: int,
-) -> dict[str, float]:
     ids = sorted(labels)
     pixels = torch.stack([images[i] for i in ids])
     targets = torch.tensor([labels[i] for i in ids])
