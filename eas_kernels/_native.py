@@ -87,9 +87,51 @@ def _module_for(device: torch.device) -> tuple[ModuleType | None, str]:
     if device.type == "cpu":
         return CPU, f"eas_kernels._C is not available ({CPU_ERROR}); reinstall with `pip install .`"
     if device.type == "cuda":
-        reason = CUDA_ERROR if BUILD.get("cuda") == "built" else BUILD.get("cuda", CUDA_ERROR)
-        return CUDA, f"eas_kernels._C_cuda is not available ({reason})"
+        if CUDA is None:
+            reason = CUDA_ERROR if BUILD.get("cuda") == "built" else BUILD.get("cuda", CUDA_ERROR)
+            return None, f"eas_kernels._C_cuda is not available ({reason})"
+        unusable = cuda_unusable(device)
+        if unusable is not None:
+            return None, f"eas_kernels._C_cuda cannot run on {device}: {unusable}"
+        return CUDA, ""
     return None, f"no native kernels for device type {device.type!r}"
+
+
+_CUDA_USABLE: dict[int, str | None] = {}
+
+
+def cuda_unusable(device: torch.device) -> str | None:
+    """Why ``_C_cuda`` cannot run on CUDA ``device``, or None when it can (cached).
+
+    The module holds SASS only, for the compute capabilities it was built for (a cubin
+    for ``sm_XY`` runs on devices ``X.Z`` with ``Z >= Y``), with the CUDA runtime linked
+    statically: its runtime must see the device, which needs a driver that supports the
+    toolkit it was built with.
+    """
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _CUDA_USABLE:
+        _CUDA_USABLE[index] = _cuda_unusable(index)
+    return _CUDA_USABLE[index]
+
+
+def _cuda_unusable(index: int) -> str | None:
+    assert CUDA is not None
+    seen = CUDA.device_count()
+    if seen <= index:
+        return (
+            f"its CUDA {CUDA.build_info()['cuda_version']} runtime sees {seen} device(s) "
+            f"({CUDA.device_status()}); the driver may be too old for it"
+        )
+    major, minor = torch.cuda.get_device_capability(index)
+    built = [str(arch) for arch in CUDA.build_info()["archs"]]
+    for arch in built:
+        digits = arch.rstrip("af")
+        if digits.isdigit() and int(digits) // 10 == major and int(digits) % 10 <= minor:
+            return None
+    return (
+        f"compute capability {major}.{minor} is not covered by the archs built "
+        f'({", ".join(built)}); rebuild with EAS_CUDA_ARCHS="{major}{minor}"'
+    )
 
 
 def use_native(
@@ -183,6 +225,29 @@ def check_no_overlap(tensor: torch.Tensor, name: str) -> torch.Tensor:
             )
         extent = stride * size
     return tensor
+
+
+def memory_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """``[first, last)`` byte addresses that ``tensor``'s elements can occupy."""
+    extent = 1 + sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+    start = tensor.data_ptr()
+    return start, start + extent * tensor.element_size()
+
+
+def check_disjoint(named: list[tuple[str, torch.Tensor]], written: int) -> None:
+    """The first ``written`` tensors of ``named`` are written in place by a kernel: refuse
+    (ValueError) any of them whose memory span meets another tensor's, e.g. the same weight
+    passed twice to one merge, which the kernel would update twice."""
+    spans = [(name, memory_span(tensor)) for name, tensor in named if tensor.numel() > 0]
+    for i, (name, (start, end)) in enumerate(spans[:written]):
+        for j, (other, (other_start, other_end)) in enumerate(spans):
+            if j != i and (j > i or j >= written) and start < other_end and other_start < end:
+                raise ValueError(
+                    f"{name} and {other} share memory; a kernel writing {name} in place "
+                    "needs it to be apart from every other argument"
+                )
 
 
 def check_matrix_rows(value: object, name: str, *, device: torch.device) -> torch.Tensor:

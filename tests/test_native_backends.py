@@ -164,3 +164,51 @@ def test_a_merged_model_reports_its_pristine_copies(monkeypatch):
         model(torch.tensor([[1, 2]]), start_pos=0)  # restores; buffers kept for the next merge
         model(torch.tensor([[5]]), start_pos=2)
     assert pristine_bytes() - held == merged
+
+
+class FakeCudaModule(types.ModuleType):
+    """``_C_cuda`` as built for ``archs``, whose static runtime sees ``seen`` devices."""
+
+    def __init__(self, archs: list[str], seen: int) -> None:
+        super().__init__("fake_C_cuda")
+        self.archs, self.seen = archs, seen
+
+    def build_info(self) -> dict:
+        return {"abi": _native.ABI_VERSION, "archs": self.archs, "cuda_version": "13.0"}
+
+    def device_count(self) -> int:
+        return self.seen
+
+    def device_status(self) -> str:
+        return f"{self.seen} device(s)" if self.seen else "unavailable: CUDA driver is too old"
+
+
+@pytest.mark.parametrize(
+    ("capability", "seen", "problem"),
+    [
+        ((8, 0), 1, None),  # A100
+        ((8, 6), 1, None),  # A10, RTX 30xx: runs the sm_80 cubin
+        ((8, 9), 1, None),  # L4, RTX 40xx
+        ((9, 0), 1, None),  # H100, H200
+        ((7, 5), 1, r"compute capability 7\.5 is not covered by the archs built \(80, 90\)"),
+        ((7, 0), 1, r"compute capability 7\.0"),  # V100
+        ((10, 0), 1, r"compute capability 10\.0"),  # B200: no sm_100 cubin
+        ((9, 0), 0, r"runtime sees 0 device\(s\) \(unavailable: CUDA driver is too old\)"),
+    ],
+)
+def test_cuda_dispatch_checks_the_device_before_using_the_module(
+    monkeypatch, capability, seen, problem
+):
+    """A GPU the CUDA module cannot run on (capability not built, driver too old for its
+    static runtime) falls back to PyTorch under 'auto' and is refused under 'native'."""
+    monkeypatch.setattr(_native, "CUDA", FakeCudaModule(["80", "90"], seen))
+    monkeypatch.setattr(_native, "_CUDA_USABLE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    device = torch.device("cuda", 0)
+    usable = _native.use_native("merged_linear", "auto", device, torch.bfloat16, False)
+    assert usable == (problem is None)
+    if problem is None:
+        assert _native.use_native("merged_linear", "native", device, torch.bfloat16, False)
+        return
+    with pytest.raises(RuntimeError, match=r"backend='native' was requested but .*" + problem):
+        _native.use_native("merged_linear", "native", device, torch.bfloat16, False)

@@ -282,3 +282,27 @@ def test_bad_input_is_refused_with_a_clear_error():
     for call, error, match in cases:
         with pytest.raises(error, match=match):
             call()
+
+
+def test_an_output_that_shares_memory_with_another_argument_is_refused():
+    """The native add writes ``output`` in place while it reads ``projected``, ``mix`` and
+    ``factor``: an overlap is refused by add_lowrank and by the bound add's fast path."""
+    p = problem(2, 3, 8, 10, 2, "distinct", torch.float32, seed=4)
+    factor = lowrank_factors(p["weight"], p["basis"])
+    storage = torch.randn(2 * 3 * 8)
+    output = storage.view(2, 3, 8)
+    projected = storage[: 2 * 3 * 2].view(2, 3, 2)  # the first elements of output
+    before = storage.clone()
+    with pytest.raises(ValueError, match="output and projected share memory"):
+        add_lowrank(output, projected, p["mix"], factor, backend="native")
+    with pytest.raises(ValueError, match="output and projected share memory"):
+        LowrankAdd(p["mix"], factor)(output, projected)
+    with pytest.raises(ValueError, match="output and factor share memory"):
+        add_lowrank(
+            factor[:6].view(2, 3, 8),
+            F.linear(p["u"], p["down"]),
+            p["mix"],
+            factor,
+            backend="native",
+        )
+    assert torch.equal(storage, before)

@@ -275,6 +275,23 @@ def test_a_weight_or_buffer_changed_after_its_restore_is_copied_again(backend):
     free_pristine_buffers()
 
 
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_a_merge_on_another_stream_than_the_restore_copies_again(backend, monkeypatch):
+    """'The buffer holds the weight' holds in the restoring stream's order only: a merge
+    enqueued on another CUDA stream must write the copy (simulated: the stream id is what
+    merge.py reads of the current stream)."""
+    s = site([16], 8, 2, torch.float32, seed=30)
+    (weight,) = s["weights"]
+    original = weight.clone()
+    monkeypatch.setattr(merge_module, "_stream_of", lambda tensor: 7)  # restore on stream 7
+    merge_then_restore(s, backend)
+    kept_buffer(weight).data.fill_(float("nan"))  # invisible to the version counters
+    monkeypatch.setattr(merge_module, "_stream_of", lambda tensor: 8)  # merge on stream 8
+    (target,) = merged_linear(s["weights"], s["biases"], *pia_args(s), backend=backend)
+    assert same_bits(target.pristine, original)  # copied again
+    free_pristine_buffers()
+
+
 def test_a_native_merge_bumps_the_version_counter():
     s = site([16], 8, 2, torch.float32, seed=27)
     version = s["weights"][0]._version
@@ -337,3 +354,22 @@ def test_the_native_kernels_refuse_to_run_under_autograd():
     s = site([8], 16, 2, torch.float32, seed=29)
     with pytest.raises(RuntimeError, match="do not record gradients"):
         merged_linear([weight], [None], *pia_args(s), backend="native")
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_targets_that_share_memory_are_refused_before_any_write(backend):
+    """The same weight twice would be updated twice by the native kernel and once by the
+    reference: both refuse it, as they refuse a weight that overlaps the PIA's tensors."""
+    s = site([12, 12], 16, 3, torch.float32, seed=5)
+    weight = s["weights"][0]
+    before = weight.clone()
+    cases = [
+        ([weight, weight], pia_args(s), r"weights\[0\] and weights\[1\] share memory"),
+        ([weight, weight[4:]], pia_args(s), r"weights\[0\] and weights\[1\] share memory"),
+        ([weight], (weight[:3], s["up_mix"], s["beta"]), "weights.0. and down_weight share"),
+        ([weight], (s["down_weight"], s["up_mix"], weight[0]), "weights.0. and beta share"),
+    ]
+    for weights, args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            merged_linear(weights, [None] * len(weights), *args, backend=backend)
+        assert same_bits(weight, before)

@@ -10,15 +10,22 @@
 
 namespace eas::cuda {
 
+// A failed cudaGetDeviceCount also sets the runtime's last error: cleared here, so that a
+// later launch check (cudaGetLastError) does not report it as its own.
 int device_count() {
   int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
+  if (cudaGetDeviceCount(&count) == cudaSuccess) return count;
+  (void)cudaGetLastError();
+  return 0;
 }
 
 std::string device_status() {
   int count = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
-  if (status != cudaSuccess) return std::string("unavailable: ") + cudaGetErrorString(status);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();
+    return std::string("unavailable: ") + cudaGetErrorString(status);
+  }
   return std::to_string(count) + " device(s)";
 }
 

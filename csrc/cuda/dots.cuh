@@ -56,10 +56,15 @@ __global__ void __launch_bounds__(kDotThreads)
   }
 }
 
+// The grid of an m x n product: m tiles along x, n tiles along y (n <= 65535 * 64).
+inline dim3 dots_grid(int64_t m, int64_t n, const char* op, const std::string& shape) {
+  return grid_of(blocks(m, kDotTile), blocks(n, kDotTile), 1, op, "dots_kernel", shape);
+}
+
+// `grid` from dots_grid(m, n, ...), checked before the call launches anything.
 template <class T>
-void launch_dots(const T* a, int64_t lda, int64_t m, const float* b, int64_t n, int64_t k,
-                 float* c, int64_t c_row, int64_t c_col, cudaStream_t stream) {
-  const dim3 grid(blocks(m, kDotTile), blocks(n, kDotTile));
+void launch_dots(dim3 grid, const T* a, int64_t lda, int64_t m, const float* b, int64_t n,
+                 int64_t k, float* c, int64_t c_row, int64_t c_col, cudaStream_t stream) {
   dots_kernel<T><<<grid, kDotThreads, 0, stream>>>(a, lda, m, b, n, k, c, c_row, c_col);
 }
 

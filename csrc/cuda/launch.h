@@ -1,6 +1,8 @@
 // Host entry points of the CUDA kernels, callable from code compiled without CUDA headers
-// (module.cpp): streams travel as void*, devices as ordinals. Each sets the device,
-// launches on the stream and throws std::runtime_error on a CUDA error.
+// (module.cpp): streams travel as void*, devices as ordinals. Each makes the device current
+// for the call and restores the caller's (DeviceGuard, common.cuh), checks the grid of every
+// launch against the device limits before launching anything (std::invalid_argument), launches
+// on the stream only and throws std::runtime_error on a CUDA error.
 #pragma once
 
 #include <string>

@@ -8,6 +8,8 @@
 //            added to y once. One thread per output column (blocks of 256 columns), each
 //            block taking kRows (b, t) rows at a time with their κ staged in shared memory,
 //            so that a column of F is read once per kRows rows.
+#include <string>
+
 #include "common.cuh"
 #include "dots.cuh"
 #include "launch.h"
@@ -60,7 +62,9 @@ __global__ void add_kernel(T* __restrict__ y, int64_t rows, int64_t tokens, int6
 #pragma unroll
         for (int j = 0; j < kRows; ++j) delta[j] = fmaf(coefficients[j * width + k], f, delta[j]);
       }
-      for (int j = 0; j < count; ++j) {
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) {  // unrolled: delta stays in registers
+        if (j >= count) break;
         const int64_t b = (row0 + j) / tokens, t = (row0 + j) % tokens;
         T* yp = y + b * y_sb + t * y_st + c;
         *yp = from_float<T>(to_float(*yp) + delta[j]);
@@ -72,26 +76,35 @@ __global__ void add_kernel(T* __restrict__ y, int64_t rows, int64_t tokens, int6
 }  // namespace
 
 void lowrank_factors(const FactorArgs& a, int device, void* stream) {
-  check(cudaSetDevice(device), "cudaSetDevice");
+  const dim3 grid = dots_grid(a.out, a.n, "lowrank_factors",
+                              "out " + std::to_string(a.out) + ", d " + std::to_string(a.d) +
+                                  ", n " + std::to_string(a.n));  // n <= 65535 * 64
+  const DeviceGuard guard(device);
   with_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_dots<T>(static_cast<const T*>(a.weight), a.ld, a.out, a.up, a.n, a.d, a.dst, 1, a.out,
-                   static_cast<cudaStream_t>(stream));
+    launch_dots<T>(grid, static_cast<const T*>(a.weight), a.ld, a.out, a.up, a.n, a.d, a.dst, 1,
+                   a.out, static_cast<cudaStream_t>(stream));
     return 0;
   });
   check(cudaGetLastError(), "lowrank_factors");
 }
 
 void lowrank_add(const LowrankAddArgs& a, int device, void* stream) {
+  // kRows rows of κ (2 rank + 2 floats each) in the 48 KiB of shared memory a launch gets.
+  constexpr int64_t kMaxRank = (48 * 1024 / (sizeof(float) * kRows) - 2) / 2;
+  if (a.rank > kMaxRank)
+    throw std::invalid_argument("lowrank_add supports rank <= " + std::to_string(kMaxRank));
   const size_t shared = sizeof(float) * kRows * static_cast<size_t>(2 * a.rank + 2);
-  if (shared > 48 * 1024) throw std::invalid_argument("lowrank_add supports rank <= 1535");
-  check(cudaSetDevice(device), "cudaSetDevice");
   const int64_t rows = a.batch * a.tokens;
-  const int64_t row_blocks = (rows + kRows - 1) / kRows;
+  const int64_t row_blocks = blocks(rows, kRows);  // blocks along y loop over the rest
+  const int64_t grid_rows = row_blocks < kMaxGridYZ ? row_blocks : kMaxGridYZ;
+  const dim3 grid = grid_of(blocks(a.out, kThreads), grid_rows, 1, "lowrank_add", "add_kernel",
+                            "batch " + std::to_string(a.batch) + ", tokens " +
+                                std::to_string(a.tokens) + ", out " + std::to_string(a.out) +
+                                ", rank " + std::to_string(a.rank));
+  const DeviceGuard guard(device);
   with_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const dim3 grid(blocks(a.out, kThreads),
-                    static_cast<unsigned>(row_blocks < 65535 ? row_blocks : 65535));
     add_kernel<T><<<grid, kThreads, shared, static_cast<cudaStream_t>(stream)>>>(
         static_cast<T*>(a.y), rows, a.tokens, a.out, a.rank, a.y_sb, a.y_st,
         static_cast<const T*>(a.proj), a.p_sb, a.p_st, a.p_sk, a.mix,

@@ -15,7 +15,11 @@
 //    scanned; the host reads one flag per target (one stream synchronisation);
 // 3. only if no target was refused, update_kernel: W' in place, tiles of 32 rows x 128
 //    columns with P and W_d1 staged in shared memory.
+// Before step 1 the grids of all three steps, for every target, are checked against the
+// device limits (std::invalid_argument) and every kernel is loaded, so that step 3 cannot
+// fail to launch for its configuration after an earlier target was written.
 // Scratch (device, fp32): Σ out·(r+1) for Q, Σ out for the maxima, r, and one int per target.
+#include <string>
 #include <vector>
 
 #include "common.cuh"
@@ -149,56 +153,103 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <class T>
-int merge_typed(const MergeArgs& a, cudaStream_t stream) {
+std::string target_shape(int t, const MergeTarget& tg, int64_t d, int64_t r) {
+  return "target " + std::to_string(t) + " (out " + std::to_string(tg.out) + ", d " +
+         std::to_string(d) + ", rank " + std::to_string(r) + ")";
+}
+
+// The grids of one call's launches (phases 1-3, every target), all checked against the device
+// limits (std::invalid_argument) before anything is launched.
+struct MergeGrids {
+  dim3 down_max;
+  std::vector<dim3> dots, copy, check, update;  // per target
+};
+
+MergeGrids merge_grids(const MergeArgs& a) {
   const int64_t d = a.d, r = a.rank;
+  if (a.num_targets < 1) throw std::invalid_argument("merge: no target");
+  MergeGrids g;
+  g.down_max = grid_of(r, 1, 1, "merge", "down_max_kernel",
+                       "d " + std::to_string(d) + ", rank " + std::to_string(r));
+  for (int t = 0; t < a.num_targets; ++t) {
+    const MergeTarget& tg = a.targets[t];
+    const std::string shape = target_shape(t, tg, d, r);
+    g.dots.push_back(dots_grid(tg.out, r + 1, "merge", shape));
+    g.copy.push_back(grid_of(tg.out, 1, 1, "merge", "copy_kernel", shape));
+    g.check.push_back(
+        grid_of(blocks(tg.out, kThreads / 32), 1, 1, "merge", "check_kernel", shape));
+    // row tiles along y: out <= 65535 * kRows = 2,097,120
+    g.update.push_back(
+        grid_of(blocks(d, kCols), blocks(tg.out, kRows), 1, "merge", "update_kernel", shape));
+  }
+  return g;
+}
+
+template <class T>
+int merge_typed(const MergeArgs& a, const MergeGrids& grids, cudaStream_t stream) {
+  const int64_t d = a.d, r = a.rank;
+  // Every kernel loaded before the first launch (the grids were checked by merge_grids), so
+  // that no launch of phase 3 fails after an earlier target's weight was written.
+  preload(down_max_kernel, kThreads, "merge: loading down_max_kernel");
+  preload(dots_kernel<T>, kDotThreads, "merge: loading dots_kernel");
+  preload(copy_kernel<T>, kThreads, "merge: loading copy_kernel");
+  preload(check_kernel<T>, kThreads, "merge: loading check_kernel");
+  preload(update_kernel<T>, kThreads, "merge: loading update_kernel");
+
   int64_t total_rows = 0;
   for (int t = 0; t < a.num_targets; ++t) total_rows += a.targets[t].out;
   float* q = a.scratch;
   float* maxima = q + total_rows * (r + 1);
   float* down_max = maxima + total_rows;
   int* refused = reinterpret_cast<int*>(down_max + r);
-  check(cudaMemsetAsync(refused, 0, sizeof(int) * a.num_targets, stream), "cudaMemsetAsync");
-  down_max_kernel<<<static_cast<unsigned>(r), kThreads, 0, stream>>>(a.down, d, down_max);
+  check(cudaMemsetAsync(refused, 0, sizeof(int) * a.num_targets, stream),
+        "merge: cudaMemsetAsync");
+  down_max_kernel<<<grids.down_max, kThreads, 0, stream>>>(a.down, d, down_max);
+  check(cudaGetLastError(), "merge: launching down_max_kernel");
   int64_t row0 = 0;
   for (int t = 0; t < a.num_targets; ++t) {
     const MergeTarget& tg = a.targets[t];
     const T* w = static_cast<const T*>(tg.weight);
     float* q_t = q + row0 * (r + 1);
-    launch_dots<T>(w, tg.ld, tg.out, a.up, r + 1, d, q_t, r + 1, 1, stream);
-    copy_kernel<T><<<static_cast<unsigned>(tg.out), kThreads, 0, stream>>>(
+    launch_dots<T>(grids.dots[t], w, tg.ld, tg.out, a.up, r + 1, d, q_t, r + 1, 1, stream);
+    copy_kernel<T><<<grids.copy[t], kThreads, 0, stream>>>(
         w, tg.ld, d, static_cast<T*>(tg.pristine), tg.copy_pristine, maxima + row0);
-    check_kernel<T><<<blocks(tg.out, kThreads / 32), kThreads, 0, stream>>>(
+    check_kernel<T><<<grids.check[t], kThreads, 0, stream>>>(
         w, tg.ld, tg.out, d, r, static_cast<const T*>(tg.bias), static_cast<T*>(tg.new_bias), q_t,
         maxima + row0, a.down, down_max, refused + t);
+    if (const cudaError_t status = cudaGetLastError(); status != cudaSuccess)
+      check(status, ("merge: launching phases 1-2 of " + target_shape(t, tg, d, r)).c_str());
     row0 += tg.out;
   }
-  check(cudaGetLastError(), "merge: launching phases 1-2");
   std::vector<int> host(a.num_targets);
   check(cudaMemcpyAsync(host.data(), refused, sizeof(int) * a.num_targets, cudaMemcpyDeviceToHost,
                         stream),
-        "cudaMemcpyAsync");
+        "merge: cudaMemcpyAsync");
   check(cudaStreamSynchronize(stream), "merge: phases 1-2");
   for (int t = 0; t < a.num_targets; ++t)
     if (host[t]) return t;
   row0 = 0;
   for (int t = 0; t < a.num_targets; ++t) {
     const MergeTarget& tg = a.targets[t];
-    const dim3 grid(blocks(d, kCols), blocks(tg.out, kRows));
-    update_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<T*>(tg.weight), tg.ld, tg.out, d,
-                                                    r, q + row0 * (r + 1), a.down);
+    update_kernel<T><<<grids.update[t], kThreads, 0, stream>>>(
+        static_cast<T*>(tg.weight), tg.ld, tg.out, d, r, q + row0 * (r + 1), a.down);
+    if (const cudaError_t status = cudaGetLastError(); status != cudaSuccess)
+      check(status, ("merge: launching phase 3 of " + target_shape(t, tg, d, r) +
+                     " (the updates of the targets before it were launched; every pristine "
+                     "buffer holds its target's weight)")
+                        .c_str());
     row0 += tg.out;
   }
-  check(cudaGetLastError(), "merge: launching phase 3");
   return -1;
 }
 
 }  // namespace
 
 int merge(const MergeArgs& args, int device, void* stream) {
-  check(cudaSetDevice(device), "cudaSetDevice");
+  const MergeGrids grids = merge_grids(args);
+  const DeviceGuard guard(device);
   return with_dtype(args.dtype, [&](auto tag) {
-    return merge_typed<decltype(tag)>(args, static_cast<cudaStream_t>(stream));
+    return merge_typed<decltype(tag)>(args, grids, static_cast<cudaStream_t>(stream));
   });
 }
 

@@ -177,6 +177,8 @@ def add_lowrank(
         return result.to(dtype)
     _native.check_rows(output, "output", dtype=dtype, device=device, shape=(batch, tokens, out))
     _native.check_no_overlap(output, "output")
+    named = [("output", output), ("projected", projected), ("mix", mix), ("factor", factor)]
+    _native.check_disjoint(named, written=1)
     _check_contiguous(mix, factor)
     return _launch_add(
         _native.module(device).lowrank_add,
@@ -261,6 +263,7 @@ class LowrankAdd:
         native = _native.use_native("add_lowrank", backend, device, dtype, False)
         self._kernel = _native.module(device).lowrank_add if native else None
         self._pointers = (mix.data_ptr(), factor.data_ptr())  # alive as long as self
+        self._spans = (_native.memory_span(mix), _native.memory_span(factor))
 
     def __call__(self, output: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
         dtype, device = self._dtype, self._device
@@ -281,6 +284,7 @@ class LowrankAdd:
                 and shape[0] == batch
                 and shape[2] == out
                 and projected.shape == (batch, shape[1], rank)
+                and _apart(output, projected, *self._spans)
             ):
                 tokens = shape[1]  # contiguous: strides (tokens·out, out, 1), (tokens·r, r, 1)
                 return _launch_add(
@@ -292,3 +296,17 @@ class LowrankAdd:
                     (tokens * rank, rank, 1),
                 )
         return add_lowrank(output, projected, self.mix, self.factor, backend=self.backend)
+
+
+def _apart(output: torch.Tensor, *others: torch.Tensor | tuple[int, int]) -> bool:
+    """Whether contiguous ``output`` shares no memory with ``others`` (tensors, or their
+    :func:`~eas_kernels._native.memory_span`)."""
+    start = output.data_ptr()
+    end = start + output.numel() * output.element_size()
+    for other in others:
+        other_start, other_end = (
+            _native.memory_span(other) if isinstance(other, torch.Tensor) else other
+        )
+        if start < other_end and other_start < end:
+            return False
+    return True

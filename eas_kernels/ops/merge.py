@@ -75,14 +75,18 @@ class _PristineBuffer:
     def __init__(self, weight: torch.Tensor) -> None:
         self.base = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         self.lent: weakref.ref[torch.Tensor] | None = None
-        self.synced: tuple[int, int, int] | None = None
+        self.synced: tuple[int, int, int, int] | None = None
 
-    def sync_key(self, weight: torch.Tensor) -> tuple[int, int, int] | None:
-        """Both version counters and the weight's address; None for inference tensors,
-        which have no version counter."""
+    def sync_key(self, weight: torch.Tensor) -> tuple[int, int, int, int] | None:
+        """Both version counters, the weight's address and the current stream; None for
+        inference tensors, which have no version counter.
+
+        The stream is part of the key because "the buffer holds the weight" is true in the
+        order of the stream that restored it: a merge on another stream must copy again.
+        """
         if weight.is_inference() or self.base.is_inference():
             return None
-        return (weight._version, self.base._version, weight.data_ptr())
+        return (weight._version, self.base._version, weight.data_ptr(), _stream_of(weight))
 
     def fits(self, weight: torch.Tensor) -> bool:
         base = self.base
@@ -96,6 +100,13 @@ class _PristineBuffer:
         self.lent = weakref.ref(view)
         self.synced = None
         return view
+
+
+def _stream_of(tensor: torch.Tensor) -> int:
+    """An id of the stream work on ``tensor`` is enqueued on now (0 on a CPU)."""
+    if tensor.device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(tensor.device).cuda_stream
 
 
 _buffers: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> _PristineBuffer
@@ -117,7 +128,8 @@ def restore_merged(weight: torch.Tensor, pristine: torch.Tensor) -> None:
 
     ``pristine`` is the copy :func:`merged_linear` returned for ``weight``. Afterwards the
     buffer is known to hold ``weight``, so the next merge of ``weight`` skips writing the
-    copy unless either tensor was modified in place in between (or ``weight`` moved).
+    copy unless either tensor was modified in place in between, ``weight`` moved, or the
+    merge runs on another CUDA stream than the restore.
     """
     with torch.no_grad():
         weight.copy_(pristine)
@@ -186,6 +198,10 @@ def _check_site(
     check_tensor(beta, "beta", ndim=1, device=device, floating=True)
     if tuple(beta.shape) != (d,):
         raise ValueError(f"beta must have shape ({d},), got {tuple(beta.shape)}")
+    named = [(f"weights[{i}]", weight) for i, weight in enumerate(weights)]
+    named += [(f"biases[{i}]", bias) for i, bias in enumerate(biases) if bias is not None]
+    named += [("down_weight", down_weight), ("up_mix", up_mix), ("beta", beta)]
+    _native.check_disjoint(named, written=len(weights))
     return d, rank
 
 
