@@ -48,16 +48,29 @@ tied together by :class:`PIAFusedFunction`, so a patched model compiles with
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .._checks import check_token_mask
 from ..pia import PIA, PIAState, router_softmax, state_from_mean
 
-# Tile sizes: BN tokens × BD features; the rank is padded to BR >= 16 (tl.dot's minimum).
-_GPU_BLOCKS = (64, 64)
-_INTERPRETER_BLOCKS = (16, 32)  # small tiles so that the tests' small shapes span several
+Result = TypeVar("Result")
+
+# Tile configurations (BN tokens, BD features, software-pipelining stages), largest first;
+# the rank is padded to BR >= 16 (tl.dot's minimum). Shared memory grows with the tiles,
+# the stages, BR and the element size: e.g. the backward kernels at (64, 64, 3) need
+# 114,944 B in fp32 at r = 32, over the 101,376 B of sm_86/sm_89, and 180,480 B in fp64 at
+# r = 8, over the A100's 166,912 B. A launch whose kernel needs more than the device has
+# raises OutOfResources before anything runs; the op then retries with the next
+# configuration and remembers the one that fits (per device, op, dtype and BR).
+_GPU_TILES = ((64, 64, 3), (64, 64, 2), (64, 32, 2), (32, 32, 2), (32, 32, 1), (16, 32, 1))
+_INTERPRETER_TILES = ((16, 32, 1),)  # small tiles so that the tests' small shapes span several
+_FITTING: dict[tuple, int] = {}  # (device, op, dtype, BR) -> index into _GPU_TILES
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -65,18 +78,52 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _config(u: torch.Tensor, rank: int) -> dict:
-    block_n, block_d = _GPU_BLOCKS if u.is_cuda else _INTERPRETER_BLOCKS
-    wide = u.dtype == torch.float64
-    exact = wide or u.dtype == torch.float32 or not u.is_cuda
+def kernel_config(on_gpu: bool, dtype: torch.dtype, rank: int, tiles: tuple[int, int, int]) -> dict:
+    """The compile-time constants and launch options of the kernels for ``tiles``.
+
+    Products accumulate in fp32 (fp64 for fp64 inputs). On a GPU, fp32 and fp64 operands
+    use full precision (``ieee``); 16-bit inputs use ``tf32x3`` (three tf32 tensor-core
+    products per dot, about fp32's accuracy): their dots also multiply fp32 values the
+    kernel computed (``H``, ``dH``, ``α·H``), which plain tf32 would round to 10 bits.
+    """
+    block_n, block_d, stages = tiles
+    wide = dtype == torch.float64
+    exact = wide or dtype == torch.float32 or not on_gpu
     return {
         "BN": block_n,
         "BD": block_d,
         "BR": max(16, triton.next_power_of_2(rank)),
         "ACC": tl.float64 if wide else tl.float32,
-        # 16-bit operands are exact in tf32; fp32 inputs keep full precision
-        "PREC": "ieee" if exact else "tf32",
+        "PREC": "ieee" if exact else "tf32x3",
+        "num_stages": stages,
     }
+
+
+def with_fitting_tiles(
+    op: str, u: torch.Tensor, rank: int, run: Callable[[dict], Result]
+) -> Result:
+    """``run(config)`` with the largest tile configuration whose kernels fit the device.
+
+    ``run`` launches the kernels of one op into freshly allocated buffers; a configuration
+    that needs more shared memory than ``u``'s device has fails at its launch
+    (``OutOfResources``, nothing written) and the next one is tried. Launches happen with
+    ``u``'s device current (Triton launches on the current device).
+    """
+    if not u.is_cuda:
+        return run(kernel_config(False, u.dtype, rank, _INTERPRETER_TILES[0]))
+    key = (u.device.index, op, u.dtype, max(16, triton.next_power_of_2(rank)))
+    with torch.cuda.device(u.device):
+        for index in range(_FITTING.get(key, 0), len(_GPU_TILES)):
+            try:
+                result = run(kernel_config(True, u.dtype, rank, _GPU_TILES[index]))
+            except OutOfResources:
+                continue
+            _FITTING[key] = index
+            return result
+    raise RuntimeError(
+        f"{op}: no tile configuration of {_GPU_TILES} fits the shared memory of {u.device} "
+        f"for {u.dtype} at rank {rank}; use EAS_PIA_BACKEND=torch"
+    )
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -278,25 +325,28 @@ def pia_fused_forward(
     """``(z, c, α, ū)`` for contiguous inputs (see the module docstring)."""
     batch, n, d = u.shape
     r = down1_weight.shape[0]
-    cfg = _config(u, r)
-    tiles = triton.cdiv(n, cfg["BN"])
     acc = _acc_dtype(u.dtype)
     mask_bytes = mask.view(torch.int8)
-    projected = _alloc((batch, n, r), acc, u.device)
-    sums = _alloc((batch, tiles, d), acc, u.device)
-    _down_kernel[(batch, tiles)](u, mask_bytes, down1_weight, projected, sums, n, d, r, **cfg)
-    count = mask.sum(1, keepdim=True)
-    mean = (sums.sum(1) / count).to(u.dtype)
-    c, alpha = state_from_mean(
-        mean, down1_bias, down2_weight, down2_bias, router_weight, router_bias, temperature
-    )
-    c = c.contiguous()  # an op's outputs must not alias its inputs (the expanded bias)
-    z = _alloc(tuple(u.shape), u.dtype, u.device)
-    grid = (batch, tiles, triton.cdiv(d, cfg["BD"]))
-    _up_kernel[grid](
-        u, projected, c, alpha, up1_weight, up1_bias, up2_weight, up2_bias, z, n, d, r, **cfg
-    )
-    return z, c, alpha, mean
+
+    def run(cfg: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        tiles = triton.cdiv(n, cfg["BN"])
+        projected = _alloc((batch, n, r), acc, u.device)
+        sums = _alloc((batch, tiles, d), acc, u.device)
+        _down_kernel[(batch, tiles)](u, mask_bytes, down1_weight, projected, sums, n, d, r, **cfg)
+        count = mask.sum(1, keepdim=True)
+        mean = (sums.sum(1) / count).to(u.dtype)
+        c, alpha = state_from_mean(
+            mean, down1_bias, down2_weight, down2_bias, router_weight, router_bias, temperature
+        )
+        c = c.contiguous()  # an op's outputs must not alias its inputs (the expanded bias)
+        z = _alloc(tuple(u.shape), u.dtype, u.device)
+        grid = (batch, tiles, triton.cdiv(d, cfg["BD"]))
+        _up_kernel[grid](
+            u, projected, c, alpha, up1_weight, up1_bias, up2_weight, up2_bias, z, n, d, r, **cfg
+        )
+        return z, c, alpha, mean
+
+    return with_fitting_tiles("pia_fused_forward", u, r, run)
 
 
 @pia_fused_forward.register_fake
@@ -344,56 +394,62 @@ def pia_fused_backward(
     (``down2``'s are empty tensors when it is absent), in fp32 sums rounded once."""
     batch, n, d = u.shape
     r = down1_weight.shape[0]
-    cfg = _config(u, r)
-    tiles = triton.cdiv(n, cfg["BN"])
     acc = _acc_dtype(u.dtype)
     dev = u.device
-    hidden = _alloc((batch, n, r), acc, dev)
-    d_hidden = _alloc((batch, n, r), acc, dev)
-    d_alpha_tiles = _alloc((batch, tiles, 2), acc, dev)
-    _bwd_token_kernel[(batch, tiles)](
-        u, grad_z, down1_weight, c, alpha, up1_weight, up1_bias, up2_weight, up2_bias,
-        hidden, d_hidden, d_alpha_tiles, n, d, r, **cfg,
-    )  # fmt: skip
 
-    # epilogue on (B, r), (B, 2) and (B, d) vectors
-    d_c = d_hidden.sum(1) + grad_c.to(acc)
-    d_alpha = d_alpha_tiles.sum(1) + grad_alpha.to(acc)
-    mean_acc = mean.to(acc)
-    soft = router_softmax(mean, router_weight, router_bias, temperature)
-    d_logits = soft * (d_alpha - (soft * d_alpha).sum(-1, keepdim=True)) / temperature
-    d_mean = d_logits @ router_weight.to(acc)
-    if down2_weight is not None:
-        d_mean = d_mean + d_c @ down2_weight.to(acc)
-        grad_down2 = [(d_c.t() @ mean_acc).to(down2_weight.dtype), d_c.sum(0).to(down2_bias.dtype)]
-    else:
-        grad_down2 = [u.new_empty(0), u.new_empty(0)]
-    d_mean = (d_mean / mask.sum(1, keepdim=True)).contiguous()
+    def run(cfg: dict) -> list[torch.Tensor]:
+        tiles = triton.cdiv(n, cfg["BN"])
+        hidden = _alloc((batch, n, r), acc, dev)
+        d_hidden = _alloc((batch, n, r), acc, dev)
+        d_alpha_tiles = _alloc((batch, tiles, 2), acc, dev)
+        _bwd_token_kernel[(batch, tiles)](
+            u, grad_z, down1_weight, c, alpha, up1_weight, up1_bias, up2_weight, up2_bias,
+            hidden, d_hidden, d_alpha_tiles, n, d, r, **cfg,
+        )  # fmt: skip
 
-    column_tiles = triton.cdiv(d, cfg["BD"])
-    splits = _weight_splits(u, column_tiles, batch * tiles)
-    grad_u = _alloc(tuple(u.shape), u.dtype, dev)
-    d_up1 = _alloc((splits, d, r), acc, dev)
-    d_up2 = _alloc((splits, d, r), acc, dev)
-    d_up1_bias = _alloc((splits, d), acc, dev)
-    d_up2_bias = _alloc((splits, d), acc, dev)
-    d_down1 = _alloc((splits, r, d), acc, dev)
-    _bwd_weight_kernel[(column_tiles, splits)](
-        u, grad_z, mask.view(torch.int8), hidden, d_hidden, alpha, down1_weight, d_mean, grad_u,
-        d_up1, d_up2, d_up1_bias, d_up2_bias, d_down1, batch, n, d, r, tiles, **cfg,
-    )  # fmt: skip
-    return [
-        grad_u,
-        d_down1.sum(0).to(down1_weight.dtype),
-        d_c.sum(0).to(down1_bias.dtype),
-        *grad_down2,
-        d_up1.sum(0).to(up1_weight.dtype),
-        d_up1_bias.sum(0).to(up1_bias.dtype),
-        d_up2.sum(0).to(up2_weight.dtype),
-        d_up2_bias.sum(0).to(up2_bias.dtype),
-        (d_logits.t() @ mean_acc).to(router_weight.dtype),
-        d_logits.sum(0).to(router_bias.dtype),
-    ]
+        # epilogue on (B, r), (B, 2) and (B, d) vectors
+        d_c = d_hidden.sum(1) + grad_c.to(acc)
+        d_alpha = d_alpha_tiles.sum(1) + grad_alpha.to(acc)
+        mean_acc = mean.to(acc)
+        soft = router_softmax(mean, router_weight, router_bias, temperature)
+        d_logits = soft * (d_alpha - (soft * d_alpha).sum(-1, keepdim=True)) / temperature
+        d_mean = d_logits @ router_weight.to(acc)
+        if down2_weight is not None:
+            d_mean = d_mean + d_c @ down2_weight.to(acc)
+            grad_down2 = [
+                (d_c.t() @ mean_acc).to(down2_weight.dtype),
+                d_c.sum(0).to(down2_bias.dtype),
+            ]
+        else:
+            grad_down2 = [u.new_empty(0), u.new_empty(0)]
+        d_mean = (d_mean / mask.sum(1, keepdim=True)).contiguous()
+
+        column_tiles = triton.cdiv(d, cfg["BD"])
+        splits = _weight_splits(u, column_tiles, batch * tiles)
+        grad_u = _alloc(tuple(u.shape), u.dtype, dev)
+        d_up1 = _alloc((splits, d, r), acc, dev)
+        d_up2 = _alloc((splits, d, r), acc, dev)
+        d_up1_bias = _alloc((splits, d), acc, dev)
+        d_up2_bias = _alloc((splits, d), acc, dev)
+        d_down1 = _alloc((splits, r, d), acc, dev)
+        _bwd_weight_kernel[(column_tiles, splits)](
+            u, grad_z, mask.view(torch.int8), hidden, d_hidden, alpha, down1_weight, d_mean, grad_u,
+            d_up1, d_up2, d_up1_bias, d_up2_bias, d_down1, batch, n, d, r, tiles, **cfg,
+        )  # fmt: skip
+        return [
+            grad_u,
+            d_down1.sum(0).to(down1_weight.dtype),
+            d_c.sum(0).to(down1_bias.dtype),
+            *grad_down2,
+            d_up1.sum(0).to(up1_weight.dtype),
+            d_up1_bias.sum(0).to(up1_bias.dtype),
+            d_up2.sum(0).to(up2_weight.dtype),
+            d_up2_bias.sum(0).to(up2_bias.dtype),
+            (d_logits.t() @ mean_acc).to(router_weight.dtype),
+            d_logits.sum(0).to(router_bias.dtype),
+        ]
+
+    return with_fitting_tiles("pia_fused_backward", u, r, run)
 
 
 @pia_fused_backward.register_fake
