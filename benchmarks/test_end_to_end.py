@@ -21,6 +21,10 @@ model with the same parts deleted and nothing added — interleaved in the same 
 the bytes of attention weights a skip leaves unused, the pristine copies a merge keeps,
 and the KV-cache bytes per token.
 
+Graphed (``test_graphed_decode_step``, ``lavin32``, GPU only): one batch-1 decode step at a
+fixed position captured in a CUDA graph, each variant against its graphed floor, with the
+eager ratio of the same step beside it.
+
 Batched (``test_batched_decode``, ``lavin32``): one decode step at B = 8 and 32 with
 per-example PIA states through the low-rank path (``reparameterize(model, "lowrank")``)
 against the floor at the same batch.
@@ -33,6 +37,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import os
 import statistics
 
 import pytest
@@ -53,7 +58,8 @@ from eas_kernels.ops import free_pristine_buffers
 from eas_kernels.patch import runtime_of
 from eas_kernels.tuning.evaluate import floor_model
 
-PROMPT, NEW_TOKENS, PAIRS = 96, 64, 7
+# EAS_BENCH_PROMPT sets the prompt length (the GPU check uses ~600, LaVIN's image + question)
+PROMPT, NEW_TOKENS, PAIRS = int(os.environ.get("EAS_BENCH_PROMPT", "96")), 64, 7
 GPU = DEVICE.type == "cuda"
 VARIANTS = ["unpatched", "lavin_style", "das_4", "eas_4", "eas_8", "eas_12", "eas_16"]
 
@@ -68,17 +74,21 @@ def base_model(name: str) -> Transformer:
 
         model, _ = load_smollm2_lavin(max_seq_len=PROMPT + NEW_TOKENS, max_batch_size=1)
         return model.to(DEVICE).eval()
+    length = max(256, PROMPT + NEW_TOKENS)
     args = (
         ModelArgs(
-            dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=256, max_batch_size=32
+            dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=length,
+            max_batch_size=32,
         )
         if GPU
         else ModelArgs(
-            dim=256, n_layers=32, n_heads=8, vocab_size=4096, max_seq_len=256, max_batch_size=32
+            dim=256, n_layers=32, n_heads=8, vocab_size=4096, max_seq_len=length,
+            max_batch_size=32,
         )
-    )
+    )  # fmt: skip
     dtype = torch.bfloat16 if GPU else torch.float32
-    return Transformer(args).to(device=DEVICE, dtype=dtype).eval()
+    with torch.device(DEVICE):  # 7B random weights are drawn on the GPU, not the host
+        return Transformer(args).to(dtype=dtype).eval()
 
 
 def shape_of(base: Transformer) -> dict[str, object]:
@@ -204,3 +214,50 @@ def test_batched_decode(benchmark, variant, batch):
         **machine(),
     )
     benchmark.pedantic(step, rounds=20, warmup_rounds=2, iterations=1)
+
+
+def graphed_step(model: torch.nn.Module, prompt: torch.Tensor):
+    """A decode step at a fixed position (:class:`FixedPositionDecoder`, which prefills and
+    realises the mode) captured in a CUDA graph: returns its replay."""
+    decoder = FixedPositionDecoder(model, prompt)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            decoder.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decoder.step()
+    return graph.replay
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_graphed_decode_step(benchmark, variant):
+    """One batch-1 decode step under CUDA graphs (the launch overhead removed), against
+    the floor's graphed step, and the eager ratio of the same step in the same run."""
+    if not GPU:
+        pytest.skip("CUDA graphs need a GPU")
+    base = base_model("lavin32")
+    free_pristine_buffers()
+    model, floor = build(variant, base), floor_of(variant, base)
+    vocab = base.tok_embeddings.weight.shape[0]
+    prompt = torch.randint(1, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(4))
+    prompt = prompt.to(DEVICE)
+    eager = FixedPositionDecoder(model, prompt).step
+    eager_floor = FixedPositionDecoder(floor, prompt).step
+    eager_ratio = median_ratio(*paired_times(eager, eager_floor, 20))
+    replay, replay_floor = graphed_step(model, prompt), graphed_step(floor, prompt)
+    graphed, graphed_floor = paired_times(replay, replay_floor, 50)
+    benchmark.extra_info.update(
+        variant=variant,
+        skipped=list(plan_of(variant, base.n_layers).skipped),
+        shape=shape_of(base),
+        prompt=PROMPT,
+        graphed_ms_per_step=round(1e3 * statistics.median(graphed), 4),
+        graphed_floor_ms_per_step=round(1e3 * statistics.median(graphed_floor), 4),
+        graphed_ratio_vs_floor=round(median_ratio(graphed, graphed_floor), 4),
+        eager_ratio_vs_floor=round(eager_ratio, 4),
+        **machine(),
+    )
+    benchmark.pedantic(replay, rounds=50, warmup_rounds=2, iterations=1)

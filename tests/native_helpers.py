@@ -21,10 +21,21 @@ ISAS = list(_native.CPU.isas()) if _native.CPU is not None else []
 HAS_CUDA_KERNELS = _native.CUDA is not None and torch.cuda.is_available()
 
 # Where a kernel test runs: the CPU kernels of every instruction set this CPU can run
-# (avx512, avx2, portable), and the CUDA kernels when a GPU is there.
-KERNELS = [pytest.param(("cpu", name), id=name) for name in ISAS] + (
-    [pytest.param(("cuda", None), id="cuda")] if HAS_CUDA_KERNELS else []
+# (avx512, avx2, portable), and the CUDA kernels (marked ``cuda``: what the GPU check,
+# scripts/gpu_check.sh, selects with ``-m cuda``; skipped without a GPU).
+CUDA_KERNELS = pytest.param(
+    ("cuda", None),
+    id="cuda",
+    marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(
+            not HAS_CUDA_KERNELS,
+            reason="the CUDA kernels need a GPU and eas_kernels._C_cuda "
+            f"({_native.CUDA_ERROR or 'built'}; GPUs: {torch.cuda.device_count()})",
+        ),
+    ],
 )
+KERNELS = [pytest.param(("cpu", name), id=name) for name in ISAS] + [CUDA_KERNELS]
 
 
 @contextlib.contextmanager

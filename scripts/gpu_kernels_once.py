@@ -1,0 +1,79 @@
+"""Run every native kernel once on small odd shapes, for ``compute-sanitizer`` (GPU check).
+
+``python scripts/gpu_kernels_once.py --device cuda`` calls the merge (with a restore), the
+low-rank factors and the low-rank add through their native backend, in fp32, fp16 and
+bf16, and checks each result against the PyTorch reference (loosely: this is a memory and
+race check, the precise comparisons are the tests'). ``--device cpu`` runs the same on the
+CPU kernels (the dry run). Exits non-zero on any mismatch or error.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from eas_kernels.ops import (
+    add_lowrank,
+    add_lowrank_reference,
+    lowrank_factors,
+    lowrank_factors_reference,
+    merged_linear,
+    merged_linear_reference,
+    restore_merged,
+)
+
+
+def run(device: torch.device, dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int, scale: float = 0.3) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+
+    out, d, rank, batch, tokens = 37, 45, 3, 3, 5
+    weights = [randn(out, d), randn(out + 6, d)]
+    pristine_values = [w.clone() for w in weights]
+    biases = [randn(out), None]
+    down, up, beta = randn(rank, d), randn(rank, d), randn(d)
+    expected = [
+        merged_linear_reference(w, b, down, up, beta) for w, b in zip(weights, biases, strict=True)
+    ]
+    merged = merged_linear(weights, biases, down, up, beta, backend="native")
+    for weight, target, (new_weight, new_bias) in zip(weights, merged, expected, strict=True):
+        torch.testing.assert_close(weight, new_weight, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(target.bias, new_bias, rtol=2e-2, atol=2e-2)
+        restore_merged(weight, target.pristine)
+    for weight, value in zip(weights, pristine_values, strict=True):
+        assert torch.equal(weight, value), "restore is not bitwise"
+
+    basis = randn(2 * rank + 2, d)
+    factor = lowrank_factors(weights[0], basis, backend="native")
+    reference = lowrank_factors_reference(weights[0], basis)
+    torch.testing.assert_close(factor.float(), reference.float(), rtol=2e-2, atol=2e-2)
+
+    compute = torch.promote_types(dtype, torch.float32)
+    alpha = torch.softmax(torch.randn(batch, 2, generator=generator), dim=-1)
+    mix = torch.cat([alpha, torch.randn(batch, rank, generator=generator) * 0.3], dim=1)
+    mix = mix.to(device=device, dtype=compute)
+    output, projected = randn(batch, tokens, out), randn(batch, tokens, rank)
+    reference = add_lowrank_reference(
+        output.to(compute), projected.to(compute), mix, factor.to(compute)
+    )
+    result = add_lowrank(output, projected, mix, factor, backend="native")
+    torch.testing.assert_close(result.float(), reference.float(), rtol=2e-2, atol=2e-2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    device = torch.device(parser.parse_args().device)
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            run(device, dtype)
+            print(f"{device} {dtype}: merge, restore, factors, add: ok", flush=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
