@@ -422,17 +422,18 @@ def start_pos_index(block: nn.Module) -> int | None:
 
 
 class _StartPosHook:
-    """Block pre-hook: ``start_pos`` None or 0 is a fresh call, > 0 a decode call."""
+    """Block pre-hook: ``start_pos`` None or 0 is a fresh call, > 0 a decode call; the first
+    block's hook starts the model call (:meth:`EASRuntime.enter`'s ``new_call``)."""
 
-    def __init__(self, runtime: EASRuntime, position: int | None) -> None:
-        self.runtime, self.position = runtime, position
+    def __init__(self, runtime: EASRuntime, position: int | None, first: bool) -> None:
+        self.runtime, self.position, self.first = runtime, position, first
 
     def __call__(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
         start_pos = kwargs.get("start_pos")
         if start_pos is None and self.position is not None and len(args) > self.position:
             start_pos = args[self.position]
         batch_size = (args[0] if args else next(iter(kwargs.values()))).shape[0]
-        self.runtime.enter(start_pos is None or start_pos == 0, batch_size)
+        self.runtime.enter(start_pos is None or start_pos == 0, batch_size, new_call=self.first)
 
 
 class _MaskHook:
@@ -491,8 +492,8 @@ def patch_lavin(model: nn.Module, plan: SkipPlan, *, search: bool | str = False)
     candidates = check_patch_arguments(model, plan, search)
     with all_or_nothing(model):
         patch = EASPatch(model, plan, candidates, LAVIN)
-        for block in patch.blocks:
-            hook = _StartPosHook(patch.runtime, start_pos_index(block))
+        for index, block in enumerate(patch.blocks):
+            hook = _StartPosHook(patch.runtime, start_pos_index(block), first=index == 0)
             patch.keep(block.register_forward_pre_hook(hook, with_kwargs=True))
         _install_mask_hook(patch)
     return model

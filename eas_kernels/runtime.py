@@ -51,6 +51,14 @@ def _prompt_and_after(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask | (positions > last)
 
 
+def _versions(tensors: list[torch.Tensor]) -> tuple | None:
+    """Identity and version counter of each tensor (None: an inference tensor has none)."""
+    try:
+        return tuple((id(tensor), tensor._version) for tensor in tensors)
+    except RuntimeError:
+        return None
+
+
 @dataclass
 class _MergeRecord:
     """A linear layer whose weights hold a merged PIA, with its pristine values."""
@@ -196,6 +204,7 @@ class EASRuntime:
         self.decoding = False
         self.realized: str | None = None
         self._merged: list[_MergeRecord] = []
+        self._finite_key: tuple | None = None  # the weights' versions at the last check
 
     @property
     def active_sites(self) -> list[AdapterSite]:
@@ -206,16 +215,21 @@ class EASRuntime:
         return [site for site in self.active_sites if site.reparameterizable]
 
     # ------------------------------------------------------------------ call phases
-    def enter(self, fresh: bool, batch_size: int) -> None:
+    def enter(self, fresh: bool, batch_size: int, *, new_call: bool = True) -> None:
         """Called before a patched model computes: ``fresh`` for a training forward or a
-        prefill (states recomputed), else a decode call (frozen states used).
+        prefill (states recomputed), else a decode call (frozen states used). A model whose
+        blocks each call it passes ``new_call=True`` from its first block only.
 
-        A fresh call first checks the active PIAs' weights, in every mode (one host sync
-        per device): NaN or Inf is refused with a ``ValueError`` naming the tensor, before
-        anything changes. The first decode call checks the frozen states the same way.
+        A fresh model call first checks the active PIAs' weights, in every mode: NaN or Inf
+        is refused with a ``ValueError`` naming the tensor, before anything changes. The
+        check reads the weights only when their version counters moved since the last one
+        (after an optimizer step, a load; an edit through ``.data`` goes unseen), then in
+        one pass per device and one host sync. The first decode call checks the frozen
+        states the same way.
         """
         if fresh:
-            self._check_finite_weights()
+            if new_call:
+                self._check_finite_weights()
             if self.decoding or self.realized is not None:
                 self.unrealize()
             self.decoding = False
@@ -229,16 +243,25 @@ class EASRuntime:
             self.realize(self.mode, batch_size)
 
     def _check_finite_weights(self) -> None:
-        flags: dict[torch.device, list[tuple[AdapterSite, str, torch.Tensor]]] = {}
-        for site in self.active_sites:
-            for name, parameter in site.pia.named_parameters():
-                flag = torch.isfinite(parameter.detach()).all()
-                flags.setdefault(parameter.device, []).append((site, name, flag))
-        for entries in flags.values():
-            if bool(torch.stack([flag for _, _, flag in entries]).all()):
-                continue
-            site, name = next((site, name) for site, name, flag in entries if not bool(flag))
-            raise ValueError(f"{site.name}: {name} holds NaN or Inf; refusing to run it")
+        named = [
+            (site, name, parameter)
+            for site in self.active_sites
+            for name, parameter in site.pia.named_parameters()
+        ]
+        key = _versions([parameter for _, _, parameter in named])
+        if key is not None and key == self._finite_key:
+            return
+        by_device: dict[torch.device, list[tuple[AdapterSite, str, torch.Tensor]]] = {}
+        for entry in named:
+            by_device.setdefault(entry[2].device, []).append(entry)
+        for entries in by_device.values():
+            weights = [parameter.detach() for _, _, parameter in entries]
+            largest = torch._foreach_norm(weights, float("inf"))  # max |w|: NaN/Inf stay
+            finite = torch.isfinite(torch.stack(largest))
+            if not bool(finite.all()):
+                site, name, _ = entries[int((~finite).nonzero()[0, 0])]
+                raise ValueError(f"{site.name}: {name} holds NaN or Inf; refusing to run it")
+        self._finite_key = key
 
     def _check_states(self, batch_size: int) -> None:
         for site in self.active_sites:

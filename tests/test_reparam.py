@@ -184,6 +184,32 @@ def test_every_mode_refuses_non_finite_pia_weights_at_the_prefill(mode):
     assert_bitwise(model, snapshot)
 
 
+def test_the_weights_are_read_once_per_call_and_only_after_a_change(monkeypatch):
+    """The finite check of a fresh call runs in the first block only (not once per block),
+    and reads the weights only when a version counter moved."""
+    model = patched([1], seed=37)
+    reads = []
+    original = torch._foreach_norm
+    monkeypatch.setattr(
+        torch, "_foreach_norm", lambda *a, **k: reads.append(1) or original(*a, **k)
+    )
+    prompt = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        model(prompt, start_pos=0)
+        assert len(reads) == 1
+        model(prompt, start_pos=0)
+        model(prompt)  # a training-style forward is a fresh call too
+        assert len(reads) == 1  # nothing changed: versions match
+        model.layers[0].attn_adapter.up1.weight.add_(0.5)  # an optimizer step would do this
+        model(prompt, start_pos=0)
+        assert len(reads) == 2
+        model.layers[0].attn_adapter.up1.weight[0, 0] = float("inf")
+        with pytest.raises(ValueError, match="layer 0 attention PIA: up1.weight holds NaN"):
+            model(prompt, start_pos=0)
+        with pytest.raises(ValueError, match="up1.weight holds NaN"):  # refused again
+            model(prompt, start_pos=0)
+
+
 @pytest.mark.parametrize("mode", ["eager", "merge", "lowrank", "auto"])
 def test_every_mode_refuses_a_non_finite_state_at_the_first_decode(mode):
     model = patched([1], seed=37)
