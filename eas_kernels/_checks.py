@@ -97,8 +97,9 @@ def check_token_mask(
     assert isinstance(mask, torch.Tensor)
     if shape is not None and tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)} (B, n), got {tuple(mask.shape)}")
-    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
-    if empty:
+    covered = mask.any(dim=1)
+    if not bool(covered.all()):  # one host sync when the mask is good
+        empty = (~covered).nonzero().flatten().tolist()
         raise ValueError(
             f"{name} selects no token in example(s) {empty}: every example needs at least one "
             "prompt token to average over"

@@ -174,18 +174,23 @@ class PIA(nn.Module):
         return state
 
     # ------------------------------------------------------------------ math
-    def compute_state(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> PIAState:
+    def compute_state(
+        self, u: torch.Tensor, mask: torch.Tensor | None = None, *, mask_checked: bool = False
+    ) -> PIAState:
         """State ``(c, α)`` of each example from its tokens ``u`` (``(B, n, d)``).
 
         ``mask`` (``(B, n)`` bool) selects the tokens averaged into ``ū``; ``None`` averages
         all tokens. The mean and the softmax accumulate in at least float32.
+        ``mask_checked=True``: the caller has validated ``mask`` (shape, device, a token in
+        every row) — the runtime does, once per model call — so no host sync happens here.
         """
         self._check_input(u)
         compute = torch.promote_types(u.dtype, torch.float32)
         if mask is None:
             mean = u.to(compute).mean(dim=1)
         else:
-            check_token_mask(mask, "mask", shape=tuple(u.shape[:2]), device=u.device)
+            if not mask_checked:
+                check_token_mask(mask, "mask", shape=tuple(u.shape[:2]), device=u.device)
             summed = torch.where(mask.unsqueeze(-1), u.to(compute), 0.0).sum(dim=1)
             mean = summed / mask.sum(dim=1, keepdim=True)
         mean = mean.to(u.dtype)
@@ -225,7 +230,7 @@ class PIA(nn.Module):
         return torch.cat([state.alpha.to(state.c.dtype), state.c], dim=1)
 
     def adapt(
-        self, u: torch.Tensor, mask: torch.Tensor | None = None
+        self, u: torch.Tensor, mask: torch.Tensor | None = None, *, mask_checked: bool = False
     ) -> tuple[torch.Tensor, PIAState]:
         """A fresh call (training forward or prefill): ``(u + PIA(u), state)``.
 
@@ -233,14 +238,15 @@ class PIA(nn.Module):
         gradients attached (the runtime detaches the copy it freezes). CUDA tensors run the
         fused Triton kernels of :mod:`eas_kernels.ops.pia_fused` when triton is installed
         (``EAS_PIA_BACKEND`` forces either path: :func:`eas_kernels.ops.pia_backend`).
+        ``mask_checked`` as for :meth:`compute_state`.
         """
         from .ops import pia_backend
 
         if pia_backend(u) == "triton":
             from .ops.pia_fused import pia_adapt
 
-            return pia_adapt(self, u, mask)
-        state = self.compute_state(u, mask)
+            return pia_adapt(self, u, mask, mask_checked=mask_checked)
+        state = self.compute_state(u, mask, mask_checked=mask_checked)
         return u + self(u, state=state), state
 
     def forward(

@@ -59,6 +59,23 @@ def _versions(tensors: list[torch.Tensor]) -> tuple | None:
         return None
 
 
+def _first_non_finite(
+    named: list[tuple[AdapterSite, str, torch.Tensor]],
+) -> tuple[AdapterSite, str] | None:
+    """The first ``(site, name)`` whose tensor holds NaN or Inf, or None: one
+    ``_foreach_norm`` pass (max |x|, which keeps NaN and Inf) and one host sync per device."""
+    by_device: dict[torch.device, list[tuple[AdapterSite, str, torch.Tensor]]] = {}
+    for site, name, tensor in named:
+        by_device.setdefault(tensor.device, []).append((site, name, tensor.detach()))
+    for entries in by_device.values():
+        largest = torch._foreach_norm([tensor for _, _, tensor in entries], float("inf"))
+        finite = torch.isfinite(torch.stack(largest))
+        if not bool(finite.all()):
+            site, name, _ = entries[int((~finite).nonzero()[0, 0])]
+            return site, name
+    return None
+
+
 @dataclass
 class _MergeRecord:
     """A linear layer whose weights hold a merged PIA, with its pristine values."""
@@ -153,16 +170,13 @@ class AdapterSite:
         self.projected = None
 
     # ------------------------------------------------------------------ merge
-    def check_finite(self) -> None:
-        """Refuse (ValueError) a frozen state holding NaN/Inf, naming the tensor (the PIA's
-        weights are checked at every fresh call: :meth:`EASRuntime.enter`)."""
+    def state_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """The frozen state's tensors, named ``state.<field>``."""
         assert self.state is not None
-        for field in dataclasses.fields(self.state):
-            name, tensor = f"state.{field.name}", getattr(self.state, field.name)
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(
-                    f"{self.name}: {name} holds NaN or Inf; refusing to decode with it"
-                )
+        return [
+            (f"state.{field.name}", getattr(self.state, field.name))
+            for field in dataclasses.fields(self.state)
+        ]
 
     def merge(self, records: list[_MergeRecord]) -> None:
         """Write this PIA into its targets, appending one record per written layer.
@@ -236,8 +250,7 @@ class EASRuntime:
             return
         if not self.decoding:
             self._check_states(batch_size)
-            for site in self.active_sites:
-                site.check_finite()
+            self._check_finite_states()
             self.decoding = True
         if self.realized is None:
             self.realize(self.mode, batch_size)
@@ -251,17 +264,19 @@ class EASRuntime:
         key = _versions([parameter for _, _, parameter in named])
         if key is not None and key == self._finite_key:
             return
-        by_device: dict[torch.device, list[tuple[AdapterSite, str, torch.Tensor]]] = {}
-        for entry in named:
-            by_device.setdefault(entry[2].device, []).append(entry)
-        for entries in by_device.values():
-            weights = [parameter.detach() for _, _, parameter in entries]
-            largest = torch._foreach_norm(weights, float("inf"))  # max |w|: NaN/Inf stay
-            finite = torch.isfinite(torch.stack(largest))
-            if not bool(finite.all()):
-                site, name, _ = entries[int((~finite).nonzero()[0, 0])]
-                raise ValueError(f"{site.name}: {name} holds NaN or Inf; refusing to run it")
+        bad = _first_non_finite(named)
+        if bad is not None:
+            raise ValueError(f"{bad[0].name}: {bad[1]} holds NaN or Inf; refusing to run it")
         self._finite_key = key
+
+    def _check_finite_states(self) -> None:
+        """Refuse (ValueError) frozen states holding NaN/Inf, naming the tensor."""
+        named = [(site, *entry) for site in self.active_sites for entry in site.state_tensors()]
+        bad = _first_non_finite(named)
+        if bad is not None:
+            raise ValueError(
+                f"{bad[0].name}: {bad[1]} holds NaN or Inf; refusing to decode with it"
+            )
 
     def _check_states(self, batch_size: int) -> None:
         for site in self.active_sites:
@@ -284,9 +299,9 @@ class EASRuntime:
         if not self.decoding:
             mask = self._state_mask_for(site, u)
             if site.reparameterizable:
-                adapted, state = site.pia.adapt(u, mask)
+                adapted, state = site.pia.adapt(u, mask, mask_checked=True)
             else:
-                state = site.pia.compute_state(u, mask)
+                state = site.pia.compute_state(u, mask, mask_checked=True)
                 adapted = site.pia(u, state=state)
             site.state = state.detach()
             return adapted
@@ -301,13 +316,17 @@ class EASRuntime:
         return u + site.pia(u, state=site.state)
 
     def _state_mask_for(self, site: AdapterSite, u: torch.Tensor) -> torch.Tensor | None:
-        """The prompt mask of a fresh call, checked against the tokens ``site`` sees."""
+        """The prompt mask of a fresh call — validated at the model's entry (a token in every
+        row), so only its shape and device are checked here, against the tokens ``site``
+        sees: no host sync per site."""
         mask = self.state_mask
         if mask is not None and tuple(mask.shape) != tuple(u.shape[:2]):
             raise ValueError(
                 f"prompt mask has shape {tuple(mask.shape)} but {site.name} sees "
                 f"{tuple(u.shape[:2])} (B, n) tokens"
             )
+        if mask is not None and mask.device != u.device:
+            raise ValueError(f"prompt mask is on {mask.device} but {site.name} runs on {u.device}")
         return mask
 
     def _adapt_running(self, site: AdapterSite, u: torch.Tensor) -> torch.Tensor:

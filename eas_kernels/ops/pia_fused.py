@@ -500,7 +500,7 @@ def pia_parameters(pia: PIA) -> list[torch.Tensor | None]:
 
 
 def pia_adapt(
-    pia: PIA, u: torch.Tensor, mask: torch.Tensor | None = None
+    pia: PIA, u: torch.Tensor, mask: torch.Tensor | None = None, *, mask_checked: bool = False
 ) -> tuple[torch.Tensor, PIAState]:
     """:meth:`PIA.adapt` with the fused kernels: ``(u + PIA(u), state)``, gradients attached.
 
@@ -511,7 +511,7 @@ def pia_adapt(
     pia._check_input(u)
     if mask is None:
         mask = torch.ones(u.shape[:2], dtype=torch.bool, device=u.device)
-    else:
+    elif not mask_checked:  # the runtime checks it once per model call
         check_token_mask(mask, "mask", shape=tuple(u.shape[:2]), device=u.device)
     params = [None if p is None else p.contiguous() for p in pia_parameters(pia)]
     z, c, alpha = PIAFusedFunction.apply(
