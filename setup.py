@@ -162,7 +162,7 @@ extensions: list[Extension] = [
         "eas_kernels._C",
         _sources("cpu", ".cpp"),
         include_dirs=[str(CSRC)],
-        depends=[*_sources("cpu", ".h", ".inc"), str(CSRC / "abi.h")],
+        depends=[*_sources("cpu", ".h", ".inc"), str(CSRC / "abi.h"), str(CSRC / "binding.h")],
         cxx_std=17,
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],

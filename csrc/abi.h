@@ -1,14 +1,18 @@
 // The boundary between Python and the compiled kernels: plain C++ structs, no torch.
 //
 // Python (eas_kernels/_native.py) validates tensors and passes their data pointers,
-// shapes and strides (in elements) as integers; the dtype codes below must match
-// eas_kernels/_native.py's DTYPE_CODES. Both the CPU module (_C) and the CUDA module
-// (_C_cuda) take these structs.
+// shapes and strides (in elements) as integers. Both the CPU module (_C) and the CUDA
+// module (_C_cuda) take these structs. This file is the one definition of the ABI: the
+// modules report kAbiVersion, the dtype codes and kMergeTargetFields (binding.h), and
+// eas_kernels/_native.py refuses a module whose report differs from what it speaks.
 #pragma once
 
 #include <cstdint>
 
 namespace eas {
+
+// Bumped whenever a struct below or a binding's arguments change.
+constexpr int kAbiVersion = 3;
 
 // Storage dtype of a weight (and of the activations of the low-rank path).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -24,6 +28,16 @@ struct MergeTarget {
   void* new_bias;        // (out,) receives b + W βᵀ, rounded once to the storage dtype
 };
 
+// A MergeTarget's fields in the order Python passes them (binding.h's MergeTargetTuple).
+inline constexpr const char* kMergeTargetFields[] = {
+    "weight", "out", "ld", "pristine", "bias", "new_bias", "copy_pristine"};
+
+// Floats of MergeArgs::scratch: Q (Σ out x (rank + 1)), the row maxima (Σ out), the down
+// projection's row maxima (rank) and one refusal flag per target.
+constexpr int64_t merge_scratch_floats(int64_t rows, int64_t rank, int64_t targets) {
+  return rows * (rank + 2) + rank + targets;
+}
+
 // Merge of one PIA into the targets of its site (wq, wk, wv or w1, w3): all share d, dtype.
 struct MergeArgs {
   MergeTarget* targets;
@@ -33,7 +47,7 @@ struct MergeArgs {
   int64_t rank;          // r
   const float* up;       // (rank + 1, d) contiguous fp32: W_u (r rows), then β
   const float* down;     // (rank, d) contiguous fp32: W_d1
-  float* scratch;        // (Σ out)·(rank + 2) + rank + num_targets floats on the device
+  float* scratch;        // merge_scratch_floats(Σ out, rank, num_targets) floats (device)
   int num_threads;       // CPU only
 };
 

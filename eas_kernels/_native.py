@@ -30,8 +30,11 @@ from torch.autograd.graph import increment_version
 
 from ._checks import check_tensor
 
-ABI_VERSION = 2  # must equal build_info()["abi"] of both compiled modules
+# What this module speaks of the ABI (csrc/abi.h): a compiled module whose build_info()
+# reports another version, other dtype codes or other merge-target fields is not used.
+ABI_VERSION = 3
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MERGE_TARGET_FIELDS = ("weight", "out", "ld", "pristine", "bias", "new_bias", "copy_pristine")
 BACKENDS = ("auto", "native", "torch")
 OPS = ("merged_linear", "lowrank_factors", "add_lowrank")
 
@@ -59,10 +62,29 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
         module = _import_with_sleeping_threads(name)
     except ImportError as error:
         return None, f"{type(error).__name__}: {error}"
-    abi = module.build_info().get("abi")
+    info = module.build_info()
+    abi = info.get("abi")
     if abi != ABI_VERSION:
         return None, f"{name} has ABI {abi}, this package expects {ABI_VERSION}: rebuild it"
+    codes = {str(dtype).removeprefix("torch."): code for dtype, code in DTYPE_CODES.items()}
+    fields = tuple(info.get("merge_target_fields", ()))
+    if info.get("dtype_codes") != codes or fields != MERGE_TARGET_FIELDS:
+        return None, (
+            f"{name} reports ABI {abi} with dtype codes {info.get('dtype_codes')} and merge "
+            f"target fields {fields}, this package expects {codes} and {MERGE_TARGET_FIELDS}: "
+            "rebuild it"
+        )
     return module, None
+
+
+def merge_target(**fields: object) -> tuple:
+    """A merge target for a compiled module's ``merge``: ``fields`` by name (exactly
+    :data:`MERGE_TARGET_FIELDS`), in the order the ABI defines."""
+    if set(fields) != set(MERGE_TARGET_FIELDS):
+        raise TypeError(
+            f"a merge target has the fields {MERGE_TARGET_FIELDS}, got {sorted(fields)}"
+        )
+    return tuple(fields[name] for name in MERGE_TARGET_FIELDS)
 
 
 def _build_record() -> dict:
@@ -103,10 +125,11 @@ _CUDA_USABLE: dict[int, str | None] = {}
 def cuda_unusable(device: torch.device) -> str | None:
     """Why ``_C_cuda`` cannot run on CUDA ``device``, or None when it can (cached).
 
-    The module holds SASS only, for the compute capabilities it was built for (a cubin
-    for ``sm_XY`` runs on devices ``X.Z`` with ``Z >= Y``), with the CUDA runtime linked
-    statically: its runtime must see the device, which needs a driver that supports the
-    toolkit it was built with.
+    The module holds machine code for the compute capabilities it was built for (a cubin
+    for ``sm_XY`` runs on devices ``X.Z`` with ``Z >= Y``) and PTX of the newest, which the
+    driver compiles for any later device (setup.py); it links the CUDA runtime statically:
+    that runtime must see the device, which needs a driver that supports the toolkit it
+    was built with.
     """
     index = torch.cuda.current_device() if device.index is None else device.index
     if index not in _CUDA_USABLE:
@@ -124,10 +147,12 @@ def _cuda_unusable(index: int) -> str | None:
         )
     major, minor = torch.cuda.get_device_capability(index)
     built = [str(arch) for arch in CUDA.build_info()["archs"]]
-    for arch in built:
-        digits = arch.rstrip("af")
-        if digits.isdigit() and int(digits) // 10 == major and int(digits) % 10 <= minor:
-            return None
+    numbers = [int(arch) for arch in built if arch.isdigit()]
+    for number in numbers:
+        if number // 10 == major and number % 10 <= minor:
+            return None  # a cubin runs on this device
+    if numbers and major * 10 + minor >= max(numbers):
+        return None  # the PTX of the newest arch, compiled by the driver
     return (
         f"compute capability {major}.{minor} is not covered by the archs built "
         f'({", ".join(built)}); rebuild with EAS_CUDA_ARCHS="{major}{minor}"'

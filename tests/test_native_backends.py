@@ -73,11 +73,32 @@ def test_a_missing_module_fails_loudly_only_when_asked_for(monkeypatch):
 
 
 def test_a_module_of_another_abi_is_not_used(monkeypatch):
-    stale = types.ModuleType("eas_stale_kernels")
-    stale.build_info = lambda: {"abi": _native.ABI_VERSION + 1}
-    monkeypatch.setitem(sys.modules, "eas_stale_kernels", stale)
-    module, error = _native._load("eas_stale_kernels")
-    assert module is None and "rebuild it" in error
+    built = _native.CPU.build_info()
+    for change, message in [
+        ({"abi": _native.ABI_VERSION + 1}, "has ABI 4, this package expects 3"),
+        ({"dtype_codes": {"float32": 0, "float16": 2, "bfloat16": 1}}, "dtype codes"),
+        ({"merge_target_fields": ["weight", "ld", "out"]}, "merge target fields"),
+    ]:
+        stale = types.ModuleType("eas_stale_kernels")
+        stale.build_info = lambda change=change: {**built, **change}
+        monkeypatch.setitem(sys.modules, "eas_stale_kernels", stale)
+        module, error = _native._load("eas_stale_kernels")
+        assert module is None and message in error and error.endswith("rebuild it")
+
+
+def test_both_modules_report_the_abi_this_package_speaks():
+    """csrc/abi.h is the one definition; the modules report it (csrc/binding.h)."""
+    for module in (_native.CPU, _native.CUDA):
+        if module is None:
+            continue
+        info = module.build_info()
+        assert info["abi"] == _native.ABI_VERSION
+        assert tuple(info["merge_target_fields"]) == _native.MERGE_TARGET_FIELDS
+        assert module.merge_scratch_floats(rows=10, rank=3, targets=2) == 10 * 5 + 3 + 2
+    fields = dict(weight=1, out=2, ld=3, pristine=4, bias=0, new_bias=5, copy_pristine=True)
+    assert _native.merge_target(**fields) == (1, 2, 3, 4, 0, 5, True)
+    with pytest.raises(TypeError, match="a merge target has the fields"):
+        _native.merge_target(weight=1)
 
 
 @pytest.mark.parametrize("user_value", [None, "123"])
@@ -192,7 +213,8 @@ class FakeCudaModule(types.ModuleType):
         ((9, 0), 1, None),  # H100, H200
         ((7, 5), 1, r"compute capability 7\.5 is not covered by the archs built \(80, 90\)"),
         ((7, 0), 1, r"compute capability 7\.0"),  # V100
-        ((10, 0), 1, r"compute capability 10\.0"),  # B200: no sm_100 cubin
+        ((10, 0), 1, None),  # B200: no sm_100 cubin, the driver compiles the sm_90 PTX
+        ((12, 0), 1, None),  # RTX 50xx: likewise
         ((9, 0), 0, r"runtime sees 0 device\(s\) \(unavailable: CUDA driver is too old\)"),
     ],
 )

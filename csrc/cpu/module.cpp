@@ -3,16 +3,12 @@
 // Every tensor arrives as an integer data pointer plus shapes and strides (in elements),
 // already validated by eas_kernels/_native.py; nothing here links libtorch, so the module
 // survives torch upgrades. The GIL is released while a kernel runs.
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
-
 #include <cstdint>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 #include <vector>
 
-#include "../abi.h"
+#include "../binding.h"
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -34,33 +30,16 @@ int checked_dtype(int dtype) {
   return dtype;
 }
 
-template <class P>
-P* pointer(uintptr_t address, const char* name) {
-  if (address == 0) throw std::invalid_argument(std::string(name) + " is a null pointer");
-  return reinterpret_cast<P*>(address);
-}
+using binding::MergeTargetTuple;
+using binding::pointer;
+using binding::positive;
 
-void positive(int64_t value, const char* name) {
-  if (value <= 0) throw std::invalid_argument(std::string(name) + " must be positive");
-}
-
-using Target = std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t, bool>;
-
-int merge(const std::vector<Target>& targets, int dtype, int64_t d, int64_t rank, uintptr_t up,
-          uintptr_t down, uintptr_t scratch, int num_threads) {
+int merge(const std::vector<MergeTargetTuple>& targets, int dtype, int64_t d, int64_t rank,
+          uintptr_t up, uintptr_t down, uintptr_t scratch, int num_threads) {
   positive(d, "d");
   positive(rank, "rank");
   positive(num_threads, "num_threads");
-  if (targets.empty()) throw std::invalid_argument("no merge target");
-  std::vector<MergeTarget> converted;
-  for (const auto& [weight, out, ld, pristine, bias, new_bias, copy] : targets) {
-    positive(out, "out");
-    if (ld < d) throw std::invalid_argument("row stride ld must be >= d");
-    converted.push_back(MergeTarget{pointer<void>(weight, "weight"), out, ld,
-                                    pointer<void>(pristine, "pristine"), copy ? 1 : 0,
-                                    reinterpret_cast<const void*>(bias),
-                                    pointer<void>(new_bias, "new_bias")});
-  }
+  std::vector<MergeTarget> converted = binding::merge_targets(targets, d);
   const MergeArgs args{converted.data(), static_cast<int>(converted.size()), checked_dtype(dtype),
                        d, rank, pointer<const float>(up, "up"), pointer<const float>(down, "down"),
                        pointer<float>(scratch, "scratch"), num_threads};
@@ -122,7 +101,7 @@ py::dict build_info() {
 #else
   info["openmp"] = py::none();
 #endif
-  info["abi"] = 2;
+  binding::add_abi_info(info);
   return info;
 }
 
@@ -138,5 +117,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("isa", [] { return std::string(g_table->name); }, "instruction set of the kernels in use");
   m.def("isas", &isas, "instruction sets this CPU can run, best first");
   m.def("set_isa", &set_isa, "use the kernels of one instruction set (tests, benchmarks)");
-  m.def("build_info", &build_info, "compiler and OpenMP of this build");
+  m.def("build_info", &build_info, "compiler, OpenMP and ABI (abi.h) of this build");
+  eas::binding::def_abi_sizes(m);
 }

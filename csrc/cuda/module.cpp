@@ -5,16 +5,12 @@
 // strides validated by eas_kernels/_native.py, with the device ordinal and torch's current
 // stream as an integer handle; the kernels are enqueued on that stream. The GIL is
 // released while the host code runs (merge synchronises the stream once).
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
-
 #include <cstdint>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 #include <vector>
 
-#include "../abi.h"
+#include "../binding.h"
 #include "launch.h"
 
 namespace py = pybind11;
@@ -22,34 +18,17 @@ namespace py = pybind11;
 namespace eas::cuda {
 namespace {
 
-template <class P>
-P* pointer(uintptr_t address, const char* name) {
-  if (address == 0) throw std::invalid_argument(std::string(name) + " is a null pointer");
-  return reinterpret_cast<P*>(address);
-}
-
-void positive(int64_t value, const char* name) {
-  if (value <= 0) throw std::invalid_argument(std::string(name) + " must be positive");
-}
+using binding::MergeTargetTuple;
+using binding::pointer;
+using binding::positive;
 
 void* stream_of(uintptr_t handle) { return reinterpret_cast<void*>(handle); }
 
-using Target = std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t, bool>;
-
-int merge_py(const std::vector<Target>& targets, int dtype, int64_t d, int64_t rank, uintptr_t up,
-          uintptr_t down, uintptr_t scratch, int device, uintptr_t stream) {
+int merge_py(const std::vector<MergeTargetTuple>& targets, int dtype, int64_t d, int64_t rank,
+             uintptr_t up, uintptr_t down, uintptr_t scratch, int device, uintptr_t stream) {
   positive(d, "d");
   positive(rank, "rank");
-  if (targets.empty()) throw std::invalid_argument("no merge target");
-  std::vector<MergeTarget> converted;
-  for (const auto& [weight, out, ld, pristine, bias, new_bias, copy] : targets) {
-    positive(out, "out");
-    if (ld < d) throw std::invalid_argument("row stride ld must be >= d");
-    converted.push_back(MergeTarget{pointer<void>(weight, "weight"), out, ld,
-                                    pointer<void>(pristine, "pristine"), copy ? 1 : 0,
-                                    reinterpret_cast<const void*>(bias),
-                                    pointer<void>(new_bias, "new_bias")});
-  }
+  std::vector<MergeTarget> converted = binding::merge_targets(targets, d);
   const MergeArgs args{converted.data(), static_cast<int>(converted.size()), dtype, d, rank,
                        pointer<const float>(up, "up"), pointer<const float>(down, "down"),
                        pointer<float>(scratch, "scratch"), 1};
@@ -95,7 +74,7 @@ py::dict build_info() {
     if (end == std::string::npos) break;
     start = end + 1;
   }
-  info["abi"] = 2;
+  binding::add_abi_info(info);
   info["archs"] = names;
   const int version = runtime_version();
   info["cuda_version"] = std::to_string(version / 1000) + "." + std::to_string(version % 1000 / 10);
@@ -111,7 +90,8 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("merge", &merge_py, "Merge one PIA into a site's targets in place; -1 or refused target");
   m.def("lowrank_factors", &lowrank_factors_py, "F = U Wᵀ (fp32), U the up basis (abi.h)");
   m.def("lowrank_add", &lowrank_add_py, "y += κ F per row, in place (abi.h)");
-  m.def("build_info", &build_info, "ABI, compute capabilities and CUDA runtime of this build");
+  m.def("build_info", &build_info, "ABI (abi.h), compute capabilities and CUDA runtime of this build");
+  eas::binding::def_abi_sizes(m);
   m.def("device_count", &device_count, "CUDA devices the static runtime sees");
   m.def("device_status", &device_status, "'N device(s)' or why none is usable");
 }

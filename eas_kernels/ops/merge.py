@@ -252,22 +252,22 @@ def merged_linear(
         new_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=device)
         bias_pointer = 0 if bias is None else bias.data_ptr()
         targets.append(
-            (
-                weight.data_ptr(),
-                weight.shape[0],
-                _native.row_stride(weight),
-                pristine.data_ptr(),
-                bias_pointer,
-                new_bias.data_ptr(),
-                not holds_weight,  # write the copy
+            _native.merge_target(
+                weight=weight.data_ptr(),
+                out=weight.shape[0],
+                ld=_native.row_stride(weight),
+                pristine=pristine.data_ptr(),
+                bias=bias_pointer,
+                new_bias=new_bias.data_ptr(),
+                copy_pristine=not holds_weight,
             )
         )
         results.append(MergedTarget(pristine, new_bias))
     rows = sum(weight.shape[0] for weight in weights)
-    scratch_size = rows * (rank + 2) + rank + len(weights)  # csrc/abi.h, MergeArgs.scratch
+    kernels = _native.module(device)
+    scratch_size = kernels.merge_scratch_floats(rows, rank, len(weights))
     scratch = torch.empty(scratch_size, dtype=torch.float32, device=device)
     code = _native.DTYPE_CODES[weight0.dtype]
-    kernels = _native.module(device)
     kernel_args = (targets, code, d, rank, up.data_ptr(), down.data_ptr(), scratch.data_ptr())
     refused = kernels.merge(*kernel_args, *_native.launch_args(device))
     if refused >= 0:

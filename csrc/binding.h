@@ -1,0 +1,70 @@
+// The Python side of the ABI (abi.h), shared by both modules' pybind11 bindings
+// (cpu/module.cpp, cuda/module.cpp): argument conversion and what a module reports about
+// its ABI, so that eas_kernels/_native.py can check at import that it speaks the same one.
+// Host code only (pybind11, no CUDA, no torch).
+#pragma once
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "abi.h"
+
+namespace eas::binding {
+
+namespace py = pybind11;
+
+template <class P>
+P* pointer(uintptr_t address, const char* name) {
+  if (address == 0) throw std::invalid_argument(std::string(name) + " is a null pointer");
+  return reinterpret_cast<P*>(address);
+}
+
+inline void positive(int64_t value, const char* name) {
+  if (value <= 0) throw std::invalid_argument(std::string(name) + " must be positive");
+}
+
+// A MergeTarget as Python passes it: the fields of kMergeTargetFields, in that order.
+using MergeTargetTuple =
+    std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t, bool>;
+
+inline std::vector<MergeTarget> merge_targets(const std::vector<MergeTargetTuple>& targets,
+                                              int64_t d) {
+  if (targets.empty()) throw std::invalid_argument("no merge target");
+  std::vector<MergeTarget> converted;
+  for (const auto& [weight, out, ld, pristine, bias, new_bias, copy] : targets) {
+    positive(out, "out");
+    if (ld < d) throw std::invalid_argument("row stride ld must be >= d");
+    converted.push_back(MergeTarget{pointer<void>(weight, "weight"), out, ld,
+                                    pointer<void>(pristine, "pristine"), copy ? 1 : 0,
+                                    reinterpret_cast<const void*>(bias),
+                                    pointer<void>(new_bias, "new_bias")});
+  }
+  return converted;
+}
+
+// What build_info() reports of the ABI: its version, the dtype codes and the merge
+// target's fields (checked by eas_kernels/_native.py when the module is imported).
+inline void add_abi_info(py::dict& info) {
+  info["abi"] = kAbiVersion;
+  py::dict dtypes;
+  dtypes["float32"] = static_cast<int>(kFloat32);
+  dtypes["float16"] = static_cast<int>(kFloat16);
+  dtypes["bfloat16"] = static_cast<int>(kBFloat16);
+  info["dtype_codes"] = dtypes;
+  std::vector<std::string> fields(std::begin(kMergeTargetFields), std::end(kMergeTargetFields));
+  info["merge_target_fields"] = fields;
+}
+
+// The ABI's sizes, bound as module functions.
+inline void def_abi_sizes(py::module_& m) {
+  m.def("merge_scratch_floats", &merge_scratch_floats, py::arg("rows"), py::arg("rank"),
+        py::arg("targets"), "floats of MergeArgs::scratch (abi.h)");
+}
+
+}  // namespace eas::binding
