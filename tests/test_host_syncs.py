@@ -91,6 +91,13 @@ def test_hugging_face_layout_syncs_only_at_the_root():
     labels[:, :4] = -100
     # the labels' prompt mask is checked once, the weights once
     assert syncs(lambda: model(input_ids=ids, labels=labels)) == 2
-    with torch.no_grad():  # generate(): the weights are checked, states at the first step
-        assert syncs(lambda: model.generate(ids[:1], max_new_tokens=1, do_sample=False)) == 0
-        assert syncs(lambda: model.generate(ids[:1], max_new_tokens=5, do_sample=False)) == 1
+    with torch.no_grad():
+        # the prefill: at most the attention mask's check (some releases pass one)
+        prefill = syncs(lambda: model.generate(ids[:1], max_new_tokens=1, do_sample=False))
+        assert prefill <= 1
+        # then one sync at the first decode step (the states' check), none after it
+        for new_tokens in (5, 9):
+            generate = lambda n=new_tokens: model.generate(
+                ids[:1], max_new_tokens=n, do_sample=False
+            )  # noqa: E731
+            assert syncs(generate) == prefill + 1
