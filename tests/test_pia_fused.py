@@ -287,7 +287,9 @@ def test_dispatch_follows_the_backend_switch(monkeypatch):
     pia = make_pia(10, 2, True, 10.0, seed=12)
     u = torch.randn(2, 3, 10, dtype=torch.float64, device=DEVICE)
     calls = []
-    monkeypatch.setattr(pia_fused, "pia_adapt", lambda *a: calls.append(1) or pia_adapt(*a))
+    monkeypatch.setattr(
+        pia_fused, "pia_adapt", lambda *a, **k: calls.append(1) or pia_adapt(*a, **k)
+    )
     expected_auto = "triton" if u.is_cuda else "torch"
     assert pia_backend(u) == ("torch" if u.dtype == torch.float64 else expected_auto)
     pia.adapt(u)
@@ -354,7 +356,9 @@ def test_a_patched_model_trains_the_same_with_the_kernels_forced(monkeypatch):
     monkeypatch.setenv("EAS_PIA_BACKEND", "torch")
     loss_ref, grads_ref = step(reference)
     calls = []
-    monkeypatch.setattr(pia_fused, "pia_adapt", lambda *a: calls.append(a[0]) or pia_adapt(*a))
+    monkeypatch.setattr(
+        pia_fused, "pia_adapt", lambda *a, **k: calls.append(a[0]) or pia_adapt(*a, **k)
+    )
     monkeypatch.setenv("EAS_PIA_BACKEND", "triton")
     loss, grads = step(fused_model)
     kinds = {(pia.rank, pia.token_mixing) for pia in calls}
