@@ -19,6 +19,7 @@ Public API:
     search.Candidates       what the arms stand for: MHAs, FFNs, MHA-or-FFN, blocks (DAS)
     tuning                  the schedule (EASTuner, TuningConfig), data, evaluation, plots
     models.multimodal       a LaVIN-style multimodal model (vision tower + projector)
+    demo                    the demo application (easy-vqa workload); not imported here
     eas-kernels             the command line (eas_kernels.cli): search, finetune, ...
 """
 

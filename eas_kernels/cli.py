@@ -1,7 +1,7 @@
 """``eas-kernels``: search, fine-tune, evaluate and generate with EAS, and the demo.
 
 Every command works on the LaVIN-style multimodal workload of
-:mod:`eas_kernels.tuning.workload` (easy-vqa; the real SmolLM2-135M or a tiny random
+:mod:`eas_kernels.demo.workload` (easy-vqa; the real SmolLM2-135M or a tiny random
 LLaMA) and writes into ``--out``:
 
 * ``search``   warm-up + search (EAS_SPEC §5) → ``plan.json``, ``search/`` (all PIAs),
@@ -41,12 +41,20 @@ from torch import nn
 
 from . import __version__
 from ._checks import SEED_LIMIT
+from .demo.easy_vqa import easy_vqa_images, vqa_prompt
+from .demo.workload import (
+    MODELS,
+    Workload,
+    WorkloadConfig,
+    build_workload,
+    load_tuned,
+    save_tuned,
+)
 from .generation import greedy_generate
 from .patch import CANDIDATES, current_plan, patch_lavin, set_skipped
 from .plan import SkipPlan
 from .search import Candidates
 from .tuning import EASTuner, TuningConfig, TuningInterrupted, TuningResult
-from .tuning.data import easy_vqa_images, vqa_prompt
 from .tuning.evaluate import (
     answer_accuracy,
     floor_model,
@@ -55,14 +63,6 @@ from .tuning.evaluate import (
     tuned_parameter_count,
 )
 from .tuning.plots import plot_plan, plot_preferences
-from .tuning.workload import (
-    MODELS,
-    Workload,
-    WorkloadConfig,
-    build_workload,
-    load_tuned,
-    save_tuned,
-)
 
 
 # ----------------------------------------------------------------------------- arguments

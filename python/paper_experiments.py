@@ -1,6 +1,6 @@
 """The shared harness of the paper-table recipes (``python/table*.py``), public API only.
 
-Workload (``eas_kernels.tuning.workload``): the real SmolLM2-135M-Instruct, frozen, in a
+Workload (``eas_kernels.demo.workload``): the real SmolLM2-135M-Instruct, frozen, in a
 LaVIN-style multimodal model (a small CNN vision tower trained from scratch on easy-vqa's
 colour and shape labels, then frozen; a projector that trains with the adapters), on
 easy-vqa: 400 training, 16 held-out (the search's scoring batch) and 200 test questions.
@@ -49,6 +49,13 @@ from torch import nn
 
 import eas_kernels
 from eas_kernels import SkipPlan, current_plan, patch_lavin
+from eas_kernels.demo.workload import (
+    Workload,
+    WorkloadConfig,
+    build_workload,
+    load_tuned,
+    save_tuned,
+)
 from eas_kernels.tuning import EASTuner, TuningConfig
 from eas_kernels.tuning.evaluate import (
     answer_accuracy,
@@ -58,13 +65,6 @@ from eas_kernels.tuning.evaluate import (
     tuned_parameter_count,
 )
 from eas_kernels.tuning.plots import plot_plan
-from eas_kernels.tuning.workload import (
-    Workload,
-    WorkloadConfig,
-    build_workload,
-    load_tuned,
-    save_tuned,
-)
 
 EPOCHS = 3  # every method trains 3 epochs in all
 SEARCH = {"warmup_epochs": 1, "search_epochs": 1, "finetune_epochs": 1}

@@ -208,3 +208,20 @@ def test_pretrained_parameter_count_counts_a_copied_tied_output_once():
     with torch.no_grad():
         model.output.weight.copy_(model.tok_embeddings.weight)  # a converted tied checkpoint
     assert pretrained_parameter_count(model) == total - model.output.weight.numel()
+
+
+def test_the_core_imports_nothing_from_the_demo():
+    """pia, plan, patch, runtime, ops, search and the tuning trainer and data work without
+    the demo application (eas_kernels.demo: easy-vqa, the workload)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, eas_kernels, eas_kernels.tuning, eas_kernels.search, eas_kernels.ops, "
+        "eas_kernels.tuning.trainer, eas_kernels.tuning.evaluate, eas_kernels.hf, "
+        "eas_kernels.checkpoint\n"
+        "print(sorted(m for m in sys.modules if m.startswith('eas_kernels.demo')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

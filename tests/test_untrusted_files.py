@@ -67,7 +67,7 @@ def test_a_malicious_tuner_checkpoint_is_refused_before_the_run_changes(tmp_path
 
 def test_malicious_multimodal_files_are_refused(tmp_path):
     pytest.importorskip("easy_vqa", reason="the workload needs easy-vqa")
-    from eas_kernels.tuning.workload import (
+    from eas_kernels.demo.workload import (
         MULTIMODAL_FILE,
         WorkloadConfig,
         build_workload,

@@ -3,10 +3,11 @@
 * :mod:`.trainer`  — :class:`EASTuner` and :class:`TuningConfig`: warm-up → search →
   fine-tune on any patched model, with checkpoints and resume (:class:`TuningInterrupted`
   when Ctrl-C stopped it at a step's end);
-* :mod:`.data`     — examples, left-padded batches, the easy-vqa data set;
-* :mod:`.workload` — the demo's LaVIN-style multimodal model on easy-vqa;
+* :mod:`.data`     — examples and left-padded batches;
 * :mod:`.evaluate` — accuracy (greedy, batch 1) and decode speed, the floor model;
 * :mod:`.plots`    — preferences over time and the final plan (PNG).
+
+The demo's workload (easy-vqa, the multimodal model) is :mod:`eas_kernels.demo`.
 """
 
 from .data import Batch, Example, collate

@@ -31,10 +31,10 @@ from ..checkpoint import from_pretrained, save_pretrained
 from ..files import load_module_state, load_tensor_file, save_atomically
 from ..models.lavin import ModelArgs, Transformer
 from ..models.multimodal import LaVINStyleMLLM, VisionTower
-from .data import (
+from ..tuning.data import Example
+from .easy_vqa import (
     COLORS,
     SHAPES,
-    Example,
     WordTokenizer,
     easy_vqa_images,
     easy_vqa_records,
