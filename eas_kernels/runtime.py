@@ -21,11 +21,17 @@ Each call of a patched block is either
   adds ``(u W_d1ᵀ) M_e + g_e`` to each target's output per example (``κ F``, see
   :mod:`eas_kernels.ops.lowrank`); ``auto`` is merge
   for batch 1 and lowrank otherwise.
+
+The runtime is in one :class:`Phase` at a time — ``NO_STATES`` (after patching or a new
+skip set), ``FRESH`` (after a fresh call) or ``DECODING`` (after a decode call, the mode
+realised) — and moves only along :data:`TRANSITIONS`; a decode call with no states is
+refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 from dataclasses import dataclass
 
@@ -207,18 +213,55 @@ class AdapterSite:
                     linear.bias.copy_(bias)
 
 
+class Phase(enum.Enum):
+    """Where a patched model is between calls (:attr:`EASRuntime.phase`).
+
+    ``NO_STATES``: after patching or a change of the skip set — the next call must be
+    fresh. ``FRESH``: after a training forward or a prefill — every active site holds the
+    states of that call, the weights are pristine. ``DECODING``: after a decode call — the
+    states are frozen and the mode is realised (merged weights, low-rank hooks), once.
+    """
+
+    NO_STATES = "no states"
+    FRESH = "fresh"
+    DECODING = "decoding"
+
+
+# The allowed transitions (from, to); anything else is refused by EASRuntime._move.
+TRANSITIONS = {
+    (Phase.NO_STATES, Phase.FRESH),  # the first training forward or prefill
+    (Phase.NO_STATES, Phase.NO_STATES),  # the skip set changed again
+    (Phase.FRESH, Phase.FRESH),  # training steps; a new prompt before any decode step
+    (Phase.FRESH, Phase.DECODING),  # the first decode step: check states, realise the mode
+    (Phase.FRESH, Phase.NO_STATES),
+    (Phase.DECODING, Phase.DECODING),  # decode steps; set_mode
+    (Phase.DECODING, Phase.FRESH),  # the next prompt: unrealise first (weights back)
+    (Phase.DECODING, Phase.NO_STATES),
+}
+
+
 class EASRuntime:
-    """Frozen states, mode and re-parameterisation of one patched model."""
+    """Frozen states, mode and re-parameterisation of one patched model, in one of the
+    phases of :class:`Phase`."""
 
     def __init__(self, *, running: bool = False) -> None:
         self.sites: list[AdapterSite] = []
         self.running = running  # SkipPlan(state="running"): states follow every token
         self.mode = "eager"
         self.state_mask: torch.Tensor | None = None
-        self.decoding = False
-        self.realized: str | None = None
+        self.phase = Phase.NO_STATES
+        self.realized: str | None = None  # the mode realised while DECODING (None: not yet)
         self._merged: list[_MergeRecord] = []
         self._finite_key: tuple | None = None  # the weights' versions at the last check
+
+    @property
+    def decoding(self) -> bool:
+        return self.phase is Phase.DECODING
+
+    def _move(self, phase: Phase) -> None:
+        if (self.phase, phase) not in TRANSITIONS:
+            raise RuntimeError(f"EAS runtime: no transition from {self.phase} to {phase}")
+        self.phase = phase
 
     @property
     def active_sites(self) -> list[AdapterSite]:
@@ -244,14 +287,14 @@ class EASRuntime:
         if fresh:
             if new_call:
                 self._check_finite_weights()
-            if self.decoding or self.realized is not None:
+            if self.phase is Phase.DECODING:
                 self.unrealize()
-            self.decoding = False
+            self._move(Phase.FRESH)
             return
-        if not self.decoding:
-            self._check_states(batch_size)
+        if self.phase is not Phase.DECODING:
+            self._check_states(batch_size)  # NO_STATES is refused here, naming a site
             self._check_finite_states()
-            self.decoding = True
+            self._move(Phase.DECODING)
         if self.realized is None:
             self.realize(self.mode, batch_size)
 
@@ -416,7 +459,8 @@ class EASRuntime:
             raise
 
     def forget_states(self) -> None:
+        """Drop every frozen state (the skip set changed): the next call must be fresh."""
         self.unrealize()
-        self.decoding = False
+        self._move(Phase.NO_STATES)
         for site in self.sites:
             site.state = None

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from eas_kernels import PIA, greedy_generate, reparameterize, restore
+from eas_kernels import PIA, greedy_generate, reparameterize, restore, set_skipped
 from eas_kernels.ops import (
     add_lowrank_reference,
     lowrank_factors_reference,
@@ -322,3 +322,32 @@ def test_state_dict_while_merged_holds_the_pretrained_weights_and_decoding_goes_
 
     assert torch.equal(decode(take_state_dict=True), decode(take_state_dict=False))
     assert runtime_of(model).realized == "merge"
+
+
+def test_the_runtime_moves_through_its_phases():
+    """NO_STATES -> FRESH (prefill) -> DECODING (first decode: mode realised) -> FRESH (next
+    prompt: weights back) ...; a new skip set drops the states; decoding needs a prefill."""
+    from eas_kernels.runtime import TRANSITIONS, Phase
+
+    model = patched([1], search=True)
+    runtime = runtime_of(model)
+    reparameterize(model, "merge")
+    assert runtime.phase is Phase.NO_STATES
+    assert (Phase.NO_STATES, Phase.DECODING) not in TRANSITIONS
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="does not continue a prefill"):  # the model's
+            model(torch.tensor([[3]]), start_pos=4)
+        assert runtime.phase is Phase.NO_STATES and runtime.realized is None
+        model(torch.tensor([[1, 2, 3, 4]]), start_pos=0)
+        assert runtime.phase is Phase.FRESH and runtime.realized is None
+        model(torch.tensor([[3]]), start_pos=4)
+        assert runtime.phase is Phase.DECODING and runtime.realized == "merge"
+        model(torch.tensor([[5, 6]]), start_pos=0)
+        assert runtime.phase is Phase.FRESH and runtime.realized is None
+        set_skipped(model, [2])
+        assert runtime.phase is Phase.NO_STATES
+        with pytest.raises(RuntimeError, match="must follow a prefill"):  # the runtime's
+            model(torch.tensor([[3]]), start_pos=2)
+    runtime.phase = Phase.NO_STATES
+    with pytest.raises(RuntimeError, match="no transition from Phase.NO_STATES"):
+        runtime._move(Phase.DECODING)
