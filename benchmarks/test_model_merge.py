@@ -1,0 +1,150 @@
+"""The whole model's merge and restore against their roofline (issue 20's starting point).
+
+A merged EAS model writes every site's PIA into its targets at the first decode step of a
+prompt (``EASRuntime._merge_all``) and puts the weights back at the next prefill
+(``EASRuntime.unrealize``). Both are timed alone here, alternating as between prompts
+(so the merge finds its pristine buffers holding the weights and skips the copy), on a
+32-layer LaVIN-layout model (d = 512 on a CPU, LLaMA-7B width in bf16 on a GPU) with 12
+MHAs skipped, batch 1, PIAs random and non-zero.
+
+Recorded in ``extra_info``, all from the same run:
+
+* ``merge_ms`` / ``restore_ms``: medians over the rounds;
+* ``kernel_ms``: the time inside the compiled merge calls during one merge (the rest of
+  ``merge_ms`` is Python: states → ``(W_u, β)``, checks, pristine bookkeeping, biases);
+* the roofline: ``flops`` = Σ over targets of ``4·out·d·r + 2·out·d``; the merge moves at
+  least ``2·bytes(W)`` (read, then write the merged rows; the copy is skipped) and the
+  restore ``2·bytes(W)`` (read the pristine copy, write W); peak (a large fp32 GEMM) and
+  bandwidth (a large copy) measured in this run; ``merge_vs_roofline`` and
+  ``restore_vs_roofline`` are the ratios (issue 20's targets: ≤ 1.5).
+
+``pytest benchmarks/test_model_merge.py --benchmark-only``. Nothing is asserted about speed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+import eas_kernels
+from benchmarks.roofline import (
+    DEVICE,
+    machine,
+    measure_roofline,
+    randomize_trainables,
+    synchronize,
+)
+from eas_kernels import _native
+from eas_kernels.models.lavin import ModelArgs, Transformer
+from eas_kernels.patch import runtime_of
+
+ROUNDS, SKIPPED = 15, 12
+GPU = DEVICE.type == "cuda"
+
+
+def merged_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    width = 4096 if GPU else 512
+    args = ModelArgs(
+        dim=width, n_layers=32, n_heads=32 if GPU else 8, vocab_size=4096, max_seq_len=128,
+        max_batch_size=1,
+    )  # fmt: skip
+    dtype = torch.bfloat16 if GPU else torch.float32
+    with torch.device(DEVICE):
+        base = Transformer(args).to(dtype=dtype).eval()
+    plan = eas_kernels.SkipPlan(32, list(range(32 - SKIPPED - 1, 31)))
+    model = eas_kernels.patch_lavin(base, plan)
+    randomize_trainables(model, seed=1)
+    eas_kernels.reparameterize(model, "merge")
+    prompt = torch.randint(1, 4096, (1, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(prompt.to(DEVICE), start_pos=0)
+        model(torch.tensor([[7]], device=DEVICE), start_pos=64)  # merges
+    return model
+
+
+def roofline_work(model: torch.nn.Module) -> tuple[float, float]:
+    """(flops, bytes of the targets' weights) of merging every site once."""
+    flops, weight_bytes = 0.0, 0.0
+    for site in runtime_of(model).reparameterizable_sites:
+        rank = site.pia.rank
+        for linear in site.targets:
+            out, d = linear.weight.shape
+            flops += 4 * out * d * rank + 2 * out * d
+            weight_bytes += linear.weight.nbytes
+    return flops, weight_bytes
+
+
+def seconds(fn) -> float:
+    synchronize()
+    start = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - start
+
+
+def test_whole_model_merge_and_restore(benchmark, monkeypatch):
+    model = merged_model()
+    runtime = runtime_of(model)
+    roofline = measure_roofline()
+
+    def merge() -> None:
+        runtime._merge_all()
+        runtime.realized = "merge"
+
+    with torch.no_grad():
+        merges, restores = [], []
+        for _ in range(ROUNDS + 2):  # the first two are warm-up
+            restores.append(seconds(runtime.unrealize))
+            merges.append(seconds(merge))
+        merges, restores = merges[2:], restores[2:]
+        kernel_time = [0.0]
+        kernels = _native.module(DEVICE)
+        original = kernels.merge
+
+        def timed_kernel(*args):
+            start = time.perf_counter()
+            try:
+                return original(*args)
+            finally:
+                kernel_time[0] += time.perf_counter() - start
+
+        monkeypatch.setattr(kernels, "merge", timed_kernel, raising=False)
+        runtime.unrealize()
+        kernel_seconds = []
+        for _ in range(ROUNDS):
+            kernel_time[0] = 0.0
+            merge()
+            kernel_seconds.append(kernel_time[0])
+            runtime.unrealize()
+        monkeypatch.undo()
+        merge()
+    flops, weight_bytes = roofline_work(model)
+    merge_floor = max(
+        flops / roofline["peak_float32_flops"], 2 * weight_bytes / roofline["bandwidth_bytes"]
+    )
+    restore_floor = 2 * weight_bytes / roofline["bandwidth_bytes"]
+    merge_s, restore_s = statistics.median(merges), statistics.median(restores)
+    benchmark.extra_info.update(
+        model=f"LaVIN layout, 32 layers, d = {model.params.dim}, MHAs "
+        f"{list(range(32 - SKIPPED - 1, 31))} skipped, {model.tok_embeddings.weight.dtype}",
+        sites=len(runtime.reparameterizable_sites),
+        merge_ms=round(1e3 * merge_s, 2),
+        kernel_ms=round(1e3 * statistics.median(kernel_seconds), 2),
+        restore_ms=round(1e3 * restore_s, 2),
+        merge_gflop=round(flops / 1e9, 3),
+        target_megabytes=round(weight_bytes / 1e6, 1),
+        merge_roofline_ms=round(1e3 * merge_floor, 2),
+        restore_roofline_ms=round(1e3 * restore_floor, 2),
+        merge_vs_roofline=round(merge_s / merge_floor, 2),
+        restore_vs_roofline=round(restore_s / restore_floor, 2),
+        **{k: round(v / 1e9, 1) for k, v in roofline.items()},
+        **machine(),
+    )
+    if not GPU and _native.CPU is None:
+        pytest.skip("the CPU kernels are not built")
+    with torch.no_grad():
+        benchmark.pedantic(merge, setup=runtime.unrealize, rounds=ROUNDS, warmup_rounds=1)
