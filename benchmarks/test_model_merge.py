@@ -35,7 +35,7 @@ from benchmarks.roofline import (
     machine,
     measure_roofline,
     randomize_trainables,
-    synchronize,
+    timed,
 )
 from eas_kernels import _native
 from eas_kernels.models.lavin import ModelArgs, Transformer
@@ -78,14 +78,6 @@ def roofline_work(model: torch.nn.Module) -> tuple[float, float]:
     return flops, weight_bytes
 
 
-def seconds(fn) -> float:
-    synchronize()
-    start = time.perf_counter()
-    fn()
-    synchronize()
-    return time.perf_counter() - start
-
-
 def test_whole_model_merge_and_restore(benchmark, monkeypatch):
     model = merged_model()
     runtime = runtime_of(model)
@@ -98,8 +90,8 @@ def test_whole_model_merge_and_restore(benchmark, monkeypatch):
     with torch.no_grad():
         merges, restores = [], []
         for _ in range(ROUNDS + 2):  # the first two are warm-up
-            restores.append(seconds(runtime.unrealize))
-            merges.append(seconds(merge))
+            restores.append(timed(runtime.unrealize))
+            merges.append(timed(merge))
         merges, restores = merges[2:], restores[2:]
         kernel_time = [0.0]
         kernels = _native.module(DEVICE)

@@ -8,12 +8,14 @@ input never reaches a kernel or changes a model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from numbers import Integral, Real
+from typing import TypeVar
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+Key = TypeVar("Key")
 
 
 def check_positive_int(value: object, name: str) -> int:
@@ -105,3 +107,17 @@ def check_token_mask(
             "prompt token to average over"
         )
     return mask
+
+
+def first_non_finite(named: Sequence[tuple[Key, torch.Tensor]]) -> Key | None:
+    """The key of the first tensor of ``named`` that holds NaN or Inf, or None: one
+    ``_foreach_norm`` pass (max |x|, which keeps NaN and Inf) and one host sync per device."""
+    by_device: dict[torch.device, list[tuple[Key, torch.Tensor]]] = {}
+    for key, tensor in named:
+        by_device.setdefault(tensor.device, []).append((key, tensor.detach()))
+    for entries in by_device.values():
+        largest = torch._foreach_norm([tensor for _, tensor in entries], float("inf"))
+        finite = torch.isfinite(torch.stack(largest))
+        if not bool(finite.all()):
+            return entries[int((~finite).nonzero()[0, 0])][0]
+    return None

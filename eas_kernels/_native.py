@@ -261,14 +261,19 @@ def memory_span(tensor: torch.Tensor) -> tuple[int, int]:
     return start, start + extent * tensor.element_size()
 
 
+def spans_overlap(first: tuple[int, int], second: tuple[int, int]) -> bool:
+    """Whether two :func:`memory_span` ranges share a byte."""
+    return first[0] < second[1] and second[0] < first[1]
+
+
 def check_disjoint(named: list[tuple[str, torch.Tensor]], written: int) -> None:
     """The first ``written`` tensors of ``named`` are written in place by a kernel: refuse
     (ValueError) any of them whose memory span meets another tensor's, e.g. the same weight
     passed twice to one merge, which the kernel would update twice."""
     spans = [(name, memory_span(tensor)) for name, tensor in named if tensor.numel() > 0]
-    for i, (name, (start, end)) in enumerate(spans[:written]):
-        for j, (other, (other_start, other_end)) in enumerate(spans):
-            if j != i and (j > i or j >= written) and start < other_end and other_start < end:
+    for i, (name, span) in enumerate(spans[:written]):
+        for j, (other, other_span) in enumerate(spans):
+            if j != i and (j > i or j >= written) and spans_overlap(span, other_span):
                 raise ValueError(
                     f"{name} and {other} share memory; a kernel writing {name} in place "
                     "needs it to be apart from every other argument"

@@ -345,30 +345,26 @@ def _plots(result: TuningResult, candidates: Candidates, out: Path) -> dict[str,
     return {"preferences": str(preferences), "plan": str(plan)}
 
 
-class _BadArgument(ValueError):
-    """An argument refused before any work (exit status 2)."""
-
-
 def _check_paths(args: argparse.Namespace) -> None:
     """Refuse paths that cannot work before anything runs: ``--out`` must be a writable
     folder (created if missing), ``--plan`` a file, ``--checkpoint``/``--init`` folders."""
     out = args.out
     if out.exists() and not out.is_dir():
-        raise _BadArgument(f"--out {out} is a file, not a folder")
+        raise ValueError(f"--out {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as error:
-        raise _BadArgument(f"--out {out} is not a writable folder: {error.strerror}") from None
+        raise ValueError(f"--out {out} is not a writable folder: {error.strerror}") from None
     for flag, kind in (("--plan", "file"), ("--checkpoint", "folder"), ("--init", "folder")):
         path = getattr(args, flag.lstrip("-"), None)
         if path is None:
             continue
         if not path.exists():
-            raise _BadArgument(f"{flag} {path} does not exist")
+            raise ValueError(f"{flag} {path} does not exist")
         if (kind == "file") != path.is_file():
-            raise _BadArgument(f"{flag} {path} is not a {kind}")
+            raise ValueError(f"{flag} {path} is not a {kind}")
 
 
 def _load(flag: str, load: Any, *arguments: Any) -> Any:
@@ -376,7 +372,7 @@ def _load(flag: str, load: Any, *arguments: Any) -> Any:
     try:
         return load(*arguments)
     except (ValueError, TypeError, OSError) as error:
-        raise _BadArgument(f"{flag}: {error}") from None
+        raise ValueError(f"{flag}: {error}") from None
 
 
 # ----------------------------------------------------------------------------- commands
@@ -415,9 +411,7 @@ def cmd_finetune(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             plan.adapter_rank,
             plan.temperature,
         ):
-            raise _BadArgument(
-                f"--plan {args.plan} has other adapter sizes than --init {args.init}"
-            )
+            raise ValueError(f"--plan {args.plan} has other adapter sizes than --init {args.init}")
         set_skipped(model, plan.skipped, ffns=plan.skipped_ffns)
     else:
         model = _load("--plan", patch_lavin, copy.deepcopy(workload.model), plan)
@@ -475,7 +469,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     try:
         image = easy_vqa_images(args.split, [args.image_id])[args.image_id]
     except KeyError:
-        raise _BadArgument(
+        raise ValueError(
             f"--image-id {args.image_id}: easy-vqa's {args.split} split has no such image"
         ) from None
     prompt = [model.image_token_id] * model.num_image_tokens + workload.encode(

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import first_non_finite
 from .ops import LowrankAdd, lowrank_factors, merged_linear, restore_merged
 from .pia import PIA, PIAState, RunningSums
 
@@ -63,23 +64,6 @@ def _versions(tensors: list[torch.Tensor]) -> tuple | None:
         return tuple((id(tensor), tensor._version) for tensor in tensors)
     except RuntimeError:
         return None
-
-
-def _first_non_finite(
-    named: list[tuple[AdapterSite, str, torch.Tensor]],
-) -> tuple[AdapterSite, str] | None:
-    """The first ``(site, name)`` whose tensor holds NaN or Inf, or None: one
-    ``_foreach_norm`` pass (max |x|, which keeps NaN and Inf) and one host sync per device."""
-    by_device: dict[torch.device, list[tuple[AdapterSite, str, torch.Tensor]]] = {}
-    for site, name, tensor in named:
-        by_device.setdefault(tensor.device, []).append((site, name, tensor.detach()))
-    for entries in by_device.values():
-        largest = torch._foreach_norm([tensor for _, _, tensor in entries], float("inf"))
-        finite = torch.isfinite(torch.stack(largest))
-        if not bool(finite.all()):
-            site, name, _ = entries[int((~finite).nonzero()[0, 0])]
-            return site, name
-    return None
 
 
 @dataclass
@@ -300,22 +284,26 @@ class EASRuntime:
 
     def _check_finite_weights(self) -> None:
         named = [
-            (site, name, parameter)
+            ((site, name), parameter)
             for site in self.active_sites
             for name, parameter in site.pia.named_parameters()
         ]
-        key = _versions([parameter for _, _, parameter in named])
+        key = _versions([parameter for _, parameter in named])
         if key is not None and key == self._finite_key:
             return
-        bad = _first_non_finite(named)
+        bad = first_non_finite(named)
         if bad is not None:
             raise ValueError(f"{bad[0].name}: {bad[1]} holds NaN or Inf; refusing to run it")
         self._finite_key = key
 
     def _check_finite_states(self) -> None:
         """Refuse (ValueError) frozen states holding NaN/Inf, naming the tensor."""
-        named = [(site, *entry) for site in self.active_sites for entry in site.state_tensors()]
-        bad = _first_non_finite(named)
+        named = [
+            ((site, name), tensor)
+            for site in self.active_sites
+            for name, tensor in site.state_tensors()
+        ]
+        bad = first_non_finite(named)
         if bad is not None:
             raise ValueError(
                 f"{bad[0].name}: {bad[1]} holds NaN or Inf; refusing to decode with it"

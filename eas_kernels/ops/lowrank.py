@@ -302,11 +302,10 @@ def _apart(output: torch.Tensor, *others: torch.Tensor | tuple[int, int]) -> boo
     """Whether contiguous ``output`` shares no memory with ``others`` (tensors, or their
     :func:`~eas_kernels._native.memory_span`)."""
     start = output.data_ptr()
-    end = start + output.numel() * output.element_size()
-    for other in others:
-        other_start, other_end = (
-            _native.memory_span(other) if isinstance(other, torch.Tensor) else other
+    span = (start, start + output.numel() * output.element_size())  # contiguous
+    return not any(
+        _native.spans_overlap(
+            span, _native.memory_span(other) if isinstance(other, torch.Tensor) else other
         )
-        if start < other_end and other_start < end:
-            return False
-    return True
+        for other in others
+    )

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import SEED_LIMIT, check_positive_int, check_seed
+from .._checks import SEED_LIMIT, check_positive_int, check_seed, first_non_finite
 from ..files import load_tensor_file, save_atomically
 from ..patch import patch_of
 from ..plan import SkipPlan
@@ -350,14 +350,8 @@ class EASTuner:
     def _check_finite_parameters(self) -> None:
         """Refuse (FloatingPointError) trainable parameters that a step made NaN/Inf, so
         that no checkpoint holds them (one host sync per device)."""
-        flags: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
-        for name, parameter in self.parameters.items():
-            flag = torch.isfinite(parameter.detach()).all()
-            flags.setdefault(parameter.device, []).append((name, flag))
-        for entries in flags.values():
-            if bool(torch.stack([flag for _, flag in entries]).all()):
-                continue
-            name = next(name for name, flag in entries if not bool(flag))
+        name = first_non_finite(list(self.parameters.items()))
+        if name is not None:
             raise FloatingPointError(
                 f"training diverged: step {self.position['step'] + 1} made {name} NaN or Inf; "
                 f"lower lr (now {self.config.lr})"
