@@ -8,12 +8,13 @@ Public API:
     prompt_mask_from_labels the prompt mask HF training uses (tokens before the first label)
     save_pretrained, from_pretrained   plan + PIA weights only (safetensors)
     set_skipped             change the skip set between steps (search)
-    skipped_layers          the current skip set of a patched model
+    skipped_mhas            the layers whose MHA a patched model currently skips
     current_plan            the plan of a patched model's current skip sets
     set_prompt_mask         prompt mask for models whose forward takes none
     unpatch                 undo a patch: weights, hooks, PIAs, requires_grad as before
     reparameterize, restore merge / low-rank / eager decode; put weights back bitwise
     greedy_generate         left-padded batched greedy decoding (prefill, then steps)
+    roles                   layer roles (Role: kept, skipped MHA/FFN/block), candidate sets
     models.lavin            the LaVIN-layout LLaMA (ModelArgs, Transformer)
     search.BanditSearch     the k-armed bandit of the redundancy search (pure PyTorch)
     search.Candidates       what the arms stand for: MHAs, FFNs, MHA-or-FFN, blocks (DAS)
@@ -23,7 +24,7 @@ Public API:
     eas-kernels             the command line (eas_kernels.cli): search, finetune, ...
 """
 
-from . import models, search, tuning
+from . import models, roles, search, tuning
 from ._native import backends
 from .checkpoint import from_pretrained, save_pretrained
 from .generation import Generation, greedy_generate
@@ -33,7 +34,7 @@ from .patch import (
     patch_lavin,
     set_prompt_mask,
     set_skipped,
-    skipped_layers,
+    skipped_mhas,
     unpatch,
 )
 from .pia import PIA, PIAState
@@ -58,12 +59,13 @@ __all__ = [
     "prompt_mask_from_labels",
     "reparameterize",
     "restore",
+    "roles",
     "save_pretrained",
     "search",
     "tuning",
     "set_prompt_mask",
     "set_skipped",
-    "skipped_layers",
+    "skipped_mhas",
     "unpatch",
     "unpatch_hf",
 ]

@@ -2,8 +2,9 @@
 
 A checkpoint folder holds ``eas_plan.json`` (the :class:`~eas_kernels.SkipPlan` of the
 current skip sets, plus the search candidate set the PIAs were installed for, if any) and
-``eas_pia.safetensors`` with keys ``layers.{i}.attn_adapter.*`` / ``layers.{i}.skip_pia.*``
-(``ffn_skip_pia``, ``block_adapter``) — indexed by block,
+``eas_pia.safetensors`` with keys ``layers.{i}.{pia}.*``, ``pia`` the PIA attribute of the
+role (:attr:`Role.pia_name <eas_kernels.roles.Role.pia_name>`: ``attn_adapter``,
+``skip_pia``, ``ffn_skip_pia``, ``block_adapter``) — indexed by block,
 so a checkpoint moves between the LaVIN and the Hugging Face layouts of the same model.
 A few MB instead of the base model's GB.
 """
@@ -19,7 +20,7 @@ from torch import nn
 
 from .files import check_tensors
 from .layout import HF_LLAMA, LAVIN
-from .patch import ROLE_PIAS, EASPatch, check_search, patch_lavin, patch_of, unpatch
+from .patch import EASPatch, check_search, patch_lavin, patch_of, unpatch
 from .plan import SkipPlan, parse_json
 
 PLAN_FILE = "eas_plan.json"
@@ -34,7 +35,7 @@ def _pia_tensors(patch: EASPatch, active_only: bool = False) -> dict[str, torch.
     for site in patch.runtime.sites:
         if site.active or not active_only:
             for key, value in site.pia.state_dict().items():
-                tensors[f"layers.{site.layer}.{ROLE_PIAS[site.kind]}.{key}"] = value
+                tensors[f"layers.{site.layer}.{site.role.pia_name}.{key}"] = value
     return tensors
 
 

@@ -51,8 +51,9 @@ from .demo.workload import (
     save_tuned,
 )
 from .generation import greedy_generate
-from .patch import CANDIDATES, current_plan, patch_lavin, set_skipped
+from .patch import current_plan, patch_lavin, set_skipped
 from .plan import SkipPlan
+from .roles import CANDIDATE_SETS, DEFAULT_CANDIDATES
 from .search import Candidates
 from .tuning import EASTuner, TuningConfig, TuningInterrupted, TuningResult
 from .tuning.evaluate import (
@@ -114,7 +115,9 @@ def _training_options(parser: argparse.ArgumentParser, *, search: bool) -> None:
     )
     if search:
         group.add_argument("--k", type=_positive(int), default=8, help="arms to skip")
-        group.add_argument("--candidates", choices=sorted(CANDIDATES), default="mha")
+        group.add_argument(
+            "--candidates", choices=sorted(CANDIDATE_SETS), default=DEFAULT_CANDIDATES
+        )
         group.add_argument("--warmup-epochs", type=_non_negative, default=1)
         group.add_argument("--search-epochs", type=_non_negative, default=1)
         group.add_argument("--eval-every", type=_positive(int), default=2, help="T")

@@ -307,7 +307,7 @@ class _HFCallHook:
     @property
     def all_skipped(self) -> bool:
         assert self.patch is not None
-        return len(self.patch.skipped) == len(self.patch.blocks)
+        return len(self.patch.skipped_mhas) == len(self.patch.blocks)
 
     def mark_skipped(self, cache: Any) -> None:
         """Put a ``DummyLayer`` in the empty cache slot of each skipped layer."""
@@ -324,7 +324,7 @@ class _HFCallHook:
                 f"DummyLayer holds a skipped layer's slot); this is transformers "
                 f"{transformers.__version__}: use the default dynamic cache, or upgrade"
             )
-        skipped = self.patch.skipped
+        skipped = self.patch.skipped_mhas
         if len(skipped) == len(layers):
             return  # keep one layer that tracks the sequence length
         for index in skipped:

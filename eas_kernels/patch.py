@@ -1,17 +1,16 @@
 """Patch transformer blocks with EAS (EAS_SPEC §2), and undo it.
 
-Kept layer (MHA runs; rank-``adapter_rank`` router adapter, no token mixing)::
+Each layer plays a :class:`~eas_kernels.roles.Role` of the plan — kept, skipped MHA,
+skipped FFN or skipped block — and the role says what it runs, e.g.::
 
-    u = attention_norm(x);  h = x + Attn(u + PIA_a(u));  out = h + FFN(ffn_norm(h))
+    kept         u = attention_norm(x);  h = x + Attn(u + PIA_a(u));  out = h + FFN(ffn_norm(h))
+    skipped_mha  v = ffn_norm(x);  out = x + FFN(v + PIA_s(v))
 
-Skipped layer (MHA removed; rank-``skip_rank`` PIA with token mixing)::
-
-    v = ffn_norm(x);  out = x + FFN(v + PIA_s(v))
-
-:class:`EASPatch` does this on any block layout (:mod:`eas_kernels.layout`), on instances:
-PIAs become children ``attn_adapter`` / ``skip_pia`` of the block (state dict keys
-``...layers.{i}.attn_adapter.down1.weight``), adapters are forward hooks on the norms, and
-a skipped block's ``forward`` is replaced on the instance by one without attention.
+:class:`EASPatch` installs the roles on any block layout (:mod:`eas_kernels.layout`), on
+instances: PIAs become children of the block named by their role (``attn_adapter``,
+``skip_pia``, ...; state dict keys ``...layers.{i}.attn_adapter.down1.weight``), adapters
+are forward hooks on the norms (:class:`~eas_kernels.runtime.AdapterSite`), and a role
+that skips a part replaces the block's or the FFN's ``forward`` on the instance.
 :func:`patch_lavin` adds what LaVIN-style models need (phases from ``start_pos``, masks
 from ``prompt_mask`` / ``attention_mask``); :mod:`eas_kernels.hf` does the same for
 Hugging Face models.
@@ -21,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import torch
@@ -31,31 +30,18 @@ from ._checks import check_layer_indices, check_token_mask
 from .layout import LAVIN, BlockLayout
 from .pia import PIA
 from .plan import SkipPlan
+from .roles import (
+    CANDIDATE_SETS,
+    DEFAULT_CANDIDATES,
+    ROLES,
+    Role,
+    SkippedCallHook,
+    candidate_roles,
+    pia_names,
+)
 from .runtime import AdapterSite, EASRuntime
 
 _PATCH_ATTR = "_eas_patch"
-ATTN_ADAPTER = "attn_adapter"  # kept layer: rank-adapter_rank adapter before wq/wk/wv
-SKIP_PIA = "skip_pia"  # MHA skipped: PIA before W1/W3
-FFN_SKIP_PIA = "ffn_skip_pia"  # FFN skipped: PIA before wq/wk/wv
-BLOCK_ADAPTER = "block_adapter"  # whole block skipped (DAS): out = x + A(attention_norm(x))
-ROLE_PIAS = {"kept": ATTN_ADAPTER, "mha": SKIP_PIA, "ffn": FFN_SKIP_PIA, "block": BLOCK_ADAPTER}
-PIA_NAMES = tuple(ROLE_PIAS.values())
-_ROLE_NEEDS = {
-    "kept": "attention adapter and cannot run its MHA",
-    "mha": "skip PIA and cannot skip its MHA",
-    "ffn": "FFN-skip PIA and cannot skip its FFN",
-    "block": "block adapter and cannot be skipped whole",
-}
-
-# What a search may switch each layer between (paper Table 3; DAS skips whole blocks).
-CANDIDATES = {
-    "mha": ("kept", "mha"),
-    "ffn": ("kept", "ffn"),
-    "mha_or_ffn": ("kept", "mha", "ffn", "block"),
-    "block": ("kept", "block"),
-}
-
-SkippedCallHook = Callable[[int, tuple, dict], None]
 
 
 class Removable(Protocol):
@@ -82,15 +68,16 @@ def runtime_of(model: nn.Module) -> EASRuntime:
 
 
 def check_search(search: object) -> str | None:
-    """The candidate set a ``search`` argument asks for: None, or a key of CANDIDATES.
+    """The candidate set a ``search`` argument asks for: None, or a key of
+    :data:`~eas_kernels.roles.CANDIDATE_SETS`.
 
     ``False`` installs only what the plan needs, ``True`` means ``"mha"`` (EAS).
     """
     if isinstance(search, bool):
-        return "mha" if search else None
-    if isinstance(search, str) and search in CANDIDATES:
+        return DEFAULT_CANDIDATES if search else None
+    if isinstance(search, str) and search in CANDIDATE_SETS:
         return search
-    raise ValueError(f"search must be a bool or one of {sorted(CANDIDATES)}, got {search!r}")
+    raise ValueError(f"search must be a bool or one of {sorted(CANDIDATE_SETS)}, got {search!r}")
 
 
 def check_patch_arguments(model: object, plan: object, search: object) -> str | None:
@@ -175,16 +162,18 @@ class EASPatch:
     Args:
         model: the module tree; its blocks are found with ``layout``.
         plan: skip sets and adapter sizes; ``plan.num_layers`` must equal the block count.
-        search: None (install what ``plan`` needs) or a key of :data:`CANDIDATES`
-            (install, in every layer, the PIAs of every role that candidate set allows,
-            so that a search can choose any skip set).
+        search: None (install what ``plan`` needs) or a key of
+            :data:`~eas_kernels.roles.CANDIDATE_SETS` (install, in every layer, the PIAs
+            of every role that candidate set allows, so that a search can choose any skip
+            set).
         layout: attribute names of the blocks (:data:`eas_kernels.layout.LAVIN`, ...).
         on_skipped_call: called as ``f(layer, args, kwargs)`` by a block whose MHA is
             skipped before it computes (the Hugging Face patch marks the layer's KV-cache
             slot there).
 
-    Layer roles are those of :class:`~eas_kernels.SkipPlan`. Everything is validated
-    before the model is touched.
+    Each layer's :class:`~eas_kernels.roles.Role` comes from ``plan.role(index)``; the role
+    says what to install and how the block runs. Everything is validated before the model
+    is touched.
     """
 
     def __init__(
@@ -203,8 +192,12 @@ class EASPatch:
                 f"plan is for {plan.num_layers} layers but the model has {len(blocks)} blocks"
             )
         widths = [layout.check_block(i, block) for i, block in enumerate(blocks)]
+        for index in range(plan.num_layers):
+            role = plan.role(index)
+            if ROLES.get(role.name) is not role:
+                raise ValueError(f"layer {index}: {role!r} is not registered (register_role)")
         for index, block in enumerate(blocks):
-            for name in PIA_NAMES:
+            for name in pia_names():
                 if hasattr(block, name):
                     raise ValueError(f"block {index} already has an attribute {name!r}")
         width = min(dim for dim, _, _ in widths)
@@ -220,8 +213,9 @@ class EASPatch:
         self.layout = layout
         self.blocks = blocks
         self.runtime = EASRuntime(running=plan.state == "running")
-        self.sites: dict[str, dict[int, AdapterSite]] = {role: {} for role in ROLE_PIAS}
-        self.skipped: tuple[int, ...] = ()
+        self.sites: dict[Role, dict[int, AdapterSite]] = {}  # role → layer → site
+        self.current = plan  # the plan of the current roles
+        self.skipped_mhas: tuple[int, ...] = ()
         self.skipped_ffns: tuple[int, ...] = ()
         self._on_skipped_call = on_skipped_call
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -229,98 +223,97 @@ class EASPatch:
         self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        searched = CANDIDATES[search] if search is not None else ()
+        searched = candidate_roles(search) if search is not None else ()
         for index, (block, (dim, dtype, device)) in enumerate(zip(blocks, widths, strict=True)):
-            for role in ROLE_PIAS:
-                if role in searched or role == plan.role(index):
+            wanted = {*searched, plan.role(index)}
+            for role in ROLES.values():  # registry order: the PIAs' init order is fixed
+                if role in wanted:
                     self._add_site(index, block, role, dim, dtype, device)
         restore = _RestoreMergedWeights(self.runtime)
         for linear in {id(t): t for s in self.runtime.sites for t in s.targets}.values():
             self.keep(linear.register_state_dict_pre_hook(restore))
             self.keep(linear.register_load_state_dict_pre_hook(restore))
-        self.set_skipped(plan.skipped, plan.skipped_ffns)
+        self.apply(plan)
         setattr(model, _PATCH_ATTR, self)
 
     def _add_site(
         self,
         index: int,
         block: nn.Module,
-        role: str,
+        role: Role,
         dim: int,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         plan, layout = self.plan, self.layout
-        rank = plan.adapter_rank if role == "kept" else plan.skip_rank
-        mixing = plan.token_mixing and role in ("mha", "ffn")
-        pia = PIA(dim, rank, token_mixing=mixing, temperature=plan.temperature)
-        block.add_module(ROLE_PIAS[role], pia.to(device=device, dtype=dtype))
-        if role == "mha":
-            norm, targets = getattr(block, layout.ffn_norm), layout.ffn_linears(block)
-        elif role == "block":  # called by the block's forward, not hooked: no targets
-            norm, targets = None, ()
-        else:
-            norm, targets = getattr(block, layout.attention_norm), layout.attention_linears(block)
+        pia = PIA(
+            dim,
+            role.rank(plan),
+            token_mixing=role.token_mixing(plan),
+            temperature=plan.temperature,
+        )
+        block.add_module(role.pia_name, pia.to(device=device, dtype=dtype))
+        norm, targets = role.hooked_norm(block, layout), role.targets(block, layout)
         site = AdapterSite(self.runtime, index, role, pia, norm, targets)
         self.runtime.sites.append(site)
-        self.sites[role][index] = site
+        self.sites.setdefault(role, {})[index] = site
 
     def keep(self, handle: Removable) -> None:
         """Remember a hook (or anything with ``remove()``) that :meth:`remove` must undo."""
         self._handles.append(handle)
 
-    def roles(self, indices: Iterable[int], ffns: Iterable[int] = ()) -> SkipPlan:
-        """The skip sets as a plan (its :meth:`~SkipPlan.role` per layer), validated:
-        ValueError when a layer lacks the PIA its role needs."""
+    def check_skip_sets(self, indices: Iterable[int], ffns: Iterable[int] = ()) -> SkipPlan:
+        """The patch's plan with the skip sets ``indices`` (MHAs) and ``ffns``, validated
+        (:meth:`check_roles`)."""
         count = len(self.blocks)
-        chosen = check_layer_indices(indices, "indices", count)
-        roles = SkipPlan(count, chosen, skipped_ffns=check_layer_indices(ffns, "ffns", count))
-        for index in range(count):
-            role = roles.role(index)
-            if index not in self.sites[role]:
+        plan = self.plan.replace(
+            skipped=list(check_layer_indices(indices, "indices", count)),
+            skipped_ffns=list(check_layer_indices(ffns, "ffns", count)),
+        )
+        self.check_roles(plan)
+        return plan
+
+    def check_roles(self, plan: SkipPlan) -> None:
+        """ValueError when a layer lacks the PIA its role under ``plan`` needs."""
+        for index in range(len(self.blocks)):
+            role = plan.role(index)
+            if index not in self.sites.get(role, {}):
                 raise ValueError(
-                    f"layer {index} has no {_ROLE_NEEDS[role]} (patch with that role in the "
-                    "plan, or with a search candidate set that allows it)"
+                    f"layer {index} has no {role.label} and cannot {role.duty} (patch with "
+                    "that role in the plan, or with a search candidate set that allows it)"
                 )
-        return roles
 
     def set_skipped(self, indices: Iterable[int], ffns: Iterable[int] = ()) -> None:
-        roles = self.roles(indices, ffns)
+        """Switch to the roles of the skip sets ``indices`` (MHAs) and ``ffns``."""
+        self.apply(self.check_skip_sets(indices, ffns))
+
+    def apply(self, plan: SkipPlan) -> None:
+        """Give every layer its role under ``plan`` (checked by :meth:`check_roles`): the
+        role's site becomes active, the role installs its forwards, a layer without
+        attention releases its KV cache; frozen states are dropped."""
+        self.check_roles(plan)
         self.runtime.forget_states()
-        for index, block in enumerate(self.blocks):
-            role = roles.role(index)
+        roles = tuple(plan.role(index) for index in range(len(self.blocks)))
+        for index, (block, role) in enumerate(zip(self.blocks, roles, strict=True)):
             for site_role, sites in self.sites.items():
                 if index in sites:
-                    sites[index].active = site_role == role
+                    sites[index].active = site_role is role
             block.__dict__.pop("forward", None)
-            if role == "mha":
-                block.forward = SkippedMHAForward(
-                    index,
-                    getattr(block, self.layout.feed_forward),
-                    getattr(block, self.layout.ffn_norm),
-                    self._on_skipped_call,
-                )
-            elif role == "block":
-                block.forward = _SkippedBlockForward(
-                    index,
-                    getattr(block, self.layout.attention_norm),
-                    self.sites["block"][index],
-                    self._on_skipped_call,
-                )
-            feed_forward = getattr(block, self.layout.feed_forward)
-            feed_forward.__dict__.pop("forward", None)
-            if role == "ffn":
-                feed_forward.forward = no_ffn
+            getattr(block, self.layout.feed_forward).__dict__.pop("forward", None)
+            role.install(block, self.layout, index, self.sites[role][index], self._on_skipped_call)
             attention = getattr(block, self.layout.attention)
-            if role in ("mha", "block"):
-                self._release_cache(index, attention)
-            else:
+            if role.runs_attention:
                 self._restore_cache(index, attention)
-        self.skipped, self.skipped_ffns = roles.skipped, roles.skipped_ffns
+            else:
+                self._release_cache(index, attention)
+        self.current = plan
+        self.skipped_mhas = tuple(i for i, role in enumerate(roles) if role.skips_mha)
+        self.skipped_ffns = tuple(i for i, role in enumerate(roles) if role.skips_ffn)
 
     def current_plan(self) -> SkipPlan:
-        """The patch's plan with the current skip sets."""
-        return self.plan.replace(skipped=list(self.skipped), skipped_ffns=list(self.skipped_ffns))
+        """The plan of the current roles (the patch's plan with the skip sets of the last
+        :meth:`set_skipped`)."""
+        return self.current
 
     def _release_cache(self, index: int, attention: nn.Module) -> None:
         """Free a KV cache held as ``cache_k``/``cache_v`` attributes (LaVIN, Meta)."""
@@ -347,7 +340,7 @@ class EASPatch:
             block.__dict__.pop("forward", None)
             getattr(block, self.layout.feed_forward).__dict__.pop("forward", None)
             self._restore_cache(index, getattr(block, self.layout.attention))
-            for name in PIA_NAMES:
+            for name in pia_names():
                 if hasattr(block, name):
                     delattr(block, name)
         for parameter, flag in self._requires_grad:
@@ -355,7 +348,7 @@ class EASPatch:
         delattr(self.model, _PATCH_ATTR)
 
 
-# Hooks and replaced forwards are callable objects, not closures: ``copy.deepcopy`` of a
+# Hooks are callable objects, not closures: ``copy.deepcopy`` of a
 # patched model then points the copies at the copied modules and runtime.
 class _RestoreMergedWeights:
     """State-dict and load-state-dict pre-hook of every adapter target: weights that hold
@@ -369,49 +362,6 @@ class _RestoreMergedWeights:
 
     def __call__(self, module: nn.Module, *args: object) -> None:
         self.runtime.restore_weights()
-
-
-class SkippedMHAForward:
-    """``x + FFN(ffn_norm(x))``: the block without its MHA (the PIA hooks ``ffn_norm``)."""
-
-    def __init__(
-        self,
-        index: int,
-        feed_forward: nn.Module,
-        norm: nn.Module,
-        on_call: SkippedCallHook | None,
-    ) -> None:
-        self.index, self.feed_forward, self.norm, self.on_call = index, feed_forward, norm, on_call
-
-    def __call__(
-        self, hidden_states: torch.Tensor, *args: object, **kwargs: object
-    ) -> torch.Tensor:
-        if self.on_call is not None:
-            self.on_call(self.index, args, kwargs)
-        return hidden_states + self.feed_forward(self.norm(hidden_states))
-
-
-class _SkippedBlockForward:
-    """``x + A(attention_norm(x))``: DAS's skipped block (EAS_SPEC §6)."""
-
-    def __init__(
-        self, index: int, norm: nn.Module, site: AdapterSite, on_call: SkippedCallHook | None
-    ) -> None:
-        self.index, self.norm, self.site, self.on_call = index, norm, site, on_call
-
-    def __call__(
-        self, hidden_states: torch.Tensor, *args: object, **kwargs: object
-    ) -> torch.Tensor:
-        if self.on_call is not None:
-            self.on_call(self.index, args, kwargs)
-        delta = self.site.runtime.adapt(self.site, self.norm(hidden_states))
-        assert delta is not None
-        return hidden_states + delta
-
-
-def no_ffn(hidden_states: torch.Tensor) -> torch.Tensor:
-    """A skipped FFN's output: a zero that broadcasts (``h + 0`` is exactly ``h``)."""
-    return hidden_states.new_zeros(())
 
 
 # ---------------------------------------------------------------------- LaVIN-style models
@@ -518,9 +468,10 @@ def set_skipped(model: nn.Module, indices: Iterable[int], *, ffns: Iterable[int]
     patch_of(model).set_skipped(indices, ffns)
 
 
-def skipped_layers(model: nn.Module) -> tuple[int, ...]:
-    """The layers whose MHA the patched ``model`` currently skips."""
-    return patch_of(model).skipped
+def skipped_mhas(model: nn.Module) -> tuple[int, ...]:
+    """The layers whose MHA the patched ``model`` currently skips (FFN skips:
+    :func:`current_plan`)."""
+    return patch_of(model).skipped_mhas
 
 
 def current_plan(model: nn.Module) -> SkipPlan:

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable
 
 from ._checks import check_layer_indices, check_positive_finite, check_positive_int
+from .roles import Role, role_for
 
 _FORMAT = "eas_kernels.SkipPlan"
 _VERSION = 2
@@ -37,12 +38,12 @@ class SkipPlan:
             the mean of the tokens up to ``t``, prompt and answer, and updated at every
             decode step; decode stays eager, since the weights would change per token).
 
-    What each block runs, by role (:func:`eas_kernels.patch_lavin` builds it)::
+    What each block runs, by role (:meth:`role`; :mod:`eas_kernels.roles`)::
 
-        kept          h = x + Attn(u + PIA_a(u));  out = h + FFN(ffn_norm(h))
-        MHA skipped   out = x + FFN(v + PIA_s(v))
-        FFN skipped   out = x + Attn(u + PIA_f(u))
-        both (DAS)    out = x + A(u)
+        kept           h = x + Attn(u + PIA_a(u));  out = h + FFN(ffn_norm(h))
+        skipped_mha    out = x + FFN(v + PIA_s(v))
+        skipped_ffn    out = x + Attn(u + PIA_f(u))
+        skipped_block  out = x + A(u)         (MHA and FFN skipped: DAS)
 
     with ``u = attention_norm(x)`` and ``v = ffn_norm(x)``.
 
@@ -98,8 +99,8 @@ class SkipPlan:
         return SkipPlan.from_dict, (self.to_dict(),)
 
     @property
-    def kept(self) -> tuple[int, ...]:
-        """Indices of the blocks whose MHA runs."""
+    def kept_mhas(self) -> tuple[int, ...]:
+        """Indices of the blocks whose MHA runs (their FFN may be skipped)."""
         skipped = set(self.skipped)
         return tuple(i for i in range(self.num_layers) if i not in skipped)
 
@@ -109,12 +110,10 @@ class SkipPlan:
         ffns = set(self.skipped_ffns)
         return tuple(i for i in self.skipped if i in ffns)
 
-    def role(self, layer: int) -> str:
-        """``"kept"``, ``"mha"``, ``"ffn"`` or ``"block"``: what layer ``layer`` skips."""
-        mha, ffn = layer in self.skipped, layer in self.skipped_ffns
-        return {(False, False): "kept", (True, False): "mha", (False, True): "ffn"}.get(
-            (mha, ffn), "block"
-        )
+    def role(self, layer: int) -> Role:
+        """What block ``layer`` runs: :data:`~eas_kernels.roles.KEPT`, ``SKIPPED_MHA``,
+        ``SKIPPED_FFN`` or ``SKIPPED_BLOCK``."""
+        return role_for(layer in self.skipped, layer in self.skipped_ffns)
 
     def replace(self, **changes: object) -> SkipPlan:
         """A copy with some fields changed (validated like the constructor)."""

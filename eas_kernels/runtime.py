@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +43,10 @@ from ._checks import first_non_finite
 from .ops import LowrankAdd, lowrank_factors, merged_linear, restore_merged
 from .pia import PIA, PIAState, RunningSums
 
+if TYPE_CHECKING:
+    from .roles import Role
+
 MODES = ("eager", "merge", "lowrank", "auto")
-# Site kinds are layer roles (SkipPlan.role); how error messages name their PIAs.
-_ROLE_NAMES = {"kept": "attention", "mha": "skip", "ffn": "FFN-skip", "block": "block"}
 
 
 def _prompt_and_after(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -59,7 +60,8 @@ def _prompt_and_after(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _versions(tensors: list[torch.Tensor]) -> tuple | None:
-    """Identity and version counter of each tensor (None: an inference tensor has none)."""
+    """Identity and version counter of each tensor (None: an inference tensor has none,
+    and cannot be changed in place outside inference mode)."""
     try:
         return tuple((id(tensor), tensor._version) for tensor in tensors)
     except RuntimeError:
@@ -84,7 +86,8 @@ class _MergeRecord:
 
 
 class AdapterSite:
-    """One PIA on the output of ``norm``, read by the linear layers ``targets``.
+    """The PIA of one layer's ``role`` on the output of ``norm``, read by the linear layers
+    ``targets``.
 
     ``norm=None`` (with no targets) is a site its block calls itself (DAS's adapter).
     """
@@ -93,26 +96,25 @@ class AdapterSite:
         self,
         runtime: EASRuntime,
         layer: int,
-        kind: str,
+        role: Role,
         pia: PIA,
         norm: nn.Module | None,
         targets: tuple[nn.Linear, ...],
     ) -> None:
         self.runtime = runtime
         self.layer = layer
-        self.kind = kind
+        self.role = role
         self.pia = pia
         self.targets = targets
         self.active = False
         self.state: PIAState | RunningSums | None = None
-        self.projected: torch.Tensor | None = None
         self._lowrank_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._norm_hook = None if norm is None else norm.register_forward_hook(self._on_norm_output)
 
     @property
     def reparameterizable(self) -> bool:
         """Whether linear layers read ``u + PIA(u)`` (merge and low-rank apply)."""
-        return bool(self.targets)
+        return self.role.reparameterizable
 
     def remove(self) -> None:
         """Detach the site from its norm and targets (the PIA module stays where it is)."""
@@ -122,42 +124,31 @@ class AdapterSite:
 
     @property
     def name(self) -> str:
-        return f"layer {self.layer} {_ROLE_NAMES.get(self.kind, self.kind)} PIA"
+        return f"layer {self.layer} {self.role.label}"
 
     def _on_norm_output(
         self, module: nn.Module, inputs: tuple[torch.Tensor, ...], u: torch.Tensor
     ) -> torch.Tensor | None:
         if not self.active:
             return None
-        return self.runtime.adapt(self, u)
+        return self.runtime.adapted_input(self, u)
 
     # ------------------------------------------------------------------ low-rank path
     def install_lowrank(self) -> None:
         assert self.state is not None
         with torch.no_grad():
             basis, mix = self.pia.up_basis(), self.pia.state_mix(self.state)
+            projection = _DownProjection(self.pia.down1.weight)
             for linear in self.targets:
                 factor = lowrank_factors(linear.weight, basis)
                 mix = mix.to(torch.promote_types(factor.dtype, torch.float32)).contiguous()
-                hook = functools.partial(self._add_lowrank, add=LowrankAdd(mix, factor))
+                hook = _LowrankHook(projection, LowrankAdd(mix, factor))
                 self._lowrank_hooks.append(linear.register_forward_hook(hook))
-
-    def _add_lowrank(
-        self,
-        module: nn.Module,
-        inputs: tuple[torch.Tensor, ...],
-        output: torch.Tensor,
-        *,
-        add: LowrankAdd,
-    ) -> torch.Tensor:
-        assert self.projected is not None, "low-rank target called without its site"
-        return add(output, self.projected)
 
     def remove_lowrank(self) -> None:
         for handle in self._lowrank_hooks:
             handle.remove()
         self._lowrank_hooks.clear()
-        self.projected = None
 
     # ------------------------------------------------------------------ merge
     def state_tensors(self) -> list[tuple[str, torch.Tensor]]:
@@ -195,6 +186,39 @@ class AdapterSite:
                     linear.bias = nn.Parameter(bias, requires_grad=False)
                 else:
                     linear.bias.copy_(bias)
+
+
+class _DownProjection:
+    """``u W_d1ᵀ`` of the input a target receives, computed once for the targets of a
+    site that read the same tensor in one call (wq/wk/wv read one ``u``): the last input
+    is remembered by identity and version counter, so a target never uses another
+    call's projection, whatever order the targets run in."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self._key: tuple | None = None  # (input, its version) of the last projection
+        self._projected: torch.Tensor | None = None
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        key = (u, _versions([u]))  # holding u: its identity cannot be reused meanwhile
+        if self._key is None or self._key[0] is not u or self._key[1] != key[1]:
+            self._projected = F.linear(u, self.weight)
+            self._key = key
+        assert self._projected is not None
+        return self._projected
+
+
+class _LowrankHook:
+    """Forward hook of a low-rank target: ``output + κ F`` (:class:`LowrankAdd`), with
+    ``κ`` built from the projection of the target's own input ``u``."""
+
+    def __init__(self, projection: _DownProjection, add: LowrankAdd) -> None:
+        self.projection, self.add = projection, add
+
+    def __call__(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        return self.add(output, self.projection(inputs[0]))
 
 
 class Phase(enum.Enum):
@@ -322,29 +346,32 @@ class EASRuntime:
                     f"{site.state.batch_size}"
                 )
 
-    def adapt(self, site: AdapterSite, u: torch.Tensor) -> torch.Tensor | None:
-        """What the site makes of the norm output ``u``: ``u + PIA(u)`` for a site with
-        targets (``None`` once they are re-parameterised), ``PIA(u)`` for one without."""
+    def adapted_input(self, site: AdapterSite, u: torch.Tensor) -> torch.Tensor:
+        """What the targets of a hooked site read from its norm output ``u``: ``u + PIA(u)``
+        with the state of this call (fresh) or the frozen one (decode) — ``u`` itself when
+        the targets carry the PIA (merge: in their weights; lowrank: in their output
+        hooks, which project their own input)."""
         if self.running:
-            return self._adapt_running(site, u)
+            return u + self._running_delta(site, u)
         if not self.decoding:
             mask = self._state_mask_for(site, u)
-            if site.reparameterizable:
-                adapted, state = site.pia.adapt(u, mask, mask_checked=True)
-            else:
-                state = site.pia.compute_state(u, mask, mask_checked=True)
-                adapted = site.pia(u, state=state)
+            adapted, state = site.pia.adapt(u, mask, mask_checked=True)
             site.state = state.detach()
             return adapted
-        assert site.state is not None
-        if not site.reparameterizable:
-            return site.pia(u, state=site.state)
-        if self.realized == "merge":
-            return None
-        if self.realized == "lowrank":
-            site.projected = F.linear(u, site.pia.down1.weight)
-            return None
+        if self.realized in ("merge", "lowrank"):
+            return u
         return u + site.pia(u, state=site.state)
+
+    def adapter_output(self, site: AdapterSite, u: torch.Tensor) -> torch.Tensor:
+        """``PIA(u)`` of a site its block calls itself (DAS's adapter: no targets), with the
+        state of this call (fresh) or the frozen one (decode)."""
+        if self.running:
+            return self._running_delta(site, u)
+        if not self.decoding:
+            state = site.pia.compute_state(u, self._state_mask_for(site, u), mask_checked=True)
+            site.state = state.detach()
+            return site.pia(u, state=state)
+        return site.pia(u, state=site.state)
 
     def _state_mask_for(self, site: AdapterSite, u: torch.Tensor) -> torch.Tensor | None:
         """The prompt mask of a fresh call — validated at the model's entry (a token in every
@@ -360,17 +387,17 @@ class EASRuntime:
             raise ValueError(f"prompt mask is on {mask.device} but {site.name} runs on {u.device}")
         return mask
 
-    def _adapt_running(self, site: AdapterSite, u: torch.Tensor) -> torch.Tensor:
-        """Running states (:meth:`PIA.running`): a fresh call averages the prompt tokens
-        and every token after the prompt (the answer, under teacher forcing), causally;
-        a decode call adds its tokens to the sums of the previous calls."""
+    def _running_delta(self, site: AdapterSite, u: torch.Tensor) -> torch.Tensor:
+        """``PIA(u)`` with running states (:meth:`PIA.running`): a fresh call averages the
+        prompt tokens and every token after the prompt (the answer, under teacher forcing),
+        causally; a decode call adds its tokens to the sums of the previous calls."""
         if self.decoding:
             assert isinstance(site.state, RunningSums)
             delta, sums = site.pia.running(u, None, site.state)
         else:
             delta, sums = site.pia.running(u, _prompt_and_after(self._state_mask_for(site, u)))
         site.state = sums.detach()
-        return u + delta if site.reparameterizable else delta
+        return delta
 
     # ------------------------------------------------------------------ modes
     def realize(self, mode: str, batch_size: int) -> None:

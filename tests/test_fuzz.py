@@ -202,7 +202,7 @@ def test_a_corrupted_pia_is_refused_at_the_prefill_in_every_mode(mode):
     weights, before = weights_snapshot(model), structure(model)
     with torch.no_grad(), pytest.raises(ValueError) as caught:
         E.greedy_generate(model, [[1, 2, 3]], 3)
-    assert_one_line(caught.value, ValueError, "layer 2 attention PIA: down1.weight holds NaN")
+    assert_one_line(caught.value, ValueError, "layer 2 attention adapter: down1.weight holds NaN")
     assert_bitwise(model, weights)
     assert structure(model) == before
 

@@ -151,7 +151,7 @@ def test_sampling_and_beam_search_agree_across_modes(eas_smollm2):
     assert beams["eager"] == beams["lowrank"]
 
 
-def test_skipped_layers_keep_no_kv_cache(eas_smollm2, smollm2_hf):
+def test_skipped_mhas_keep_no_kv_cache(eas_smollm2, smollm2_hf):
     model, tokenizer = eas_smollm2
     E.reparameterize(model, "auto")
     inputs = encode(tokenizer, PROMPTS)
@@ -248,7 +248,7 @@ def test_save_and_load_round_trip_and_refusals(eas_smollm2, smollm2_hf, tmp_path
     loaded = E.from_pretrained(copy.deepcopy(hf), folder)
     E.reparameterize(loaded, "auto")
     assert new_tokens(generate(loaded, inputs), inputs) == expected
-    assert E.skipped_layers(loaded) == tuple(SKIPPED)
+    assert E.skipped_mhas(loaded) == tuple(SKIPPED)
 
     def refused(folder, error, message):
         target = copy.deepcopy(hf)
@@ -646,7 +646,7 @@ def test_a_patch_hf_interrupted_anywhere_leaves_the_model_as_it_was(monkeypatch)
 
     plan = E.SkipPlan(4, [0, 2], skip_rank=8, adapter_rank=4)
     points = [(EASPatch, "_add_site", k) for k in range(4)]
-    points += [(EASPatch, "set_skipped", 0), (_InstanceAttribute, "__init__", 0)]
+    points += [(EASPatch, "apply", 0), (_InstanceAttribute, "__init__", 0)]
     assert_all_or_nothing(
         monkeypatch, tiny_llama, lambda m: E.patch_hf(m, plan), E.unpatch_hf, points
     )

@@ -18,7 +18,7 @@ from eas_kernels import (
     patch_lavin,
     save_pretrained,
     set_skipped,
-    skipped_layers,
+    skipped_mhas,
     unpatch,
 )
 from eas_kernels.patch import runtime_of
@@ -93,10 +93,10 @@ def test_structure_freezing_and_state_dict_keys():
     assert all(p.requires_grad for n, p in model.named_parameters() if "pia" in n or "adapter" in n)
     assert "layers.1.skip_pia.down2.weight" in model.state_dict()
     assert "layers.0.attn_adapter.router.weight" in model.state_dict()
-    assert skipped_layers(model) == (1, 3)
+    assert skipped_mhas(model) == (1, 3)
 
 
-def test_skipped_layers_hold_no_kv_cache_and_run_no_attention():
+def test_skipped_mhas_hold_no_kv_cache_and_run_no_attention():
     model = patched([1, 2], seed=8)
     calls = []
     for block in model.layers:
@@ -141,7 +141,7 @@ def test_set_skipped_switches_roles_under_search():
     tokens = torch.tensor(random_sequences([9], vocab=97, seed=5))
     for skip_set in ([0, 3], [1], [], [0, 1, 2, 3]):
         set_skipped(model, skip_set)
-        assert skipped_layers(model) == tuple(skip_set)
+        assert skipped_mhas(model) == tuple(skip_set)
         expected = eas_forward_reference(model, tokens[0], 9, set(skip_set))
         torch.testing.assert_close(model(tokens)[0], expected, rtol=1e-5, atol=1e-5)
         # the decode path follows the new roles too
@@ -166,7 +166,7 @@ def test_set_skipped_refuses_roles_without_pias():
         set_skipped(model, [1, 1])
     with pytest.raises(TypeError, match="ints"):
         set_skipped(model, ["1"])
-    assert skipped_layers(model) == (1, 2)
+    assert skipped_mhas(model) == (1, 2)
     with pytest.raises(TypeError, match="not patched"):
         set_skipped(tiny_model(), [1])
 
@@ -326,7 +326,7 @@ def test_a_patch_interrupted_anywhere_leaves_the_model_as_it_was(monkeypatch, se
     plan = SkipPlan(4, [1, 2], skip_rank=6, adapter_rank=3)
     sites = len(runtime_of(patch_lavin(tiny_model(), plan, search=search)).sites)
     points = [(EASPatch, "_add_site", k) for k in range(sites)]
-    points += [(EASPatch, "set_skipped", 0), (patch_module, "_install_mask_hook", 0)]
+    points += [(EASPatch, "apply", 0), (patch_module, "_install_mask_hook", 0)]
     assert_all_or_nothing(
         monkeypatch, tiny_model, lambda m: patch_lavin(m, plan, search=search), unpatch, points
     )

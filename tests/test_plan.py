@@ -14,7 +14,7 @@ from eas_kernels import SkipPlan
 def test_defaults_sorting_and_kept():
     plan = SkipPlan(6, [4, 1])
     assert plan.skipped == (1, 4)
-    assert plan.kept == (0, 2, 3, 5)
+    assert plan.kept_mhas == (0, 2, 3, 5)
     assert (plan.skip_rank, plan.adapter_rank, plan.temperature) == (32, 8, 10.0)
     with pytest.raises(AttributeError):
         plan.skipped = (0,)

@@ -179,7 +179,7 @@ def test_every_mode_refuses_non_finite_pia_weights_at_the_prefill(mode):
         model(torch.tensor([[3]]), start_pos=2)
         model.layers[3].attn_adapter.up2.weight[0, 0] = float("nan")
     snapshot = weights_snapshot(model)
-    with torch.no_grad(), pytest.raises(ValueError, match="layer 3 attention PIA: up2.weight"):
+    with torch.no_grad(), pytest.raises(ValueError, match="layer 3 attention adapter: up2.weight"):
         model(torch.tensor([[4, 5, 6]]), start_pos=0)
     assert_bitwise(model, snapshot)
 
@@ -204,7 +204,7 @@ def test_the_weights_are_read_once_per_call_and_only_after_a_change(monkeypatch)
         model(prompt, start_pos=0)
         assert len(reads) == 2
         model.layers[0].attn_adapter.up1.weight[0, 0] = float("inf")
-        with pytest.raises(ValueError, match="layer 0 attention PIA: up1.weight holds NaN"):
+        with pytest.raises(ValueError, match="layer 0 attention adapter: up1.weight holds NaN"):
             model(prompt, start_pos=0)
         with pytest.raises(ValueError, match="up1.weight holds NaN"):  # refused again
             model(prompt, start_pos=0)

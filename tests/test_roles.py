@@ -161,7 +161,8 @@ def test_unpatch_restores_ffn_and_block_forwards():
 
 def test_plan_roles_json_and_version_1_documents():
     plan = SkipPlan(6, [1, 4], skipped_ffns=[4, 5])
-    assert [plan.role(i) for i in range(6)] == ["kept", "mha", "kept", "kept", "block", "ffn"]
+    names = [plan.role(i).name for i in range(6)]
+    assert names == ["kept", "skipped_mha", "kept", "kept", "skipped_block", "skipped_ffn"]
     assert plan.skipped_blocks == (4,)
     assert SkipPlan.from_json(plan.to_json()) == plan
     version_1 = {k: v for k, v in SkipPlan(6, [1]).to_dict().items() if k != "skipped_ffns"}
@@ -226,3 +227,82 @@ def test_the_floor_computes_what_a_fresh_patch_computes(mhas, ffns):
     tokens = torch.tensor(random_sequences([9], vocab=97, seed=12))
     torch.testing.assert_close(floor(tokens), fresh(tokens), rtol=1e-6, atol=1e-6)
     assert not any("forward" in block.__dict__ for block in base.layers)  # base untouched
+
+
+# ---------------------------------------------------------------------- a new role
+class SkippedMHAUnmixed(eas_kernels.roles.SkippedMHA):
+    """A role that is not built in: the MHA skipped, its PIA without token mixing."""
+
+    name = "skipped_mha_unmixed"
+    pia_name = "unmixed_skip_pia"
+    label = "unmixed skip PIA"
+
+    def token_mixing(self, plan: SkipPlan) -> bool:
+        return False
+
+
+UNMIXED = SkippedMHAUnmixed()
+
+
+class UnmixedAt(SkipPlan):
+    """A plan whose layers in ``unmixed`` take the new role (as a routing plan will)."""
+
+    __slots__ = ("unmixed",)
+
+    def __init__(self, num_layers: int, unmixed: list[int], **options: object) -> None:
+        super().__init__(num_layers, [], **options)
+        object.__setattr__(self, "unmixed", tuple(unmixed))
+
+    def role(self, layer: int) -> eas_kernels.roles.Role:
+        return UNMIXED if layer in self.unmixed else super().role(layer)
+
+
+@pytest.fixture
+def unmixed_role():
+    role = eas_kernels.roles.register_role(UNMIXED)
+    yield role
+    del eas_kernels.roles.ROLES[role.name]
+
+
+def test_a_new_role_is_one_class_and_one_registration(unmixed_role, tmp_path):
+    """The new role computes what the built-in skipped-MHA role computes without token
+    mixing, merges and restores bitwise, saves under its own keys and unpatches."""
+    sizes = dict(skip_rank=6, adapter_rank=3)
+    ours = patch_lavin(tiny_model(seed=21), UnmixedAt(4, [2], **sizes))
+    built_in = patch_lavin(tiny_model(seed=21), SkipPlan(4, [2], token_mixing=False, **sizes))
+    assert ours.layers[2].unmixed_skip_pia.down2 is None and not hasattr(ours.layers[2], "skip_pia")
+    randomize_pias(built_in, seed=22)
+    state = {k.replace("skip_pia", "unmixed_skip_pia"): v for k, v in built_in.state_dict().items()}
+    ours.load_state_dict(state, strict=True)
+    pristine = weights_snapshot(tiny_model(seed=21))
+    tokens = torch.tensor(random_sequences([9], vocab=97, seed=13))
+    torch.testing.assert_close(ours(tokens), built_in(tokens), rtol=0, atol=0)
+    reparameterize(ours, "merge")
+    prompt = tokens[0, :5].tolist()
+    merged = greedy_generate(ours, [prompt], 3)
+    assert not torch.equal(
+        ours.layers[2].feed_forward.w1.weight, pristine["layers.2.feed_forward.w1.weight"]
+    )
+    eager = greedy_generate(built_in, [prompt], 3)
+    assert merged.tokens == eager.tokens
+    torch.testing.assert_close(merged.logits, eager.logits, rtol=2e-4, atol=2e-4)
+    save_pretrained(ours, tmp_path)
+    from safetensors.torch import load_file
+
+    assert "layers.2.unmixed_skip_pia.down1.weight" in load_file(
+        str(tmp_path / "eas_pia.safetensors")
+    )
+    unpatch(ours)
+    assert_bitwise(ours, pristine)
+    assert not any(hasattr(block, "unmixed_skip_pia") for block in ours.layers)
+
+
+def test_roles_are_singletons_across_copies_and_refuse_unregistered_ones():
+    model = patched([1], search=True, seed=23)
+    twin = copy.deepcopy(model)
+    set_skipped(twin, [2, 3])  # the copy's sites are keyed by the registered roles
+    assert current_plan(twin).skipped == (2, 3) and current_plan(model).skipped == (1,)
+    with pytest.raises(ValueError, match="layer 2: <role skipped_mha_unmixed> is not registered"):
+        patch_lavin(tiny_model(seed=1), UnmixedAt(4, [2]))
+    with pytest.raises(ValueError, match="clashes with the registered <role skipped_mha>"):
+        eas_kernels.roles.register_role(eas_kernels.roles.SkippedMHA())

@@ -1,7 +1,9 @@
 """What the arms of a redundancy search stand for (paper Table 3; DAS, EAS_SPEC §6).
 
 A :class:`Candidates` maps bandit arms to the skip sets of :func:`eas_kernels.set_skipped`
-for a model of ``num_layers`` blocks:
+for a model of ``num_layers`` blocks. Its kind is a key of
+:data:`eas_kernels.roles.CANDIDATE_SETS`, which lists the roles of its arms: arm ``a``
+gives block ``a % L`` the role ``arms[a // L]``:
 
 ========== ======== ==============================================================
 kind       arms     arm ``i`` skips
@@ -20,45 +22,40 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .._checks import check_layer_indices, check_positive_int
-from ..patch import CANDIDATES
 from ..plan import SkipPlan
+from ..roles import CANDIDATE_SETS
 
 
 class Candidates:
-    """The arms of one candidate kind (a key of ``CANDIDATES``: the patch's ``search``)."""
+    """The arms of one candidate kind (a key of ``CANDIDATE_SETS``: the patch's ``search``)."""
 
     def __init__(self, kind: str, num_layers: int) -> None:
-        if not isinstance(kind, str) or kind not in CANDIDATES:
-            raise ValueError(f"candidates must be one of {sorted(CANDIDATES)}, got {kind!r}")
+        if not isinstance(kind, str) or kind not in CANDIDATE_SETS:
+            raise ValueError(f"candidates must be one of {sorted(CANDIDATE_SETS)}, got {kind!r}")
         self.kind = kind
+        self.roles = CANDIDATE_SETS[kind]  # the role of each group of L arms
         self.num_layers = check_positive_int(num_layers, "num_layers")
 
     @property
     def num_arms(self) -> int:
-        return 2 * self.num_layers if self.kind == "mha_or_ffn" else self.num_layers
+        return len(self.roles) * self.num_layers
 
     def arm_names(self) -> list[str]:
         """``"mha 3"``, ``"ffn 3"`` or ``"block 3"`` for each arm, in order."""
-        if self.kind == "mha_or_ffn":
-            return [f"mha {i}" for i in range(self.num_layers)] + [
-                f"ffn {i}" for i in range(self.num_layers)
-            ]
-        return [f"{self.kind} {i}" for i in range(self.num_layers)]
+        return [f"{role.arm} {i}" for role in self.roles for i in range(self.num_layers)]
 
     def skip_sets(self, arms: Iterable[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """``(mhas, ffns)``: the blocks whose MHA / FFN the arms skip."""
+        """``(mhas, ffns)``: the blocks whose MHA / FFN the arms skip (sorted)."""
         chosen = check_layer_indices(arms, "arms", self.num_arms)
-        count = self.num_layers
-        if self.kind == "mha":
-            return chosen, ()
-        if self.kind == "ffn":
-            return (), chosen
-        if self.kind == "block":
-            return chosen, chosen
-        return (
-            tuple(a for a in chosen if a < count),
-            tuple(a - count for a in chosen if a >= count),
-        )
+        mhas: set[int] = set()
+        ffns: set[int] = set()
+        for arm in chosen:
+            role, layer = self.roles[arm // self.num_layers], arm % self.num_layers
+            if role.skips_mha:
+                mhas.add(layer)
+            if role.skips_ffn:
+                ffns.add(layer)
+        return tuple(sorted(mhas)), tuple(sorted(ffns))
 
     def plan(self, arms: Iterable[int], base: SkipPlan) -> SkipPlan:
         """``base`` (ranks, temperature) with the skip sets of ``arms``."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..generation import greedy_generate
 from ..layout import LAVIN
-from ..patch import SkippedMHAForward, no_ffn, patch_of, runtime_of
+from ..patch import patch_of, runtime_of
 from ..plan import SkipPlan
 from ..reparam import reparameterize
 from .data import Example
@@ -149,18 +149,5 @@ def floor_model(model: nn.Module, plan: SkipPlan) -> nn.Module:
     if len(blocks) != plan.num_layers:
         raise ValueError(f"plan is for {plan.num_layers} layers, the model has {len(blocks)}")
     for index, block in enumerate(blocks):
-        role = plan.role(index)
-        if role == "mha":  # the patch's own MHA-less forward, with no PIA hooked on the norm
-            feed_forward = getattr(block, LAVIN.feed_forward)
-            block.forward = SkippedMHAForward(
-                index, feed_forward, getattr(block, LAVIN.ffn_norm), None
-            )
-        elif role == "block":
-            block.forward = _identity
-        elif role == "ffn":
-            getattr(block, LAVIN.feed_forward).forward = no_ffn
+        plan.role(index).install_floor(block, LAVIN, index)
     return floor
-
-
-def _identity(x: torch.Tensor, *args: object) -> torch.Tensor:
-    return x

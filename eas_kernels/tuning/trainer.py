@@ -58,6 +58,7 @@ from .._checks import SEED_LIMIT, check_positive_int, check_seed, first_non_fini
 from ..files import load_tensor_file, save_atomically
 from ..patch import patch_of
 from ..plan import SkipPlan
+from ..roles import DEFAULT_CANDIDATES
 from ..search import BanditSearch, Candidates
 from .data import IGNORE_INDEX, Batch, Example, collate
 
@@ -87,7 +88,7 @@ class TuningConfig:
     """Sizes of one tuning run (paper, LaVIN: warm-up 5, search 5 epochs, m=3, T=10)."""
 
     k: int | None = None
-    candidates: str = "mha"
+    candidates: str = DEFAULT_CANDIDATES
     warmup_epochs: int = 1
     search_epochs: int = 1
     finetune_epochs: int = 2
