@@ -351,3 +351,27 @@ def test_the_runtime_moves_through_its_phases():
     runtime.phase = Phase.NO_STATES
     with pytest.raises(RuntimeError, match="no transition from Phase.NO_STATES"):
         runtime._move(Phase.DECODING)
+
+
+@pytest.mark.parametrize("order", ["forward", "reversed"])
+def test_a_lowrank_target_adds_the_pia_of_its_own_input(order):
+    """The low-rank path has no state shared between a site's norm and its targets: a
+    target called on any input, in any order, computes ``(v + PIA(v; S)) Wᵀ``."""
+    model = patched([1], seed=31)
+    reparameterize(model, "lowrank")
+    greedy_generate(model, random_sequences([6, 4], vocab=97, seed=14), 2)  # decoding now
+    site = next(s for s in runtime_of(model).active_sites if s.layer == 1)
+    targets = list(site.targets) if order == "forward" else list(reversed(site.targets))
+    generator = torch.Generator().manual_seed(15)
+    for tokens in (3, 1):
+        v = torch.randn(2, tokens, 48, generator=generator)
+        with torch.no_grad():
+            adapted = v + site.pia(v, state=site.state)
+            for linear in targets:
+                expected = torch.nn.functional.linear(adapted, linear.weight, linear.bias)
+                torch.testing.assert_close(linear(v), expected, rtol=1e-5, atol=1e-5)
+            v.mul_(0.5)  # changed in place: not the projection of the previous values
+            expected = torch.nn.functional.linear(
+                v + site.pia(v, state=site.state), targets[0].weight, targets[0].bias
+            )
+            torch.testing.assert_close(targets[0](v), expected, rtol=1e-5, atol=1e-5)
