@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,61 @@ def test_hugging_face_layout_syncs_only_at_the_root():
                 ids[:1], max_new_tokens=n, do_sample=False
             )  # noqa: E731
             assert syncs(generate) == prefill + 1
+
+
+def cuda_syncs_below_the_root(model: torch.nn.Module, call) -> int:
+    """Synchronising CUDA calls that ``torch.cuda.set_sync_debug_mode("warn")`` reports
+    between the first block's pre-hooks — after the patch's root checks, the weights' and
+    states' checks and the merge, which run in the patch's own earlier hooks — and the last
+    block's output."""
+
+    def start(*_: object) -> None:
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(*_: object) -> None:
+        torch.cuda.set_sync_debug_mode(0)
+
+    handles = [
+        model.layers[0].register_forward_pre_hook(start),
+        model.layers[-1].register_forward_hook(stop),
+    ]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        for handle in handles:
+            handle.remove()
+    return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("mode", ["eager", "merge", "lowrank"])
+def test_on_a_gpu_the_patch_adds_no_sync_below_the_root(mode):
+    """On a GPU, with the sync debug mode: a training forward and every decode step of a
+    patched model synchronise below the root exactly as often as the unpatched model."""
+    from tests.helpers import tiny_model
+
+    base = tiny_model(seed=3).cuda()
+    model = patched([1], n_layers=4, seed=3).cuda()
+    E.reparameterize(model, mode)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 90, (1 if mode == "merge" else 2, 7), generator=generator).cuda()
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[0, :2] = False
+    # the counter works: a deliberate sync in the window is seen
+    probe = base.layers[1].register_forward_hook(lambda *_: torch.ones(1, device="cuda").item())
+    assert cuda_syncs_below_the_root(base, lambda: base(tokens)) >= 1
+    probe.remove()
+    expected = cuda_syncs_below_the_root(base, lambda: base(tokens))
+    assert cuda_syncs_below_the_root(model, lambda: model(tokens, prompt_mask=mask)) == expected
+    with torch.no_grad():
+        expected = cuda_syncs_below_the_root(base, lambda: base(tokens, start_pos=0))
+        assert cuda_syncs_below_the_root(model, lambda: model(tokens, start_pos=0)) == expected
+        step = tokens[:, :1]
+        for position in (7, 8, 9):  # the first step (states checked, merged) and steady ones
+            expected = cuda_syncs_below_the_root(base, lambda p=position: base(step, start_pos=p))
+            found = cuda_syncs_below_the_root(model, lambda p=position: model(step, start_pos=p))
+            assert found == expected, (position, found, expected)
