@@ -16,32 +16,37 @@ Methods (each tunes a fresh copy of the frozen model; only PIA parameters train)
 
 * **LaVIN-style**: ``SkipPlan(L, [])`` — a rank-8 router adapter before every MHA, nothing
   skipped. LaVIN keeps its adapters at inference, so it is timed unmerged (``"eager"``).
-* **EAS, k MHAs skipped**: the redundancy search (EAS_SPEC §5) is a later issue, so the
-  skip set here is fixed: the k deepest layers except the last one (the paper's Fig. 6
-  finds deep MHAs redundant). Each skipped MHA is replaced by a rank-32 PIA; kept MHAs get
-  the rank-8 adapter. Timed with the adapters computed every step (``"eager"``) and
-  re-parameterised into the weights (``"merge"``).
+* **EAS, k MHAs skipped**: this recipe does not search (the redundancy search, EAS_SPEC §5,
+  is ``eas-kernels search``), so the skip set is fixed: the k deepest layers except the
+  last one (the paper's Fig. 6 finds deep MHAs redundant). Each skipped MHA is replaced by
+  a rank-32 PIA; kept MHAs get the rank-8 adapter. Timed with the adapters computed every
+  step (``"eager"``) and re-parameterised into the weights (``"merge"``).
 
-Training: AdamW on the PIA parameters (batch 4, peak learning rate 2e-3, one epoch of
-linear warm-up, then cosine decay to zero; 5 epochs), teacher forcing, cross-entropy on
-the answer tokens only; ``prompt_mask`` marks the prompt tokens (the PIA states average over them,
-EAS_SPEC §3) and ``attention_mask`` the non-padding tokens of the left-padded batch.
+Training: ``eas_kernels.tuning.EASTuner`` with no warm-up and no search epochs, i.e. only
+its fine-tuning phase on the fixed plan: AdamW on the PIA parameters (batch 4, peak
+learning rate 2e-3, linear warm-up over the first 10 % of the steps, then cosine decay to
+zero; 5 epochs, each in a seeded random order), teacher forcing, cross-entropy on the
+answer tokens only (``answer_loss``). ``eas_kernels.tuning.collate`` builds the
+left-padded batches: ``prompt_mask`` marks the prompt tokens (the PIA states average over
+them, EAS_SPEC §3) and ``attention_mask`` the non-padding tokens.
 
-Accuracy: greedy generation (``eas_kernels.greedy_generate``) at batch 1 with
-``reparameterize(model, "merge")``; an answer counts when the generated text, leading
-spaces stripped, starts with the right species name.
+Accuracy (``eas_kernels.tuning.evaluate.answer_accuracy``): greedy generation
+(``eas_kernels.greedy_generate``) at batch 1 with ``reparameterize(model, "merge")``; an
+answer counts when the generated tokens equal the answer's tokens (`` setosa`` ...).
+Trainable and pretrained parameters are counted by ``tuned_parameter_count`` and
+``pretrained_parameter_count`` (the tied embedding / output matrix once).
 
 Decode speed: milliseconds per generated token at batch 1 (prefill, then one token per
 call), for the unpatched model, LaVIN-style (eager), EAS eager, EAS merged, and the
-*floor*: the unpatched model with the same k MHAs removed and nothing else — a copy of
-the pretrained model whose skipped blocks run ``x + FFN(ffn_norm(x))``, with no adapter,
-hook or bias (this replaces the block's ``forward`` on the instance, using only the
-block's own public sub-modules). EAS merged minus the floor is the whole cost of the
-re-parameterised adapters (bias adds and hooks). Each configuration is timed on the same
-prompts, round-robin (so that a background load hits all alike), after a warm-up round;
-a prompt's ms/token is the mean over its decode steps after the first (the first decode
-step of a merged model also writes the PIAs into the weights; it is reported apart), and
-the table shows the median over prompts.
+*floor*: the unpatched model with the same k MHAs removed and nothing else
+(``eas_kernels.tuning.evaluate.floor_model``: a copy of the pretrained model whose skipped
+blocks run ``x + FFN(ffn_norm(x))``, with no adapter, hook or bias). EAS merged minus the
+floor is the whole cost of the re-parameterised adapters (bias adds and hooks).
+``time_models`` times each configuration on the same prompts, round-robin (so that a
+background load hits all alike), after a warm-up round; a prompt's ms/token is the mean
+over its decode steps after the first (the first decode step of a merged model also
+writes the PIAs into the weights; it is reported apart), and the table shows the median
+over prompts.
 
 Run ``python python/eas_quickstart.py`` (about 6 minutes on a 2-core CPU) or
 ``--quick`` for a one-minute smoke run. The report goes to ``runs/quickstart.json``.
@@ -56,15 +61,13 @@ import json
 import math
 import os
 import platform
-import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 try:
     import eas_kernels
@@ -72,23 +75,20 @@ except ImportError:  # a checkout that is not installed: use the package beside 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import eas_kernels
 
-from eas_kernels import SkipPlan, greedy_generate, patch_lavin, reparameterize
+from eas_kernels import SkipPlan, patch_lavin
 from eas_kernels.models.lavin import Transformer
 from eas_kernels.models.smollm2 import load_smollm2_lavin
-from eas_kernels.tuning import Example as TimingPrompt
-from eas_kernels.tuning.evaluate import floor_model, time_models
+from eas_kernels.tuning import EASTuner, Example, TuningConfig
+from eas_kernels.tuning.evaluate import (
+    answer_accuracy,
+    floor_model,
+    pretrained_parameter_count,
+    time_models,
+    tuned_parameter_count,
+)
 
 SPECIES = ("setosa", "versicolor", "virginica")
 FEATURES = ("sepal length", "sepal width", "petal length", "petal width")
-
-
-@dataclass
-class Example:
-    """One iris flower as token ids: the prompt, the answer (`` species``) and the label."""
-
-    prompt: list[int]
-    answer: list[int]
-    label: int
 
 
 @dataclass
@@ -138,6 +138,18 @@ def settings_for(args: argparse.Namespace) -> Settings:
     return base
 
 
+def tuning_config(settings: Settings, seed: int) -> TuningConfig:
+    """Only the tuner's fine-tuning phase: the plan is fixed, nothing is searched."""
+    return TuningConfig(
+        warmup_epochs=0,
+        search_epochs=0,
+        finetune_epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        seed=seed,
+    )
+
+
 def log(message: str, start: float) -> None:
     print(f"[{time.perf_counter() - start:6.1f} s] {message}", flush=True)
 
@@ -150,8 +162,11 @@ def iris_prompt(values: Any) -> str:
     return f"Iris flower: {parts}. Species:"
 
 
-def iris_examples(tokenizer: Any, seed: int) -> tuple[list[Example], list[Example]]:
-    """The iris data set as token ids, split 70/30 (stratified, seeded)."""
+def iris_examples(
+    tokenizer: Any, seed: int
+) -> tuple[list[Example], list[Example], list[tuple[int, ...]]]:
+    """The iris data set as token ids, split 70/30 (stratified, seeded), and the answer
+    tokens of each species (in ``SPECIES`` order)."""
     try:
         from sklearn.datasets import load_iris
         from sklearn.model_selection import train_test_split
@@ -166,130 +181,60 @@ def iris_examples(tokenizer: Any, seed: int) -> tuple[list[Example], list[Exampl
     train_idx, test_idx = train_test_split(
         indices, test_size=0.3, stratify=iris.target, random_state=seed
     )
-    answers = [tokenizer(" " + name).input_ids for name in SPECIES]
+    answers = [tuple(tokenizer(" " + name).input_ids) for name in SPECIES]
 
     def example(i: int) -> Example:
-        label = int(iris.target[i])
-        return Example(tokenizer(iris_prompt(iris.data[i])).input_ids, answers[label], label)
+        prompt = tuple(tokenizer(iris_prompt(iris.data[i])).input_ids)
+        return Example(prompt, answers[int(iris.target[i])])
 
-    return [example(i) for i in train_idx], [example(i) for i in test_idx]
+    return [example(i) for i in train_idx], [example(i) for i in test_idx], answers
 
 
-def subset(examples: list[Example], limit: int | None) -> list[Example]:
+def subset(
+    examples: list[Example], limit: int | None, answers: list[tuple[int, ...]]
+) -> list[Example]:
     """The first ``limit`` examples, balanced over the species (all when ``limit`` is None)."""
     if limit is None:
         return examples
-    per_class = math.ceil(limit / len(SPECIES))
-    chosen = [[e for e in examples if e.label == c][:per_class] for c in range(len(SPECIES))]
+    per_class = math.ceil(limit / len(answers))
+    chosen = [[e for e in examples if e.answer == answer][:per_class] for answer in answers]
     mixed = [e for group in zip(*chosen, strict=False) for e in group]
     return mixed[:limit]
-
-
-def make_batch(
-    examples: list[Example], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ``tokens``, ``attention_mask``, ``prompt_mask`` and ``labels`` ``(B, n)``.
-
-    ``labels[b, t]`` is the answer token at position ``t`` (-100 elsewhere): the logits at
-    position ``t - 1`` are trained to predict it.
-    """
-    width = max(len(e.prompt) + len(e.answer) for e in examples)
-    tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full_like(tokens, -100)
-    attention_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    prompt_mask = torch.zeros_like(attention_mask)
-    for row, e in enumerate(examples):
-        sequence = e.prompt + e.answer
-        start = width - len(sequence)
-        tokens[row, start:] = torch.tensor(sequence)
-        attention_mask[row, start:] = True
-        prompt_mask[row, start : start + len(e.prompt)] = True
-        labels[row, start + len(e.prompt) :] = torch.tensor(e.answer)
-    return tokens, attention_mask, prompt_mask, labels
 
 
 # ----------------------------------------------------------------------------- models
 
 
-def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def pretrained_parameter_count(model: Transformer) -> int:
-    """Parameters of the pretrained model, the tied embedding / output matrix counted once."""
-    total = sum(p.numel() for p in model.parameters())
-    if torch.equal(model.output.weight, model.tok_embeddings.weight):
-        total -= model.output.weight.numel()
-    return total
-
-
 def skip_plan(num_layers: int, k: int) -> SkipPlan:
-    """The k deepest layers except the last one (no search yet; the paper's Fig. 6)."""
+    """The k deepest layers except the last one (no search; the paper's Fig. 6)."""
     if not 0 <= k < num_layers:
         raise SystemExit(f"--k must lie in [0, {num_layers - 1}] for {num_layers} layers, got {k}")
     last = num_layers - 1
     return SkipPlan(num_layers, range(last - k, last))
 
 
-def train(
+def tune(
     model: Transformer,
     train_set: list[Example],
-    settings: Settings,
+    config: TuningConfig,
     pad_id: int,
-    seed: int,
     start: float,
     name: str,
-) -> list[float]:
-    """Tune the PIAs of a patched ``model``; return the mean loss of each epoch."""
-    parameters = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=0.0)
-    per_epoch = math.ceil(len(train_set) / settings.batch_size)
-    total_steps, warmup = settings.epochs * per_epoch, per_epoch
+) -> dict[str, Any]:
+    """Fine-tune the PIAs of a patched ``model`` on its plan (``EASTuner``, no search)."""
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
 
-    def schedule(step: int) -> float:  # linear warm-up over one epoch, then cosine to zero
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    def progress(record: dict[str, Any]) -> None:
+        if record["step"] % steps_per_epoch == 0:
+            log(f"{name}: epoch {record['epoch'] + 1}/{config.finetune_epochs} done", start)
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    order = random.Random(seed)
-    losses = []
-    model.train()
-    for epoch in range(settings.epochs):
-        shuffled = list(train_set)
-        order.shuffle(shuffled)
-        total, count = 0.0, 0
-        for first in range(0, len(shuffled), settings.batch_size):
-            batch = shuffled[first : first + settings.batch_size]
-            tokens, attention_mask, prompt_mask, labels = make_batch(batch, pad_id)
-            logits = model(tokens, prompt_mask=prompt_mask, attention_mask=attention_mask)
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
-        losses.append(total / count)
-        log(f"{name}: epoch {epoch + 1}/{settings.epochs}, answer loss {losses[-1]:.4f}", start)
-    model.eval()
-    return losses
-
-
-def accuracy(model: torch.nn.Module, test_set: list[Example], tokenizer: Any) -> float:
-    """Fraction of test flowers whose greedy answer starts with the right species name."""
-    steps = max(len(e.answer) for e in test_set)
-    correct = 0
-    for e in test_set:
-        generated = greedy_generate(model, [e.prompt], steps, pad_id=tokenizer.pad_token_id)
-        text = tokenizer.decode(generated.tokens[0]).lstrip()
-        correct += text.startswith(SPECIES[e.label])
-    return correct / len(test_set)
-
-
-# ----------------------------------------------------------------------------- timing
+    # Nothing is searched, so no subnet is scored on the held-out examples: the tuner
+    # only needs a non-empty set (the training set here).
+    tuner = EASTuner(model, train_set, train_set, config, pad_id=pad_id, progress=progress)
+    result = tuner.run()
+    losses = [epoch["mean_loss"] for epoch in result.epoch_losses()]
+    log(f"{name}: answer loss per epoch {', '.join(f'{x:.4f}' for x in losses)}", start)
+    return {"epoch_losses": losses, "train_seconds": result.seconds}
 
 
 # ----------------------------------------------------------------------------- main
@@ -332,6 +277,7 @@ def print_table(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_for(args)
+    config = tuning_config(settings, args.seed)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     base, tokenizer = load_smollm2_lavin(max_seq_len=256, max_batch_size=settings.batch_size)
@@ -339,19 +285,19 @@ def main(argv: list[str] | None = None) -> int:
     pad_id = tokenizer.pad_token_id
     log(f"loaded SmolLM2-135M-Instruct in the LaVIN layout ({num_layers} layers)", start)
 
-    train_all, test_all = iris_examples(tokenizer, args.seed)
-    train_set = subset(train_all, settings.train_limit)
-    test_set = subset(test_all, settings.test_limit)
+    train_all, test_all, answers = iris_examples(tokenizer, args.seed)
+    train_set = subset(train_all, settings.train_limit, answers)
+    test_set = subset(test_all, settings.test_limit, answers)
     log(f"iris: {len(train_set)} training / {len(test_set)} test prompts", start)
 
     plans = {"LaVIN-style": SkipPlan(num_layers, []), "EAS": skip_plan(num_layers, args.k)}
     print(
-        f"EAS skip set (fixed, no search yet: the {args.k} deepest MHAs except the last "
+        f"EAS skip set (fixed, no search: the {args.k} deepest MHAs except the last "
         f"layer's, as the paper's Fig. 6 finds deep MHAs redundant): {list(plans['EAS'].skipped)}",
         flush=True,
     )
     pretrained = pretrained_parameter_count(base)
-    zero_shot = accuracy(base, test_set, tokenizer)
+    zero_shot = answer_accuracy(base, test_set, pad_id=pad_id, mode=None)
     log(f"unpatched model, no tuning: test accuracy {zero_shot:.3f}", start)
 
     tuned: dict[str, Transformer] = {}
@@ -359,12 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     for index, (name, plan) in enumerate(plans.items()):
         torch.manual_seed(args.seed + 1 + index)
         model = patch_lavin(copy.deepcopy(base), plan)
-        count = sum(p.numel() for p in trainable_parameters(model))
-        began = time.perf_counter()
-        losses = train(model, train_set, settings, pad_id, args.seed, start, name)
-        train_seconds = time.perf_counter() - began
-        reparameterize(model, "merge")
-        acc = accuracy(model, test_set, tokenizer)
+        count = tuned_parameter_count(model)
+        training = tune(model, train_set, config, pad_id, start, name)
+        acc = answer_accuracy(model, test_set, pad_id=pad_id, mode="merge")
         log(f"{name}: test accuracy {acc:.3f} (merged, batch 1)", start)
         tuned[name] = model
         methods[name] = {
@@ -372,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             "trainable_params": count,
             "trainable_percent": 100.0 * count / pretrained,
             "test_accuracy": acc,
-            "epoch_losses": losses,
-            "train_seconds": train_seconds,
+            **training,
         }
 
     floor = floor_model(base, plans["EAS"])
@@ -382,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         floor_check = (floor(check_prompt) - fresh(check_prompt)).abs().max().item()
     del fresh
-    timed = test_set[: settings.timing_prompts]
-    timing_prompts = [TimingPrompt(tuple(e.prompt), ()) for e in timed]
+    timing_prompts = test_set[: settings.timing_prompts]
     configurations: dict[str, tuple[torch.nn.Module, str | None]] = {
         "unpatched": (base, None),
         "LaVIN-style (eager)": (tuned["LaVIN-style"], "eager"),
@@ -406,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nms/token: median over {len(timing_prompts)} test prompts of the mean decode step "
         f"(steps 2..{settings.timing_tokens}), batch 1, {torch.get_num_threads()} threads. "
-        f"Accuracy: {len(test_set)} test flowers, greedy, adapters merged.",
+        f"Accuracy: {len(test_set)} test flowers, greedy, exact answer tokens, adapters merged.",
         flush=True,
     )
 
@@ -427,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 "min": min(len(e.prompt) for e in test_set + train_set),
                 "max": max(len(e.prompt) for e in test_set + train_set),
             },
+            "answer_tokens": dict(zip(SPECIES, map(list, answers), strict=True)),
         },
         "skip_selection": (
             f"fixed, no search: the {args.k} deepest MHAs except the last layer's "
@@ -434,12 +376,17 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "plan": plans["EAS"].to_dict(),
         "settings": {**vars(settings), "seed": args.seed, "k": args.k, "quick": args.quick},
+        "tuning": {
+            "trainer": "eas_kernels.tuning.EASTuner, fine-tuning phase only (fixed plan)",
+            **asdict(config),
+        },
         "zero_shot_accuracy": zero_shot,
         "methods": methods,
         "accuracies": {
             "unpatched_zero_shot": zero_shot,
             **{name: info["test_accuracy"] for name, info in methods.items()},
         },
+        "accuracy_method": "greedy generation at batch 1, PIAs merged, exact answer tokens",
         "timings": timings,
         "timing_method": (
             "batch 1; per prompt: prefill, then greedy decode calls timed one by one; "

@@ -10,7 +10,8 @@
 #              built for this GPU's compute capability (EAS_CUDA_ARCHS)
 #   tests      pytest -m cuda: the CUDA and Triton kernels against their references
 #              (fp32/fp16/bf16, poisoned outputs, 10,000 merge/restore cycles, NaN/Inf
-#              refusal) and the CUDA-graph replay of a decode step, bit-exact
+#              refusal), the CUDA-graph replay of a decode step, bit-exact, and no host
+#              sync below the root (torch.cuda.set_sync_debug_mode, tests/test_host_syncs.py)
 #   memcheck, racecheck
 #              compute-sanitizer over each CUDA kernel once (scripts/gpu_kernels_once.py)
 #   bench      the benchmarks at LLaMA-7B shapes (bf16, batch 1, ~600-token prompts):
