@@ -228,9 +228,8 @@ def tune(
         if record["step"] % steps_per_epoch == 0:
             log(f"{name}: epoch {record['epoch'] + 1}/{config.finetune_epochs} done", start)
 
-    # Nothing is searched, so no subnet is scored on the held-out examples: the tuner
-    # only needs a non-empty set (the training set here).
-    tuner = EASTuner(model, train_set, train_set, config, pad_id=pad_id, progress=progress)
+    # nothing is searched, so there is no held-out set to score subnets on
+    tuner = EASTuner(model, train_set, (), config, pad_id=pad_id, progress=progress)
     result = tuner.run()
     losses = [epoch["mean_loss"] for epoch in result.epoch_losses()]
     log(f"{name}: answer loss per epoch {', '.join(f'{x:.4f}' for x in losses)}", start)

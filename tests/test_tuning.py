@@ -172,6 +172,9 @@ def test_bad_models_and_data_are_refused(tmp_path):
         EASTuner(searching_model(), [], held_out, config(), pad_id=0)
     with pytest.raises(ValueError, match="held_out must hold"):
         EASTuner(searching_model(), train, [], config(), pad_id=0)
+    fixed = patch_lavin(tiny_model(), SkipPlan(4, [2], skip_rank=4, adapter_rank=2))
+    no_search = config(k=None, warmup_epochs=0, search_epochs=0)
+    assert EASTuner(fixed, train, [], no_search, pad_id=0).run().plan.skipped == (2,)
     with pytest.raises(ValueError, match="patched with search='mha'"):
         EASTuner(searching_model("mha"), train, held_out, config(candidates="ffn"), pad_id=0)
     with pytest.raises(TypeError, match="not patched"):

@@ -207,7 +207,8 @@ class EASTuner:
     Args:
         model: patched with ``search=config.candidates``.
         train: training examples (non-empty).
-        held_out: the held-out batch that scores subnets (non-empty; all of it, one batch).
+        held_out: the held-out batch that scores subnets (all of it, one batch): non-empty
+            when the configuration searches, else unused (may be empty).
         config: :class:`TuningConfig`.
         pad_id: padding token id of :func:`~eas_kernels.tuning.data.collate`.
         run_dir: folder of the checkpoint (None: no checkpoints).
@@ -248,8 +249,8 @@ class EASTuner:
             )
         if len(train) == 0:
             raise ValueError("train must hold at least one example")
-        if len(held_out) == 0:
-            raise ValueError("held_out must hold at least one example")
+        if config.searches and len(held_out) == 0:
+            raise ValueError("held_out must hold at least one example (the search scores on it)")
         if run_key is not None and not (
             isinstance(run_key, Mapping) and all(isinstance(k, str) for k in run_key)
         ):
@@ -257,7 +258,7 @@ class EASTuner:
         self.model = model
         self.patch = patch
         self.train = list(train)
-        self.held_out = collate(list(held_out), pad_id)
+        self.held_out = collate(list(held_out), pad_id) if held_out else None
         self.run_key = {
             **dict(run_key or {}),
             **asdict(self.config),
@@ -361,6 +362,7 @@ class EASTuner:
     @torch.no_grad()
     def _score_subnets(self) -> dict[str, Any]:
         """Eq. 16 on ``num_subnets`` proposals scored on the held-out batch."""
+        assert self.held_out is not None  # a searching configuration needs one
         proposals = self.bandit.propose()
         self.model.eval()
         losses = []
