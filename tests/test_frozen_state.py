@@ -1,11 +1,13 @@
-"""Frozen PIA states (EAS_SPEC §3): training and inference see the same thing."""
+"""Frozen PIA states (EAS_SPEC §3): training and inference see the same thing.
+
+Teacher forcing = incremental decoding and batch = single, for every role and mode on both
+layouts, are in the contract (tests/contract.py, run by tests/test_contract.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from eas_kernels import greedy_generate, reparameterize
 from eas_kernels.patch import runtime_of
 from tests.helpers import left_pad, patched, random_sequences
 
@@ -24,32 +26,6 @@ def teacher_forcing_batch(seed: int):
     return prompts, answers, tokens, real, prompt_mask
 
 
-def incremental_logits(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
-    """Logits predicting each answer token: prefill the prompt, then feed the answer."""
-    with torch.no_grad():
-        steps = [model(torch.tensor([prompt]), start_pos=0)[:, -1]]
-        for offset, token in enumerate(answer[:-1]):
-            steps.append(model(torch.tensor([[token]]), start_pos=len(prompt) + offset)[:, -1])
-    return torch.cat(steps)
-
-
-@pytest.mark.parametrize("mode", ["eager", "merge", "lowrank"])
-@pytest.mark.parametrize("skipped", [[], [1, 2]])
-def test_teacher_forced_answer_logits_equal_incremental_decoding(mode, skipped):
-    model = patched(skipped, seed=11)
-    reparameterize(model, mode)
-    prompts, answers, tokens, real, prompt_mask = teacher_forcing_batch(seed=20)
-    with torch.no_grad():
-        forced = model(tokens, prompt_mask=prompt_mask, attention_mask=real)
-    width = tokens.shape[1]
-    for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
-        # positions whose next token is an answer token
-        predicting = forced[row, width - len(answer) - 1 : width - 1]
-        torch.testing.assert_close(
-            incremental_logits(model, prompt, answer), predicting, rtol=1e-4, atol=1e-4
-        )
-
-
 @pytest.mark.parametrize("skipped", [[], [0, 3]])
 def test_answer_tokens_do_not_leak_into_their_own_prediction(skipped):
     model = patched(skipped, seed=12)
@@ -64,18 +40,6 @@ def test_answer_tokens_do_not_leak_into_their_own_prediction(skipped):
     assert torch.equal(before[:, :-1], after[:, :-1])
     if skipped:  # the token-averaged path of a skip PIA is what would leak
         assert not torch.allclose(leaky[:, :-1], leaky_after[:, :-1])
-
-
-@pytest.mark.parametrize("mode", ["eager", "lowrank", "auto"])
-def test_a_batch_gives_each_example_its_alone_result(mode):
-    model = patched([1, 3], seed=13)
-    reparameterize(model, mode)
-    prompts = random_sequences([3, 10, 6, 1], vocab=97, seed=22)
-    batch = greedy_generate(model, prompts, 8)
-    for row, prompt in enumerate(prompts):
-        alone = greedy_generate(model, [prompt], 8)
-        assert batch.tokens[row] == alone.tokens[0]
-        torch.testing.assert_close(batch.logits[row], alone.logits[0], rtol=1e-4, atol=1e-4)
 
 
 def test_states_are_computed_over_the_prompt_and_stay_frozen():
