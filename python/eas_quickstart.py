@@ -48,7 +48,7 @@ over its decode steps after the first (the first decode step of a merged model a
 writes the PIAs into the weights; it is reported apart), and the table shows the median
 over prompts.
 
-Run ``python python/eas_quickstart.py`` (about 6 minutes on a 2-core CPU) or
+Run ``python python/eas_quickstart.py`` (about 5 minutes on a 2-core CPU) or
 ``--quick`` for a one-minute smoke run. The report goes to ``runs/quickstart.json``.
 """
 
