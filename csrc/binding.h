@@ -30,18 +30,17 @@ inline void positive(int64_t value, const char* name) {
 }
 
 // A MergeTarget as Python passes it: the fields of kMergeTargetFields, in that order.
-using MergeTargetTuple =
-    std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t, bool>;
+using MergeTargetTuple = std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t>;
 
 inline std::vector<MergeTarget> merge_targets(const std::vector<MergeTargetTuple>& targets,
                                               int64_t d) {
   if (targets.empty()) throw std::invalid_argument("no merge target");
   std::vector<MergeTarget> converted;
-  for (const auto& [weight, out, ld, pristine, bias, new_bias, copy] : targets) {
+  for (const auto& [weight, out, ld, merged, bias, new_bias] : targets) {
     positive(out, "out");
     if (ld < d) throw std::invalid_argument("row stride ld must be >= d");
-    converted.push_back(MergeTarget{pointer<void>(weight, "weight"), out, ld,
-                                    pointer<void>(pristine, "pristine"), copy ? 1 : 0,
+    converted.push_back(MergeTarget{pointer<const void>(weight, "weight"), out, ld,
+                                    pointer<void>(merged, "merged"),
                                     reinterpret_cast<const void*>(bias),
                                     pointer<void>(new_bias, "new_bias")});
   }

@@ -40,7 +40,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import first_non_finite
-from .ops import LowrankAdd, lowrank_factors, merged_linear, restore_merged
+from .ops import (
+    LowrankAdd,
+    MergedTarget,
+    install_merged,
+    lowrank_factors,
+    merged_linear,
+    restore_merged,
+)
 from .pia import PIA, PIAState, RunningSums
 
 if TYPE_CHECKING:
@@ -70,19 +77,29 @@ def _versions(tensors: list[torch.Tensor]) -> tuple | None:
 
 @dataclass
 class _MergeRecord:
-    """A linear layer whose weights hold a merged PIA, with its pristine values."""
+    """A linear layer whose weight and bias hold a merged PIA (swapped in), with the
+    pristine storage swapped out."""
 
     linear: nn.Linear
     weight: torch.Tensor
     bias: torch.Tensor | None  # None: the layer had no bias before the merge
 
+    @classmethod
+    def install(cls, linear: nn.Linear, merged: MergedTarget) -> _MergeRecord:
+        """Swap ``merged`` into ``linear`` (O(1)); a bias-less layer gets a bias."""
+        weight = install_merged(linear.weight, merged.merged)
+        if linear.bias is None:
+            linear.bias = nn.Parameter(merged.bias, requires_grad=False)
+            return cls(linear, weight, None)
+        return cls(linear, weight, install_merged(linear.bias, merged.bias))
+
     def restore(self) -> None:
+        """The pristine weight and bias back, bitwise (they were never written)."""
         restore_merged(self.linear.weight, self.weight)
-        with torch.no_grad():
-            if self.bias is None:
-                self.linear.bias = None
-            else:
-                self.linear.bias.copy_(self.bias)
+        if self.bias is None:
+            self.linear.bias = None
+        else:
+            restore_merged(self.linear.bias, self.bias)
 
 
 class AdapterSite:
@@ -159,12 +176,10 @@ class AdapterSite:
             for field in dataclasses.fields(self.state)
         ]
 
-    def merge(self, records: list[_MergeRecord]) -> None:
-        """Write this PIA into its targets, appending one record per written layer.
-
-        All targets are merged by one ``merged_linear`` call, which refuses (ValueError,
-        nothing written) a merge that would put NaN or Inf into any of them.
-        """
+    def merged(self) -> list[tuple[nn.Linear, MergedTarget]]:
+        """This PIA written into its targets' weights and biases — computed into their
+        merged buffers, nothing installed: one ``merged_linear`` call, which refuses
+        (ValueError naming the site) a merge that would hold NaN or Inf."""
         assert self.state is not None
         with torch.no_grad():
             up_mix, beta = self.pia.mixed_up_projection(self.state)
@@ -178,14 +193,7 @@ class AdapterSite:
                 )
             except ValueError as error:
                 raise ValueError(f"{self.name}: {error}") from None
-            for linear, (pristine, _) in zip(self.targets, merged, strict=True):
-                pristine_bias = None if linear.bias is None else linear.bias.detach().clone()
-                records.append(_MergeRecord(linear, pristine, pristine_bias))
-            for linear, (_, bias) in zip(self.targets, merged, strict=True):
-                if linear.bias is None:
-                    linear.bias = nn.Parameter(bias, requires_grad=False)
-                else:
-                    linear.bias.copy_(bias)
+        return list(zip(self.targets, merged, strict=True))
 
 
 class _DownProjection:
@@ -418,12 +426,14 @@ class EASRuntime:
         self.realized = resolved
 
     def _merge_all(self) -> None:
-        sites = self.reparameterizable_sites
+        """Every site's merged weights computed first (a refusal leaves the model as it
+        is: no weight is ever written), then all swapped in."""
+        computed = [pair for site in self.reparameterizable_sites for pair in site.merged()]
         records: list[_MergeRecord] = []
         try:
-            for site in sites:
-                site.merge(records)
-        except BaseException:
+            for linear, merged in computed:
+                records.append(_MergeRecord.install(linear, merged))
+        except BaseException:  # an interrupt while swapping: put back what was swapped
             for record in reversed(records):
                 record.restore()
             raise

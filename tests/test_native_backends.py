@@ -14,7 +14,7 @@ import torch
 
 import eas_kernels
 from eas_kernels import _native, greedy_generate, reparameterize
-from eas_kernels.ops import merged_linear, pristine_bytes
+from eas_kernels.ops import merge_buffer_bytes, merged_linear
 from tests.helpers import assert_bitwise, patched, random_sequences, weights_snapshot
 from tests.native_helpers import assert_within_twice_torch_error, requires_cpu_kernels
 
@@ -75,7 +75,10 @@ def test_a_missing_module_fails_loudly_only_when_asked_for(monkeypatch):
 def test_a_module_of_another_abi_is_not_used(monkeypatch):
     built = _native.CPU.build_info()
     for change, message in [
-        ({"abi": _native.ABI_VERSION + 1}, "has ABI 4, this package expects 3"),
+        (
+            {"abi": _native.ABI_VERSION + 1},
+            f"has ABI {_native.ABI_VERSION + 1}, this package expects {_native.ABI_VERSION}",
+        ),
         ({"dtype_codes": {"float32": 0, "float16": 2, "bfloat16": 1}}, "dtype codes"),
         ({"merge_target_fields": ["weight", "ld", "out"]}, "merge target fields"),
     ]:
@@ -95,8 +98,8 @@ def test_both_modules_report_the_abi_this_package_speaks():
         assert info["abi"] == _native.ABI_VERSION
         assert tuple(info["merge_target_fields"]) == _native.MERGE_TARGET_FIELDS
         assert module.merge_scratch_floats(rows=10, rank=3, targets=2) == 10 * 5 + 3 + 2
-    fields = dict(weight=1, out=2, ld=3, pristine=4, bias=0, new_bias=5, copy_pristine=True)
-    assert _native.merge_target(**fields) == (1, 2, 3, 4, 0, 5, True)
+    fields = dict(weight=1, out=2, ld=3, merged=4, bias=0, new_bias=5)
+    assert _native.merge_target(**fields) == (1, 2, 3, 4, 0, 5)
     with pytest.raises(TypeError, match="a merge target has the fields"):
         _native.merge_target(weight=1)
 
@@ -168,7 +171,7 @@ def test_model_modes_with_the_native_kernels_forced(monkeypatch, dtype):
 
 
 @requires_cpu_kernels
-def test_a_merged_model_reports_its_pristine_copies(monkeypatch):
+def test_a_merged_model_reports_its_merged_buffers(monkeypatch):
     monkeypatch.setenv("EAS_BACKEND", "native")
     model = patched([1], seed=53)  # 4 layers: wq, wk, wv of 0, 2, 3 and w1, w3 of 1 merge
     targets = [
@@ -177,14 +180,14 @@ def test_a_merged_model_reports_its_pristine_copies(monkeypatch):
     targets += [model.layers[1].feed_forward.w1, model.layers[1].feed_forward.w3]
     merged = sum(linear.weight.nbytes for linear in targets)
     reparameterize(model, "merge")
-    held = pristine_bytes()
+    held = merge_buffer_bytes()
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]), start_pos=0)
         model(torch.tensor([[4]]), start_pos=3)
-        assert pristine_bytes() - held == merged
+        assert merge_buffer_bytes() - held == merged
         model(torch.tensor([[1, 2]]), start_pos=0)  # restores; buffers kept for the next merge
         model(torch.tensor([[5]]), start_pos=2)
-    assert pristine_bytes() - held == merged
+    assert merge_buffer_bytes() - held == merged
 
 
 class FakeCudaModule(types.ModuleType):

@@ -7,10 +7,11 @@ import torch
 
 import eas_kernels.ops.merge as merge_module
 from eas_kernels.ops import (
-    free_pristine_buffers,
+    free_merge_buffers,
+    install_merged,
+    merge_buffer_bytes,
     merged_linear,
     merged_linear_reference,
-    pristine_bytes,
     restore_merged,
 )
 from tests.helpers import same_bits
@@ -81,11 +82,11 @@ def test_merge_matches_the_reference_with_poisoned_outputs(
         before = [w.clone() for w in s["weights"]]
         monkeypatch.setattr(merge_module, "torch", PoisonedTorch())
         merged = merged_linear(s["weights"], s["biases"], *pia_args(s), backend="native")
-        for i, (weight, bias, original) in enumerate(
+        for i, (unchanged, bias, original) in enumerate(
             zip(s["weights"], s["biases"], before, strict=True)
         ):
-            pristine, new_bias = merged[i]
-            assert same_bits(pristine, original)
+            weight, new_bias = merged[i]
+            assert same_bits(unchanged, original)  # a merge only reads the weights
             reference = merged_linear_reference(original, bias, *pia_args(s))
             exact = merged_linear_reference(*in_float64(original, bias, *pia_args(s)))
             # the same sums on absolute values: Σ|terms| of every element of W' and b'
@@ -105,28 +106,25 @@ def test_merge_matches_the_reference_with_poisoned_outputs(
                 torch.testing.assert_close(new_bias, reference[1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("restore", ["restore_merged", "copy_"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_ten_thousand_merge_restore_cycles_leave_weights_bitwise_identical(dtype, restore):
-    """Random states each cycle; restored as the runtime does (``restore_merged``, after
-    which the next merge skips the copy) or with a plain ``copy_(pristine)``."""
+def test_ten_thousand_merge_restore_cycles_leave_weights_bitwise_identical(dtype):
+    """Random states each cycle, swapped in and back as the runtime does
+    (``install_merged``, ``restore_merged``)."""
     s = site([24, 40, 8], 32, 6, dtype, seed=11)
-    snapshot = [w.clone() for w in s["weights"]]
+    weights = [torch.nn.Parameter(w, requires_grad=False) for w in s["weights"]]
+    snapshot = [w.clone() for w in weights]
     generator = torch.Generator().manual_seed(12)
     changed = 0
     for _ in range(10_000):
         up_mix = (torch.randn(6, 32, generator=generator) * 0.3).to(dtype)
         beta = torch.randn(32, generator=generator).to(dtype)
-        merged = merged_linear(s["weights"], s["biases"], s["down_weight"], up_mix, beta)
-        changed += not torch.equal(s["weights"][0], snapshot[0])
-        for weight, target in zip(s["weights"], merged, strict=True):
-            if restore == "copy_":
-                weight.copy_(target.pristine)
-            else:
-                restore_merged(weight, target.pristine)
-        del merged, target  # the copies go back to their buffers, as the runtime's do
+        merged = merged_linear(weights, s["biases"], s["down_weight"], up_mix, beta)
+        pristine = [install_merged(w, t.merged) for w, t in zip(weights, merged, strict=True)]
+        changed += not torch.equal(weights[0], snapshot[0])
+        for weight, storage in zip(weights, pristine, strict=True):
+            restore_merged(weight, storage)
     assert changed == 10_000
-    for weight, original in zip(s["weights"], snapshot, strict=True):
+    for weight, original in zip(weights, snapshot, strict=True):
         assert same_bits(weight, original)
 
 
@@ -183,120 +181,56 @@ def test_a_row_the_bound_cannot_clear_is_checked_exactly_and_merged(kernels):
         original = s["weights"][1].clone()
         reference = merged_linear_reference(original, None, *pia_args(s))[0]
         assert torch.isfinite(reference).all()
-        merged_linear(s["weights"], s["biases"], *pia_args(s), backend="native")
+        merged = merged_linear(s["weights"], s["biases"], *pia_args(s), backend="native")
         exact = merged_linear_reference(original.double(), None, *[t.double() for t in pia_args(s)])
-        assert_within_twice_torch_error(s["weights"][1], reference, exact[0], "weight")
+        assert_within_twice_torch_error(merged[1].merged, reference, exact[0], "weight")
 
 
-# ---------------------------------------------------------------------- pristine buffers
-def test_pristine_buffers_are_reported_never_shared_and_freed():
+# ---------------------------------------------------------------------- merged buffers
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_merged_buffers_are_kept_per_weight_reported_and_freed(backend):
     s = site([32, 16], 24, 4, torch.float32, seed=25)
-    weights = s["weights"]
-    originals = [w.clone() for w in weights]
-    held_before = pristine_bytes()
-    first = merged_linear(weights, s["biases"], *pia_args(s))
-    merged_bytes = sum(w.nbytes for w in weights)
-    assert pristine_bytes() - held_before == merged_bytes
-    merged_once = [w.clone() for w in weights]
-    second = merged_linear(weights, s["biases"], *pia_args(s))  # first's copies still in use
-    for target, original in zip(first, originals, strict=True):
-        assert same_bits(target.pristine, original)
-    for target, once in zip(second, merged_once, strict=True):
-        assert same_bits(target.pristine, once)
-    for weight, target in zip(weights, first, strict=True):
-        weight.copy_(target.pristine)
-    assert free_pristine_buffers() == 0 or pristine_bytes() >= merged_bytes  # all in use
-    del first, second, target
-    assert free_pristine_buffers() >= merged_bytes
-    assert pristine_bytes() <= held_before
+    weights = [torch.nn.Parameter(w, requires_grad=False) for w in s["weights"]]
+    free_merge_buffers()
+    held_before = merge_buffer_bytes()
+    first = merged_linear(weights, s["biases"], *pia_args(s), backend=backend)
+    buffer_bytes = sum(w.nbytes for w in weights)
+    assert merge_buffer_bytes() - held_before == buffer_bytes
+    pointers = [target.merged.data_ptr() for target in first]
+    again = merged_linear(weights, s["biases"], *pia_args(s), backend=backend)
+    assert [target.merged.data_ptr() for target in again] == pointers  # kept, reused
+    pristine = [install_merged(w, t.merged) for w, t in zip(weights, again, strict=True)]
+    assert [w.data_ptr() for w in weights] == pointers
+    assert free_merge_buffers() == 0  # swapped in: not freed
+    while_merged = merged_linear(weights, s["biases"], *pia_args(s), backend=backend)
+    for target, pointer in zip(while_merged, pointers, strict=True):
+        assert target.merged.data_ptr() != pointer  # never the storage the weight reads
+    for weight, storage in zip(weights, pristine, strict=True):
+        restore_merged(weight, storage)
+    assert free_merge_buffers() >= buffer_bytes
+    assert merge_buffer_bytes() <= held_before
 
 
-def test_a_restored_weight_reuses_its_buffer():
-    s = site([16], 8, 2, torch.float32, seed=26)
-    weight = s["weights"][0]
-    first = merged_linear(s["weights"], s["biases"], *pia_args(s))
-    pointer = first[0].pristine.data_ptr()
-    weight.copy_(first[0].pristine)
-    del first
-    second = merged_linear(s["weights"], s["biases"], *pia_args(s))
-    assert second[0].pristine.data_ptr() == pointer
+def test_a_swap_keeps_the_parameter_and_restores_its_storage_bitwise():
+    linear = torch.nn.Linear(24, 16).requires_grad_(False)
+    original = linear.weight.detach().clone()
+    weight, storage = linear.weight, linear.weight.data
+    s = site([16], 24, 4, torch.float32, seed=26)
+    (target,) = merged_linear([linear.weight], [linear.bias], *pia_args(s))
+    with torch.inference_mode():  # as in a generation under inference_mode
+        pristine = install_merged(linear.weight, target.merged)
+        assert linear.weight is weight and not linear.weight.is_inference()
+        assert same_bits(linear.weight, target.merged) and same_bits(pristine, original)
+        restore_merged(linear.weight, pristine)
+    assert linear.weight is weight and linear.weight.data_ptr() == storage.data_ptr()
+    assert same_bits(linear.weight, original) and not linear.weight.is_inference()
 
 
-def kept_buffer(weight: torch.Tensor) -> torch.Tensor:
-    """The pristine buffer kept for ``weight`` (not lent out)."""
-    return merge_module._buffers[weight].base
-
-
-def merge_then_restore(s: dict, backend: str, *, restore=restore_merged) -> list[torch.Tensor]:
-    """Merge ``s`` and restore it; return the merged weights."""
-    merged = merged_linear(s["weights"], s["biases"], *pia_args(s), backend=backend)
-    merged_weights = [w.clone() for w in s["weights"]]
-    for weight, target in zip(s["weights"], merged, strict=True):
-        restore(weight, target.pristine)
-    return merged_weights
-
-
-@pytest.mark.parametrize("backend", ["native", "torch"])
-def test_after_restore_merged_the_next_merge_does_not_copy_again(backend):
-    s = site([16, 24], 8, 2, torch.float32, seed=28)
-    originals = [w.clone() for w in s["weights"]]
-    merged_weights = merge_then_restore(s, backend)
-    for weight, original in zip(s["weights"], originals, strict=True):
-        assert same_bits(weight, original)
-        # an edit through .data is invisible to the version counters: it shows the skip
-        kept_buffer(weight).data.fill_(float("nan"))
-    second = merged_linear(s["weights"], s["biases"], *pia_args(s), backend=backend)
-    for weight, target, merged_weight in zip(s["weights"], second, merged_weights, strict=True):
-        assert target.pristine.isnan().all()  # not written again
-        assert same_bits(weight, merged_weight)  # the merge itself read the weight
-    free_pristine_buffers()
-
-
-@pytest.mark.parametrize("backend", ["native", "torch"])
-def test_a_weight_or_buffer_changed_after_its_restore_is_copied_again(backend):
-    s = site([16, 24, 8], 8, 2, torch.float32, seed=29)
-    weights = s["weights"]
-    merge_then_restore(s, backend)
-    changed, buffer_changed, _ = weights
-    changed.add_(1.0)  # the weight changed in place after its restore
-    kept_buffer(buffer_changed).zero_()  # its kept buffer changed in place
-    expected = [w.clone() for w in weights]
-    second = merged_linear(weights, s["biases"], *pia_args(s), backend=backend)
-    for target, weight in zip(second, expected, strict=True):
-        assert same_bits(target.pristine, weight)
-    for weight, target in zip(weights, second, strict=True):
-        weight.copy_(target.pristine)  # a plain copy_: nothing is known about the buffers
-    del second, target
-    for weight in weights:
-        kept_buffer(weight).data.fill_(float("nan"))
-    third = merged_linear(weights, s["biases"], *pia_args(s), backend=backend)
-    for target, weight in zip(third, expected, strict=True):
-        assert same_bits(target.pristine, weight)
-    free_pristine_buffers()
-
-
-@pytest.mark.parametrize("backend", ["native", "torch"])
-def test_a_merge_on_another_stream_than_the_restore_copies_again(backend, monkeypatch):
-    """'The buffer holds the weight' holds in the restoring stream's order only: a merge
-    enqueued on another CUDA stream must write the copy (simulated: the stream id is what
-    merge.py reads of the current stream)."""
-    s = site([16], 8, 2, torch.float32, seed=30)
-    (weight,) = s["weights"]
-    original = weight.clone()
-    monkeypatch.setattr(merge_module, "_stream_of", lambda tensor: 7)  # restore on stream 7
-    merge_then_restore(s, backend)
-    kept_buffer(weight).data.fill_(float("nan"))  # invisible to the version counters
-    monkeypatch.setattr(merge_module, "_stream_of", lambda tensor: 8)  # merge on stream 8
-    (target,) = merged_linear(s["weights"], s["biases"], *pia_args(s), backend=backend)
-    assert same_bits(target.pristine, original)  # copied again
-    free_pristine_buffers()
-
-
-def test_a_native_merge_bumps_the_version_counter():
+def test_a_merge_never_writes_its_weights():
     s = site([16], 8, 2, torch.float32, seed=27)
-    version = s["weights"][0]._version
+    version, original = s["weights"][0]._version, s["weights"][0].clone()
     merged_linear(s["weights"], s["biases"], *pia_args(s), backend="native")
-    assert s["weights"][0]._version > version
+    assert s["weights"][0]._version == version and same_bits(s["weights"][0], original)
 
 
 # ---------------------------------------------------------------------- bad input
@@ -357,19 +291,22 @@ def test_the_native_kernels_refuse_to_run_under_autograd():
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
-def test_targets_that_share_memory_are_refused_before_any_write(backend):
-    """The same weight twice would be updated twice by the native kernel and once by the
-    reference: both refuse it, as they refuse a weight that overlaps the PIA's tensors."""
+def test_the_same_weight_twice_is_refused_and_overlapping_inputs_merge(backend):
+    """One weight twice would get one merged buffer for two targets: refused. Weights that
+    overlap each other or the PIA's tensors are only read, so they merge as the reference."""
     s = site([12, 12], 16, 3, torch.float32, seed=5)
     weight = s["weights"][0]
     before = weight.clone()
+    with pytest.raises(ValueError, match=r"weights\[0\] and weights\[1\] are the same tensor"):
+        merged_linear([weight, weight], [None, None], *pia_args(s), backend=backend)
     cases = [
-        ([weight, weight], pia_args(s), r"weights\[0\] and weights\[1\] share memory"),
-        ([weight, weight[4:]], pia_args(s), r"weights\[0\] and weights\[1\] share memory"),
-        ([weight], (weight[:3], s["up_mix"], s["beta"]), "weights.0. and down_weight share"),
-        ([weight], (s["down_weight"], s["up_mix"], weight[0]), "weights.0. and beta share"),
+        ([weight, weight[4:]], pia_args(s)),
+        ([weight], (weight[:3], s["up_mix"], s["beta"])),
+        ([weight], (s["down_weight"], s["up_mix"], weight[0])),
     ]
-    for weights, args, message in cases:
-        with pytest.raises(ValueError, match=message):
-            merged_linear(weights, [None] * len(weights), *args, backend=backend)
+    for weights, args in cases:
+        merged = merged_linear(weights, [None] * len(weights), *args, backend=backend)
+        for target, source in zip(merged, weights, strict=True):
+            expected, _ = merged_linear_reference(source, None, *args)
+            torch.testing.assert_close(target.merged, expected, rtol=1e-5, atol=1e-5)
         assert same_bits(weight, before)

@@ -4,19 +4,14 @@
 // W_d1 (r x d) in fp32:
 //
 //   Q  = W [W_u; β]ᵀ                 (out x (r+1)): P = Q[:, :r] = W W_uᵀ, Q[:, r] = W βᵀ
-//   W' = round(W + P W_d1)           in place; fp32 accumulation, one rounding
+//   W' = round(W + P W_d1)           into `merged`; fp32 accumulation, one rounding
 //   b' = round(b + W βᵀ)             into new_bias
 //
-// in three phases over all targets of the site:
-//   1. per block of rows: Q by register-tiled dot products, then a bitwise copy of the
-//      block into `pristine` (non-temporal stores; skipped when the caller knows `pristine`
-//      already holds W, see MergeTarget::copy_pristine) and the row maxima max_j |W[o, j]|;
-//   2. check, before any write to W: refuse the merge if an entry of Q or b' is not
-//      finite, or if one of W' could be. A row is cleared by the bound
-//      max|W_o| + Σ_k |P_ok| max|W_d1[k, :]| < max_finite(T) / 2; a row the bound does not
-//      clear is computed exactly (the arithmetic of phase 3) into a scratch row and scanned;
-//   3. per block of rows: W' in place, one streaming read-modify-write of W.
-// 4·out·d·r flops in all; W is read twice and written once, the copy written once.
+// in one pass over blocks of rows (of all targets of the site, in parallel): Q of the block
+// by register-tiled dot products, then W' of the block while its rows of W are still in
+// cache, and b'. Every entry of Q, b' and W' is checked finite as it is produced; W itself
+// is never written (the caller swaps `merged` in). 4·out·d·r flops; W read once from
+// memory, `merged` written once.
 #pragma once
 
 #include <cstdint>
@@ -37,61 +32,50 @@ inline int64_t block_rows(int64_t d) {
   return unit * (units > 1 ? units : 1);
 }
 
+// Whether every entry of a row is finite: x·0 + acc stays 0 for finite x, and turns NaN for
+// an infinite or NaN one (IEEE arithmetic; the build does not use -ffast-math).
 template <class S, class T>
-inline float row_max_abs(const T* w, int64_t d) {
-  typename S::V m = S::zero();
+inline bool row_finite(const T* row, int64_t d) {
+  const typename S::V zero = S::zero();
+  typename S::V acc = zero;
   int64_t k = 0;
-  for (; k + S::kWidth <= d; k += S::kWidth) m = S::max(m, S::abs(S::load(w + k)));
-  float result = S::hmax(m);
-  for (; k < d; ++k) {
-    const float x = __builtin_fabsf(to_float(w[k]));
-    result = x > result ? x : result;
-  }
-  return result;
+  for (; k + S::kWidth <= d; k += S::kWidth) acc = S::fma(S::load(row + k), zero, acc);
+  bool finite = is_finite(S::sum(acc));
+  for (; k < d; ++k) finite = finite && is_finite(to_float(row[k]));
+  return finite;
 }
 
-// max_j |D[k, j]| in double; NaN or Inf anywhere in row k gives +Inf.
-template <class S>
-inline double down_row_max(const float* dk, int64_t d) {
-  double m = 0.0;
-  for (int64_t j = 0; j < d; ++j) {
-    if (!is_finite(dk[j])) return __builtin_inf();
-    const double x = __builtin_fabs(static_cast<double>(dk[j]));
-    m = x > m ? x : m;
-  }
-  return m;
-}
-
-// Whether row o of the target can be merged: finite Q row, finite rounded bias, finite W'.
+// Rows [row0, row1) of one target: Q, b' and W'; whether all of them are finite.
 template <class S, class T>
-inline bool check_row(const MergeArgs& a, const MergeTarget& tg, int64_t o, const float* q_row,
-                      float max_abs, const double* down_max) {
-  const int64_t r = a.rank;
-  for (int64_t k = 0; k <= r; ++k)
-    if (!is_finite(q_row[k])) return false;
-  const float bias = tg.bias != nullptr ? to_float(static_cast<const T*>(tg.bias)[o]) : 0.0f;
-  const T new_bias = from_float<T>(bias + q_row[r]);
-  static_cast<T*>(tg.new_bias)[o] = new_bias;
-  if (!is_finite(to_float(new_bias))) return false;
-  double bound = max_abs;
-  for (int64_t k = 0; k < r; ++k) bound += __builtin_fabs(static_cast<double>(q_row[k])) * down_max[k];
-  if (bound < max_finite<T>() / 2) return true;
-  // Not cleared by the bound: compute the row as phase 3 will and look.
-  const T* w = static_cast<const T*>(tg.weight) + o * tg.ld;
-  T* merged = new T[a.d];
-  axpy_rows<S, T, 1>(w, tg.ld, merged, a.d, q_row, r + 1, a.down, a.d, a.d, r);
+inline bool merge_rows(const MergeArgs& a, const MergeTarget& tg, int64_t row0, int64_t row1,
+                       float* q) {
+  const int64_t d = a.d, r = a.rank, ldq = r + 1;
+  const T* w = static_cast<const T*>(tg.weight);
+  T* merged = static_cast<T*>(tg.merged);
+  dot_block<S, T>(w, tg.ld, row0, row1, a.up, r + 1, d, q, ldq, 1);
   bool finite = true;
-  for (int64_t j = 0; j < a.d && finite; ++j) finite = is_finite(to_float(merged[j]));
-  delete[] merged;
+  for (int64_t o = row0; o < row1; ++o) {
+    const float* q_row = q + o * ldq;
+    for (int64_t k = 0; k <= r; ++k) finite = finite && is_finite(q_row[k]);
+    const float bias = tg.bias != nullptr ? to_float(static_cast<const T*>(tg.bias)[o]) : 0.0f;
+    const T new_bias = from_float<T>(bias + q_row[r]);
+    static_cast<T*>(tg.new_bias)[o] = new_bias;
+    finite = finite && is_finite(to_float(new_bias));
+  }
+  for (int64_t i0 = row0; i0 < row1; i0 += S::kAxpyRows) {
+    const int mr = static_cast<int>(row1 - i0 < S::kAxpyRows ? row1 - i0 : S::kAxpyRows);
+    axpy_rows_any<S, T>(mr, w + i0 * tg.ld, tg.ld, merged + i0 * d, d, q + i0 * ldq, ldq,
+                        a.down, d, d, r);
+  }
+  for (int64_t o = row0; o < row1 && finite; ++o) finite = row_finite<S, T>(merged + o * d, d);
   return finite;
 }
 
 }  // namespace merge_detail
 
-// Merge one site (see the top of this file); `a.scratch` starts with (Σ out)·(r + 2) floats.
-// Returns -1 when every target was written, else the index of the first target whose
-// merged weight or bias would hold NaN/Inf; then no weight was written (new_bias and
-// pristine may have been).
+// Merge one site (see the top of this file); `a.scratch` starts with (Σ out)·(r + 1) floats.
+// Returns -1 when every target's W' and b' are finite, else the index of the first target
+// with a NaN/Inf entry (its `merged` and `new_bias` are then incomplete; W is untouched).
 template <class S, class T>
 int merge(const MergeArgs& a) {
   const int64_t d = a.d, r = a.rank, ldq = r + 1;
@@ -107,45 +91,17 @@ int merge(const MergeArgs& a) {
     first_row[t + 1] = first_row[t] + out;
   }
   const int64_t num_blocks = first_block[nt], total_rows = first_row[nt];
-  float* q = a.scratch;                          // (total_rows, r + 1)
-  float* maxima = a.scratch + total_rows * ldq;  // (total_rows,)
   const int threads = threads_for(a.num_threads, 2 * total_rows * d * r);
-  auto target_of_block = [&](int64_t b) {
-    int t = 0;
-    while (b >= first_block[t + 1]) ++t;
-    return t;
-  };
-
-  // Phase 1: Q, pristine copy, row maxima.
+  int* refused = new int[nt];
+  for (int t = 0; t < nt; ++t) refused[t] = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
   for (int64_t b = 0; b < num_blocks; ++b) {
-    const int t = target_of_block(b);
+    int t = 0;
+    while (b >= first_block[t + 1]) ++t;
     const MergeTarget& tg = a.targets[t];
     const int64_t row0 = (b - first_block[t]) * rows_per_block;
     const int64_t row1 = row0 + rows_per_block < tg.out ? row0 + rows_per_block : tg.out;
-    const T* w = static_cast<const T*>(tg.weight);
-    T* pristine = static_cast<T*>(tg.pristine);
-    float* q_target = q + first_row[t] * ldq;
-    dot_block<S, T>(w, tg.ld, row0, row1, a.up, r + 1, d, q_target, ldq, 1);
-    for (int64_t o = row0; o < row1; ++o) {
-      maxima[first_row[t] + o] = merge_detail::row_max_abs<S, T>(w + o * tg.ld, d);
-      if (tg.copy_pristine)
-        S::copy_stream(pristine + o * d, w + o * tg.ld, d * static_cast<int64_t>(sizeof(T)));
-    }
-    S::fence();
-  }
-
-  // Phase 2: check every row of every target before any write to W.
-  double* down_max = new double[r];
-  for (int64_t k = 0; k < r; ++k) down_max[k] = merge_detail::down_row_max<S>(a.down + k * d, d);
-  int* refused = new int[nt];
-  for (int t = 0; t < nt; ++t) refused[t] = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t row = 0; row < total_rows; ++row) {
-    int t = 0;
-    while (row >= first_row[t + 1]) ++t;
-    const int64_t o = row - first_row[t];
-    if (!merge_detail::check_row<S, T>(a, a.targets[t], o, q + row * ldq, maxima[row], down_max)) {
+    if (!merge_detail::merge_rows<S, T>(a, tg, row0, row1, a.scratch + first_row[t] * ldq)) {
 #pragma omp atomic write
       refused[t] = 1;
     }
@@ -154,25 +110,6 @@ int merge(const MergeArgs& a) {
   for (int t = nt - 1; t >= 0; --t)
     if (refused[t]) first_refused = t;
   delete[] refused;
-  delete[] down_max;
-
-  // Phase 3: W' = round(W + P W_d1), in place.
-  if (first_refused < 0) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
-    for (int64_t b = 0; b < num_blocks; ++b) {
-      const int t = target_of_block(b);
-      const MergeTarget& tg = a.targets[t];
-      const int64_t row0 = (b - first_block[t]) * rows_per_block;
-      const int64_t row1 = row0 + rows_per_block < tg.out ? row0 + rows_per_block : tg.out;
-      T* w = static_cast<T*>(tg.weight);
-      const float* q_target = q + first_row[t] * ldq;
-      for (int64_t i0 = row0; i0 < row1; i0 += S::kAxpyRows) {
-        const int mr = static_cast<int>(row1 - i0 < S::kAxpyRows ? row1 - i0 : S::kAxpyRows);
-        axpy_rows_any<S, T>(mr, w + i0 * tg.ld, tg.ld, w + i0 * tg.ld, tg.ld,
-                            q_target + i0 * ldq, ldq, a.down, d, d, r);
-      }
-    }
-  }
   delete[] first_block;
   return first_refused;
 }

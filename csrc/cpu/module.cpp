@@ -111,7 +111,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   using namespace eas::cpu;
   m.doc() = "eas_kernels CPU kernels (merge, low-rank factors, low-rank add); see csrc/README.md";
-  m.def("merge", &merge, "Merge one PIA into a site's targets in place; -1 or refused target");
+  m.def("merge", &merge, "Merge one PIA: W' of a site's targets into their merged buffers; -1 or refused target");
   m.def("lowrank_factors", &lowrank_factors, "F = U Wᵀ (fp32), U the up basis (abi.h)");
   m.def("lowrank_add", &lowrank_add, "y += κ F per row, in place (abi.h)");
   m.def("isa", [] { return std::string(g_table->name); }, "instruction set of the kernels in use");

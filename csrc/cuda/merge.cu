@@ -7,17 +7,17 @@
 //   W' = round(W + Δ),  Δ = Σ_k P[:, k] W_d1[k, :] summed from zero, k ascending, fmaf
 //   b' = round(b + W βᵀ)
 //
-// 1. dots_kernel (Q), copy_kernel (bitwise copy of W into `pristine` unless it already holds
-//    W, see MergeTarget::copy_pristine; row maxima |W|),
+// W is only read; W' goes to the target's `merged` buffer (MergeTarget).
+// 1. dots_kernel (Q), maxima_kernel (row maxima |W|),
 //    down_max_kernel (max_j |W_d1[k, j]|, Inf if row k is not finite);
 // 2. check_kernel, one warp per row: finite Q row and b', and W' finite — cleared by the
 //    bound max|W_o| + Σ_k |P_ok| max|W_d1[k, :]| < max_finite(T) / 2, else computed and
 //    scanned; the host reads one flag per target (one stream synchronisation);
-// 3. only if no target was refused, update_kernel: W' in place, tiles of 32 rows x 128
+// 3. only if no target was refused, update_kernel: W' into `merged`, tiles of 32 rows x 128
 //    columns with P and W_d1 staged in shared memory.
 // Before step 1 the grids of all three steps, for every target, are checked against the
 // device limits (std::invalid_argument) and every kernel is loaded, so that step 3 cannot
-// fail to launch for its configuration after an earlier target was written.
+// fail to launch for its configuration after an earlier target was computed.
 // Scratch (device, fp32): Σ out·(r+1) for Q, Σ out for the maxima, r, and one int per target.
 #include <string>
 #include <vector>
@@ -32,18 +32,13 @@ namespace {
 constexpr int kThreads = 256;
 
 template <class T>
-__global__ void copy_kernel(const T* __restrict__ w, int64_t ld, int64_t d, T* __restrict__ pristine,
-                            int copy, float* __restrict__ maxima) {
+__global__ void maxima_kernel(const T* __restrict__ w, int64_t ld, int64_t d,
+                              float* __restrict__ maxima) {
   __shared__ float partial[kThreads / 32];
   const int64_t row = blockIdx.x;
   const T* src = w + row * ld;
-  T* dst = pristine + row * d;
   float m = 0.0f;
-  for (int64_t j = threadIdx.x; j < d; j += kThreads) {
-    const T x = src[j];
-    if (copy) dst[j] = x;  // bit copy
-    m = fmaxf(m, fabsf(to_float(x)));
-  }
+  for (int64_t j = threadIdx.x; j < d; j += kThreads) m = fmaxf(m, fabsf(to_float(src[j])));
   for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = m;
   __syncthreads();
@@ -116,8 +111,9 @@ constexpr int kRows = 32, kCols = 128, kRankChunk = 32;
 
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    update_kernel(T* __restrict__ w, int64_t ld, int64_t out, int64_t d, int64_t r,
-                  const float* __restrict__ q, const float* __restrict__ down) {
+    update_kernel(const T* __restrict__ w, int64_t ld, T* __restrict__ merged, int64_t out,
+                  int64_t d, int64_t r, const float* __restrict__ q,
+                  const float* __restrict__ down) {
   __shared__ float ps[kRows][kRankChunk + 1];
   __shared__ float ds[kRankChunk][kCols];
   const int col = threadIdx.x % kCols, group = threadIdx.x / kCols;  // 2 groups of rows
@@ -146,10 +142,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int i = 0; i < kRows / 2; ++i) {
     const int64_t row = r0 + group + 2 * i;
-    if (row < out) {
-      T* p = w + row * ld + c0 + col;
-      *p = from_float<T>(to_float(*p) + delta[i]);
-    }
+    if (row < out)
+      merged[row * d + c0 + col] = from_float<T>(to_float(w[row * ld + c0 + col]) + delta[i]);
   }
 }
 
@@ -162,7 +156,7 @@ std::string target_shape(int t, const MergeTarget& tg, int64_t d, int64_t r) {
 // limits (std::invalid_argument) before anything is launched.
 struct MergeGrids {
   dim3 down_max;
-  std::vector<dim3> dots, copy, check, update;  // per target
+  std::vector<dim3> dots, maxima, check, update;  // per target
 };
 
 MergeGrids merge_grids(const MergeArgs& a) {
@@ -175,7 +169,7 @@ MergeGrids merge_grids(const MergeArgs& a) {
     const MergeTarget& tg = a.targets[t];
     const std::string shape = target_shape(t, tg, d, r);
     g.dots.push_back(dots_grid(tg.out, r + 1, "merge", shape));
-    g.copy.push_back(grid_of(tg.out, 1, 1, "merge", "copy_kernel", shape));
+    g.maxima.push_back(grid_of(tg.out, 1, 1, "merge", "maxima_kernel", shape));
     g.check.push_back(
         grid_of(blocks(tg.out, kThreads / 32), 1, 1, "merge", "check_kernel", shape));
     // row tiles along y: out <= 65535 * kRows = 2,097,120
@@ -192,7 +186,7 @@ int merge_typed(const MergeArgs& a, const MergeGrids& grids, cudaStream_t stream
   // that no launch of phase 3 fails after an earlier target's weight was written.
   preload(down_max_kernel, kThreads, "merge: loading down_max_kernel");
   preload(dots_kernel<T>, kDotThreads, "merge: loading dots_kernel");
-  preload(copy_kernel<T>, kThreads, "merge: loading copy_kernel");
+  preload(maxima_kernel<T>, kThreads, "merge: loading maxima_kernel");
   preload(check_kernel<T>, kThreads, "merge: loading check_kernel");
   preload(update_kernel<T>, kThreads, "merge: loading update_kernel");
 
@@ -212,8 +206,7 @@ int merge_typed(const MergeArgs& a, const MergeGrids& grids, cudaStream_t stream
     const T* w = static_cast<const T*>(tg.weight);
     float* q_t = q + row0 * (r + 1);
     launch_dots<T>(grids.dots[t], w, tg.ld, tg.out, a.up, r + 1, d, q_t, r + 1, 1, stream);
-    copy_kernel<T><<<grids.copy[t], kThreads, 0, stream>>>(
-        w, tg.ld, d, static_cast<T*>(tg.pristine), tg.copy_pristine, maxima + row0);
+    maxima_kernel<T><<<grids.maxima[t], kThreads, 0, stream>>>(w, tg.ld, d, maxima + row0);
     check_kernel<T><<<grids.check[t], kThreads, 0, stream>>>(
         w, tg.ld, tg.out, d, r, static_cast<const T*>(tg.bias), static_cast<T*>(tg.new_bias), q_t,
         maxima + row0, a.down, down_max, refused + t);
@@ -232,11 +225,11 @@ int merge_typed(const MergeArgs& a, const MergeGrids& grids, cudaStream_t stream
   for (int t = 0; t < a.num_targets; ++t) {
     const MergeTarget& tg = a.targets[t];
     update_kernel<T><<<grids.update[t], kThreads, 0, stream>>>(
-        static_cast<T*>(tg.weight), tg.ld, tg.out, d, r, q + row0 * (r + 1), a.down);
+        static_cast<const T*>(tg.weight), tg.ld, static_cast<T*>(tg.merged), tg.out, d, r,
+        q + row0 * (r + 1), a.down);
     if (const cudaError_t status = cudaGetLastError(); status != cudaSuccess)
       check(status, ("merge: launching phase 3 of " + target_shape(t, tg, d, r) +
-                     " (the updates of the targets before it were launched; every pristine "
-                     "buffer holds its target's weight)")
+                     " (no weight was written: they are only read)")
                         .c_str());
     row0 += tg.out;
   }

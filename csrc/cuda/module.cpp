@@ -87,7 +87,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_C_cuda, m) {
   using namespace eas::cuda;
   m.doc() = "eas_kernels CUDA kernels (merge, low-rank factors, low-rank add); see csrc/README.md";
-  m.def("merge", &merge_py, "Merge one PIA into a site's targets in place; -1 or refused target");
+  m.def("merge", &merge_py, "Merge one PIA: W' of a site's targets into their merged buffers; -1 or refused target");
   m.def("lowrank_factors", &lowrank_factors_py, "F = U Wᵀ (fp32), U the up basis (abi.h)");
   m.def("lowrank_add", &lowrank_add_py, "y += κ F per row, in place (abi.h)");
   m.def("build_info", &build_info, "ABI (abi.h), compute capabilities and CUDA runtime of this build");

@@ -22,10 +22,11 @@ from .lowrank import (
 )
 from .merge import (
     MergedTarget,
-    free_pristine_buffers,
+    free_merge_buffers,
+    install_merged,
+    merge_buffer_bytes,
     merged_linear,
     merged_linear_reference,
-    pristine_bytes,
     restore_merged,
 )
 
@@ -72,12 +73,13 @@ __all__ = [
     "MergedTarget",
     "add_lowrank",
     "add_lowrank_reference",
-    "free_pristine_buffers",
+    "free_merge_buffers",
+    "install_merged",
     "lowrank_factors",
     "lowrank_factors_reference",
     "merged_linear",
     "merged_linear_reference",
     "pia_backend",
-    "pristine_bytes",
+    "merge_buffer_bytes",
     "restore_merged",
 ]

@@ -8,26 +8,24 @@ example's frozen state, ``z = u (I + W_d1ᵀ W_u) + β`` and so
 
 ``W_u`` (``r × d``) and ``β`` (``d``) come from :meth:`eas_kernels.PIA.mixed_up_projection`.
 
-:func:`merged_linear` writes ``W'`` into the weights of all the layers of one site at once
-(``wq, wk, wv`` or ``w1, w3``) and hands back bitwise copies of the pristine weights, which
-restore them exactly (never ``W += Δ; W -= Δ``). Per weight, the native kernels
-(``csrc/cpu/merge.h``, ``csrc/cuda/merge.cu``) compute ``P = W W_uᵀ`` and ``W βᵀ`` (one
-read of ``W``, which also writes the pristine copy), check that no entry of the result can
-be NaN/Inf, then update ``W`` in one streaming read-modify-write: ``4·out·d·r`` flops,
-fp32 accumulation, one rounding. :func:`merged_linear_reference` is the PyTorch reference.
+:func:`merged_linear` computes ``W'`` for all the layers of one site at once (``wq, wk,
+wv`` or ``w1, w3``) into each weight's *merged buffer* and never writes the weights: a
+merge whose result would hold NaN or Inf is refused with nothing to undo. The caller then
+swaps the buffers in with :func:`install_merged` (``weight.data = W'``: the Parameter
+stays the same object) and back with :func:`restore_merged`, which moves no bytes and is
+bitwise by construction — the pristine storage was never written. Per weight, the native
+kernels (``csrc/cpu/merge.h``, ``csrc/cuda/merge.cu``) read ``W`` once from memory and
+write ``W'`` once: ``4·out·d·r`` flops, fp32 accumulation, one rounding, every entry
+checked finite. :func:`merged_linear_reference` is the PyTorch reference.
 
-Pristine copies are buffers the size of the merged weights. Each is kept, after its
-weight is restored, for that weight's next merge (a fresh allocation of 180 MB costs more
-than the merge itself on a CPU: page faults); :func:`pristine_bytes` reports their memory
-and :func:`free_pristine_buffers` releases those not in use. A weight put back with
-:func:`restore_merged` is bitwise its buffer, so its next merge does not write the copy
-again, as long as torch's version counters show that neither was modified in place since
-(an edit through ``.data`` bypasses them: call :func:`free_pristine_buffers` after one).
+The merged buffers are allocated once per weight and kept for its next merge (a fresh
+allocation of 180 MB costs more than the merge itself on a CPU: page faults):
+:func:`merge_buffer_bytes` reports their memory and :func:`free_merge_buffers` releases
+those not swapped in.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -62,94 +60,61 @@ def merged_linear_reference(
 
 
 class MergedTarget(NamedTuple):
-    """What :func:`merged_linear` leaves for one weight it wrote."""
+    """What :func:`merged_linear` computes for one weight."""
 
-    pristine: torch.Tensor  # bitwise copy of the weight before the merge, contiguous
-    bias: torch.Tensor  # b' = b + W βᵀ (out,), the weight's dtype, for the caller to install
-
-
-class _PristineBuffer:
-    """A buffer kept for one weight, the view of it that is currently lent out, and what
-    proves that the buffer holds the weight bitwise (set by :func:`restore_merged`)."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.base = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        self.lent: weakref.ref[torch.Tensor] | None = None
-        self.synced: tuple[int, int, int, int] | None = None
-
-    def sync_key(self, weight: torch.Tensor) -> tuple[int, int, int, int] | None:
-        """Both version counters, the weight's address and the current stream; None for
-        inference tensors, which have no version counter.
-
-        The stream is part of the key because "the buffer holds the weight" is true in the
-        order of the stream that restored it: a merge on another stream must copy again.
-        """
-        if weight.is_inference() or self.base.is_inference():
-            return None
-        return (weight._version, self.base._version, weight.data_ptr(), _stream_of(weight))
-
-    def fits(self, weight: torch.Tensor) -> bool:
-        base = self.base
-        return (base.shape, base.dtype, base.device) == (weight.shape, weight.dtype, weight.device)
-
-    def in_use(self) -> bool:
-        return self.lent is not None and self.lent() is not None
-
-    def lend(self) -> torch.Tensor:
-        view = self.base.view(self.base.shape)  # a distinct tensor object: dies with its holder
-        self.lent = weakref.ref(view)
-        self.synced = None
-        return view
+    merged: torch.Tensor  # W' (out, d), contiguous, the weight's dtype: its merged buffer
+    bias: torch.Tensor  # b' = b + W βᵀ (out,), the weight's dtype
 
 
-def _stream_of(tensor: torch.Tensor) -> int:
-    """An id of the stream work on ``tensor`` is enqueued on now (0 on a CPU)."""
-    if tensor.device.type != "cuda":
-        return 0
-    return torch.cuda.current_stream(tensor.device).cuda_stream
+_buffers: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> its merged buffer
 
 
-_buffers: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> _PristineBuffer
-
-
-def _pristine_buffer(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """A buffer for ``weight``'s pristine copy — its kept one when free, else a new one —
-    and whether it already holds ``weight`` bitwise (then the merge need not copy it)."""
+def _merge_buffer(weight: torch.Tensor) -> torch.Tensor:
+    """The buffer that receives ``weight``'s merged values: the one kept for it, unless it
+    does not fit or is swapped in (then ``weight`` itself holds it), else a new one —
+    never an inference tensor, so that it can be swapped into a Parameter."""
     buffer = _buffers.get(weight)
-    if buffer is None or buffer.in_use() or not buffer.fits(weight):
-        buffer = _PristineBuffer(weight)
+    layout = (weight.shape, weight.dtype, weight.device)
+    if (
+        buffer is None
+        or (buffer.shape, buffer.dtype, buffer.device) != layout
+        or buffer.data_ptr() == weight.data_ptr()
+    ):
+        with torch.inference_mode(False):
+            buffer = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         _buffers[weight] = buffer
-    holds_weight = buffer.synced is not None and buffer.synced == buffer.sync_key(weight)
-    return buffer.lend(), holds_weight
+    return buffer
+
+
+def install_merged(weight: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+    """Swap ``merged`` (from :func:`merged_linear`) in as ``weight``'s values, in O(1):
+    ``weight.data = merged``, the Parameter object unchanged. Returns the pristine storage,
+    for :func:`restore_merged`."""
+    pristine = weight.data
+    with torch.no_grad():
+        weight.data = merged
+    return pristine
 
 
 def restore_merged(weight: torch.Tensor, pristine: torch.Tensor) -> None:
-    """Put a merged weight back bitwise: ``weight.copy_(pristine)``.
-
-    ``pristine`` is the copy :func:`merged_linear` returned for ``weight``. Afterwards the
-    buffer is known to hold ``weight``, so the next merge of ``weight`` skips writing the
-    copy unless either tensor was modified in place in between, ``weight`` moved, or the
-    merge runs on another CUDA stream than the restore.
-    """
+    """Put a merged weight back, bitwise and in O(1): swap in the storage
+    :func:`install_merged` returned (the merge never wrote it)."""
     with torch.no_grad():
-        weight.copy_(pristine)
-    buffer = _buffers.get(weight)
-    if buffer is not None and buffer.fits(weight) and buffer.base.data_ptr() == pristine.data_ptr():
-        buffer.synced = buffer.sync_key(weight)
+        weight.data = pristine
 
 
-def pristine_bytes() -> int:
-    """Bytes of the pristine buffers held for merged weights: one per weight, in use by its
-    merge or kept for the next one."""
-    return sum(buffer.base.nbytes for buffer in list(_buffers.values()))
+def merge_buffer_bytes() -> int:
+    """Bytes of the merged buffers held for weights: one per merged weight, swapped in or
+    kept for its next merge."""
+    return sum(buffer.nbytes for buffer in list(_buffers.values()))
 
 
-def free_pristine_buffers() -> int:
-    """Release the kept pristine buffers that no merged weight uses; return the bytes freed."""
+def free_merge_buffers() -> int:
+    """Release the merged buffers that no weight holds now; return the bytes freed."""
     freed = 0
     for weight, buffer in list(_buffers.items()):
-        if not buffer.in_use():
-            freed += buffer.base.nbytes
+        if buffer.data_ptr() != weight.data_ptr():
+            freed += buffer.nbytes
             del _buffers[weight]
     return freed
 
@@ -186,6 +151,14 @@ def _check_site(
             _native.check_rows(
                 bias, f"biases[{index}]", dtype=dtype, device=device, shape=(weight.shape[0],)
             )
+    seen: dict[int, int] = {}
+    for index, weight in enumerate(weights):
+        earlier = seen.setdefault(id(weight), index)
+        if earlier != index:
+            raise ValueError(
+                f"weights[{earlier}] and weights[{index}] are the same tensor: each target gets "
+                "its own merged buffer"
+            )
     check_tensor(down_weight, "down_weight", ndim=2, device=device, floating=True)
     rank = down_weight.shape[0]
     if rank == 0 or down_weight.shape[1] != d:
@@ -198,10 +171,6 @@ def _check_site(
     check_tensor(beta, "beta", ndim=1, device=device, floating=True)
     if tuple(beta.shape) != (d,):
         raise ValueError(f"beta must have shape ({d},), got {tuple(beta.shape)}")
-    named = [(f"weights[{i}]", weight) for i, weight in enumerate(weights)]
-    named += [(f"biases[{i}]", bias) for i, bias in enumerate(biases) if bias is not None]
-    named += [("down_weight", down_weight), ("up_mix", up_mix), ("beta", beta)]
-    _native.check_disjoint(named, written=len(weights))
     return d, rank
 
 
@@ -221,22 +190,22 @@ def merged_linear(
     *,
     backend: str | None = None,
 ) -> list[MergedTarget]:
-    """Write one PIA into the weights of the layers that read it, in place (EAS_SPEC §4).
+    """The merged weights and biases of the layers that read one PIA (EAS_SPEC §4).
 
     Args:
         weights: the targets' weights ``W`` ``(out_i, d)``, one dtype and device, unit
-            stride along ``d``; overwritten with ``W' = W + (W W_uᵀ) W_d1``.
+            stride along ``d``; read only.
         biases: per weight, ``b`` ``(out_i,)`` or None (zero); read only.
         down_weight: ``W_d1`` ``(r, d)``; ``up_mix``: ``W_u`` ``(r, d)``; ``beta``: ``β``
             ``(d,)`` — any floating dtype, same device.
         backend: ``"auto"``, ``"native"`` or ``"torch"`` (None: ``EAS_BACKEND`` or auto).
 
-    Returns, per weight, its pristine copy (restore with :func:`restore_merged`, or
-    ``weight.copy_(pristine)``: bitwise) and ``b' = b + W βᵀ``. fp32 accumulation, one
-    rounding to the weight's dtype.
+    Returns, per weight, ``W' = W + (W W_uᵀ) W_d1`` in the weight's merged buffer (kept
+    for the weight; swap it in with :func:`install_merged`) and ``b' = b + W βᵀ``. fp32
+    accumulation, one rounding to the weight's dtype.
 
-    Raises ValueError, before writing any weight, when a ``W'`` or ``b'`` would hold NaN
-    or Inf in the weight's dtype.
+    Raises ValueError, naming the weight's shape, when a ``W'`` or ``b'`` would hold NaN or
+    Inf in the weight's dtype; no weight is ever written.
     """
     d, rank = _check_site(weights, biases, down_weight, up_mix, beta)
     weight0 = weights[0]
@@ -248,21 +217,20 @@ def merged_linear(
     down = _native.fp32_rows(down_weight)
     results, targets = [], []
     for weight, bias in zip(weights, biases, strict=True):
-        pristine, holds_weight = _pristine_buffer(weight)
-        new_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=device)
-        bias_pointer = 0 if bias is None else bias.data_ptr()
+        merged = _merge_buffer(weight)
+        with torch.inference_mode(False):  # swappable into a Parameter
+            new_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=device)
         targets.append(
             _native.merge_target(
                 weight=weight.data_ptr(),
                 out=weight.shape[0],
                 ld=_native.row_stride(weight),
-                pristine=pristine.data_ptr(),
-                bias=bias_pointer,
+                merged=merged.data_ptr(),
+                bias=0 if bias is None else bias.data_ptr(),
                 new_bias=new_bias.data_ptr(),
-                copy_pristine=not holds_weight,
             )
         )
-        results.append(MergedTarget(pristine, new_bias))
+        results.append(MergedTarget(merged, new_bias))
     rows = sum(weight.shape[0] for weight in weights)
     kernels = _native.module(device)
     scratch_size = kernels.merge_scratch_floats(rows, rank, len(weights))
@@ -272,8 +240,6 @@ def merged_linear(
     refused = kernels.merge(*kernel_args, *_native.launch_args(device))
     if refused >= 0:
         raise _refusal(weights[refused])
-    for weight in weights:
-        _native.bumped(weight)
     return results
 
 
@@ -293,9 +259,8 @@ def _merge_with_torch(
             raise _refusal(weight)
     results = []
     for weight, (new_weight, new_bias) in zip(weights, merged, strict=True):
-        pristine, holds_weight = _pristine_buffer(weight)
-        if not holds_weight:
-            pristine.copy_(weight)
-        weight.copy_(new_weight)
-        results.append(MergedTarget(pristine, new_bias))
+        buffer = _merge_buffer(weight)
+        with torch.inference_mode(False), torch.no_grad():  # swappable into a Parameter
+            buffer.copy_(new_weight)
+            results.append(MergedTarget(buffer, new_bias.clone()))
     return results
