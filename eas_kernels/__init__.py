@@ -13,6 +13,7 @@ Public API:
     set_prompt_mask         prompt mask for models whose forward takes none
     unpatch                 undo a patch: weights, hooks, PIAs, requires_grad as before
     reparameterize, restore merge / low-rank / eager decode; put weights back bitwise
+    expected_new_tokens     the answer length "auto" chooses its mode for (custom loops)
     greedy_generate         left-padded batched greedy decoding (prefill, then steps)
     roles                   layer roles (Role: kept, skipped MHA/FFN/block), candidate sets
     models.lavin            the LaVIN-layout LLaMA (ModelArgs, Transformer)
@@ -39,7 +40,7 @@ from .patch import (
 )
 from .pia import PIA, PIAState
 from .plan import SkipPlan
-from .reparam import reparameterize, restore
+from .reparam import expected_new_tokens, reparameterize, restore
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = [
     "SkipPlan",
     "backends",
     "current_plan",
+    "expected_new_tokens",
     "from_pretrained",
     "greedy_generate",
     "kv_cache_bytes",

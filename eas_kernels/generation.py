@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -35,6 +36,8 @@ def greedy_generate(
 
     ``prefill_kwargs`` go to the prefill call only (e.g. ``images=`` of a multimodal
     model). ``logits[b, t]`` are the logits that chose new token ``t`` of prompt ``b``.
+    On a patched model, ``reparameterize(model, "auto")`` chooses its mode for
+    ``max_new_tokens`` (:func:`eas_kernels.expected_new_tokens`).
     """
     _check_prompts(prompts)
     if (
@@ -62,15 +65,24 @@ def greedy_generate(
         tokens[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
         prompt_mask[row, width - len(prompt) :] = True
     extra = prefill_kwargs or {}
-    logits = model(tokens, start_pos=0, prompt_mask=prompt_mask, **extra)[:, -1]
-    steps = [logits]
-    position = width
-    for _ in range(max_new_tokens - 1):
-        next_tokens = steps[-1].argmax(dim=-1, keepdim=True)
-        steps.append(model(next_tokens, start_pos=position)[:, -1])
-        position += 1
+    with _expecting(model, max_new_tokens):
+        logits = model(tokens, start_pos=0, prompt_mask=prompt_mask, **extra)[:, -1]
+        steps = [logits]
+        position = width
+        for _ in range(max_new_tokens - 1):
+            next_tokens = steps[-1].argmax(dim=-1, keepdim=True)
+            steps.append(model(next_tokens, start_pos=position)[:, -1])
+            position += 1
     stacked = torch.stack(steps, dim=1)
     return Generation(stacked.argmax(dim=-1).tolist(), stacked)
+
+
+def _expecting(model: nn.Module, count: int) -> contextlib.AbstractContextManager:
+    """:func:`~eas_kernels.expected_new_tokens` on a patched model, else nothing."""
+    from .patch import is_patched
+    from .reparam import expected_new_tokens
+
+    return expected_new_tokens(model, count) if is_patched(model) else contextlib.nullcontext()
 
 
 def _check_prompts(prompts: object) -> None:

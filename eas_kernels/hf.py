@@ -62,6 +62,7 @@ from .patch import (
     patch_of,
 )
 from .plan import SkipPlan
+from .reparam import expected_new_tokens
 from .runtime import EASRuntime
 
 IGNORE_INDEX = -100
@@ -395,9 +396,22 @@ class _GenerateWithEAS:
         outer = self.hook.generate_calls
         self.hook.generate_calls = 0
         try:
-            return type(self.model).generate(self.model, *args, **kwargs)
+            with expected_new_tokens(self.model, self._max_new_tokens(kwargs)):
+                return type(self.model).generate(self.model, *args, **kwargs)
         finally:
             self.hook.generate_calls = outer
+
+    def _max_new_tokens(self, kwargs: dict) -> int | None:
+        """The ``max_new_tokens`` of this call (or of its generation config), for ``auto``;
+        None when it is not an int >= 1 (then ``auto`` assumes a long answer)."""
+        count = kwargs.get("max_new_tokens")
+        if count is None:
+            config = kwargs.get("generation_config") or getattr(
+                self.model, "generation_config", None
+            )
+            count = getattr(config, "max_new_tokens", None)
+        valid = isinstance(count, int) and not isinstance(count, bool) and count >= 1
+        return count if valid else None
 
 
 class _InstanceAttribute:

@@ -62,6 +62,11 @@ def patch_of(model: nn.Module) -> EASPatch:
     return patch
 
 
+def is_patched(model: nn.Module) -> bool:
+    """Whether a patch function installed EAS on ``model``."""
+    return isinstance(getattr(model, _PATCH_ATTR, None), EASPatch)
+
+
 def runtime_of(model: nn.Module) -> EASRuntime:
     """The EAS runtime of a patched model; TypeError when ``model`` is not patched."""
     return patch_of(model).runtime

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from torch import nn
 
 from .patch import runtime_of
@@ -17,7 +20,9 @@ def reparameterize(model: nn.Module, mode: str = "auto") -> nn.Module:
             rank-r update ``W' = W + (W W_uᵀ) W_d1``, ``b' = b + W βᵀ``; batch size 1.
         ``"lowrank"``: no weight change; each target adds ``(u W_d1ᵀ) M_e + g_e`` per
             example (any batch size), as ``κ F`` with factors ``F`` shared by the batch.
-        ``"auto"``: ``merge`` for batch 1, ``lowrank`` otherwise.
+        ``"auto"``: per prompt, the cheapest of the three for the expected answer
+            length (:mod:`eas_kernels.auto`: costs measured once on this machine); when
+            the length is unknown, ``merge`` for batch 1 and ``lowrank`` otherwise.
 
     Takes effect at once when the model holds frozen states (after a prefill), else at
     the first decode step after the next prefill. Merged weights go back bitwise at the
@@ -35,3 +40,23 @@ def restore(model: nn.Module) -> nn.Module:
     """
     runtime_of(model).unrealize()
     return model
+
+
+@contextlib.contextmanager
+def expected_new_tokens(model: nn.Module, count: int | None) -> Iterator[nn.Module]:
+    """Tell ``auto`` (:func:`reparameterize`) how many tokens the prompts prefilled in the
+    body will generate: ``count - 1`` decode steps follow each prefill. ``None``: unknown.
+
+    :func:`eas_kernels.greedy_generate` and ``generate()`` of a
+    :func:`~eas_kernels.patch_hf` model do this themselves; use it around a decode loop of
+    your own. The previous value is back on exit.
+    """
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"count must be an int >= 1 or None, got {count!r}")
+    runtime = runtime_of(model)
+    previous = runtime.decode_steps
+    runtime.decode_steps = None if count is None else count - 1
+    try:
+        yield model
+    finally:
+        runtime.decode_steps = previous

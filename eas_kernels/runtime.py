@@ -19,8 +19,8 @@ Each call of a patched block is either
   computing ``u + PIA(u; S)``; ``merge`` writes every PIA into its targets' weights
   (batch 1) and the sites pass ``u`` through; ``lowrank`` leaves the weights alone and
   adds ``(u W_d1ᵀ) M_e + g_e`` to each target's output per example (``κ F``, see
-  :mod:`eas_kernels.ops.lowrank`); ``auto`` is merge
-  for batch 1 and lowrank otherwise.
+  :mod:`eas_kernels.ops.lowrank`); ``auto`` picks the
+  cheapest of the three for the answer length it expects (:mod:`eas_kernels.auto`).
 
 The runtime is in one :class:`Phase` at a time — ``NO_STATES`` (after patching or a new
 skip set), ``FRESH`` (after a fresh call) or ``DECODING`` (after a decode call, the mode
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import first_non_finite
+from .auto import AutoChoice, ModeCosts, choose_mode, measure_costs
 from .ops import (
     LowrankAdd,
     MergedTarget,
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from .roles import Role
 
 MODES = ("eager", "merge", "lowrank", "auto")
+logger = logging.getLogger("eas_kernels")
 
 
 def _prompt_and_after(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -151,16 +154,23 @@ class AdapterSite:
         return self.runtime.adapted_input(self, u)
 
     # ------------------------------------------------------------------ low-rank path
-    def install_lowrank(self) -> None:
+    def lowrank_hooks(self) -> list[tuple[nn.Linear, _LowrankHook]]:
+        """The low-rank path of the frozen state: one forward hook per target, with its
+        factors ``F`` built (:func:`~eas_kernels.ops.lowrank_factors`); nothing installed."""
         assert self.state is not None
+        hooks = []
         with torch.no_grad():
             basis, mix = self.pia.up_basis(), self.pia.state_mix(self.state)
             projection = _DownProjection(self.pia.down1.weight)
             for linear in self.targets:
                 factor = lowrank_factors(linear.weight, basis)
                 mix = mix.to(torch.promote_types(factor.dtype, torch.float32)).contiguous()
-                hook = _LowrankHook(projection, LowrankAdd(mix, factor))
-                self._lowrank_hooks.append(linear.register_forward_hook(hook))
+                hooks.append((linear, _LowrankHook(projection, LowrankAdd(mix, factor))))
+        return hooks
+
+    def install_lowrank(self) -> None:
+        for linear, hook in self.lowrank_hooks():
+            self._lowrank_hooks.append(linear.register_forward_hook(hook))
 
     def remove_lowrank(self) -> None:
         for handle in self._lowrank_hooks:
@@ -267,6 +277,9 @@ class EASRuntime:
         self.state_mask: torch.Tensor | None = None
         self.phase = Phase.NO_STATES
         self.realized: str | None = None  # the mode realised while DECODING (None: not yet)
+        self.decode_steps: int | None = None  # expected after the prefill (None: unknown)
+        self.auto_choice: AutoChoice | None = None  # what "auto" chose for this prompt
+        self._costs: dict[int, ModeCosts] = {}  # measured per batch size, for "auto"
         self._merged: list[_MergeRecord] = []
         self._finite_key: tuple | None = None  # the weights' versions at the last check
 
@@ -410,9 +423,7 @@ class EASRuntime:
     # ------------------------------------------------------------------ modes
     def realize(self, mode: str, batch_size: int) -> None:
         """Apply ``mode`` for the current frozen states (all sites at once, or none)."""
-        resolved = mode
-        if mode == "auto":
-            resolved = "eager" if self.running else "merge" if batch_size == 1 else "lowrank"
+        resolved = self._auto_mode(batch_size) if mode == "auto" else mode
         if resolved == "merge":
             if batch_size != 1:
                 raise ValueError(
@@ -424,6 +435,24 @@ class EASRuntime:
             for site in self.reparameterizable_sites:
                 site.install_lowrank()
         self.realized = resolved
+
+    def _auto_mode(self, batch_size: int) -> str:
+        """The mode ``auto`` takes for the current prompt (:mod:`eas_kernels.auto`): from
+        the expected decode steps and the costs measured once per batch size."""
+        if self.running:
+            return "eager"
+        steps, costs = self.decode_steps, None
+        if steps is not None and steps > 0:
+            costs = self._costs.get(batch_size)
+            if costs is None:
+                costs = self._costs[batch_size] = measure_costs(self, batch_size)
+        mode = choose_mode(steps, batch_size, costs)
+        self.auto_choice = AutoChoice(mode, steps, batch_size, costs)
+        logger.info(
+            "eas_kernels auto: %s for batch %d and %s decode steps (costs: %s)",
+            mode, batch_size, "unknown" if steps is None else steps, costs,
+        )  # fmt: skip
+        return mode
 
     def _merge_all(self) -> None:
         """Every site's merged weights computed first (a refusal leaves the model as it
@@ -486,6 +515,7 @@ class EASRuntime:
     def forget_states(self) -> None:
         """Drop every frozen state (the skip set changed): the next call must be fresh."""
         self.unrealize()
+        self._costs.clear()  # another skip set costs otherwise
         self._move(Phase.NO_STATES)
         for site in self.sites:
             site.state = None
