@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -51,9 +52,11 @@ from .demo.workload import (
     save_tuned,
 )
 from .generation import greedy_generate
-from .patch import current_plan, patch_lavin, set_skipped
+from .patch import current_plan, patch_lavin, runtime_of, set_skipped
 from .plan import SkipPlan
+from .reparam import reparameterize
 from .roles import CANDIDATE_SETS, DEFAULT_CANDIDATES
+from .runtime import MODES
 from .search import Candidates
 from .tuning import EASTuner, TuningConfig, TuningInterrupted, TuningResult
 from .tuning.evaluate import (
@@ -151,6 +154,12 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--split", choices=("train", "test"), default="test")
     generate.add_argument("--question", required=True)
     generate.add_argument("--max-new-tokens", type=_positive(int), default=4)
+    generate.add_argument(
+        "--mode",
+        choices=MODES,
+        default="auto",
+        help="how the decode steps apply the PIAs (auto: the cheapest for --max-new-tokens)",
+    )
     demo = commands.add_parser("demo", help="LaVIN-style tuning vs EAS, end to end")
     _workload_options(demo)
     _training_options(demo, search=True)
@@ -478,6 +487,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     prompt = [model.image_token_id] * model.num_image_tokens + workload.encode(
         vqa_prompt(args.question)
     )
+    reparameterize(model, args.mode)
     generated = greedy_generate(
         model.eval(),
         [prompt],
@@ -487,7 +497,22 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     )
     answer = workload.decode(generated.tokens[0])
     print(f"Q: {args.question}\nA:{answer}", flush=True)
-    return {"question": args.question, "image_id": args.image_id, "answer": answer}
+    runtime = runtime_of(model)
+    choice = runtime.auto_choice if args.mode == "auto" else None
+    decoding = {
+        "mode": args.mode,
+        "realized": runtime.realized,  # None: no decode step (one new token)
+        "auto": None if choice is None else dataclasses.asdict(choice),
+    }
+    console.log(
+        f"decoding: mode {args.mode}, realised as {runtime.realized or 'nothing (no decode step)'}"
+    )
+    return {
+        "question": args.question,
+        "image_id": args.image_id,
+        "answer": answer,
+        "decoding": decoding,
+    }
 
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:

@@ -173,6 +173,15 @@ def test_finetune_evaluate_generate(searched, tmp_path):
         str(tmp_path / "gen"),
     )
     assert "Q: what color is the shape?" in generated.stdout
+    decoding = json.loads((tmp_path / "gen" / "generate_report.json").read_text())["decoding"]
+    assert decoding["mode"] == "auto" and decoding["auto"]["decode_steps"] == 3  # 4 tokens
+    assert decoding["realized"] == decoding["auto"]["mode"]
+    assert set(decoding["auto"]["costs"]) == {
+        "eager_step",
+        "merge",
+        "lowrank_setup",
+        "lowrank_step",
+    }
 
 
 @pytest.mark.parametrize(
