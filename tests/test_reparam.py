@@ -210,11 +210,12 @@ def test_every_mode_refuses_a_non_finite_state_at_the_first_decode(mode):
 
 
 def test_a_merge_failing_midway_is_rolled_back(monkeypatch):
-    """Layer 0's targets are written before the merge of layer 1 is refused.
+    """Layer 0's targets are merged (into their buffers) before the merge of layer 1 is
+    refused.
 
     The refusal comes from ``merged_linear`` itself (native kernel or reference), which
-    sees an Inf in layer 1's mixed up projection, as an fp16 overflow would produce, and
-    writes neither w1 nor w3; the runtime must put layer 0 back.
+    sees an Inf in layer 1's mixed up projection, as an fp16 overflow would produce; the
+    runtime must install nothing, layer 0 included.
     """
     import eas_kernels.runtime as runtime_module
 
@@ -359,3 +360,28 @@ def test_a_lowrank_target_adds_the_pia_of_its_own_input(order):
                 v + site.pia(v, state=site.state), targets[0].weight, targets[0].bias
             )
             torch.testing.assert_close(targets[0](v), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("at", [0, 4, 10])
+def test_an_interrupt_while_swapping_the_merge_in_puts_back_what_was_swapped(monkeypatch, at):
+    """Every site is merged before any swap; a KeyboardInterrupt at swap number ``at`` (of
+    11: wq, wk, wv of layers 0, 2, 3 and w1, w3 of layer 1) restores the swaps before it:
+    the weights are bitwise pristine, no bias was left, and the next prompt merges."""
+    import eas_kernels.runtime as runtime_module
+    from tests.helpers import fail_at
+
+    model = patched([1], seed=39)
+    reparameterize(model, "merge")
+    snapshot = weights_snapshot(model)
+    prompt = random_sequences([4], vocab=97, seed=40)
+    expected = greedy_generate(model, prompt, 3)
+    greedy_generate(model, prompt, 1)  # a prefill: the weights are back
+    with monkeypatch.context() as context:
+        fail_at(context, runtime_module, "install_merged", at)
+        with pytest.raises(KeyboardInterrupt):
+            greedy_generate(model, prompt, 3)
+    assert_bitwise(model, snapshot)
+    assert all(layer.attention.wq.bias is None for layer in model.layers)
+    generated = greedy_generate(model, prompt, 3)
+    assert generated.tokens == expected.tokens
+    torch.testing.assert_close(generated.logits, expected.logits, rtol=0, atol=0)
