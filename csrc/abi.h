@@ -12,7 +12,7 @@
 namespace eas {
 
 // Bumped whenever a struct below or a binding's arguments change.
-constexpr int kAbiVersion = 4;
+constexpr int kAbiVersion = 5;
 
 // Storage dtype of a weight (and of the activations of the low-rank path).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -27,30 +27,43 @@ struct MergeTarget {
   void* merged;          // (out, d) contiguous, receives W' = W + (W W_uᵀ) W_d1
   const void* bias;      // b (out,), or nullptr for a layer without bias (zero)
   void* new_bias;        // (out,) receives b + W βᵀ, rounded once to the storage dtype
+  int64_t site;          // index of the target's PIA in MergeArgs::sites
 };
 
 // A MergeTarget's fields in the order Python passes them (binding.h's MergeTargetTuple).
 inline constexpr const char* kMergeTargetFields[] = {
-    "weight", "out", "ld", "merged", "bias", "new_bias"};
+    "weight", "out", "ld", "merged", "bias", "new_bias", "site"};
 
-// Floats of MergeArgs::scratch: Q (Σ out x (rank + 1)), the row maxima (Σ out), the down
-// projection's row maxima (rank) and one refusal flag per target.
-constexpr int64_t merge_scratch_floats(int64_t rows, int64_t rank, int64_t targets) {
-  return rows * (rank + 2) + rank + targets;
+// One PIA (one adapter site): what its targets are merged with.
+struct MergeSite {
+  const float* up;       // (rank + 1, d) contiguous fp32: W_u (r rows), then β
+  const float* down;     // (rank, d) contiguous fp32: W_d1
+  int64_t rank;          // r
+};
+
+// A MergeSite's fields in the order Python passes them (binding.h's MergeSiteTuple).
+inline constexpr const char* kMergeSiteFields[] = {"up", "down", "rank"};
+
+// Floats of MergeArgs::scratch: Q (q_floats = Σ over targets of out x (rank + 1)), the row
+// maxima (rows = Σ out), the down projections' row maxima (ranks = Σ over sites of rank)
+// and one refusal flag per target.
+constexpr int64_t merge_scratch_floats(int64_t q_floats, int64_t rows, int64_t ranks,
+                                       int64_t targets) {
+  return q_floats + rows + ranks + targets;
 }
 
-// Merge of one PIA into the targets of its site (wq, wk, wv or w1, w3): all share d, dtype.
-// No entry of W' or b' may be NaN/Inf: the kernels check every one and report the first
-// target that has one (W is never written, so nothing needs undoing).
+// Merge of PIAs into the targets of their sites (wq, wk, wv or w1, w3; every site of a
+// model in one call): all targets share d and dtype. No entry of W' or b' may be NaN/Inf:
+// the kernels check every one and report the first target that has one (W is never
+// written, so nothing needs undoing).
 struct MergeArgs {
   MergeTarget* targets;
   int num_targets;
+  const MergeSite* sites;
+  int num_sites;
   int dtype;             // DType of every weight, merged buffer and bias
   int64_t d;             // columns of W
-  int64_t rank;          // r
-  const float* up;       // (rank + 1, d) contiguous fp32: W_u (r rows), then β
-  const float* down;     // (rank, d) contiguous fp32: W_d1
-  float* scratch;        // merge_scratch_floats(Σ out, rank, num_targets) floats (device)
+  float* scratch;        // merge_scratch_floats(...) floats (device)
   int num_threads;       // CPU only
 };
 

@@ -30,19 +30,34 @@ inline void positive(int64_t value, const char* name) {
 }
 
 // A MergeTarget as Python passes it: the fields of kMergeTargetFields, in that order.
-using MergeTargetTuple = std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t>;
+using MergeTargetTuple =
+    std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t, int64_t>;
+// A MergeSite as Python passes it: the fields of kMergeSiteFields, in that order.
+using MergeSiteTuple = std::tuple<uintptr_t, uintptr_t, int64_t>;
+
+inline std::vector<MergeSite> merge_sites(const std::vector<MergeSiteTuple>& sites) {
+  if (sites.empty()) throw std::invalid_argument("no merge site");
+  std::vector<MergeSite> converted;
+  for (const auto& [up, down, rank] : sites) {
+    positive(rank, "rank");
+    converted.push_back(
+        MergeSite{pointer<const float>(up, "up"), pointer<const float>(down, "down"), rank});
+  }
+  return converted;
+}
 
 inline std::vector<MergeTarget> merge_targets(const std::vector<MergeTargetTuple>& targets,
-                                              int64_t d) {
+                                              int64_t d, int64_t num_sites) {
   if (targets.empty()) throw std::invalid_argument("no merge target");
   std::vector<MergeTarget> converted;
-  for (const auto& [weight, out, ld, merged, bias, new_bias] : targets) {
+  for (const auto& [weight, out, ld, merged, bias, new_bias, site] : targets) {
     positive(out, "out");
     if (ld < d) throw std::invalid_argument("row stride ld must be >= d");
+    if (site < 0 || site >= num_sites) throw std::invalid_argument("site index out of range");
     converted.push_back(MergeTarget{pointer<const void>(weight, "weight"), out, ld,
                                     pointer<void>(merged, "merged"),
                                     reinterpret_cast<const void*>(bias),
-                                    pointer<void>(new_bias, "new_bias")});
+                                    pointer<void>(new_bias, "new_bias"), site});
   }
   return converted;
 }
@@ -58,12 +73,14 @@ inline void add_abi_info(py::dict& info) {
   info["dtype_codes"] = dtypes;
   std::vector<std::string> fields(std::begin(kMergeTargetFields), std::end(kMergeTargetFields));
   info["merge_target_fields"] = fields;
+  std::vector<std::string> site_fields(std::begin(kMergeSiteFields), std::end(kMergeSiteFields));
+  info["merge_site_fields"] = site_fields;
 }
 
 // The ABI's sizes, bound as module functions.
 inline void def_abi_sizes(py::module_& m) {
-  m.def("merge_scratch_floats", &merge_scratch_floats, py::arg("rows"), py::arg("rank"),
-        py::arg("targets"), "floats of MergeArgs::scratch (abi.h)");
+  m.def("merge_scratch_floats", &merge_scratch_floats, py::arg("q_floats"), py::arg("rows"),
+        py::arg("ranks"), py::arg("targets"), "floats of MergeArgs::scratch (abi.h)");
 }
 
 }  // namespace eas::binding

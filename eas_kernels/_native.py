@@ -32,9 +32,10 @@ from ._checks import check_tensor
 
 # What this module speaks of the ABI (csrc/abi.h): a compiled module whose build_info()
 # reports another version, other dtype codes or other merge-target fields is not used.
-ABI_VERSION = 4
+ABI_VERSION = 5
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-MERGE_TARGET_FIELDS = ("weight", "out", "ld", "merged", "bias", "new_bias")
+MERGE_TARGET_FIELDS = ("weight", "out", "ld", "merged", "bias", "new_bias", "site")
+MERGE_SITE_FIELDS = ("up", "down", "rank")
 BACKENDS = ("auto", "native", "torch")
 OPS = ("merged_linear", "lowrank_factors", "add_lowrank")
 
@@ -68,11 +69,16 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
         return None, f"{name} has ABI {abi}, this package expects {ABI_VERSION}: rebuild it"
     codes = {str(dtype).removeprefix("torch."): code for dtype, code in DTYPE_CODES.items()}
     fields = tuple(info.get("merge_target_fields", ()))
-    if info.get("dtype_codes") != codes or fields != MERGE_TARGET_FIELDS:
+    site_fields = tuple(info.get("merge_site_fields", ()))
+    if (
+        info.get("dtype_codes") != codes
+        or fields != MERGE_TARGET_FIELDS
+        or site_fields != MERGE_SITE_FIELDS
+    ):
         return None, (
-            f"{name} reports ABI {abi} with dtype codes {info.get('dtype_codes')} and merge "
-            f"target fields {fields}, this package expects {codes} and {MERGE_TARGET_FIELDS}: "
-            "rebuild it"
+            f"{name} reports ABI {abi} with dtype codes {info.get('dtype_codes')}, merge "
+            f"target fields {fields} and merge site fields {site_fields}, this package expects "
+            f"{codes}, {MERGE_TARGET_FIELDS} and {MERGE_SITE_FIELDS}: rebuild it"
         )
     return module, None
 
@@ -80,11 +86,19 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
 def merge_target(**fields: object) -> tuple:
     """A merge target for a compiled module's ``merge``: ``fields`` by name (exactly
     :data:`MERGE_TARGET_FIELDS`), in the order the ABI defines."""
-    if set(fields) != set(MERGE_TARGET_FIELDS):
-        raise TypeError(
-            f"a merge target has the fields {MERGE_TARGET_FIELDS}, got {sorted(fields)}"
-        )
-    return tuple(fields[name] for name in MERGE_TARGET_FIELDS)
+    return _abi_tuple("merge target", MERGE_TARGET_FIELDS, fields)
+
+
+def merge_site(**fields: object) -> tuple:
+    """A merge site for a compiled module's ``merge``: ``fields`` by name (exactly
+    :data:`MERGE_SITE_FIELDS`), in the order the ABI defines."""
+    return _abi_tuple("merge site", MERGE_SITE_FIELDS, fields)
+
+
+def _abi_tuple(what: str, names: tuple[str, ...], fields: dict[str, object]) -> tuple:
+    if set(fields) != set(names):
+        raise TypeError(f"a {what} has the fields {names}, got {sorted(fields)}")
+    return tuple(fields[name] for name in names)
 
 
 def _build_record() -> dict:

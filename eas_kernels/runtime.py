@@ -45,9 +45,11 @@ from .auto import AutoChoice, ModeCosts, choose_mode, measure_costs
 from .ops import (
     LowrankAdd,
     MergedTarget,
+    MergeRefused,
+    SiteMerge,
     install_merged,
     lowrank_factors,
-    merged_linear,
+    merge_sites,
     restore_merged,
 )
 from .pia import PIA, PIAState, RunningSums
@@ -186,24 +188,19 @@ class AdapterSite:
             for field in dataclasses.fields(self.state)
         ]
 
-    def merged(self) -> list[tuple[nn.Linear, MergedTarget]]:
-        """This PIA written into its targets' weights and biases — computed into their
-        merged buffers, nothing installed: one ``merged_linear`` call, which refuses
-        (ValueError naming the site) a merge that would hold NaN or Inf."""
+    def merge_arguments(self) -> SiteMerge:
+        """This PIA and its targets as :func:`~eas_kernels.ops.merge_sites` takes them, with
+        ``(W_u, β)`` of the frozen state (batch 1)."""
         assert self.state is not None
         with torch.no_grad():
             up_mix, beta = self.pia.mixed_up_projection(self.state)
-            try:
-                merged = merged_linear(
-                    [linear.weight for linear in self.targets],
-                    [linear.bias for linear in self.targets],
-                    self.pia.down1.weight,
-                    up_mix[0],
-                    beta[0],
-                )
-            except ValueError as error:
-                raise ValueError(f"{self.name}: {error}") from None
-        return list(zip(self.targets, merged, strict=True))
+        return SiteMerge(
+            [linear.weight for linear in self.targets],
+            [linear.bias for linear in self.targets],
+            self.pia.down1.weight,
+            up_mix[0],
+            beta[0],
+        )
 
 
 class _DownProjection:
@@ -455,9 +452,23 @@ class EASRuntime:
         return mode
 
     def _merge_all(self) -> None:
-        """Every site's merged weights computed first (a refusal leaves the model as it
-        is: no weight is ever written), then all swapped in."""
-        computed = [pair for site in self.reparameterizable_sites for pair in site.merged()]
+        """Every site's merged weights computed first, in one native call (a refusal,
+        ValueError naming the site, leaves the model as it is: no weight is ever written),
+        then all swapped in."""
+        sites = self.reparameterizable_sites
+        if not sites:
+            self._merged = []
+            return
+        with torch.no_grad():
+            try:
+                merged = merge_sites([site.merge_arguments() for site in sites])
+            except MergeRefused as error:
+                raise ValueError(f"{sites[error.site].name}: {error}") from None
+        computed = [
+            pair
+            for site, targets in zip(sites, merged, strict=True)
+            for pair in zip(site.targets, targets, strict=True)
+        ]
         records: list[_MergeRecord] = []
         try:
             for linear, merged in computed:

@@ -81,6 +81,7 @@ def test_a_module_of_another_abi_is_not_used(monkeypatch):
         ),
         ({"dtype_codes": {"float32": 0, "float16": 2, "bfloat16": 1}}, "dtype codes"),
         ({"merge_target_fields": ["weight", "ld", "out"]}, "merge target fields"),
+        ({"merge_site_fields": ["down", "up", "rank"]}, "merge site fields"),
     ]:
         stale = types.ModuleType("eas_stale_kernels")
         stale.build_info = lambda change=change: {**built, **change}
@@ -97,11 +98,16 @@ def test_both_modules_report_the_abi_this_package_speaks():
         info = module.build_info()
         assert info["abi"] == _native.ABI_VERSION
         assert tuple(info["merge_target_fields"]) == _native.MERGE_TARGET_FIELDS
-        assert module.merge_scratch_floats(rows=10, rank=3, targets=2) == 10 * 5 + 3 + 2
-    fields = dict(weight=1, out=2, ld=3, merged=4, bias=0, new_bias=5)
-    assert _native.merge_target(**fields) == (1, 2, 3, 4, 0, 5)
+        assert tuple(info["merge_site_fields"]) == _native.MERGE_SITE_FIELDS
+        floats = module.merge_scratch_floats(q_floats=40, rows=10, ranks=3, targets=2)
+        assert floats == 40 + 10 + 3 + 2
+    fields = dict(weight=1, out=2, ld=3, merged=4, bias=0, new_bias=5, site=0)
+    assert _native.merge_target(**fields) == (1, 2, 3, 4, 0, 5, 0)
+    assert _native.merge_site(up=7, down=8, rank=3) == (7, 8, 3)
     with pytest.raises(TypeError, match="a merge target has the fields"):
         _native.merge_target(weight=1)
+    with pytest.raises(TypeError, match="a merge site has the fields"):
+        _native.merge_site(up=1)
 
 
 @pytest.mark.parametrize("user_value", [None, "123"])

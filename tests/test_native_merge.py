@@ -297,7 +297,8 @@ def test_the_same_weight_twice_is_refused_and_overlapping_inputs_merge(backend):
     s = site([12, 12], 16, 3, torch.float32, seed=5)
     weight = s["weights"][0]
     before = weight.clone()
-    with pytest.raises(ValueError, match=r"weights\[0\] and weights\[1\] are the same tensor"):
+    same = r"sites\[0\]\.weights\[0\] and sites\[0\]\.weights\[1\] are the same tensor"
+    with pytest.raises(ValueError, match=same):
         merged_linear([weight, weight], [None, None], *pia_args(s), backend=backend)
     cases = [
         ([weight, weight[4:]], pia_args(s)),
@@ -310,3 +311,52 @@ def test_the_same_weight_twice_is_refused_and_overlapping_inputs_merge(backend):
             expected, _ = merged_linear_reference(source, None, *args)
             torch.testing.assert_close(target.merged, expected, rtol=1e-5, atol=1e-5)
         assert same_bits(weight, before)
+
+
+# ---------------------------------------------------------------------- many sites at once
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_many_sites_of_different_ranks_merge_in_one_call_as_each_alone(kernels, monkeypatch, dtype):
+    """merge_sites (one native call): each site's result is bitwise what merged_linear
+    gives for it alone, whatever the other sites' ranks and shapes."""
+    with on_kernels(kernels) as device:
+        shapes = [([33, 17, 40], 64, 3), ([97, 5], 64, 32), ([8], 64, 1)]
+        sites = [
+            merge_module.SiteMerge(
+                *site(outs, dim, rank, dtype, seed=60 + i, device=device).values()
+            )
+            for i, (outs, dim, rank) in enumerate(shapes)
+        ]
+        alone = [
+            [(t.merged.clone(), t.bias.clone()) for t in merged_linear(*s, backend="native")]
+            for s in sites
+        ]
+        free_merge_buffers()
+        monkeypatch.setattr(merge_module, "torch", PoisonedTorch())
+        together = merge_module.merge_sites(sites, backend="native")
+        for expected, got in zip(alone, together, strict=True):
+            for (weight, bias), target in zip(expected, got, strict=True):
+                assert same_bits(target.merged, weight) and same_bits(target.bias, bias)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_a_refusal_names_its_site_and_sites_must_agree(backend):
+    sites = [
+        merge_module.SiteMerge(*site([12, 8], 16, r, torch.float16, seed=70 + r).values())
+        for r in (2, 3, 4)
+    ]
+    sites[1].beta.fill_(30000.0)  # b' = b + W βᵀ overflows fp16 in the second site
+    weights = [w for s in sites for w in s.weights]
+    before = [w.clone() for w in weights]
+    with pytest.raises(merge_module.MergeRefused, match="NaN or Inf in torch.float16") as caught:
+        merge_module.merge_sites(sites, backend=backend)
+    assert caught.value.site == 1
+    assert all(same_bits(w, b) for w, b in zip(weights, before, strict=True))
+    narrow = merge_module.SiteMerge(*site([4], 8, 2, torch.float16, seed=79).values())
+    with pytest.raises(ValueError, match=r"sites\[1\] has weights of width, dtype and device"):
+        merge_module.merge_sites([sites[0], narrow], backend=backend)
+    twice = sites[2]._replace(weights=[sites[0].weights[1], sites[2].weights[1]], biases=[None] * 2)
+    with pytest.raises(ValueError, match=r"sites\[0\]\.weights\[1\] and sites\[1\]\.weights\[0\]"):
+        merge_module.merge_sites([sites[0], twice], backend=backend)
+    with pytest.raises(TypeError, match="non-empty sequence of SiteMerge"):
+        merge_module.merge_sites([], backend=backend)

@@ -209,36 +209,37 @@ def test_every_mode_refuses_a_non_finite_state_at_the_first_decode(mode):
     assert runtime_of(model).realized is None
 
 
-def test_a_merge_failing_midway_is_rolled_back(monkeypatch):
-    """Layer 0's targets are merged (into their buffers) before the merge of layer 1 is
-    refused.
-
-    The refusal comes from ``merged_linear`` itself (native kernel or reference), which
-    sees an Inf in layer 1's mixed up projection, as an fp16 overflow would produce; the
-    runtime must install nothing, layer 0 included.
-    """
+def test_a_merge_refused_for_one_site_installs_nothing(monkeypatch):
+    """Every site of the model is merged in one call; the refusal of layer 1's site comes
+    from the merge itself (native kernel or reference), which sees an Inf in layer 1's
+    mixed up projection, as an fp16 overflow would produce. The error names the site, and
+    no weight of any layer is changed — layer 0's, merged into buffers before the refusal
+    was known, included."""
     import eas_kernels.runtime as runtime_module
 
     model = patched([1], seed=38, dtype=torch.float16)
     reparameterize(model, "merge")
     failing = model.layers[1].feed_forward.w3.weight
-    real_merge = runtime_module.merged_linear
+    real_merge = runtime_module.merge_sites
     calls = []
 
-    def overflowing_merge(weights, biases, down_weight, up_mix, beta, **kwargs):
-        calls.append(len(weights))
-        if any(weight is failing for weight in weights):
-            up_mix = up_mix.clone()
-            up_mix[0, 0] = float("inf")
-        return real_merge(weights, biases, down_weight, up_mix, beta, **kwargs)
+    def overflowing_merge(sites, **kwargs):
+        calls.append([len(site.weights) for site in sites])
+        sites = list(sites)
+        for index, site in enumerate(sites):
+            if any(weight is failing for weight in site.weights):
+                up_mix = site.up_mix.clone()
+                up_mix[0, 0] = float("inf")
+                sites[index] = site._replace(up_mix=up_mix)
+        return real_merge(sites, **kwargs)
 
-    monkeypatch.setattr(runtime_module, "merged_linear", overflowing_merge)
+    monkeypatch.setattr(runtime_module, "merge_sites", overflowing_merge)
     snapshot = weights_snapshot(model)
     with torch.no_grad():
         model(torch.tensor([[1, 2]]), start_pos=0)
         with pytest.raises(ValueError, match="layer 1 skip PIA.*NaN or Inf in torch.float16"):
             model(torch.tensor([[3]]), start_pos=2)
-    assert calls == [3, 2]  # layer 0's wq, wk, wv were merged first, then layer 1's w1, w3
+    assert calls == [[3, 2, 3, 3]]  # one call: wq, wk, wv of 0, 2, 3 and w1, w3 of layer 1
     assert_bitwise(model, snapshot)
     assert model.layers[0].attention.wq.bias is None
 

@@ -1,13 +1,13 @@
 // Merge of a frozen PIA into the linear layers that read it (EAS_SPEC §4), CPU.
 //
-// For every target W (out x d, storage type T) of one site, with W_u (r x d), β (d) and
-// W_d1 (r x d) in fp32:
+// For every target W (out x d, storage type T), with W_u (r x d), β (d) and W_d1 (r x d)
+// of its site (MergeTarget::site) in fp32:
 //
 //   Q  = W [W_u; β]ᵀ                 (out x (r+1)): P = Q[:, :r] = W W_uᵀ, Q[:, r] = W βᵀ
 //   W' = round(W + P W_d1)           into `merged`; fp32 accumulation, one rounding
 //   b' = round(b + W βᵀ)             into new_bias
 //
-// in one pass over blocks of rows (of all targets of the site, in parallel): Q of the block
+// in one pass over blocks of rows (of all targets of all sites, in parallel): Q of the block
 // by register-tiled dot products, then W' of the block while its rows of W are still in
 // cache, and b'. Every entry of Q, b' and W' is checked finite as it is produced; W itself
 // is never written (the caller swaps `merged` in). 4·out·d·r flops; W read once from
@@ -45,14 +45,16 @@ inline bool row_finite(const T* row, int64_t d) {
   return finite;
 }
 
-// Rows [row0, row1) of one target: Q, b' and W'; whether all of them are finite.
+// Rows [row0, row1) of one target: Q (into q, the target's (out, r + 1) scratch), b' and
+// W'; whether all of them are finite.
 template <class S, class T>
 inline bool merge_rows(const MergeArgs& a, const MergeTarget& tg, int64_t row0, int64_t row1,
                        float* q) {
-  const int64_t d = a.d, r = a.rank, ldq = r + 1;
+  const MergeSite& site = a.sites[tg.site];
+  const int64_t d = a.d, r = site.rank, ldq = r + 1;
   const T* w = static_cast<const T*>(tg.weight);
   T* merged = static_cast<T*>(tg.merged);
-  dot_block<S, T>(w, tg.ld, row0, row1, a.up, r + 1, d, q, ldq, 1);
+  dot_block<S, T>(w, tg.ld, row0, row1, site.up, r + 1, d, q, ldq, 1);
   bool finite = true;
   for (int64_t o = row0; o < row1; ++o) {
     const float* q_row = q + o * ldq;
@@ -65,7 +67,7 @@ inline bool merge_rows(const MergeArgs& a, const MergeTarget& tg, int64_t row0, 
   for (int64_t i0 = row0; i0 < row1; i0 += S::kAxpyRows) {
     const int mr = static_cast<int>(row1 - i0 < S::kAxpyRows ? row1 - i0 : S::kAxpyRows);
     axpy_rows_any<S, T>(mr, w + i0 * tg.ld, tg.ld, merged + i0 * d, d, q + i0 * ldq, ldq,
-                        a.down, d, d, r);
+                        site.down, d, d, r);
   }
   for (int64_t o = row0; o < row1 && finite; ++o) finite = row_finite<S, T>(merged + o * d, d);
   return finite;
@@ -73,25 +75,28 @@ inline bool merge_rows(const MergeArgs& a, const MergeTarget& tg, int64_t row0, 
 
 }  // namespace merge_detail
 
-// Merge one site (see the top of this file); `a.scratch` starts with (Σ out)·(r + 1) floats.
-// Returns -1 when every target's W' and b' are finite, else the index of the first target
-// with a NaN/Inf entry (its `merged` and `new_bias` are then incomplete; W is untouched).
+// Merge every site (see the top of this file); `a.scratch` starts with Σ out·(r + 1)
+// floats, the targets' Q in order. Returns -1 when every target's W' and b' are finite,
+// else the index of the first target with a NaN/Inf entry (its `merged` and `new_bias` are
+// then incomplete; W is untouched).
 template <class S, class T>
 int merge(const MergeArgs& a) {
-  const int64_t d = a.d, r = a.rank, ldq = r + 1;
+  const int64_t d = a.d;
   const int nt = a.num_targets;
   const int64_t rows_per_block = merge_detail::block_rows<S, T>(d);
-  // Targets' first block and first row (in the shared scratch), as prefix sums.
+  // Targets' first block and first Q float (in the shared scratch), as prefix sums.
   int64_t* first_block = new int64_t[2 * (nt + 1)];
-  int64_t* first_row = first_block + nt + 1;
-  first_block[0] = first_row[0] = 0;
+  int64_t* first_q = first_block + nt + 1;
+  first_block[0] = first_q[0] = 0;
+  int64_t work = 0;
   for (int t = 0; t < nt; ++t) {
-    const int64_t out = a.targets[t].out;
+    const int64_t out = a.targets[t].out, r = a.sites[a.targets[t].site].rank;
     first_block[t + 1] = first_block[t] + (out + rows_per_block - 1) / rows_per_block;
-    first_row[t + 1] = first_row[t] + out;
+    first_q[t + 1] = first_q[t] + out * (r + 1);
+    work += 2 * out * d * r;
   }
-  const int64_t num_blocks = first_block[nt], total_rows = first_row[nt];
-  const int threads = threads_for(a.num_threads, 2 * total_rows * d * r);
+  const int64_t num_blocks = first_block[nt];
+  const int threads = threads_for(a.num_threads, work);
   int* refused = new int[nt];
   for (int t = 0; t < nt; ++t) refused[t] = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
@@ -101,7 +106,7 @@ int merge(const MergeArgs& a) {
     const MergeTarget& tg = a.targets[t];
     const int64_t row0 = (b - first_block[t]) * rows_per_block;
     const int64_t row1 = row0 + rows_per_block < tg.out ? row0 + rows_per_block : tg.out;
-    if (!merge_detail::merge_rows<S, T>(a, tg, row0, row1, a.scratch + first_row[t] * ldq)) {
+    if (!merge_detail::merge_rows<S, T>(a, tg, row0, row1, a.scratch + first_q[t])) {
 #pragma omp atomic write
       refused[t] = 1;
     }

@@ -30,18 +30,21 @@ int checked_dtype(int dtype) {
   return dtype;
 }
 
+using binding::MergeSiteTuple;
 using binding::MergeTargetTuple;
 using binding::pointer;
 using binding::positive;
 
-int merge(const std::vector<MergeTargetTuple>& targets, int dtype, int64_t d, int64_t rank,
-          uintptr_t up, uintptr_t down, uintptr_t scratch, int num_threads) {
+int merge(const std::vector<MergeTargetTuple>& targets, const std::vector<MergeSiteTuple>& sites,
+          int dtype, int64_t d, uintptr_t scratch, int num_threads) {
   positive(d, "d");
-  positive(rank, "rank");
   positive(num_threads, "num_threads");
-  std::vector<MergeTarget> converted = binding::merge_targets(targets, d);
-  const MergeArgs args{converted.data(), static_cast<int>(converted.size()), checked_dtype(dtype),
-                       d, rank, pointer<const float>(up, "up"), pointer<const float>(down, "down"),
+  std::vector<MergeSite> merge_sites = binding::merge_sites(sites);
+  std::vector<MergeTarget> converted =
+      binding::merge_targets(targets, d, static_cast<int64_t>(merge_sites.size()));
+  const MergeArgs args{converted.data(),    static_cast<int>(converted.size()),
+                       merge_sites.data(),  static_cast<int>(merge_sites.size()),
+                       checked_dtype(dtype), d,
                        pointer<float>(scratch, "scratch"), num_threads};
   py::gil_scoped_release release;
   return g_table->merge[args.dtype](args);
@@ -111,7 +114,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   using namespace eas::cpu;
   m.doc() = "eas_kernels CPU kernels (merge, low-rank factors, low-rank add); see csrc/README.md";
-  m.def("merge", &merge, "Merge one PIA: W' of a site's targets into their merged buffers; -1 or refused target");
+  m.def("merge", &merge, "Merge PIAs: W' of their sites' targets into their merged buffers; -1 or refused target");
   m.def("lowrank_factors", &lowrank_factors, "F = U Wᵀ (fp32), U the up basis (abi.h)");
   m.def("lowrank_add", &lowrank_add, "y += κ F per row, in place (abi.h)");
   m.def("isa", [] { return std::string(g_table->name); }, "instruction set of the kernels in use");

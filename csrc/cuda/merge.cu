@@ -1,7 +1,7 @@
 // Merge of a frozen PIA into the linear layers that read it (EAS_SPEC §4), CUDA.
 //
-// Per target W (out x d, storage type T) of one site, with W_u (r x d), β (d), W_d1 (r x d)
-// in fp32 — the same math and order of operations as csrc/cpu/merge.h:
+// Per target W (out x d, storage type T), with W_u (r x d), β (d), W_d1 (r x d) of its site
+// (MergeTarget::site) in fp32 — the same math and order of operations as csrc/cpu/merge.h:
 //
 //   Q  = W [W_u; β]ᵀ          (out x (r+1)), dots_kernel: P = Q[:, :r], W βᵀ = Q[:, r]
 //   W' = round(W + Δ),  Δ = Σ_k P[:, k] W_d1[k, :] summed from zero, k ascending, fmaf
@@ -18,7 +18,8 @@
 // Before step 1 the grids of all three steps, for every target, are checked against the
 // device limits (std::invalid_argument) and every kernel is loaded, so that step 3 cannot
 // fail to launch for its configuration after an earlier target was computed.
-// Scratch (device, fp32): Σ out·(r+1) for Q, Σ out for the maxima, r, and one int per target.
+// Scratch (device, fp32): Σ out·(r+1) for Q, Σ out for the maxima, Σ over sites of r for
+// the down projections' maxima, and one int per target.
 #include <string>
 #include <vector>
 
@@ -152,21 +153,25 @@ std::string target_shape(int t, const MergeTarget& tg, int64_t d, int64_t r) {
          std::to_string(d) + ", rank " + std::to_string(r) + ")";
 }
 
-// The grids of one call's launches (phases 1-3, every target), all checked against the device
-// limits (std::invalid_argument) before anything is launched.
+// The grids of one call's launches (phases 1-3, every site and target), all checked against
+// the device limits (std::invalid_argument) before anything is launched.
 struct MergeGrids {
-  dim3 down_max;
+  std::vector<dim3> down_max;                     // per site
   std::vector<dim3> dots, maxima, check, update;  // per target
 };
 
 MergeGrids merge_grids(const MergeArgs& a) {
-  const int64_t d = a.d, r = a.rank;
-  if (a.num_targets < 1) throw std::invalid_argument("merge: no target");
+  const int64_t d = a.d;
+  if (a.num_targets < 1 || a.num_sites < 1) throw std::invalid_argument("merge: no target");
   MergeGrids g;
-  g.down_max = grid_of(r, 1, 1, "merge", "down_max_kernel",
-                       "d " + std::to_string(d) + ", rank " + std::to_string(r));
+  for (int s = 0; s < a.num_sites; ++s) {
+    const int64_t r = a.sites[s].rank;
+    g.down_max.push_back(grid_of(r, 1, 1, "merge", "down_max_kernel",
+                                 "d " + std::to_string(d) + ", rank " + std::to_string(r)));
+  }
   for (int t = 0; t < a.num_targets; ++t) {
     const MergeTarget& tg = a.targets[t];
+    const int64_t r = a.sites[tg.site].rank;
     const std::string shape = target_shape(t, tg, d, r);
     g.dots.push_back(dots_grid(tg.out, r + 1, "merge", shape));
     g.maxima.push_back(grid_of(tg.out, 1, 1, "merge", "maxima_kernel", shape));
@@ -181,38 +186,53 @@ MergeGrids merge_grids(const MergeArgs& a) {
 
 template <class T>
 int merge_typed(const MergeArgs& a, const MergeGrids& grids, cudaStream_t stream) {
-  const int64_t d = a.d, r = a.rank;
+  const int64_t d = a.d;
   // Every kernel loaded before the first launch (the grids were checked by merge_grids), so
-  // that no launch of phase 3 fails after an earlier target's weight was written.
+  // that no launch of phase 3 fails after an earlier target was computed.
   preload(down_max_kernel, kThreads, "merge: loading down_max_kernel");
   preload(dots_kernel<T>, kDotThreads, "merge: loading dots_kernel");
   preload(maxima_kernel<T>, kThreads, "merge: loading maxima_kernel");
   preload(check_kernel<T>, kThreads, "merge: loading check_kernel");
   preload(update_kernel<T>, kThreads, "merge: loading update_kernel");
 
-  int64_t total_rows = 0;
-  for (int t = 0; t < a.num_targets; ++t) total_rows += a.targets[t].out;
+  // Scratch layout: Q of every target (out x (r + 1) each), the row maxima (Σ out), the
+  // down maxima of every site (r each), the refusal flags (one int per target).
+  std::vector<int64_t> q_of(a.num_targets), row_of(a.num_targets), down_of(a.num_sites);
+  int64_t q_floats = 0, rows = 0, ranks = 0;
+  for (int t = 0; t < a.num_targets; ++t) {
+    q_of[t] = q_floats;
+    row_of[t] = rows;
+    q_floats += a.targets[t].out * (a.sites[a.targets[t].site].rank + 1);
+    rows += a.targets[t].out;
+  }
+  for (int s = 0; s < a.num_sites; ++s) {
+    down_of[s] = ranks;
+    ranks += a.sites[s].rank;
+  }
   float* q = a.scratch;
-  float* maxima = q + total_rows * (r + 1);
-  float* down_max = maxima + total_rows;
-  int* refused = reinterpret_cast<int*>(down_max + r);
+  float* maxima = q + q_floats;
+  float* down_max = maxima + rows;
+  int* refused = reinterpret_cast<int*>(down_max + ranks);
   check(cudaMemsetAsync(refused, 0, sizeof(int) * a.num_targets, stream),
         "merge: cudaMemsetAsync");
-  down_max_kernel<<<grids.down_max, kThreads, 0, stream>>>(a.down, d, down_max);
-  check(cudaGetLastError(), "merge: launching down_max_kernel");
-  int64_t row0 = 0;
+  for (int s = 0; s < a.num_sites; ++s) {
+    down_max_kernel<<<grids.down_max[s], kThreads, 0, stream>>>(a.sites[s].down, d,
+                                                                 down_max + down_of[s]);
+    check(cudaGetLastError(), "merge: launching down_max_kernel");
+  }
   for (int t = 0; t < a.num_targets; ++t) {
     const MergeTarget& tg = a.targets[t];
+    const MergeSite& site = a.sites[tg.site];
+    const int64_t r = site.rank;
     const T* w = static_cast<const T*>(tg.weight);
-    float* q_t = q + row0 * (r + 1);
-    launch_dots<T>(grids.dots[t], w, tg.ld, tg.out, a.up, r + 1, d, q_t, r + 1, 1, stream);
-    maxima_kernel<T><<<grids.maxima[t], kThreads, 0, stream>>>(w, tg.ld, d, maxima + row0);
+    float* q_t = q + q_of[t];
+    launch_dots<T>(grids.dots[t], w, tg.ld, tg.out, site.up, r + 1, d, q_t, r + 1, 1, stream);
+    maxima_kernel<T><<<grids.maxima[t], kThreads, 0, stream>>>(w, tg.ld, d, maxima + row_of[t]);
     check_kernel<T><<<grids.check[t], kThreads, 0, stream>>>(
         w, tg.ld, tg.out, d, r, static_cast<const T*>(tg.bias), static_cast<T*>(tg.new_bias), q_t,
-        maxima + row0, a.down, down_max, refused + t);
+        maxima + row_of[t], site.down, down_max + down_of[tg.site], refused + t);
     if (const cudaError_t status = cudaGetLastError(); status != cudaSuccess)
       check(status, ("merge: launching phases 1-2 of " + target_shape(t, tg, d, r)).c_str());
-    row0 += tg.out;
   }
   std::vector<int> host(a.num_targets);
   check(cudaMemcpyAsync(host.data(), refused, sizeof(int) * a.num_targets, cudaMemcpyDeviceToHost,
@@ -221,17 +241,16 @@ int merge_typed(const MergeArgs& a, const MergeGrids& grids, cudaStream_t stream
   check(cudaStreamSynchronize(stream), "merge: phases 1-2");
   for (int t = 0; t < a.num_targets; ++t)
     if (host[t]) return t;
-  row0 = 0;
   for (int t = 0; t < a.num_targets; ++t) {
     const MergeTarget& tg = a.targets[t];
+    const MergeSite& site = a.sites[tg.site];
     update_kernel<T><<<grids.update[t], kThreads, 0, stream>>>(
-        static_cast<const T*>(tg.weight), tg.ld, static_cast<T*>(tg.merged), tg.out, d, r,
-        q + row0 * (r + 1), a.down);
+        static_cast<const T*>(tg.weight), tg.ld, static_cast<T*>(tg.merged), tg.out, d, site.rank,
+        q + q_of[t], site.down);
     if (const cudaError_t status = cudaGetLastError(); status != cudaSuccess)
-      check(status, ("merge: launching phase 3 of " + target_shape(t, tg, d, r) +
+      check(status, ("merge: launching phase 3 of " + target_shape(t, tg, d, site.rank) +
                      " (no weight was written: they are only read)")
                         .c_str());
-    row0 += tg.out;
   }
   return -1;
 }

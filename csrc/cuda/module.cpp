@@ -18,19 +18,22 @@ namespace py = pybind11;
 namespace eas::cuda {
 namespace {
 
+using binding::MergeSiteTuple;
 using binding::MergeTargetTuple;
 using binding::pointer;
 using binding::positive;
 
 void* stream_of(uintptr_t handle) { return reinterpret_cast<void*>(handle); }
 
-int merge_py(const std::vector<MergeTargetTuple>& targets, int dtype, int64_t d, int64_t rank,
-             uintptr_t up, uintptr_t down, uintptr_t scratch, int device, uintptr_t stream) {
+int merge_py(const std::vector<MergeTargetTuple>& targets, const std::vector<MergeSiteTuple>& sites,
+             int dtype, int64_t d, uintptr_t scratch, int device, uintptr_t stream) {
   positive(d, "d");
-  positive(rank, "rank");
-  std::vector<MergeTarget> converted = binding::merge_targets(targets, d);
-  const MergeArgs args{converted.data(), static_cast<int>(converted.size()), dtype, d, rank,
-                       pointer<const float>(up, "up"), pointer<const float>(down, "down"),
+  std::vector<MergeSite> merge_sites = binding::merge_sites(sites);
+  std::vector<MergeTarget> converted =
+      binding::merge_targets(targets, d, static_cast<int64_t>(merge_sites.size()));
+  const MergeArgs args{converted.data(),   static_cast<int>(converted.size()),
+                       merge_sites.data(), static_cast<int>(merge_sites.size()),
+                       dtype,              d,
                        pointer<float>(scratch, "scratch"), 1};
   py::gil_scoped_release release;
   return merge(args, device, stream_of(stream));
@@ -87,7 +90,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_C_cuda, m) {
   using namespace eas::cuda;
   m.doc() = "eas_kernels CUDA kernels (merge, low-rank factors, low-rank add); see csrc/README.md";
-  m.def("merge", &merge_py, "Merge one PIA: W' of a site's targets into their merged buffers; -1 or refused target");
+  m.def("merge", &merge_py, "Merge PIAs: W' of their sites' targets into their merged buffers; -1 or refused target");
   m.def("lowrank_factors", &lowrank_factors_py, "F = U Wᵀ (fp32), U the up basis (abi.h)");
   m.def("lowrank_add", &lowrank_add_py, "y += κ F per row, in place (abi.h)");
   m.def("build_info", &build_info, "ABI (abi.h), compute capabilities and CUDA runtime of this build");

@@ -22,9 +22,12 @@ from .lowrank import (
 )
 from .merge import (
     MergedTarget,
+    MergeRefused,
+    SiteMerge,
     free_merge_buffers,
     install_merged,
     merge_buffer_bytes,
+    merge_sites,
     merged_linear,
     merged_linear_reference,
     restore_merged,
@@ -70,7 +73,9 @@ def pia_backend(u: torch.Tensor) -> str:
 __all__ = [
     "PIA_BACKENDS",
     "LowrankAdd",
+    "MergeRefused",
     "MergedTarget",
+    "SiteMerge",
     "add_lowrank",
     "add_lowrank_reference",
     "free_merge_buffers",
@@ -81,5 +86,6 @@ __all__ = [
     "merged_linear_reference",
     "pia_backend",
     "merge_buffer_bytes",
+    "merge_sites",
     "restore_merged",
 ]

@@ -8,9 +8,11 @@ example's frozen state, ``z = u (I + W_d1ᵀ W_u) + β`` and so
 
 ``W_u`` (``r × d``) and ``β`` (``d``) come from :meth:`eas_kernels.PIA.mixed_up_projection`.
 
-:func:`merged_linear` computes ``W'`` for all the layers of one site at once (``wq, wk,
-wv`` or ``w1, w3``) into each weight's *merged buffer* and never writes the weights: a
-merge whose result would hold NaN or Inf is refused with nothing to undo. The caller then
+:func:`merge_sites` computes ``W'`` for all the layers of many sites (``wq, wk, wv`` or
+``w1, w3`` of every adapter site of a model) in one native call, into each weight's
+*merged buffer*, and never writes the weights: a merge whose result would hold NaN or Inf
+is refused (:class:`MergeRefused`, naming the site) with nothing to undo;
+:func:`merged_linear` is the same for one site. The caller then
 swaps the buffers in with :func:`install_merged` (``weight.data = W'``: the Parameter
 stays the same object) and back with :func:`restore_merged`, which moves no bytes and is
 bitwise by construction — the pristine storage was never written. Per weight, the native
@@ -57,6 +59,25 @@ def merged_linear_reference(
     if bias is not None:
         new_bias = new_bias + bias.to(compute)
     return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
+
+
+class SiteMerge(NamedTuple):
+    """One PIA and the layers that read it, as :func:`merge_sites` takes them: the
+    arguments of :func:`merged_linear`."""
+
+    weights: Sequence[torch.Tensor]
+    biases: Sequence[torch.Tensor | None]
+    down_weight: torch.Tensor
+    up_mix: torch.Tensor
+    beta: torch.Tensor
+
+
+class MergeRefused(ValueError):
+    """A merge whose result would hold NaN or Inf; ``site`` indexes the refused site."""
+
+    def __init__(self, message: str, site: int) -> None:
+        super().__init__(message)
+        self.site = site
 
 
 class MergedTarget(NamedTuple):
@@ -151,14 +172,6 @@ def _check_site(
             _native.check_rows(
                 bias, f"biases[{index}]", dtype=dtype, device=device, shape=(weight.shape[0],)
             )
-    seen: dict[int, int] = {}
-    for index, weight in enumerate(weights):
-        earlier = seen.setdefault(id(weight), index)
-        if earlier != index:
-            raise ValueError(
-                f"weights[{earlier}] and weights[{index}] are the same tensor: each target gets "
-                "its own merged buffer"
-            )
     check_tensor(down_weight, "down_weight", ndim=2, device=device, floating=True)
     rank = down_weight.shape[0]
     if rank == 0 or down_weight.shape[1] != d:
@@ -204,61 +217,106 @@ def merged_linear(
     for the weight; swap it in with :func:`install_merged`) and ``b' = b + W βᵀ``. fp32
     accumulation, one rounding to the weight's dtype.
 
-    Raises ValueError, naming the weight's shape, when a ``W'`` or ``b'`` would hold NaN or
-    Inf in the weight's dtype; no weight is ever written.
+    Raises ValueError (:class:`MergeRefused`), naming the weight's shape, when a ``W'`` or
+    ``b'`` would hold NaN or Inf in the weight's dtype; no weight is ever written.
     """
-    d, rank = _check_site(weights, biases, down_weight, up_mix, beta)
-    weight0 = weights[0]
-    grad = _native.needs_grad(*weights, *biases, down_weight, up_mix, beta)
-    if not _native.use_native("merged_linear", backend, weight0.device, weight0.dtype, grad):
-        return _merge_with_torch(weights, biases, down_weight, up_mix, beta)
-    device = weight0.device
-    up = _native.fp32_rows(torch.cat([up_mix, beta.unsqueeze(0)]))  # (r + 1, d)
-    down = _native.fp32_rows(down_weight)
-    results, targets = [], []
-    for weight, bias in zip(weights, biases, strict=True):
-        merged = _merge_buffer(weight)
-        with torch.inference_mode(False):  # swappable into a Parameter
-            new_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=device)
-        targets.append(
-            _native.merge_target(
-                weight=weight.data_ptr(),
-                out=weight.shape[0],
-                ld=_native.row_stride(weight),
-                merged=merged.data_ptr(),
-                bias=0 if bias is None else bias.data_ptr(),
-                new_bias=new_bias.data_ptr(),
+    site = SiteMerge(weights, biases, down_weight, up_mix, beta)
+    return merge_sites([site], backend=backend)[0]
+
+
+def merge_sites(
+    sites: Sequence[SiteMerge], *, backend: str | None = None
+) -> list[list[MergedTarget]]:
+    """:func:`merged_linear` of every site at once — one native call for all of them (every
+    adapter site of a model): per site, its targets' merged buffers and biases.
+
+    All weights share their width ``d``, dtype and device; no weight appears twice. A
+    refusal raises :class:`MergeRefused` whose ``site`` is the index of the first refused
+    site; nothing is written to any weight, whatever the outcome.
+    """
+    if isinstance(sites, SiteMerge) or not isinstance(sites, Sequence) or not sites:
+        raise TypeError("sites must be a non-empty sequence of SiteMerge")
+    shapes = [_check_site(*site) for site in sites]
+    weight0 = sites[0].weights[0]
+    layout = (weight0.shape[1], weight0.dtype, weight0.device)
+    seen: dict[int, tuple[int, int]] = {}
+    for index, site in enumerate(sites):
+        first = site.weights[0]
+        if (first.shape[1], first.dtype, first.device) != layout:
+            raise ValueError(
+                f"sites[{index}] has weights of width, dtype and device "
+                f"{(first.shape[1], first.dtype, first.device)}, sites[0] {layout}: one call "
+                "merges weights that share them"
             )
-        )
-        results.append(MergedTarget(merged, new_bias))
-    rows = sum(weight.shape[0] for weight in weights)
+        for position, weight in enumerate(site.weights):
+            earlier = seen.setdefault(id(weight), (index, position))
+            if earlier != (index, position):
+                raise ValueError(
+                    f"sites[{earlier[0]}].weights[{earlier[1]}] and sites[{index}].weights"
+                    f"[{position}] are the same tensor: each target gets its own merged buffer"
+                )
+    grad = _native.needs_grad(*(t for site in sites for t in _tensors_of(site)))
+    if not _native.use_native("merged_linear", backend, weight0.device, weight0.dtype, grad):
+        return [_merge_with_torch(index, site) for index, site in enumerate(sites)]
+    device, d = weight0.device, weight0.shape[1]
+    results: list[list[MergedTarget]] = []
+    site_args, target_args, keep_alive = [], [], []
+    q_floats = rows = ranks = 0
+    for index, (site, (_, rank)) in enumerate(zip(sites, shapes, strict=True)):
+        up = _native.fp32_rows(torch.cat([site.up_mix, site.beta.unsqueeze(0)]))  # (r + 1, d)
+        down = _native.fp32_rows(site.down_weight)
+        keep_alive += [up, down]
+        site_args.append(_native.merge_site(up=up.data_ptr(), down=down.data_ptr(), rank=rank))
+        ranks += rank
+        merged_targets = []
+        for weight, bias in zip(site.weights, site.biases, strict=True):
+            merged = _merge_buffer(weight)
+            with torch.inference_mode(False):  # swappable into a Parameter
+                new_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=device)
+            target_args.append(
+                _native.merge_target(
+                    weight=weight.data_ptr(),
+                    out=weight.shape[0],
+                    ld=_native.row_stride(weight),
+                    merged=merged.data_ptr(),
+                    bias=0 if bias is None else bias.data_ptr(),
+                    new_bias=new_bias.data_ptr(),
+                    site=index,
+                )
+            )
+            merged_targets.append(MergedTarget(merged, new_bias))
+            q_floats += weight.shape[0] * (rank + 1)
+            rows += weight.shape[0]
+        results.append(merged_targets)
     kernels = _native.module(device)
-    scratch_size = kernels.merge_scratch_floats(rows, rank, len(weights))
+    scratch_size = kernels.merge_scratch_floats(q_floats, rows, ranks, len(target_args))
     scratch = torch.empty(scratch_size, dtype=torch.float32, device=device)
     code = _native.DTYPE_CODES[weight0.dtype]
-    kernel_args = (targets, code, d, rank, up.data_ptr(), down.data_ptr(), scratch.data_ptr())
-    refused = kernels.merge(*kernel_args, *_native.launch_args(device))
+    refused = kernels.merge(
+        target_args, site_args, code, d, scratch.data_ptr(), *_native.launch_args(device)
+    )
     if refused >= 0:
-        raise _refusal(weights[refused])
+        site_of = [t[-1] for t in target_args]
+        index = site_of[refused]
+        weight = sites[index].weights[refused - site_of.index(index)]
+        raise MergeRefused(str(_refusal(weight)), index)
     return results
 
 
-def _merge_with_torch(
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor | None],
-    down_weight: torch.Tensor,
-    up_mix: torch.Tensor,
-    beta: torch.Tensor,
-) -> list[MergedTarget]:
+def _tensors_of(site: SiteMerge) -> list[torch.Tensor | None]:
+    return [*site.weights, *site.biases, site.down_weight, site.up_mix, site.beta]
+
+
+def _merge_with_torch(index: int, site: SiteMerge) -> list[MergedTarget]:
     merged = [
-        merged_linear_reference(w, b, down_weight, up_mix, beta)
-        for w, b in zip(weights, biases, strict=True)
+        merged_linear_reference(w, b, site.down_weight, site.up_mix, site.beta)
+        for w, b in zip(site.weights, site.biases, strict=True)
     ]
-    for weight, (new_weight, new_bias) in zip(weights, merged, strict=True):
+    for weight, (new_weight, new_bias) in zip(site.weights, merged, strict=True):
         if not (bool(torch.isfinite(new_weight).all()) and bool(torch.isfinite(new_bias).all())):
-            raise _refusal(weight)
+            raise MergeRefused(str(_refusal(weight)), index)
     results = []
-    for weight, (new_weight, new_bias) in zip(weights, merged, strict=True):
+    for weight, (new_weight, new_bias) in zip(site.weights, merged, strict=True):
         buffer = _merge_buffer(weight)
         with torch.inference_mode(False), torch.no_grad():  # swappable into a Parameter
             buffer.copy_(new_weight)
