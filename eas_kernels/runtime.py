@@ -93,18 +93,19 @@ class _MergeRecord:
     def install(cls, linear: nn.Linear, merged: MergedTarget) -> _MergeRecord:
         """Swap ``merged`` into ``linear`` (O(1)); a bias-less layer gets a bias."""
         weight = install_merged(linear.weight, merged.merged)
-        if linear.bias is None:
-            linear.bias = nn.Parameter(merged.bias, requires_grad=False)
+        parameters = linear._parameters  # "bias" is registered, as None, on a bias-less layer
+        if parameters.get("bias") is None:  # (set directly: Module.__setattr__ costs ~20 µs)
+            parameters["bias"] = nn.Parameter(merged.bias, requires_grad=False)
             return cls(linear, weight, None)
-        return cls(linear, weight, install_merged(linear.bias, merged.bias))
+        return cls(linear, weight, install_merged(parameters["bias"], merged.bias))
 
     def restore(self) -> None:
         """The pristine weight and bias back, bitwise (they were never written)."""
         restore_merged(self.linear.weight, self.weight)
         if self.bias is None:
-            self.linear.bias = None
+            self.linear._parameters["bias"] = None
         else:
-            restore_merged(self.linear.bias, self.bias)
+            restore_merged(self.linear._parameters["bias"], self.bias)
 
 
 class AdapterSite:
