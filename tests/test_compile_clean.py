@@ -64,3 +64,27 @@ def test_hugging_face_decode_step_compiles_without_breaks(mode):
 
     assert graph_breaks(*step_of(tiny_llama(0).eval())) == 0
     assert graph_breaks(*step_of(E.reparameterize(patched_tiny(), mode))) == 0
+
+
+def test_a_compiled_merged_model_follows_every_prompts_merge():
+    """A merge swaps each target's storage (``weight.data``); a compiled model must read
+    the swapped storage, not one it captured: three prompts (three different merges, each
+    restored by the next prefill) decode as the eager model does."""
+    model = E.reparameterize(patched([1], seed=2), "merge")
+    compiled = torch.compile(model, backend="aot_eager")
+    generator = torch.Generator().manual_seed(0)
+    dynamo.reset()
+    try:
+        for _ in range(3):
+            prompt = torch.randint(1, 90, (1, 6), generator=generator)
+            eager, graphed = (decode_three(net, prompt) for net in (model, compiled))
+            torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+    finally:
+        dynamo.reset()
+
+
+def decode_three(model: torch.nn.Module, prompt: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        model(prompt, start_pos=0)
+        steps = [model(torch.tensor([[5]]), start_pos=prompt.shape[1] + i) for i in range(3)]
+    return torch.stack(steps)
