@@ -1,6 +1,7 @@
 """Run every native kernel once on small odd shapes, for ``compute-sanitizer`` (GPU check).
 
-``python scripts/gpu_kernels_once.py --device cuda`` calls the merge (with a restore), the
+``python scripts/gpu_kernels_once.py --device cuda`` calls the merge (one site, then two
+sites of different ranks in one call), the
 low-rank factors and the low-rank add through their native backend, in fp32, fp16 and
 bf16, and checks each result against the PyTorch reference (loosely: this is a memory and
 race check, the precise comparisons are the tests'). ``--device cpu`` runs the same on the
@@ -14,10 +15,12 @@ import argparse
 import torch
 
 from eas_kernels.ops import (
+    SiteMerge,
     add_lowrank,
     add_lowrank_reference,
     lowrank_factors,
     lowrank_factors_reference,
+    merge_sites,
     merged_linear,
     merged_linear_reference,
 )
@@ -43,6 +46,14 @@ def run(device: torch.device, dtype: torch.dtype) -> None:
         torch.testing.assert_close(target.bias, new_bias, rtol=2e-2, atol=2e-2)
     for weight, value in zip(weights, originals, strict=True):
         assert torch.equal(weight, value), "a merge wrote its weights"
+    other = SiteMerge([randn(out - 4, d)], [randn(out - 4)], randn(5, d), randn(5, d), randn(d))
+    first = SiteMerge(weights, biases, down, up, beta)
+    together = merge_sites([first, other], backend="native")
+    for site, targets in zip((first, other), together, strict=True):
+        for weight, bias, target in zip(site.weights, site.biases, targets, strict=True):
+            new_weight, new_bias = merged_linear_reference(weight, bias, *site[2:])
+            torch.testing.assert_close(target.merged, new_weight, rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(target.bias, new_bias, rtol=2e-2, atol=2e-2)
 
     basis = randn(2 * rank + 2, d)
     factor = lowrank_factors(weights[0], basis, backend="native")
@@ -68,7 +79,7 @@ def main() -> None:
     with torch.no_grad():
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             run(device, dtype)
-            print(f"{device} {dtype}: merge, restore, factors, add: ok", flush=True)
+            print(f"{device} {dtype}: merge (one site, two sites), factors, add: ok", flush=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
 
