@@ -39,6 +39,25 @@ def router_softmax(
     return torch.softmax(logits / temperature, dim=-1)
 
 
+def mix_up(
+    alpha: torch.Tensor,
+    c: torch.Tensor,
+    up1_t: torch.Tensor,
+    up2_t: torch.Tensor,
+    up1_bias: torch.Tensor,
+    up2_bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W_u = α₁ W_u1ᵀ + α₂ W_u2ᵀ`` and ``β = c W_u + α₁ b_u1 + α₂ b_u2`` (EAS_SPEC §4) of
+    ``N`` states: ``alpha`` ``(N, 2)``, ``c`` ``(N, r)``; the up weights transposed
+    ``(r, d)`` (one PIA) or ``(N, r, d)`` (one PIA per state), biases ``(d,)`` or ``(N, d)``.
+    Returns ``(N, r, d)`` and ``(N, d)``: the one implementation of the mixed up projection
+    (:meth:`PIA.mixed_up_projection`, and the runtime's merge of many PIAs at once)."""
+    a1, a2 = alpha[:, 0, None], alpha[:, 1, None]
+    w_u = a1[..., None] * up1_t + a2[..., None] * up2_t
+    beta = torch.bmm(c.unsqueeze(1), w_u).squeeze(1) + (a1 * up1_bias + a2 * up2_bias)
+    return w_u, beta
+
+
 def state_from_mean(
     mean: torch.Tensor,
     down1_bias: torch.Tensor,
@@ -210,12 +229,8 @@ class PIA(nn.Module):
 
     def mixed_up_projection(self, state: PIAState) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W_u, β)`` of each example: ``(B, rank, dim)`` and ``(B, dim)`` (EAS_SPEC §4)."""
-        a1 = state.alpha[:, 0, None, None]
-        a2 = state.alpha[:, 1, None, None]
-        w_u = a1 * self.up1.weight.t() + a2 * self.up2.weight.t()
-        b_mix = state.alpha[:, 0, None] * self.up1.bias + state.alpha[:, 1, None] * self.up2.bias
-        beta = torch.bmm(state.c.unsqueeze(1), w_u).squeeze(1) + b_mix
-        return w_u, beta
+        up1, up2 = self.up1, self.up2
+        return mix_up(state.alpha, state.c, up1.weight.t(), up2.weight.t(), up1.bias, up2.bias)
 
     def up_basis(self) -> torch.Tensor:
         """``U = [W_u1ᵀ; W_u2ᵀ; b_u1; b_u2]``, ``(2·rank + 2, dim)``: the state-free rows that

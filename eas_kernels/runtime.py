@@ -52,7 +52,7 @@ from .ops import (
     merge_sites,
     restore_merged,
 )
-from .pia import PIA, PIAState, RunningSums
+from .pia import PIA, PIAState, RunningSums, mix_up
 
 if TYPE_CHECKING:
     from .roles import Role
@@ -189,19 +189,40 @@ class AdapterSite:
             for field in dataclasses.fields(self.state)
         ]
 
-    def merge_arguments(self) -> SiteMerge:
-        """This PIA and its targets as :func:`~eas_kernels.ops.merge_sites` takes them, with
-        ``(W_u, β)`` of the frozen state (batch 1)."""
-        assert self.state is not None
-        with torch.no_grad():
-            up_mix, beta = self.pia.mixed_up_projection(self.state)
-        return SiteMerge(
-            [linear.weight for linear in self.targets],
-            [linear.bias for linear in self.targets],
-            self.pia.down1.weight,
-            up_mix[0],
-            beta[0],
+
+def _merge_arguments(sites: list[AdapterSite]) -> list[SiteMerge]:
+    """Each site's PIA and targets as :func:`~eas_kernels.ops.merge_sites` takes them, with
+    ``(W_u, β)`` of its frozen state (batch 1) computed for all the sites of one rank, dtype
+    and device at once (:func:`~eas_kernels.pia.mix_up` on their stacked up projections),
+    as fp32 rows ``[W_u; β]`` that the merge reads in place."""
+    groups: dict[tuple, list[int]] = {}
+    for index, site in enumerate(sites):
+        weight = site.pia.up1.weight
+        groups.setdefault((site.pia.rank, weight.dtype, weight.device), []).append(index)
+    arguments: list[SiteMerge | None] = [None] * len(sites)
+    for indices in groups.values():
+        group = [sites[index] for index in indices]
+        states = [site.state for site in group]
+        assert all(isinstance(state, PIAState) for state in states)
+        pias = [site.pia for site in group]
+        w_u, beta = mix_up(
+            torch.cat([state.alpha[:1] for state in states]),
+            torch.cat([state.c[:1] for state in states]),
+            torch.stack([pia.up1.weight.t() for pia in pias]),
+            torch.stack([pia.up2.weight.t() for pia in pias]),
+            torch.stack([pia.up1.bias for pia in pias]),
+            torch.stack([pia.up2.bias for pia in pias]),
         )
+        rows = torch.cat([w_u, beta.unsqueeze(1)], dim=1).float()  # (sites, r + 1, d)
+        for position, (index, site) in enumerate(zip(indices, group, strict=True)):
+            arguments[index] = SiteMerge(
+                [linear.weight for linear in site.targets],
+                [linear.bias for linear in site.targets],
+                site.pia.down1.weight,
+                rows[position, :-1],
+                rows[position, -1],
+            )
+    return [argument for argument in arguments if argument is not None]
 
 
 class _DownProjection:
@@ -462,7 +483,7 @@ class EASRuntime:
             return
         with torch.no_grad():
             try:
-                merged = merge_sites([site.merge_arguments() for site in sites])
+                merged = merge_sites(_merge_arguments(sites))
             except MergeRefused as error:
                 raise ValueError(f"{sites[error.site].name}: {error}") from None
         computed = [

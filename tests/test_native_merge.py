@@ -360,3 +360,18 @@ def test_a_refusal_names_its_site_and_sites_must_agree(backend):
         merge_module.merge_sites([sites[0], twice], backend=backend)
     with pytest.raises(TypeError, match="non-empty sequence of SiteMerge"):
         merge_module.merge_sites([], backend=backend)
+
+
+def test_up_rows_are_read_in_place_only_when_beta_follows_w_u_in_float32():
+    rows = torch.randn(4, 5, 16)
+    up_mix, beta = rows[1, :-1], rows[1, -1]
+    in_place = merge_module._up_rows(up_mix, beta)
+    assert in_place.data_ptr() == up_mix.data_ptr() and torch.equal(in_place, rows[1])
+    for up_mix, beta in [
+        (rows[1, :-1], rows[2, -1]),  # another row's beta
+        (rows[1, :-1].double(), rows[1, -1].double()),  # not float32
+        (rows[1, :-1].clone(), rows[1, -1].clone()),  # separate buffers
+    ]:
+        copied = merge_module._up_rows(up_mix, beta)
+        assert copied.data_ptr() != up_mix.data_ptr()
+        assert torch.equal(copied, torch.cat([up_mix, beta[None]]).float())

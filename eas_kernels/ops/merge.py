@@ -263,7 +263,7 @@ def merge_sites(
     site_args, target_args, keep_alive = [], [], []
     q_floats = rows = ranks = 0
     for index, (site, (_, rank)) in enumerate(zip(sites, shapes, strict=True)):
-        up = _native.fp32_rows(torch.cat([site.up_mix, site.beta.unsqueeze(0)]))  # (r + 1, d)
+        up = _up_rows(site.up_mix, site.beta)  # (r + 1, d) fp32
         down = _native.fp32_rows(site.down_weight)
         keep_alive += [up, down]
         site_args.append(_native.merge_site(up=up.data_ptr(), down=down.data_ptr(), rank=rank))
@@ -301,6 +301,23 @@ def merge_sites(
         weight = sites[index].weights[refused - site_of.index(index)]
         raise MergeRefused(str(_refusal(weight)), index)
     return results
+
+
+def _up_rows(up_mix: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``[W_u; β]`` ``(r + 1, d)``, contiguous float32: read in place when ``β`` is the row
+    that follows ``W_u`` in one float32 buffer (as the runtime lays them out), else copied."""
+    rank, dim = up_mix.shape
+    storage = up_mix.untyped_storage()
+    adjacent = (
+        up_mix.dtype == beta.dtype == torch.float32
+        and up_mix.is_contiguous()
+        and beta.is_contiguous()
+        and beta.untyped_storage().data_ptr() == storage.data_ptr()
+        and beta.storage_offset() == up_mix.storage_offset() + rank * dim
+    )
+    if adjacent:
+        return up_mix.as_strided((rank + 1, dim), (dim, 1))
+    return _native.fp32_rows(torch.cat([up_mix, beta.unsqueeze(0)]))
 
 
 def _tensors_of(site: SiteMerge) -> list[torch.Tensor | None]:
