@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from .models.lavin import ModelArgs
+from .patch import is_patched
+from .reparam import expected_new_tokens
 
 
 @dataclass
@@ -79,9 +81,6 @@ def greedy_generate(
 
 def _expecting(model: nn.Module, count: int) -> contextlib.AbstractContextManager:
     """:func:`~eas_kernels.expected_new_tokens` on a patched model, else nothing."""
-    from .patch import is_patched
-    from .reparam import expected_new_tokens
-
     return expected_new_tokens(model, count) if is_patched(model) else contextlib.nullcontext()
 
 

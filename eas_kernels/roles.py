@@ -105,7 +105,9 @@ class Role:
     def install_floor(self, block: nn.Module, layout: BlockLayout, index: int) -> None:
         """Make an *unpatched* block run what this role keeps, with nothing added: the
         speed limit of any adapter scheme for the role (:func:`~eas_kernels.tuning.
-        evaluate.floor_model`)."""
+        evaluate.floor_model`). By default the role's own forwards without a site (no PIA
+        hooks an unpatched block's norm); a role whose forwards call its site overrides it."""
+        self.install(block, layout, index, None, None)
 
     def __repr__(self) -> str:
         return f"<role {self.name}>"
@@ -165,9 +167,6 @@ class SkippedMHA(Role):
             index, getattr(block, layout.feed_forward), getattr(block, layout.ffn_norm), on_call
         )
 
-    def install_floor(self, block: nn.Module, layout: BlockLayout, index: int) -> None:
-        self.install(block, layout, index, None, None)  # no PIA hooks the floor's norm
-
 
 class SkippedFFN(Role):
     """The FFN is skipped: ``out = x + Attn(u + PIA_f(u))``; the PIA is merged into
@@ -189,9 +188,6 @@ class SkippedFFN(Role):
         on_call: SkippedCallHook | None,
     ) -> None:
         getattr(block, layout.feed_forward).forward = no_ffn
-
-    def install_floor(self, block: nn.Module, layout: BlockLayout, index: int) -> None:
-        self.install(block, layout, index, None, None)
 
 
 class SkippedBlock(Role):

@@ -187,10 +187,11 @@ def _check_site(
     return d, rank
 
 
-def _refusal(weight: torch.Tensor) -> ValueError:
-    return ValueError(
+def _refusal(weight: torch.Tensor, site: int) -> MergeRefused:
+    return MergeRefused(
         f"merging into a {tuple(weight.shape)} weight gives NaN or Inf in {weight.dtype}; "
-        "refusing to merge"
+        "refusing to merge",
+        site,
     )
 
 
@@ -261,6 +262,7 @@ def merge_sites(
     device, d = weight0.device, weight0.shape[1]
     results: list[list[MergedTarget]] = []
     site_args, target_args, keep_alive = [], [], []
+    owners: list[tuple[int, int]] = []  # (site, position in it) of each target
     q_floats = rows = ranks = 0
     for index, (site, (_, rank)) in enumerate(zip(sites, shapes, strict=True)):
         up = _up_rows(site.up_mix, site.beta)  # (r + 1, d) fp32
@@ -269,7 +271,8 @@ def merge_sites(
         site_args.append(_native.merge_site(up=up.data_ptr(), down=down.data_ptr(), rank=rank))
         ranks += rank
         merged_targets = []
-        for weight, bias in zip(site.weights, site.biases, strict=True):
+        for position, (weight, bias) in enumerate(zip(site.weights, site.biases, strict=True)):
+            owners.append((index, position))
             merged = _merge_buffer(weight)
             with torch.inference_mode(False):  # swappable into a Parameter
                 new_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=device)
@@ -296,10 +299,8 @@ def merge_sites(
         target_args, site_args, code, d, scratch.data_ptr(), *_native.launch_args(device)
     )
     if refused >= 0:
-        site_of = [t[-1] for t in target_args]
-        index = site_of[refused]
-        weight = sites[index].weights[refused - site_of.index(index)]
-        raise MergeRefused(str(_refusal(weight)), index)
+        index, position = owners[refused]
+        raise _refusal(sites[index].weights[position], index)
     return results
 
 
@@ -331,7 +332,7 @@ def _merge_with_torch(index: int, site: SiteMerge) -> list[MergedTarget]:
     ]
     for weight, (new_weight, new_bias) in zip(site.weights, merged, strict=True):
         if not (bool(torch.isfinite(new_weight).all()) and bool(torch.isfinite(new_bias).all())):
-            raise MergeRefused(str(_refusal(weight)), index)
+            raise _refusal(weight, index)
     results = []
     for weight, (new_weight, new_bias) in zip(site.weights, merged, strict=True):
         buffer = _merge_buffer(weight)
