@@ -57,7 +57,7 @@ from .plan import SkipPlan
 from .reparam import reparameterize
 from .roles import CANDIDATE_SETS, DEFAULT_CANDIDATES
 from .runtime import MODES
-from .search import Candidates
+from .search import ESTIMATORS, Candidates
 from .tuning import EASTuner, TuningConfig, TuningInterrupted, TuningResult
 from .tuning.evaluate import (
     answer_accuracy,
@@ -121,10 +121,30 @@ def _training_options(parser: argparse.ArgumentParser, *, search: bool) -> None:
         group.add_argument(
             "--candidates", choices=sorted(CANDIDATE_SETS), default=DEFAULT_CANDIDATES
         )
+        group.add_argument(
+            "--estimator",
+            choices=sorted(ESTIMATORS),
+            default=TuningConfig.estimator,
+            help="how the search ranks the arms (see README)",
+        )
+        group.add_argument(
+            "--search-budget",
+            type=_non_negative,
+            default=None,
+            help="held-out passes the estimator may use (default: its own)",
+        )
+        group.add_argument(
+            "--warmup-ramp",
+            action=argparse.BooleanOptionalAction,
+            default=TuningConfig.warmup_ramp,
+            help="grow the warm-up's random skip sets from 1 to k arms",
+        )
         group.add_argument("--warmup-epochs", type=_non_negative, default=1)
         group.add_argument("--search-epochs", type=_non_negative, default=1)
         group.add_argument("--eval-every", type=_positive(int), default=2, help="T")
-        group.add_argument("--num-subnets", type=_positive(int), default=3, help="m")
+        group.add_argument(
+            "--num-subnets", type=_positive(int), default=None, help="m (default: the estimator's)"
+        )
         group.add_argument("--policy-lr", type=_positive(float), default=1.0, help="η")
         group.add_argument("--policy-temperature", type=_positive(float), default=1.0)
 
@@ -197,8 +217,8 @@ class Console:
         def update(record: dict[str, Any]) -> None:
             skipped = list(record["plan"].skipped) + [f"f{i}" for i in record["plan"].skipped_ffns]
             postfix = {"phase": record["phase"], "loss": f"{record['loss']:.3f}"}
-            if "reward_mean" in record:
-                postfix["reward"] = f"{record['reward_mean']:.3f}"
+            if "held_out_loss" in record:
+                postfix["held-out"] = f"{record['held_out_loss']:.3f}"
             postfix["plan"] = ",".join(map(str, skipped)) or "-"
             if self.bar is not None:
                 self.bar.set_postfix(postfix, refresh=False)
@@ -251,6 +271,9 @@ def _tuning_config(
     return TuningConfig(
         k=args.k,
         candidates=args.candidates,
+        estimator=args.estimator,
+        search_budget=args.search_budget,
+        warmup_ramp=args.warmup_ramp,
         warmup_epochs=args.warmup_epochs,
         search_epochs=args.search_epochs,
         num_subnets=args.num_subnets,
@@ -403,6 +426,9 @@ def cmd_search(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "plan": result.plan,
         "arms": list(result.arms),
         "arm_names": candidates.arm_names(),
+        "estimator": config.estimator,
+        "search_passes": result.search_passes,
+        "search_seconds": result.search_seconds,
         "scores": result.scores,
         "updates": result.history["updates"],
         "losses": [step["loss"] for step in result.history["steps"]],
@@ -576,7 +602,10 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "pretrained_params": pretrained,
         "methods": methods,
         "timings": timings,
-        "bandit": {
+        "search": {
+            "estimator": config.estimator,
+            "passes": result.search_passes,
+            "seconds": result.search_seconds,
             "scores": result.scores,
             "updates": result.history["updates"],
             "arm_names": candidates.arm_names(),

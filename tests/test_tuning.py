@@ -74,14 +74,16 @@ def test_search_updates_are_eq16_of_the_recorded_losses():
     scores = torch.zeros(4, dtype=torch.float64)
     for update in result.history["updates"]:
         pi = torch.softmax(scores, dim=0)
-        rewards = torch.exp(-torch.tensor(update["losses"], dtype=torch.float64))
+        rewards = torch.exp(-torch.tensor(update["results"], dtype=torch.float64))
+        proposals = [m["arms"] for m in update["measurements"]]
+        assert {m["kind"] for m in update["measurements"]} == {"loss"}
         step = torch.zeros_like(scores)
-        for arms, reward in zip(update["proposals"], rewards, strict=True):
+        for arms, reward in zip(proposals, rewards, strict=True):
             for i in arms:
                 step[i] += (rewards.mean() - reward) * pi[i] * (1 - pi[i])
         scores = scores + step
         torch.testing.assert_close(torch.tensor(update["scores"], dtype=torch.float64), scores)
-        assert len({tuple(a) for a in update["proposals"]}) == 3  # m distinct subnets
+        assert len({tuple(a) for a in proposals}) == 3  # m distinct subnets
     order = sorted(range(4), key=lambda i: (scores[i].item(), i))
     assert result.plan.skipped == tuple(sorted(order[:2]))
 
@@ -105,11 +107,16 @@ def test_subnet_losses_are_scored_on_the_held_out_batch_in_eval_mode():
     assert all(shape == collate(held_out, 0).tokens.shape for _, _, shape in scoring)
 
 
-@pytest.mark.parametrize("stop_at", [2, 7, 13])
-def test_an_interrupted_run_resumes_to_the_same_plan_and_weights(tmp_path, stop_at):
+@pytest.mark.parametrize(
+    ("estimator", "stop_at"),
+    [("paper", 2), ("paper", 7), ("paper", 13)]
+    + [(name, stop) for name in ("bandit", "greedy", "loo", "cosine") for stop in (5, 13)],
+)
+def test_an_interrupted_run_resumes_to_the_same_plan_and_weights(tmp_path, estimator, stop_at):
     reference_model = searching_model()
     train, held_out = examples(16, 1), examples(4, 2)
-    reference = EASTuner(reference_model, train, held_out, config(), pad_id=0).run()
+    settings = config(estimator=estimator, warmup_ramp=estimator == "greedy")
+    reference = EASTuner(reference_model, train, held_out, settings, pad_id=0).run()
 
     class Interrupted(Exception):
         pass
@@ -119,17 +126,23 @@ def test_an_interrupted_run_resumes_to_the_same_plan_and_weights(tmp_path, stop_
             raise Interrupted
 
     first = searching_model()
-    tuner = EASTuner(first, train, held_out, config(), pad_id=0, run_dir=tmp_path)
+    tuner = EASTuner(first, train, held_out, settings, pad_id=0, run_dir=tmp_path)
     tuner.progress = interrupt
     with pytest.raises(Interrupted):
         tuner.run()
     resumed_model = searching_model()
-    resumed = EASTuner(resumed_model, train, held_out, config(), pad_id=0, run_dir=tmp_path)
+    resumed = EASTuner(resumed_model, train, held_out, settings, pad_id=0, run_dir=tmp_path)
     result = resumed.run()
     assert result.plan == reference.plan and result.scores == reference.scores
+    assert result.search_passes == reference.search_passes > 0
     for name, value in trainables(reference_model).items():
         assert torch.equal(trainables(resumed_model)[name], value), name
-    assert result.history == reference.history  # same losses, skip sets and updates
+    drop = ("seconds",)  # wall time of a round differs; everything else is equal
+    strip = lambda h: {  # noqa: E731
+        **h,
+        "updates": [{k: v for k, v in u.items() if k not in drop} for u in h["updates"]],
+    }
+    assert strip(result.history) == strip(reference.history)  # same losses, sets, updates
 
 
 def test_finetune_only_trains_the_current_plan():
@@ -159,6 +172,14 @@ def test_finetune_only_needs_no_search_arms():
         ({"warmup_epochs": -1}, "warmup_epochs"),
         ({"lr": float("nan")}, "lr"),
         ({"warmup_epochs": 0, "search_epochs": 0, "finetune_epochs": 0}, "at least one epoch"),
+        ({"estimator": "random"}, r"estimator must be one of \['bandit', 'cosine', 'greedy'"),
+        ({"estimator": "greedy", "search_budget": 3}, "greedy estimator needs a search_budget of"),
+        ({"estimator": "cosine", "search_budget": 0}, "at least 1 held-out passes"),
+        ({"search_budget": -1}, "search_budget must be an int >= 0"),
+        ({"search_budget": 2.5}, "search_budget must be an int or None"),
+        ({"num_subnets": 1}, "num_subnets must be at least 2"),
+        ({"warmup_ramp": "yes"}, "warmup_ramp must be a bool"),
+        ({"policy_lr": 0}, "policy_lr"),
     ],
 )
 def test_bad_configurations_are_refused(overrides, message):
@@ -187,12 +208,14 @@ def test_bad_models_and_data_are_refused(tmp_path):
         other.run()
 
 
-@pytest.mark.parametrize("candidates", ["ffn", "mha_or_ffn", "block"])
-def test_other_candidate_sets_search_end_to_end(candidates):
+@pytest.mark.parametrize("estimator", ["paper", "bandit", "greedy", "loo", "cosine"])
+@pytest.mark.parametrize("candidates", ["mha", "ffn", "mha_or_ffn", "block"])
+def test_every_estimator_searches_every_candidate_set(candidates, estimator):
     model = searching_model(candidates)
-    result = EASTuner(
-        model, examples(8, 1), examples(4, 2), config(candidates=candidates), pad_id=0
-    ).run()
+    settings = config(candidates=candidates, estimator=estimator, warmup_ramp=True)
+    result = EASTuner(model, examples(8, 1), examples(4, 2), settings, pad_id=0).run()
+    assert result.search_passes == result.history["updates"][-1]["passes"] > 0
+    assert result.search_passes == sum(len(u["measurements"]) for u in result.history["updates"])
     assert current_plan(model) == result.plan
     assert len(result.arms) == 2 and len(result.scores) == (8 if candidates == "mha_or_ffn" else 4)
     if candidates == "ffn":

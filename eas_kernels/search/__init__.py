@@ -1,6 +1,45 @@
-"""Redundancy search (EAS_SPEC §5): which MHAs (or FFNs, or blocks) a task does not need."""
+"""Redundancy search (EAS_SPEC §5): which MHAs (or FFNs, or blocks) a task does not need.
 
-from .bandit import BanditSearch
+* :mod:`.estimator` — the interface (:class:`Estimator`, :class:`Measurement`), the
+  registry :data:`ESTIMATORS`;
+* :mod:`.bandit`    — ``paper``: the bandit of Eq. 14–16 (:class:`BanditSearch`);
+* :mod:`.vr_bandit` — ``bandit``: variance-reduced, warm-started from the cosine prior;
+* :mod:`.greedy`    — ``greedy`` removal and ``loo`` (leave-one-out);
+* :mod:`.prior`     — ``cosine``: the one-pass prior, and the probe that measures it;
+* :mod:`.candidates` — what the arms stand for.
+"""
+
+from .bandit import BanditSearch, PaperBandit
 from .candidates import Candidates
+from .estimator import (
+    COSINE,
+    ESTIMATORS,
+    LOSS,
+    Estimator,
+    Measurement,
+    SearchSettings,
+    estimator_class,
+    register_estimator,
+)
+from .greedy import GreedyRemoval, LeaveOneOut
+from .prior import CosinePrior, residual_cosines
+from .vr_bandit import VarianceReducedBandit
 
-__all__ = ["BanditSearch", "Candidates"]
+__all__ = [
+    "COSINE",
+    "ESTIMATORS",
+    "LOSS",
+    "BanditSearch",
+    "Candidates",
+    "CosinePrior",
+    "Estimator",
+    "GreedyRemoval",
+    "LeaveOneOut",
+    "Measurement",
+    "PaperBandit",
+    "SearchSettings",
+    "VarianceReducedBandit",
+    "estimator_class",
+    "register_estimator",
+    "residual_cosines",
+]

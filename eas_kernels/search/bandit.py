@@ -15,13 +15,15 @@ so skipping ``i`` in a subnet that did better than average lowers ``s_i`` (``i``
 redundant). The plan skips the k arms with the lowest ``s``. The public code uses
 ``π = softmax(10 s)``, ``η = 2`` and the opposite sign; here both are parameters and the
 sign convention is the one above. Pure PyTorch, seeded, and unaware of any model.
+
+:class:`PaperBandit` is this search as the ``paper`` :class:`~.estimator.Estimator`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from numbers import Real
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -31,6 +33,36 @@ from .._checks import (
     check_positive_int,
     check_seed,
 )
+from .estimator import LOSS, Estimator, Measurement, check_loss, register_estimator
+
+
+def sample_skip_set(
+    scores: torch.Tensor, temperature: float, k: int, generator: torch.Generator
+) -> tuple[int, ...]:
+    """Eq. 14–15: ``π = softmax(scores / temperature)``, ``π̃_i ~ U(0, π_i)``; the ``k``
+    arms of lowest ``π̃``, sorted."""
+    pi = torch.softmax(scores / temperature, dim=0)
+    noise = torch.rand(scores.shape[0], generator=generator, dtype=torch.float64)
+    return tuple(sorted(torch.argsort(noise * pi)[:k].tolist()))
+
+
+def distinct_skip_sets(
+    draw: Callable[[], tuple[int, ...]], fallback: Callable[[], tuple[int, ...]], count: int
+) -> list[tuple[int, ...]]:
+    """``count`` distinct sets from ``draw``; when the policy is too peaked to give them
+    within ``100 * count`` draws, the rest come from ``fallback`` (uniform)."""
+    chosen: list[tuple[int, ...]] = []
+    for _ in range(100 * count):
+        candidate = draw()
+        if candidate not in chosen:
+            chosen.append(candidate)
+        if len(chosen) == count:
+            return chosen
+    while len(chosen) < count:
+        candidate = fallback()
+        if candidate not in chosen:
+            chosen.append(candidate)
+    return chosen
 
 
 class BanditSearch:
@@ -85,9 +117,7 @@ class BanditSearch:
 
     def sample(self) -> tuple[int, ...]:
         """One skip set from the policy (Eq. 14–15), sorted."""
-        noise = torch.rand(self.num_arms, generator=self.generator, dtype=torch.float64)
-        perturbed = noise * self.policy()
-        return tuple(sorted(torch.argsort(perturbed)[: self.k].tolist()))
+        return sample_skip_set(self._scores, self.temperature, self.k, self.generator)
 
     def warmup_sample(self) -> tuple[int, ...]:
         """A uniformly random skip set (the warm-up epochs)."""
@@ -100,18 +130,7 @@ class BanditSearch:
         When the policy is too peaked to give distinct sets within a bounded number of
         draws, the remaining ones are drawn uniformly (still distinct).
         """
-        chosen: list[tuple[int, ...]] = []
-        for _ in range(100 * self.num_subnets):
-            candidate = self.sample()
-            if candidate not in chosen:
-                chosen.append(candidate)
-            if len(chosen) == self.num_subnets:
-                return chosen
-        while len(chosen) < self.num_subnets:
-            candidate = self.warmup_sample()
-            if candidate not in chosen:
-                chosen.append(candidate)
-        return chosen
+        return distinct_skip_sets(self.sample, self.warmup_sample, self.num_subnets)
 
     def update(self, skip_sets: Sequence[Sequence[int]], losses: Sequence[float]) -> None:
         """Apply Eq. 16 for the evaluated ``skip_sets`` and their ``losses``."""
@@ -128,13 +147,7 @@ class BanditSearch:
             if len(indices) != self.k:
                 raise ValueError(f"every skip set must hold k={self.k} arms, got {list(indices)}")
             sets.append(indices)
-        values = []
-        for loss in losses:
-            if isinstance(loss, torch.Tensor):
-                loss = loss.item()
-            if isinstance(loss, bool) or not isinstance(loss, Real) or not math.isfinite(loss):
-                raise ValueError(f"losses must be finite numbers, got {loss!r}")
-            values.append(float(loss))
+        values = [check_loss(loss) for loss in losses]
         rewards = torch.exp(-torch.tensor(values, dtype=torch.float64))
         mean = rewards.mean()
         pi = self.policy()
@@ -187,3 +200,57 @@ class BanditSearch:
             raise ValueError(f"state['generator'] is not a generator state: {error}") from None
         self._scores = scores.to(torch.float64).clone()
         self.generator = generator
+
+
+@register_estimator
+class PaperBandit(Estimator):
+    """``paper``: :class:`BanditSearch` (Eq. 14–16) exactly; rounds of ``m`` subnets
+    (default 3), training steps on sets drawn from its policy.
+
+    Default budget: the rounds of the search phase (``scheduled_rounds * m`` passes), so
+    that with the default every update happens between training steps, as in the paper.
+    """
+
+    name = "paper"
+    summary = "the paper's bandit (Eq. 16, rewards exp(-loss))"
+
+    def __init__(self, num_arms: int, k: int, **kwargs: Any) -> None:
+        super().__init__(num_arms, k, **kwargs)
+        self.search = BanditSearch(
+            num_arms,
+            k,
+            num_subnets=self._subnets(),
+            lr=self.settings.lr,
+            temperature=self.settings.temperature,
+        )
+        self.search.generator = self.generator
+
+    def _subnets(self) -> int:
+        return self.settings.num_subnets or 3
+
+    def default_budget(self) -> int:
+        return self.settings.scheduled_rounds * self._subnets()
+
+    def _propose(self, remaining: int) -> list[Measurement]:
+        if remaining < self.search.num_subnets:
+            return []
+        return [Measurement(LOSS, arms) for arms in self.search.propose()]
+
+    def _observe(self, round: Sequence[Measurement], results: Sequence[Any]) -> None:
+        self.search.update([m.arms for m in round], results)
+
+    def training_arms(self) -> tuple[int, ...]:
+        return self.search.sample()
+
+    def importance(self) -> torch.Tensor:
+        return self.search.scores
+
+    def _state(self) -> dict[str, Any]:
+        return {"scores": self.search.scores}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.search._scores = self._scores_entry(state, "scores")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.search.generator = self.generator

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
+
 from .._checks import check_layer_indices, check_positive_int
 from ..plan import SkipPlan
 from ..roles import CANDIDATE_SETS
@@ -65,3 +67,16 @@ class Candidates:
             )
         mhas, ffns = self.skip_sets(arms)
         return base.replace(skipped=list(mhas), skipped_ffns=list(ffns))
+
+    def arm_cosines(self, table: torch.Tensor) -> torch.Tensor:
+        """``(num_arms,)``: each arm's column of :func:`~.prior.residual_cosines`'
+        ``(num_layers, 3)`` table (MHA, FFN or whole block, by the arm's role)."""
+        if tuple(table.shape) != (self.num_layers, 3):
+            raise ValueError(
+                f"table must have shape ({self.num_layers}, 3), got {tuple(table.shape)}"
+            )
+        columns = [
+            2 if role.skips_mha and role.skips_ffn else 0 if role.skips_mha else 1
+            for role in self.roles
+        ]
+        return torch.cat([table[:, column] for column in columns])

@@ -22,7 +22,7 @@ def _pyplot():  # noqa: ANN202 - the module
 def plot_preferences(
     updates: Sequence[dict[str, Any]], arm_names: Sequence[str], path: str | os.PathLike[str]
 ) -> Path:
-    """Heat map of every arm's preference ``s`` after each bandit update (x: step)."""
+    """Heat map of every arm's importance after each round of the search (x: step)."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(8, 0.18 * len(arm_names) + 1.8))
     if updates:
@@ -35,10 +35,10 @@ def plot_preferences(
             extent=(steps[0] - 0.5, steps[-1] + 0.5, len(arm_names) - 0.5, -0.5),
             interpolation="nearest",
         )
-        figure.colorbar(image, ax=axes, label="preference s (low = redundant)")
+        figure.colorbar(image, ax=axes, label="importance (low = redundant)")
     axes.set_yticks(range(len(arm_names)), arm_names, fontsize=6)
     axes.set_xlabel("training step of the search")
-    axes.set_title("Bandit preferences during the search")
+    axes.set_title("Importance of each arm during the search")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -51,14 +51,14 @@ def plot_plan(
     arm_names: Sequence[str],
     path: str | os.PathLike[str],
 ) -> Path:
-    """Bar chart of the final preferences; the skipped arms highlighted (paper Fig. 6)."""
+    """Bar chart of the final importances; the skipped arms highlighted (paper Fig. 6)."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(max(6, 0.25 * len(scores) + 2), 3.2))
     skipped = set(skipped_arms)
     colours = ["tab:red" if i in skipped else "tab:blue" for i in range(len(scores))]
     axes.bar(range(len(scores)), scores, color=colours)
     axes.set_xticks(range(len(scores)), arm_names, rotation=90, fontsize=6)
-    axes.set_ylabel("final preference s")
+    axes.set_ylabel("final importance")
     axes.set_title(f"Final plan: {len(skipped)} skipped (red)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

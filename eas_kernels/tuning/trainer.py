@@ -2,13 +2,18 @@
 
 Phases, in order, over the training examples:
 
-1. **warm-up** (``warmup_epochs``): every step skips a uniformly random set of k arms and
-   trains the PIAs of all layers on it;
-2. **search** (``search_epochs``): every step skips a set drawn from the bandit policy
-   (Eq. 14–15); every ``eval_every`` steps, ``num_subnets`` distinct sets are scored on one
-   held-out batch (eval mode, no grad) and the preferences move by Eq. 16;
-3. **fine-tune** (``finetune_epochs``): the plan (the k arms of lowest preference) is
-   fixed and its PIAs train on.
+1. **warm-up** (``warmup_epochs``): every step skips a uniformly random set of arms and
+   trains the PIAs of all layers on it: k arms, or with ``warmup_ramp`` ``⌈k (t+1) / T⌉``
+   at warm-up step ``t`` of ``T`` (the public LLaVA-EAS code's ramp: a small model is
+   not hurt by k random skips from the first step);
+2. **search** (``search_epochs``): the estimator (``estimator``, a key of
+   :data:`eas_kernels.search.ESTIMATORS`) chooses each step's skip set, and every
+   ``eval_every`` steps asks for one round of measurements on the held-out batch (eval
+   mode, no grad: losses of skip sets, or the one-pass cosine probe). When the search
+   epochs end (or without any), the estimator's remaining rounds run back to back until
+   it is finished or has spent ``search_budget`` held-out passes;
+3. **fine-tune** (``finetune_epochs``): the plan (the k least important arms) is fixed
+   and its PIAs train on.
 
 Without warm-up and search epochs it only fine-tunes the model's current skip sets (how
 LaVIN-style tuning, or a given plan, is trained); ``k`` is then unused.
@@ -19,11 +24,11 @@ model must be patched with ``search=<candidates>`` (:func:`eas_kernels.patch_lav
 every parameter with ``requires_grad`` trains (the PIAs, and whatever the caller unfroze,
 e.g. a multimodal projector).
 
-Checkpoints (trainable tensors, optimizer and schedule, bandit, RNG states, position and
+Checkpoints (trainable tensors, optimizer and schedule, estimator, RNG states, position and
 history) are written atomically every ``checkpoint_every`` steps and at each phase end;
 :meth:`EASTuner.run` resumes from the last one, and a run killed at any point resumes to
 the same final plan and weights (CPU, same versions): batch orders are a function of
-(seed, phase, epoch), all sampling uses the bandit's own seeded generator.
+(seed, phase, epoch), all sampling uses the estimator's own seeded generator.
 
 A checkpoint is resumed only by the run that wrote it: its *run key* — the configuration,
 a fingerprint of the training and held-out examples, and whatever the caller adds
@@ -59,7 +64,15 @@ from ..files import load_tensor_file, save_atomically
 from ..patch import patch_of
 from ..plan import SkipPlan
 from ..roles import DEFAULT_CANDIDATES
-from ..search import BanditSearch, Candidates
+from ..search import (
+    COSINE,
+    Candidates,
+    Estimator,
+    Measurement,
+    SearchSettings,
+    estimator_class,
+    residual_cosines,
+)
 from .data import IGNORE_INDEX, Batch, Example, collate
 
 PHASES = ("warmup", "search", "finetune")
@@ -72,7 +85,7 @@ CHECKPOINT_KEYS = (
     "trainable",
     "optimizer",
     "scheduler",
-    "bandit",
+    "search",
     "torch_rng",
     "history",
 )
@@ -85,16 +98,26 @@ Progress = Callable[[dict[str, Any]], None]
 
 @dataclass
 class TuningConfig:
-    """Sizes of one tuning run (paper, LaVIN: warm-up 5, search 5 epochs, m=3, T=10)."""
+    """Sizes of one tuning run (paper, LaVIN: warm-up 5, search 5 epochs, m=3, T=10).
+
+    ``estimator`` picks the search (:data:`eas_kernels.search.ESTIMATORS`);
+    ``search_budget`` caps its held-out passes (None: the estimator's default, e.g. the
+    search phase's rounds for ``paper``, the full greedy for ``greedy``);
+    ``num_subnets`` is the bandits' subnets per round (None: 3 for ``paper``, 8 for
+    ``bandit``); ``policy_lr``/``policy_temperature`` are their ``η`` and ``τ``.
+    """
 
     k: int | None = None
     candidates: str = DEFAULT_CANDIDATES
+    estimator: str = "paper"
+    search_budget: int | None = None
+    warmup_ramp: bool = False
     warmup_epochs: int = 1
     search_epochs: int = 1
     finetune_epochs: int = 2
     batch_size: int = 8
     lr: float = 2e-3
-    num_subnets: int = 3
+    num_subnets: int | None = None
     eval_every: int = 10
     policy_lr: float = 1.0
     policy_temperature: float = 1.0
@@ -106,22 +129,36 @@ class TuningConfig:
         return self.warmup_epochs + self.search_epochs > 0
 
     def validate(self) -> TuningConfig:
-        for name in ("batch_size", "num_subnets", "eval_every", "checkpoint_every"):
+        for name in ("batch_size", "eval_every", "checkpoint_every"):
             check_positive_int(getattr(self, name), name)
+        estimator_class(self.estimator)
+        if not isinstance(self.warmup_ramp, bool):
+            raise TypeError(f"warmup_ramp must be a bool, got {self.warmup_ramp!r}")
         for name in ("warmup_epochs", "search_epochs", "finetune_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        for name in ("lr", "policy_lr", "policy_temperature"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        self.search_settings(0)  # num_subnets, policy_lr, policy_temperature
+        budget = self.search_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+            raise TypeError(f"search_budget must be an int or None, got {budget!r}")
         check_seed(self.seed)
         if self.searches:
             check_positive_int(self.k, "k")
         if self.warmup_epochs + self.search_epochs + self.finetune_epochs == 0:
             raise ValueError("at least one epoch of warm-up, search or fine-tuning is needed")
         return self
+
+    def search_settings(self, scheduled_rounds: int) -> SearchSettings:
+        """The estimator's :class:`~eas_kernels.search.SearchSettings` (checked)."""
+        return SearchSettings(
+            num_subnets=self.num_subnets,
+            lr=self.policy_lr,
+            temperature=self.policy_temperature,
+            scheduled_rounds=scheduled_rounds,
+        ).validate()
 
 
 def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -182,13 +219,16 @@ def example_fingerprint(examples: Sequence[Example]) -> str:
 
 @dataclass
 class TuningResult:
-    """The chosen plan (and its bandit arms), the final preferences and the history."""
+    """The chosen plan (and its arms), the estimator's final importance of every arm
+    (higher = kept), its cost in held-out passes, and the history."""
 
     plan: SkipPlan
     arms: tuple[int, ...]
     scores: list[float]
     history: dict[str, list[Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    search_passes: int = 0
+    search_seconds: float = 0.0
 
     def epoch_losses(self) -> list[dict[str, Any]]:
         """Mean training loss of each (phase, epoch) of the run, in order."""
@@ -272,17 +312,17 @@ class EASTuner:
         self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.parameters:
             raise ValueError("model has no trainable parameters")
-        # No bandit when nothing is searched: the plan is then the model's skip sets.
+        # No estimator when nothing is searched: the plan is then the model's skip sets.
         self.fixed_plan = None if config.searches else patch.current_plan()
-        self.bandit: BanditSearch | None = None
+        self.search: Estimator | None = None
         if config.searches:
-            self.bandit = BanditSearch(
+            rounds = config.search_epochs * self._steps_per_epoch() // config.eval_every
+            self.search = estimator_class(config.estimator)(
                 self.candidates.num_arms,
                 config.k,
-                num_subnets=config.num_subnets,
-                lr=config.policy_lr,
-                temperature=config.policy_temperature,
+                budget=config.search_budget,
                 seed=config.seed,
+                settings=config.search_settings(rounds),
             )
         self.history: dict[str, list[Any]] = {"steps": [], "updates": []}
         self.position = {"phase": 0, "epoch": 0, "batch": 0, "step": 0, "search_step": 0}
@@ -322,11 +362,11 @@ class EASTuner:
         self.patch.set_skipped(mhas, ffns)
 
     def final_plan(self) -> SkipPlan:
-        """The plan of the current preferences (the k arms of lowest score skipped), or
-        the model's skip sets when nothing is searched."""
-        if self.bandit is None:
+        """The estimator's plan (its k least important arms skipped), or the model's
+        skip sets when nothing is searched."""
+        if self.search is None:
             return self.fixed_plan
-        return self.candidates.plan(self.bandit.plan(), self.patch.plan)
+        return self.candidates.plan(self.search.plan(), self.patch.plan)
 
     def _use_final_plan(self) -> None:
         plan = self.final_plan()
@@ -360,22 +400,56 @@ class EASTuner:
             )
 
     @torch.no_grad()
-    def _score_subnets(self) -> dict[str, Any]:
-        """Eq. 16 on ``num_subnets`` proposals scored on the held-out batch."""
+    def _measure(self, measurement: Measurement) -> float | torch.Tensor:
+        """One held-out pass: the loss with ``measurement.arms`` skipped, or every arm's
+        input/output cosine with nothing skipped."""
         assert self.held_out is not None  # a searching configuration needs one
-        proposals = self.bandit.propose()
         self.model.eval()
-        losses = []
-        for arms in proposals:
-            self._set_arms(arms)
-            losses.append(float(self.loss_fn(self.model, self.held_out).item()))
-        self.bandit.update(proposals, losses)
-        return {
+        if measurement.kind == COSINE:
+            self._set_arms(())
+            table = residual_cosines(
+                self.patch.blocks,
+                self.patch.layout.attention,
+                self.patch.layout.feed_forward,
+                lambda: self.loss_fn(self.model, self.held_out),
+                self.held_out.attention_mask,
+            )
+            return self.candidates.arm_cosines(table)
+        self._set_arms(measurement.arms)
+        return float(self.loss_fn(self.model, self.held_out).item())
+
+    def _search_round(self) -> dict[str, Any] | None:
+        """One round of the estimator (None when it is finished): measured, told, and
+        recorded in ``history['updates']``."""
+        started = time.perf_counter()
+        round = self.search.ask()
+        if not round:
+            return None
+        results = [self._measure(measurement) for measurement in round]
+        self.search.tell(round, results)
+        update = {
             "step": self.position["step"],
-            "proposals": [list(arms) for arms in proposals],
-            "losses": losses,
-            "scores": self.bandit.scores.tolist(),
+            "measurements": [{"kind": m.kind, "arms": list(m.arms)} for m in round],
+            "results": [r.tolist() if isinstance(r, torch.Tensor) else r for r in results],
+            "scores": self.search.importance().tolist(),
+            "passes": self.search.passes,
+            "seconds": time.perf_counter() - started,
         }
+        self.history["updates"].append(update)
+        return update
+
+    def _finish_search(self, started: float) -> None:
+        """Run the estimator's remaining rounds back to back (checkpoint after each)."""
+        while self._search_round() is not None:
+            self.elapsed = time.perf_counter() - started
+            self._save_checkpoint()
+
+    def _warmup_size(self) -> int:
+        """Skip-set size of the current warm-up step (module docstring)."""
+        if not self.config.warmup_ramp:
+            return self.config.k
+        total = self.config.warmup_epochs * self._steps_per_epoch()
+        return max(1, math.ceil(self.config.k * (self.position["step"] + 1) / total))
 
     # ------------------------------------------------------------------ run
     def run(
@@ -420,6 +494,8 @@ class EASTuner:
                         self._interrupt(started)
                 position["epoch"] += 1
                 position["batch"] = 0
+            if phase == 1 and self.search is not None:
+                self._finish_search(started)
             position["phase"] += 1
             position["epoch"] = 0
             if position["phase"] == 2:
@@ -428,20 +504,23 @@ class EASTuner:
             self._save_checkpoint()
         self._use_final_plan()
         self.model.eval()
+        updates = self.history["updates"]
         return TuningResult(
             self.final_plan(),
-            () if self.bandit is None else self.bandit.plan(),
-            [] if self.bandit is None else self.bandit.scores.tolist(),
+            () if self.search is None else self.search.plan(),
+            [] if self.search is None else self.search.importance().tolist(),
             self.history,
             time.perf_counter() - started,
+            search_passes=0 if self.search is None else self.search.passes,
+            search_seconds=sum(update["seconds"] for update in updates),
         )
 
     def _step(self, phase: int, batch: Batch, started: float) -> None:
         position = self.position
         if phase == 0:
-            arms = self.bandit.warmup_sample()
+            arms = self.search.random_arms(self._warmup_size())
         elif phase == 1:
-            arms = self.bandit.sample()
+            arms = self.search.training_arms()
         else:
             arms = ()
         if phase < 2:
@@ -461,11 +540,11 @@ class EASTuner:
         if phase == 1:
             position["search_step"] += 1
             if position["search_step"] % self.config.eval_every == 0:
-                update = self._score_subnets()
-                self.history["updates"].append(update)
-                record["reward_mean"] = sum(math.exp(-x) for x in update["losses"]) / len(
-                    update["losses"]
-                )
+                update = self._search_round()
+                results = [] if update is None else update["results"]
+                losses = [r for r in results if isinstance(r, float)]
+                if losses:
+                    record["held_out_loss"] = sum(losses) / len(losses)
         if self.progress is not None:
             self.progress({**record, "plan": self.final_plan()})
         if position["step"] % self.config.checkpoint_every == 0:
@@ -492,7 +571,7 @@ class EASTuner:
             "trainable": {n: p.detach().clone() for n, p in self.parameters.items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "bandit": None if self.bandit is None else self.bandit.state_dict(),
+            "search": None if self.search is None else self.search.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
         }
@@ -500,7 +579,7 @@ class EASTuner:
 
     def _load_checkpoint(self) -> None:
         """Resume from the checkpoint in ``run_dir``; every entry is checked, and the
-        optimizer, schedule and bandit are rebuilt, before anything of the run changes."""
+        optimizer, schedule and estimator are rebuilt, before anything of the run changes."""
         path = self._checkpoint_path()
         if path is None or not path.is_file():
             return
@@ -545,11 +624,11 @@ class EASTuner:
         ):
             raise refuse("history must hold the lists 'steps' and 'updates'")
         optimizer, scheduler = self._optimizer(min(position["phase"], 2))
-        bandit = None if self.bandit is None else copy.deepcopy(self.bandit)
+        search = None if self.search is None else copy.deepcopy(self.search)
         loads = [
             ("optimizer", optimizer.load_state_dict),
             ("scheduler", scheduler.load_state_dict),
-            ("bandit", (lambda _: None) if bandit is None else bandit.load_state_dict),
+            ("search", (lambda _: None) if search is None else search.load_state_dict),
             ("torch_rng", torch.Generator().set_state),
         ]
         for entry, load in loads:
@@ -572,7 +651,7 @@ class EASTuner:
         self.position = dict(position)
         self.elapsed = float(elapsed)
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.bandit = bandit
+        self.search = search
         torch.set_rng_state(rng)
         self.history = history
 
