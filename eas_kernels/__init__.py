@@ -18,6 +18,8 @@ Public API:
     roles                   layer roles (Role: kept, skipped MHA/FFN/block), candidate sets
     models.lavin            the LaVIN-layout LLaMA (ModelArgs, Transformer)
     search.BanditSearch     the k-armed bandit of the redundancy search (pure PyTorch)
+    search.ESTIMATORS       the search's estimators (paper, bandit, greedy, loo, cosine)
+    search.HeldOutScorer    what an estimator asks for, measured on a held-out batch
     search.Candidates       what the arms stand for: MHAs, FFNs, MHA-or-FFN, blocks (DAS)
     tuning                  the schedule (EASTuner, TuningConfig), data, evaluation, plots
     models.multimodal       a LaVIN-style multimodal model (vision tower + projector)

@@ -84,3 +84,31 @@ def test_harness_tunes_caches_measures_and_reports(tmp_path, capsys):
     assert "tuning (" not in capsys.readouterr().out  # every row came from the cache
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
     assert len(sorted((tmp_path / "methods").glob("*/result.json"))) == 5
+
+
+def test_search_quality_recipe_compares_every_estimator_with_the_baselines(tmp_path):
+    recipe = importlib.import_module("search_quality")
+    report = recipe.main(
+        ["--model", "tiny", "--train", "16", "--test", "4", "--search-batch", "6"]
+        + ["--validation", "6", "--ks", "2", "--seeds", "0", "1", "--budget", "10"]
+        + ["--random", "5", "--finetune-seeds", "1", "--finetune-k", "2"]
+        + ["--out", str(tmp_path)]
+    )
+    names = sorted(recipe.ESTIMATORS)
+    assert [row["seed"] for row in report["rows"]] == [0, 1]
+    for row in report["rows"]:
+        assert set(row["estimators"]) == set(names)
+        for name, result in row["estimators"].items():
+            assert len(result["plan"]) == 2 and 0 <= result["beats_random"] <= 1
+            assert result["passes"] <= {"loo": 6, "cosine": 1}.get(name, 10)
+        assert len(row["random"]["validation_losses"]) == 5
+        assert -1 <= row["random"]["spearman_search_vs_validation"] <= 1
+        assert len(row["best_window"]["all"]) == 6 - 2 + 1
+    finetuned = report["rows"][1]["finetuned"]
+    assert {*names, "best window", "best random"} == set(finetuned)
+    assert all(0 <= r["test_accuracy"] <= 1 for r in finetuned.values())
+    methods = {entry["method"] for entry in report["summary"]}
+    assert methods == {*names, "best window", "best random"}
+    assert all(entry["jaccard"] is not None for entry in report["summary"])
+    assert (tmp_path / "search_quality.json").is_file() and Path(report["plot"]).is_file()
+    assert recipe.spearman([1, 2, 3], [3, 2, 1]) == -1 and recipe.jaccard([1, 2], [2, 3]) == 1 / 3

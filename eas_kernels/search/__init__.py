@@ -6,7 +6,8 @@
 * :mod:`.vr_bandit` — ``bandit``: variance-reduced, warm-started from the cosine prior;
 * :mod:`.greedy`    — ``greedy`` removal and ``loo`` (leave-one-out);
 * :mod:`.prior`     — ``cosine``: the one-pass prior, and the probe that measures it;
-* :mod:`.candidates` — what the arms stand for.
+* :mod:`.candidates` — what the arms stand for;
+* :mod:`.scorer`    — the model side: measurements on a held-out batch, ``run_search``.
 """
 
 from .bandit import BanditSearch, PaperBandit
@@ -23,6 +24,7 @@ from .estimator import (
 )
 from .greedy import GreedyRemoval, LeaveOneOut
 from .prior import CosinePrior, residual_cosines
+from .scorer import HeldOutScorer, run_search
 from .vr_bandit import VarianceReducedBandit
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "CosinePrior",
     "Estimator",
     "GreedyRemoval",
+    "HeldOutScorer",
     "LeaveOneOut",
     "Measurement",
     "PaperBandit",
@@ -42,4 +45,5 @@ __all__ = [
     "estimator_class",
     "register_estimator",
     "residual_cosines",
+    "run_search",
 ]

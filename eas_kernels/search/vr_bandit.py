@@ -9,9 +9,9 @@ with three changes that the policy-gradient literature uses against noise:
    0 when all are equal), so that arms whose output barely turns their input start as
    the least important.
 2. **Rewards and advantages.** A round scores ``m`` distinct skip sets ``ρ_j`` (default 8,
-   at most the number of distinct sets) on the same held-out batch; with losses ``l_j``, the advantage is the per-round
-   z-score ``A_j = (l_j − mean l) / std l`` (0 when all losses are equal): the scale of
-   the losses (1 nat or 8) no longer sets the step.
+   at most the number of distinct sets) on the same held-out batch; with losses ``l_j``,
+   the advantage is the per-round z-score ``A_j = (l_j − mean l) / std l`` (0 when all
+   losses are equal): the scale of the losses (1 nat or 8) no longer sets the step.
 3. **Every arm moves**, by the score-function update with a baseline::
 
        s_i ← s_i + (η / m) Σ_j A_j (1[i ∈ ρ_j] − π_i)

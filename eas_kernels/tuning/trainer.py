@@ -64,15 +64,7 @@ from ..files import load_tensor_file, save_atomically
 from ..patch import patch_of
 from ..plan import SkipPlan
 from ..roles import DEFAULT_CANDIDATES
-from ..search import (
-    COSINE,
-    Candidates,
-    Estimator,
-    Measurement,
-    SearchSettings,
-    estimator_class,
-    residual_cosines,
-)
+from ..search import Candidates, Estimator, HeldOutScorer, SearchSettings, estimator_class
 from .data import IGNORE_INDEX, Batch, Example, collate
 
 PHASES = ("warmup", "search", "finetune")
@@ -357,9 +349,10 @@ class EASTuner:
         generator = torch.Generator().manual_seed(seed)
         return torch.randperm(len(self.train), generator=generator).tolist()
 
-    def _set_arms(self, arms: Sequence[int]) -> None:
-        mhas, ffns = self.candidates.skip_sets(arms)
-        self.patch.set_skipped(mhas, ffns)
+    @property
+    def scorer(self) -> HeldOutScorer:
+        """Measurements on the held-out batch (a searching configuration has one)."""
+        return HeldOutScorer(self.model, self.held_out, self.candidates, self.loss_fn)
 
     def final_plan(self) -> SkipPlan:
         """The estimator's plan (its k least important arms skipped), or the model's
@@ -399,25 +392,6 @@ class EASTuner:
                 f"lower lr (now {self.config.lr})"
             )
 
-    @torch.no_grad()
-    def _measure(self, measurement: Measurement) -> float | torch.Tensor:
-        """One held-out pass: the loss with ``measurement.arms`` skipped, or every arm's
-        input/output cosine with nothing skipped."""
-        assert self.held_out is not None  # a searching configuration needs one
-        self.model.eval()
-        if measurement.kind == COSINE:
-            self._set_arms(())
-            table = residual_cosines(
-                self.patch.blocks,
-                self.patch.layout.attention,
-                self.patch.layout.feed_forward,
-                lambda: self.loss_fn(self.model, self.held_out),
-                self.held_out.attention_mask,
-            )
-            return self.candidates.arm_cosines(table)
-        self._set_arms(measurement.arms)
-        return float(self.loss_fn(self.model, self.held_out).item())
-
     def _search_round(self) -> dict[str, Any] | None:
         """One round of the estimator (None when it is finished): measured, told, and
         recorded in ``history['updates']``."""
@@ -425,7 +399,7 @@ class EASTuner:
         round = self.search.ask()
         if not round:
             return None
-        results = [self._measure(measurement) for measurement in round]
+        results = [self.scorer(measurement) for measurement in round]
         self.search.tell(round, results)
         update = {
             "step": self.position["step"],
@@ -433,9 +407,10 @@ class EASTuner:
             "results": [r.tolist() if isinstance(r, torch.Tensor) else r for r in results],
             "scores": self.search.importance().tolist(),
             "passes": self.search.passes,
-            "seconds": time.perf_counter() - started,
         }
         self.history["updates"].append(update)
+        # Wall time apart from the updates, which are a function of the run's inputs.
+        self.history.setdefault("search_seconds", []).append(time.perf_counter() - started)
         return update
 
     def _finish_search(self, started: float) -> None:
@@ -504,7 +479,6 @@ class EASTuner:
             self._save_checkpoint()
         self._use_final_plan()
         self.model.eval()
-        updates = self.history["updates"]
         return TuningResult(
             self.final_plan(),
             () if self.search is None else self.search.plan(),
@@ -512,7 +486,7 @@ class EASTuner:
             self.history,
             time.perf_counter() - started,
             search_passes=0 if self.search is None else self.search.passes,
-            search_seconds=sum(update["seconds"] for update in updates),
+            search_seconds=sum(self.history.get("search_seconds", [])),
         )
 
     def _step(self, phase: int, batch: Batch, started: float) -> None:
@@ -524,7 +498,7 @@ class EASTuner:
         else:
             arms = ()
         if phase < 2:
-            self._set_arms(arms)
+            self.scorer.set_arms(arms)
         loss = self._train_step(batch)
         position["batch"] += 1
         position["step"] += 1

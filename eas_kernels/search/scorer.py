@@ -1,0 +1,83 @@
+"""The model side of a search: measuring what an estimator asks for, on one batch.
+
+:class:`HeldOutScorer` answers :class:`~.estimator.Measurement` requests on a model
+patched with ``search=<candidates>``: a :data:`~.estimator.LOSS` request sets the skip set
+and returns ``loss_fn(model, batch)``; a :data:`~.estimator.COSINE` request skips nothing
+and returns every arm's input/output cosine (:func:`~.prior.residual_cosines`). Both run
+in eval mode without gradients, one forward over the batch each, and leave the model in
+eval mode with the last skip set. :func:`run_search` drives an estimator to its end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..patch import patch_of
+from .candidates import Candidates
+from .estimator import COSINE, Estimator, Measurement
+from .prior import residual_cosines
+
+
+class HeldOutScorer:
+    """Measurements on ``batch`` (anything ``loss_fn`` takes; its ``attention_mask``, when
+    it has one of shape ``(B, n)``, selects the tokens the cosines average over)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: Any,
+        candidates: Candidates,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    ) -> None:
+        self.model = model
+        self.patch = patch_of(model)
+        if self.patch.plan.num_layers != candidates.num_layers:
+            raise ValueError(
+                f"candidates are for {candidates.num_layers} layers, the model has "
+                f"{self.patch.plan.num_layers}"
+            )
+        self.batch = batch
+        self.candidates = candidates
+        self.loss_fn = loss_fn
+
+    def set_arms(self, arms: tuple[int, ...]) -> None:
+        """Skip exactly ``arms`` (the candidates' MHAs / FFNs / blocks)."""
+        mhas, ffns = self.candidates.skip_sets(arms)
+        self.patch.set_skipped(mhas, ffns)
+
+    @torch.no_grad()
+    def loss(self, arms: tuple[int, ...]) -> float:
+        """``loss_fn`` with ``arms`` skipped."""
+        self.model.eval()
+        self.set_arms(arms)
+        return float(self.loss_fn(self.model, self.batch).item())
+
+    @torch.no_grad()
+    def cosines(self) -> torch.Tensor:
+        """``(num_arms,)`` float64 input/output cosines, nothing skipped."""
+        self.model.eval()
+        self.set_arms(())
+        table = residual_cosines(
+            self.patch.blocks,
+            self.patch.layout.attention,
+            self.patch.layout.feed_forward,
+            lambda: self.loss_fn(self.model, self.batch),
+            getattr(self.batch, "attention_mask", None),
+        )
+        return self.candidates.arm_cosines(table)
+
+    def __call__(self, measurement: Measurement) -> float | torch.Tensor:
+        if measurement.kind == COSINE:
+            return self.cosines()
+        return self.loss(measurement.arms)
+
+
+def run_search(estimator: Estimator, scorer: HeldOutScorer) -> tuple[int, ...]:
+    """Ask, measure and tell until ``estimator`` is finished; its plan."""
+    while round := estimator.ask():
+        estimator.tell(round, [scorer(measurement) for measurement in round])
+    return estimator.plan()

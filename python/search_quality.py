@@ -1,0 +1,379 @@
+"""How good are the plans each search estimator finds? (issue 14), public API only.
+
+For each seed and each k, on the SmolLM2-135M + easy-vqa miniature of the paper tables
+(``paper_experiments``' workload):
+
+1. **Warm-up** once: the searching model (PIAs in every layer, projector trainable) trains
+   1 epoch on random skip sets of k MHAs (``--ramp``: growing from 1 to k), as a tuning
+   run's warm-up does. Every estimator then works on this same supernet.
+2. **Search**: every estimator of ``eas_kernels.search.ESTIMATORS`` runs to its end on the
+   *search batch* (``--search-batch`` held-out questions, eval mode) with the same budget
+   of held-out passes (``--budget``; ``loo`` and ``cosine`` need fewer and use fewer).
+   Its plan, passes and seconds are recorded. (In a tuning run the bandits' rounds are
+   interleaved with training steps; here all rounds score the frozen warmed-up supernet,
+   so that only the estimator differs.)
+3. **Baselines**: every contiguous window of k MHAs (the best one by validation loss:
+   an oracle choice, as the paper's released fine-tuning scripts fix deep windows) and
+   ``--random`` uniformly random plans.
+4. **Judged on data the search never saw**: every plan's answer loss on the *validation*
+   set (``--validation`` other held-out questions) with the supernet's PIAs; the share of
+   random plans each plan beats; and the rank correlation between search-batch and
+   validation losses over the random plans (how well one search batch separates plans).
+5. Optionally (``--finetune-seeds``, for ``--finetune-k``): each estimator's plan, the
+   best window and the best random plan fine-tune 1 epoch from the warmed-up supernet;
+   validation loss after it and test accuracy (greedy, batch 1, exact answer tokens).
+
+Seed stability: Jaccard overlap of each estimator's plans across seeds (mean over pairs).
+Writes ``<out>/search_quality.json`` and ``search_quality.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eas_kernels import SkipPlan, patch_lavin, set_skipped
+from eas_kernels.demo.workload import WorkloadConfig, build_workload
+from eas_kernels.search import (
+    ESTIMATORS,
+    Candidates,
+    HeldOutScorer,
+    SearchSettings,
+    estimator_class,
+    run_search,
+)
+from eas_kernels.tuning import EASTuner, TuningConfig, answer_loss, collate
+from eas_kernels.tuning.evaluate import answer_accuracy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_experiments import environment, log  # noqa: E402
+
+TRAINING = {"batch_size": 8, "lr": 3e-3}
+
+
+def options(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/search_quality"))
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--train", type=int, default=400)
+    parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--search-batch", type=int, default=32)
+    parser.add_argument("--validation", type=int, default=64)
+    parser.add_argument("--ks", type=int, nargs="+", default=[4, 8, 12])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget", type=int, default=75, help="held-out passes per search")
+    parser.add_argument("--random", type=int, default=20, help="random plans per (seed, k)")
+    parser.add_argument("--estimators", nargs="+", default=sorted(ESTIMATORS))
+    parser.add_argument("--ramp", choices=("on", "off", "both"), default="on")
+    parser.add_argument("--finetune-seeds", type=int, nargs="*", default=[])
+    parser.add_argument("--finetune-k", type=int, default=8)
+    return parser.parse_args(argv)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    def ranks(values: Sequence[float]) -> list[int]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        result = [0] * len(values)
+        for rank, index in enumerate(order):
+            result[index] = rank
+        return result
+
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True)) / (n * (n * n - 1))
+
+
+def jaccard(a: Sequence[int], b: Sequence[int]) -> float:
+    return len(set(a) & set(b)) / len(set(a) | set(b))
+
+
+def trainables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in state:
+                parameter.copy_(state[name])
+
+
+def budget_for(name: str, budget: int, layers: int) -> int:
+    """The common budget; ``loo`` and ``cosine`` use what they need (never more)."""
+    return {"loo": layers, "cosine": 1}.get(name, budget)
+
+
+def one_setting(
+    work: Any, args: argparse.Namespace, seed: int, k: int, ramp: bool
+) -> dict[str, Any]:
+    layers = work.model.llm.n_layers
+    search_examples = work.held_out[: args.search_batch]
+    validation = collate(work.held_out[args.search_batch :], work.pad_id)
+    model = patch_lavin(copy.deepcopy(work.model), SkipPlan(layers, []), search="mha")
+    model.projector.requires_grad_(True)
+    warmup = TuningConfig(
+        k=k,
+        estimator="cosine",
+        warmup_ramp=ramp,
+        warmup_epochs=1,
+        search_epochs=0,
+        finetune_epochs=0,
+        seed=seed,
+        **TRAINING,
+    )
+    began = time.perf_counter()
+    warmed = EASTuner(model, work.train, search_examples, warmup, pad_id=work.pad_id).run()
+    warmup_seconds = time.perf_counter() - began
+    state = trainables(model)
+    candidates = Candidates("mha", layers)
+    search = HeldOutScorer(model, collate(search_examples, work.pad_id), candidates, answer_loss)
+    judge = HeldOutScorer(model, validation, candidates, answer_loss)
+    row: dict[str, Any] = {
+        "seed": seed,
+        "k": k,
+        "ramp": ramp,
+        "warmup_loss": warmed.epoch_losses()[-1]["mean_loss"],
+        "warmup_seconds": warmup_seconds,
+        "full_model_validation_loss": judge.loss(()),
+        "estimators": {},
+    }
+    for name in args.estimators:
+        estimator = estimator_class(name)(
+            layers,
+            k,
+            budget=budget_for(name, args.budget, layers),
+            seed=seed,
+            settings=SearchSettings(),
+        )
+        began = time.perf_counter()
+        plan = run_search(estimator, search)
+        row["estimators"][name] = {
+            "plan": list(plan),
+            "passes": estimator.passes,
+            "seconds": time.perf_counter() - began,
+            "search_loss": search.loss(plan),
+            "validation_loss": judge.loss(plan),
+        }
+        log(f"seed {seed} k {k} ramp {ramp}: {name} {list(plan)} {row['estimators'][name]}")
+    windows = {start: tuple(range(start, start + k)) for start in range(layers - k + 1)}
+    window_losses = {start: judge.loss(arms) for start, arms in windows.items()}
+    best_start = min(window_losses, key=window_losses.get)
+    row["best_window"] = {
+        "plan": list(windows[best_start]),
+        "validation_loss": window_losses[best_start],
+        "all": {str(start): loss for start, loss in window_losses.items()},
+    }
+    generator = torch.Generator().manual_seed(10_000 + seed * 100 + k)
+    randoms = [
+        tuple(sorted(torch.randperm(layers, generator=generator)[:k].tolist()))
+        for _ in range(args.random)
+    ]
+    random_validation = [judge.loss(arms) for arms in randoms]
+    random_search = [search.loss(arms) for arms in randoms]
+    best = min(range(len(randoms)), key=lambda i: random_validation[i])
+    row["random"] = {
+        "plans": [list(arms) for arms in randoms],
+        "validation_losses": random_validation,
+        "search_losses": random_search,
+        "best": {"plan": list(randoms[best]), "validation_loss": random_validation[best]},
+        "spearman_search_vs_validation": spearman(random_search, random_validation),
+    }
+    for result in row["estimators"].values():
+        loss = result["validation_loss"]
+        result["beats_random"] = sum(loss < other for other in random_validation) / len(randoms)
+    if seed in args.finetune_seeds and k == args.finetune_k:
+        row["finetuned"] = finetune_plans(model, state, row, work, args, seed)
+    return row
+
+
+def finetune_plans(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    row: dict[str, Any],
+    work: Any,
+    args: argparse.Namespace,
+    seed: int,
+) -> dict[str, Any]:
+    """Fine-tune each plan 1 epoch from the warmed-up supernet; validation loss, accuracy."""
+    plans = {name: tuple(r["plan"]) for name, r in row["estimators"].items()}
+    plans["best window"] = tuple(row["best_window"]["plan"])
+    plans["best random"] = tuple(row["random"]["best"]["plan"])
+    validation = collate(work.held_out[args.search_batch :], work.pad_id)
+    config = TuningConfig(
+        warmup_epochs=0, search_epochs=0, finetune_epochs=1, seed=seed, **TRAINING
+    )
+    results: dict[str, Any] = {}
+    done: dict[tuple[int, ...], dict[str, Any]] = {}
+    for name, plan in plans.items():
+        if plan not in done:
+            restore(model, state)
+            set_skipped(model, plan)
+            tuned = EASTuner(model, work.train, [], config, pad_id=work.pad_id).run()
+            with torch.no_grad():
+                loss = float(answer_loss(model.eval(), validation))
+            accuracy = answer_accuracy(model, work.test, pad_id=work.pad_id, mode="eager")
+            done[plan] = {
+                "plan": list(plan),
+                "validation_loss": loss,
+                "test_accuracy": accuracy,
+                "finetune_loss": tuned.epoch_losses()[-1]["mean_loss"],
+            }
+            log(f"seed {seed}: fine-tuned {name} {list(plan)}: {done[plan]}")
+        results[name] = done[plan]
+    restore(model, state)
+    return results
+
+
+def summarise(rows: list[dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:
+    """Per (k, ramp) and estimator: mean validation loss, share of random plans beaten,
+    wins over leave-one-out, Jaccard across seeds, passes and seconds."""
+    table = []
+    groups: dict[tuple[int, bool], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["k"], row["ramp"]), []).append(row)
+    for (k, ramp), group in sorted(groups.items()):
+        for name in [*names, "best window", "best random"]:
+            if name in names:
+                results = [r["estimators"][name] for r in group]
+            elif name == "best window":
+                results = [r["best_window"] for r in group]
+            else:
+                results = [r["random"]["best"] for r in group]
+            plans = [r["plan"] for r in results]
+            pairs = list(itertools.combinations(plans, 2))
+            entry = {
+                "k": k,
+                "ramp": ramp,
+                "method": name,
+                "validation_loss": statistics.mean(r["validation_loss"] for r in results),
+                "per_seed": [round(r["validation_loss"], 4) for r in results],
+                "jaccard": statistics.mean(jaccard(a, b) for a, b in pairs) if pairs else None,
+            }
+            if name in names:
+                entry["beats_random"] = statistics.mean(r["beats_random"] for r in results)
+                entry["passes"] = statistics.mean(r["passes"] for r in results)
+                entry["seconds"] = statistics.mean(r["seconds"] for r in results)
+                if "loo" in names:
+                    entry["beats_loo"] = sum(
+                        r["estimators"][name]["validation_loss"]
+                        < r["estimators"]["loo"]["validation_loss"]
+                        for r in group
+                    )
+            table.append(entry)
+    return table
+
+
+def markdown(table: list[dict[str, Any]], seeds: int) -> str:
+    lines = [
+        "| k | ramp | method | validation loss (mean) | per seed | beats random | "
+        f"beats loo (of {seeds}) | Jaccard | passes | seconds |",
+        "|---:|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for e in table:
+        jac = "–" if e["jaccard"] is None else f"{e['jaccard']:.2f}"
+        lines.append(
+            f"| {e['k']} | {'on' if e['ramp'] else 'off'} | {e['method']} | "
+            f"{e['validation_loss']:.3f} | {e['per_seed']} | "
+            + (f"{e['beats_random']:.0%} | " if "beats_random" in e else "– | ")
+            + (f"{e['beats_loo']} | " if "beats_loo" in e else "– | ")
+            + f"{jac} | "
+            + (f"{e['passes']:.0f} | {e['seconds']:.1f} |" if "passes" in e else "– | – |")
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], names: Sequence[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({(r["k"], r["ramp"]) for r in rows})
+    figure, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.8), squeeze=False)
+    markers = dict(zip([*names, "best window"], "os^vDP*", strict=False))
+    for ax, (k, ramp) in zip(axes[0], settings, strict=True):
+        group = [r for r in rows if (r["k"], r["ramp"]) == (k, ramp)]
+        for x, row in enumerate(group):
+            ax.scatter(
+                [x] * len(row["random"]["validation_losses"]),
+                row["random"]["validation_losses"],
+                color="lightgrey",
+                s=12,
+                label="random plans" if x == 0 else None,
+            )
+            for name in names:
+                ax.scatter(
+                    x,
+                    row["estimators"][name]["validation_loss"],
+                    marker=markers[name],
+                    label=name if x == 0 else None,
+                )
+            ax.scatter(
+                x,
+                row["best_window"]["validation_loss"],
+                marker=markers["best window"],
+                color="black",
+                label="best window" if x == 0 else None,
+            )
+        ax.set_xticks(range(len(group)), [f"seed {r['seed']}" for r in group])
+        ax.set_title(f"k = {k}, warm-up ramp {'on' if ramp else 'off'}", fontsize=9)
+        ax.set_ylabel("validation loss, supernet PIAs")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = options(argv)
+    started = time.perf_counter()
+    ramps = {"on": [True], "off": [False], "both": [True, False]}[args.ramp]
+    rows = []
+    for seed in args.seeds:
+        config = WorkloadConfig(
+            model=args.model,
+            train=args.train,
+            held_out=args.search_batch + args.validation,
+            test=args.test,
+            seed=seed,
+        )
+        work = build_workload(config, cache_dir=args.out / "cache", log=log)
+        for k in args.ks:
+            for ramp in ramps:
+                rows.append(one_setting(work, args, seed, k, ramp))
+    table = summarise(rows, args.estimators)
+    text = markdown(table, len(args.seeds))
+    print(text, flush=True)
+    figure = plot(rows, args.estimators, args.out / "search_quality.png")
+    report = {
+        "command": " ".join(["search_quality.py", *(argv if argv is not None else sys.argv[1:])]),
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "rows": rows,
+        "summary": table,
+        "markdown": text,
+        "plot": str(figure),
+        "environment": environment(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": time.perf_counter() - started,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "search_quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"report {args.out / 'search_quality.json'} ({report['seconds']:.0f} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
