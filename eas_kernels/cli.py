@@ -8,8 +8,8 @@ LLaMA) and writes into ``--out``:
   ``preferences.png``, ``plan.png``; resumes from its checkpoint;
 * ``finetune`` trains the PIAs of a plan (``--plan``; ``--init`` a search folder to start
   from its PIAs) → ``eas/`` (the plan's PIAs, the vision tower and the projector);
-* ``evaluate`` accuracy (merged, batch 1) and decode speed of ``--checkpoint`` vs the
-  unpatched model and the floor;
+* ``evaluate`` accuracy (per question type; batched low-rank decoding, equal to merged)
+  and decode speed of ``--checkpoint`` vs the unpatched model and the floor;
 * ``generate`` answers one question about one easy-vqa image;
 * ``demo``     all of it, LaVIN-style tuning vs EAS with k skipped MHAs, and a table.
 
@@ -42,7 +42,7 @@ from torch import nn
 
 from . import __version__
 from ._checks import SEED_LIMIT
-from .demo.easy_vqa import easy_vqa_images, vqa_prompt
+from .demo.easy_vqa import QUESTION_TYPES, easy_vqa_images, question_type, vqa_prompt
 from .demo.workload import (
     MODELS,
     Workload,
@@ -60,7 +60,7 @@ from .runtime import MODES
 from .search import ESTIMATORS, Candidates
 from .tuning import EASTuner, TuningConfig, TuningInterrupted, TuningResult
 from .tuning.evaluate import (
-    answer_accuracy,
+    answer_correct,
     floor_model,
     pretrained_parameter_count,
     time_models,
@@ -480,12 +480,33 @@ def _timing(
     return time_models(models, prompts, args.timing_tokens)
 
 
+def _accuracy(
+    model: nn.Module, workload: Workload, mode: str, console: Console, name: str
+) -> dict[str, Any]:
+    """Test accuracy, overall and per question type, decoded in batches (``merge`` is
+    decoded with the low-rank path, tested equal to it, so that batches work)."""
+    batched = "lowrank" if mode == "merge" else mode
+    size = workload.model.llm.params.max_batch_size
+    correct = answer_correct(
+        model, workload.test, pad_id=workload.pad_id, mode=batched, batch_size=size
+    )
+    kinds = [question_type(workload.decode(list(e.answer))) for e in workload.test]
+    by_type = {
+        kind: sum(c for c, k in zip(correct, kinds, strict=True) if k == kind) / kinds.count(kind)
+        for kind in QUESTION_TYPES
+        if kind in kinds
+    }
+    accuracy = sum(correct) / len(correct)
+    parts = ", ".join(f"{kind} {value:.3f}" for kind, value in by_type.items())
+    console.log(f"{name}: test accuracy {accuracy:.3f} ({parts}; {batched}, batch {size})")
+    return {"accuracy": accuracy, "accuracy_by_type": by_type, "decode": batched}
+
+
 def cmd_evaluate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     workload = _workload(args, console, pretrain_vision=False)  # the checkpoint has it
     model = _load("--checkpoint", load_tuned, workload.model, args.checkpoint)
     plan = current_plan(model)
-    accuracy = answer_accuracy(model, workload.test, pad_id=workload.pad_id, mode="merge")
-    console.log(f"test accuracy {accuracy:.3f} (merged, batch 1, greedy)")
+    accuracy = _accuracy(model, workload, "merge", console, "EAS")
     timings = _timing(
         {
             "unpatched": (workload.model, None),
@@ -498,7 +519,7 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     )
     for name, timing in timings.items():
         console.log(f"{name}: {timing['ms_per_token']:.2f} ms/token")
-    return {"workload": workload.info, "plan": plan, "accuracy": accuracy, "timings": timings}
+    return {"workload": workload.info, "plan": plan, **accuracy, "timings": timings}
 
 
 def cmd_generate(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -552,12 +573,11 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     lavin = patch_lavin(copy.deepcopy(base), SkipPlan(layers, []))
     config = _tuning_config(args, searches=False, finetune_epochs=epochs)
     result = _tune(lavin, workload, config, args.out / "lavin_state", args, console, "LaVIN-style")
-    accuracy = answer_accuracy(lavin, workload.test, pad_id=workload.pad_id, mode="eager")
-    console.log(f"LaVIN-style: test accuracy {accuracy:.3f}")
+    accuracy = _accuracy(lavin, workload, "eager", console, "LaVIN-style")
     methods["LaVIN-style"] = {
         "plan": result.plan,
         "trainable_params": tuned_parameter_count(lavin),
-        "accuracy": accuracy,
+        **accuracy,
         "epoch_losses": result.epoch_losses(),
         "tuning_seconds": result.seconds,
         "epochs": epochs,
@@ -569,14 +589,13 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     save_tuned(searching, args.out / "eas", active_only=True)
     result.plan.save(args.out / "plan.json")
     eas = load_tuned(base, args.out / "eas")
-    accuracy = answer_accuracy(eas, workload.test, pad_id=workload.pad_id, mode="merge")
-    console.log(f"EAS: test accuracy {accuracy:.3f} (merged)")
+    accuracy = _accuracy(eas, workload, "merge", console, "EAS")
     eas_name = f"EAS, {args.k} {args.candidates.upper()} skipped"
     methods[eas_name] = {
         "plan": result.plan,
         "arms": list(result.arms),
         "trainable_params": tuned_parameter_count(eas),
-        "accuracy": accuracy,
+        **accuracy,
         "epoch_losses": result.epoch_losses(),
         "tuning_seconds": result.seconds,
         "epochs": epochs,

@@ -12,8 +12,9 @@ For each seed and each k, on the SmolLM2-135M + easy-vqa miniature of the paper 
    Its plan, passes and seconds are recorded. (In a tuning run the bandits' rounds are
    interleaved with training steps; here all rounds score the frozen warmed-up supernet,
    so that only the estimator differs.)
-3. **Baselines**: every contiguous window of k MHAs (the best one by validation loss:
-   an oracle choice, as the paper's released fine-tuning scripts fix deep windows) and
+3. **Baselines**: every contiguous window of k MHAs in the deeper half of the model (the
+   best one by validation loss: an oracle choice, as the paper's released fine-tuning
+   scripts fix deep windows) and
    ``--random`` uniformly random plans.
 4. **Judged on data the search never saw**: every plan's answer loss on the *validation*
    set (``--validation`` other held-out questions) with the supernet's PIAs; the share of
@@ -68,12 +69,12 @@ def options(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     parser.add_argument("--train", type=int, default=400)
     parser.add_argument("--test", type=int, default=200)
-    parser.add_argument("--search-batch", type=int, default=32)
-    parser.add_argument("--validation", type=int, default=64)
+    parser.add_argument("--search-batch", type=int, default=24)
+    parser.add_argument("--validation", type=int, default=48)
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 8, 12])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budget", type=int, default=75, help="held-out passes per search")
-    parser.add_argument("--random", type=int, default=20, help="random plans per (seed, k)")
+    parser.add_argument("--budget", type=int, default=60, help="held-out passes per search")
+    parser.add_argument("--random", type=int, default=12, help="random plans per (seed, k)")
     parser.add_argument("--estimators", nargs="+", default=sorted(ESTIMATORS))
     parser.add_argument("--ramp", choices=("on", "off", "both"), default="on")
     parser.add_argument("--finetune-seeds", type=int, nargs="*", default=[])
@@ -166,7 +167,8 @@ def one_setting(
             "validation_loss": judge.loss(plan),
         }
         log(f"seed {seed} k {k} ramp {ramp}: {name} {list(plan)} {row['estimators'][name]}")
-    windows = {start: tuple(range(start, start + k)) for start in range(layers - k + 1)}
+    first = (layers - k) // 2  # the deeper half
+    windows = {start: tuple(range(start, start + k)) for start in range(first, layers - k + 1)}
     window_losses = {start: judge.loss(arms) for start, arms in windows.items()}
     best_start = min(window_losses, key=window_losses.get)
     row["best_window"] = {

@@ -78,3 +78,35 @@ def test_patched_mllm_decodes_what_teacher_forcing_computes(mode):
     torch.testing.assert_close(generated.logits[0], forced, rtol=2e-4, atol=2e-4)
     other = greedy_generate(model, [text], 3, prefill_kwargs={"images": torch.rand(1, 3, 32, 32)})
     assert not torch.allclose(other.logits, generated.logits)  # the image matters
+
+
+def test_batched_low_rank_accuracy_is_batch_one_merged_accuracy():
+    """answer_correct decodes batches of equal answer length with the low-rank path; each
+    answer is the one merged batch-1 decoding gives (EAS_SPEC §4: the modes agree)."""
+    from eas_kernels.tuning import Example
+    from eas_kernels.tuning.evaluate import answer_accuracy, answer_correct
+
+    model = patch_lavin(mllm(seed=5), SkipPlan(4, [0, 3], skip_rank=4, adapter_rank=2))
+    randomize_pias(model, seed=6)
+    generator = torch.Generator().manual_seed(7)
+    examples = []
+    for index in range(11):
+        text = torch.randint(6, 90, (2 + index % 4,), generator=generator).tolist()
+        image = torch.rand(3, 32, 32, generator=generator)
+        reference = greedy_generate(
+            reparameterize(model, "merge"),
+            [prompt(text)],
+            1 + index % 2,
+            prefill_kwargs={"images": image[None]},
+        ).tokens[0]
+        answer = tuple(reference) if index % 3 else (reference[0] + 1,) + tuple(reference[1:])
+        examples.append(Example(tuple(prompt(text)), answer, image))
+    merged = answer_correct(model, examples, pad_id=0, mode="merge")
+    assert merged == [bool(i % 3) for i in range(11)]
+    assert answer_correct(model, examples, pad_id=0, mode="lowrank", batch_size=4) == merged
+    assert answer_correct(model, examples, pad_id=0, mode="eager", batch_size=8) == merged
+    assert answer_accuracy(model, examples, pad_id=0, mode="lowrank", batch_size=3) == 7 / 11
+    with pytest.raises(ValueError, match='mode "merge" decodes one prompt at a time'):
+        answer_correct(model, examples, pad_id=0, mode="merge", batch_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        answer_correct(model, examples, pad_id=0, mode="eager", batch_size=0)

@@ -132,6 +132,22 @@ def vqa_examples(
     return examples
 
 
+QUESTION_TYPES = ("color", "shape", "yes/no")
+
+
+def question_type(answer: str) -> str:
+    """The kind of an easy-vqa question, read off its answer: ``"color"``, ``"shape"`` or
+    ``"yes/no"`` (:data:`QUESTION_TYPES`)."""
+    answer = answer.strip()
+    if answer in COLORS:
+        return "color"
+    if answer in SHAPES:
+        return "shape"
+    if answer in ("yes", "no"):
+        return "yes/no"
+    raise ValueError(f"{answer!r} is not an easy-vqa answer")
+
+
 def image_labels(records: Sequence[VQARecord]) -> dict[int, tuple[int, int]]:
     """``{image id: (colour, shape)}`` read off the questions (``-1`` where unknown).
 

@@ -1,8 +1,9 @@
 """Accuracy and decode speed of a tuned model, the way it is deployed (EAS_SPEC §3–4).
 
-Accuracy: every test prompt is answered by greedy generation at batch 1 (prefill with the
-image, then one token per decode call) with the model's re-parameterisation mode, and
-counts when the generated tokens equal the answer's tokens.
+Accuracy: every test prompt is answered by greedy generation (prefill with the image, then
+one token per decode call; at batch 1, or in left-padded batches with the low-rank or
+eager mode) with the model's re-parameterisation mode, and counts when the generated
+tokens equal the answer's tokens.
 
 Decode speed: milliseconds per decode call at batch 1, the mean of the decode steps after
 the first (the first decode step of a merged model also writes the PIAs into the
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import check_positive_int
 from ..generation import greedy_generate
 from ..layout import LAVIN
 from ..patch import patch_of, runtime_of
@@ -43,28 +45,58 @@ def _set_mode(model: nn.Module, mode: str | None) -> None:
 
 
 @torch.no_grad()
-def answer_accuracy(
-    model: nn.Module, examples: Sequence[Example], *, pad_id: int, mode: str | None = "merge"
-) -> float:
-    """Fraction of ``examples`` whose greedy answer (batch 1) equals the answer tokens.
+def answer_correct(
+    model: nn.Module,
+    examples: Sequence[Example],
+    *,
+    pad_id: int,
+    mode: str | None = "merge",
+    batch_size: int = 1,
+) -> list[bool]:
+    """For each of ``examples``, whether its greedy answer equals the answer tokens.
 
     ``mode`` is the :func:`~eas_kernels.reparameterize` mode (None: an unpatched model).
+    With ``batch_size > 1`` examples whose answers have the same length are decoded
+    together, left-padded, in order (``"merge"`` needs batch 1: use ``"lowrank"``, which is
+    tested equal to it, or ``"eager"``); the answers are those of batch 1.
     """
     if not examples:
         raise ValueError("examples must not be empty")
+    check_positive_int(batch_size, "batch_size")
+    if batch_size > 1 and mode == "merge":
+        raise ValueError('mode "merge" decodes one prompt at a time: use batch_size=1 or "lowrank"')
     _set_mode(model, mode)
     model.eval()
-    correct = 0
-    for example in examples:
-        generated = greedy_generate(
-            model,
-            [list(example.prompt)],
-            len(example.answer),
-            pad_id=pad_id,
-            prefill_kwargs=_prefill_kwargs(example),
-        )
-        correct += tuple(generated.tokens[0]) == tuple(example.answer)
-    return correct / len(examples)
+    by_length: dict[int, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_length.setdefault(len(example.answer), []).append(index)
+    correct = [False] * len(examples)
+    for length, indices in by_length.items():
+        for first in range(0, len(indices), batch_size):
+            chunk = [examples[i] for i in indices[first : first + batch_size]]
+            images = [e.image for e in chunk]
+            if any(image is None for image in images) and not all(i is None for i in images):
+                raise ValueError("either every example has an image or none has")
+            kwargs = {} if images[0] is None else {"images": torch.stack(images)}
+            generated = greedy_generate(
+                model, [list(e.prompt) for e in chunk], length, pad_id=pad_id, prefill_kwargs=kwargs
+            )
+            for row, index in enumerate(indices[first : first + batch_size]):
+                correct[index] = tuple(generated.tokens[row]) == tuple(examples[index].answer)
+    return correct
+
+
+def answer_accuracy(
+    model: nn.Module,
+    examples: Sequence[Example],
+    *,
+    pad_id: int,
+    mode: str | None = "merge",
+    batch_size: int = 1,
+) -> float:
+    """Fraction of ``examples`` answered exactly (:func:`answer_correct`)."""
+    correct = answer_correct(model, examples, pad_id=pad_id, mode=mode, batch_size=batch_size)
+    return sum(correct) / len(correct)
 
 
 @torch.no_grad()
