@@ -224,7 +224,9 @@ def finetune_plans(
             tuned = EASTuner(model, work.train, [], config, pad_id=work.pad_id).run()
             with torch.no_grad():
                 loss = float(answer_loss(model.eval(), validation))
-            accuracy = answer_accuracy(model, work.test, pad_id=work.pad_id, mode="eager")
+            accuracy = answer_accuracy(
+                model, work.test, pad_id=work.pad_id, mode="eager", batch_size=8
+            )
             done[plan] = {
                 "plan": list(plan),
                 "validation_loss": loss,

@@ -31,9 +31,16 @@ from .._checks import (
     check_layer_indices,
     check_positive_finite,
     check_positive_int,
-    check_seed,
 )
-from .estimator import LOSS, Estimator, Measurement, check_loss, register_estimator
+from .estimator import (
+    LOSS,
+    Estimator,
+    Measurement,
+    check_arms,
+    check_loss,
+    register_estimator,
+    seeded_generator,
+)
 
 
 def sample_skip_set(
@@ -87,10 +94,7 @@ class BanditSearch:
         temperature: float = 1.0,
         seed: int | None = None,
     ) -> None:
-        self.num_arms = check_positive_int(num_arms, "num_arms")
-        self.k = check_positive_int(k, "k")
-        if self.k >= self.num_arms:
-            raise ValueError(f"k must be smaller than num_arms ({num_arms}), got {k}")
+        self.num_arms, self.k = check_arms(num_arms, k)
         self.num_subnets = check_positive_int(num_subnets, "num_subnets")
         if math.comb(self.num_arms, self.k) < self.num_subnets:
             raise ValueError(
@@ -99,11 +103,7 @@ class BanditSearch:
             )
         self.lr = check_positive_finite(lr, "lr")
         self.temperature = check_positive_finite(temperature, "temperature")
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(check_seed(seed))
+        self.generator = seeded_generator(seed)
         self._scores = torch.zeros(self.num_arms, dtype=torch.float64)
 
     @property

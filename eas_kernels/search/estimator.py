@@ -105,10 +105,7 @@ class Estimator:
         seed: int | None = None,
         settings: SearchSettings | None = None,
     ) -> None:
-        self.num_arms = check_positive_int(num_arms, "num_arms")
-        self.k = check_positive_int(k, "k")
-        if self.k >= self.num_arms:
-            raise ValueError(f"k must be smaller than num_arms ({num_arms}), got {k}")
+        self.num_arms, self.k = check_arms(num_arms, k)
         if settings is None:
             settings = SearchSettings()
         if not isinstance(settings, SearchSettings):
@@ -126,11 +123,7 @@ class Estimator:
         self.budget = budget
         self.passes = 0
         self.rounds = 0
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(check_seed(seed))
+        self.generator = seeded_generator(seed)
 
     # ------------------------------------------------------------------ to implement
     def default_budget(self) -> int:
@@ -269,6 +262,24 @@ class Estimator:
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"state[{name!r}] holds NaN or Inf")
         return value.to(torch.float64).clone()
+
+
+def check_arms(num_arms: object, k: object) -> tuple[int, int]:
+    """``(num_arms, k)`` after checking ``0 < k < num_arms`` (ints)."""
+    num_arms, k = check_positive_int(num_arms, "num_arms"), check_positive_int(k, "k")
+    if k >= num_arms:
+        raise ValueError(f"k must be smaller than num_arms ({num_arms}), got {k}")
+    return num_arms, k
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (checked), or non-deterministically (None)."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(check_seed(seed))
+    return generator
 
 
 def check_loss(value: object) -> float:
