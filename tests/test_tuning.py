@@ -247,3 +247,24 @@ def test_the_core_imports_nothing_from_the_demo():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_gradients_are_clipped_to_max_grad_norm_and_their_norm_recorded():
+    model = searching_model()
+    settings = config(max_grad_norm=0.05, search_epochs=0, finetune_epochs=0)
+    tuner = EASTuner(model, examples(8, 1), examples(4, 2), settings, pad_id=0)
+    seen = []
+    step = tuner.optimizer.step
+
+    def checked_step(*args: object, **kwargs: object) -> object:
+        grads = [p.grad for p in tuner.parameters.values() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return step(*args, **kwargs)
+
+    tuner.optimizer.step = checked_step
+    result = tuner.run()
+    norms = [s["grad_norm"] for s in result.history["steps"]]
+    assert len(seen) == len(norms) == 2 and all(n > 0.05 for n in norms)  # clipping was due
+    assert all(abs(n - 0.05) < 1e-6 for n in seen)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        config(max_grad_norm=0.0).validate()

@@ -59,7 +59,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import SEED_LIMIT, check_positive_int, check_seed, first_non_finite
+from .._checks import (
+    SEED_LIMIT,
+    check_positive_finite,
+    check_positive_int,
+    check_seed,
+    first_non_finite,
+)
 from ..files import load_tensor_file, save_atomically
 from ..patch import patch_of
 from ..plan import SkipPlan
@@ -97,6 +103,8 @@ class TuningConfig:
     search phase's rounds for ``paper``, the full greedy for ``greedy``);
     ``num_subnets`` is the bandits' subnets per round (None: 3 for ``paper``, 8 for
     ``bandit``); ``policy_lr``/``policy_temperature`` are their ``η`` and ``τ``.
+    ``max_grad_norm`` clips the trainable parameters' gradient norm before each step
+    (None: no clipping; each step's norm before clipping is in the history).
     """
 
     k: int | None = None
@@ -109,6 +117,7 @@ class TuningConfig:
     finetune_epochs: int = 2
     batch_size: int = 8
     lr: float = 2e-3
+    max_grad_norm: float | None = None
     num_subnets: int | None = None
     eval_every: int = 10
     policy_lr: float = 1.0
@@ -132,6 +141,8 @@ class TuningConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.max_grad_norm is not None:
+            check_positive_finite(self.max_grad_norm, "max_grad_norm")
         self.search_settings(0)  # num_subnets, policy_lr, policy_temperature
         budget = self.search_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
@@ -377,9 +388,14 @@ class EASTuner:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        limit = self.config.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.parameters.values(), math.inf if limit is None else limit
+        )
         self.optimizer.step()
         self.scheduler.step()
         self._check_finite_parameters()
+        self.grad_norm = float(norm)
         return float(loss.item())
 
     def _check_finite_parameters(self) -> None:
@@ -509,6 +525,7 @@ class EASTuner:
             "loss": loss,
             "arms": list(arms),  # the skip set of a warm-up or search step
             "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": self.grad_norm,  # before clipping
         }
         self.history["steps"].append(record)
         if phase == 1:
