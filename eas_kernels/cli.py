@@ -109,7 +109,7 @@ def _workload_options(parser: argparse.ArgumentParser) -> None:
 def _training_options(parser: argparse.ArgumentParser, *, search: bool) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--batch-size", type=_positive(int), default=8)
-    group.add_argument("--lr", type=_positive(float), default=3e-3)
+    group.add_argument("--lr", type=_positive(float), default=TuningConfig.lr)
     group.add_argument("--checkpoint-every", type=_positive(int), default=25)
     group.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     group.add_argument("--halt-after-step", type=int, default=None, help=argparse.SUPPRESS)

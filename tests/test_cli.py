@@ -52,7 +52,9 @@ def test_search_writes_plan_report_plots_and_pias(searched):
     assert plan.num_layers == 6 and len(plan.skipped) == 2
     report = json.loads((searched / "search_report.json").read_text())
     assert report["command"] == "search" and report["plan"]["skipped"] == list(plan.skipped)
-    assert len(report["updates"]) == 8 and len(report["scores"]) == 6
+    # greedy over 6 arms, k = 2, default budget min(2 * 6, 6 + 5): a round of 6, one of 5
+    assert report["estimator"] == "greedy" and report["search_passes"] == 11
+    assert len(report["updates"]) == 2 and len(report["scores"]) == 6
     assert report["environment"]["torch"] and report["workload"]["train_questions"] == 16
     for name in ("preferences.png", "plan.png"):
         assert (searched / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

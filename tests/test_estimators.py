@@ -127,7 +127,8 @@ def test_greedy_shares_its_budget_over_its_rounds():
         rounds.append(len(round))
         estimator.tell(round, [problem.measure(m) for m in round])
     assert rounds == [12, 6, 6, 6]
-    assert make("greedy", 12, 4).budget == 12 + 11 + 10 + 9  # the full greedy by default
+    assert make("greedy", 12, 4).budget == 2 * 12  # first round + 12 passes for the rest
+    assert make("greedy", 12, 2).budget == 12 + 11  # the full greedy when that is less
 
 
 def test_default_budgets():

@@ -415,9 +415,9 @@ TUNER_FILES = [
     ("optimizer", edit_pt(retype("optimizer", {"state": 1})), "optimizer: KeyError"),
     ("scheduler", edit_pt(retype("scheduler", 3)), "scheduler: "),
     ("search", edit_pt(retype("search", {"k": 2})), "search: ValueError: state is for"),
-    ("search NaN", edit_pt(lambda s: s["search"]["scores"].fill_(float("nan"))), "NaN"),
+    ("search NaN", edit_pt(lambda s: s["search"]["latest"].fill_(float("nan"))), "NaN"),
     ("search passes", edit_pt(lambda s: s["search"].update(passes=10**6)), "'passes'"),
-    ("search estimator", edit_pt(lambda s: s["search"].update(estimator="greedy")), "estimator="),
+    ("search estimator", edit_pt(lambda s: s["search"].update(estimator="loo")), "estimator="),
     ("rng", edit_pt(retype("torch_rng", torch.zeros(3))), "torch_rng"),
     (
         "rng bytes",
@@ -487,7 +487,7 @@ def test_a_damaged_tuner_checkpoint_is_refused_before_the_run_changes(
         ({"k": 4}, ValueError, "k must be smaller"),
         ({"k": 0}, ValueError, "k"),
         ({"batch_size": True}, TypeError, "batch_size"),
-        ({"num_subnets": 100}, ValueError, "num_subnets"),
+        ({"num_subnets": 100, "estimator": "paper"}, ValueError, "num_subnets"),
         ({"candidates": "attention"}, ValueError, "candidates|search"),
     ],
 )
@@ -677,7 +677,7 @@ CLI_CASES = [
     ("state code", SEARCH, damaged(STATE, code), "tuner_checkpoint.pt .*can be read safely"),
     ("state keys", SEARCH, damaged(STATE, edit_pt(lambda s: s.pop("search"))), "lacks"),
     ("other train", [*SEARCH, "--train", "6"], None, "--train = 8; this run has --train = 6"),
-    ("other lr", [*SEARCH, "--lr", "0.5"], None, "lr = 0.003; this run has lr = 0.5"),
+    ("other lr", [*SEARCH, "--lr", "0.5"], None, "lr = 0.001; this run has lr = 0.5"),
 ]
 
 

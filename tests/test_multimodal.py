@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -51,6 +53,22 @@ def test_bad_calls_are_refused():
         LaVINStyleMLLM(tiny_model(), 1000)
     with pytest.raises(TypeError, match="llm"):
         LaVINStyleMLLM(torch.nn.Linear(2, 2), IMAGE)
+
+
+def test_a_generated_placeholder_is_a_token_at_decode_steps():
+    """A model may generate the placeholder id; a decode step embeds it as text (the demo's
+    timing of an untuned model once stopped on it)."""
+    model = mllm()
+    tokens = torch.tensor([prompt([9, 10])])
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    with torch.no_grad():
+        model(tokens, start_pos=0, prompt_mask=mask, images=torch.rand(1, 3, 32, 32))
+        twin = copy.deepcopy(model)  # the same caches
+        step = model(torch.tensor([[IMAGE]]), start_pos=tokens.shape[1])
+        expected = twin.llm(torch.tensor([[IMAGE]]), start_pos=tokens.shape[1])  # as text
+    torch.testing.assert_close(step, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no images"):
+        model(tokens, start_pos=0)
 
 
 def test_a_frozen_vision_tower_stays_in_eval_mode():

@@ -54,7 +54,13 @@ def trainables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_schedule_phases_updates_and_final_plan():
     model = searching_model()
     before = trainables(model)
-    tuner = EASTuner(model, examples(16, 1), examples(4, 2), config(), pad_id=0)
+    tuner = EASTuner(
+        model,
+        examples(16, 1),
+        examples(4, 2),
+        config(estimator="paper", warmup_ramp=False),
+        pad_id=0,
+    )
     result = tuner.run()
     steps = result.history["steps"]
     phases = [s["phase"] for s in steps]
@@ -70,7 +76,13 @@ def test_schedule_phases_updates_and_final_plan():
 
 def test_search_updates_are_eq16_of_the_recorded_losses():
     model = searching_model()
-    result = EASTuner(model, examples(16, 1), examples(4, 2), config(), pad_id=0).run()
+    result = EASTuner(
+        model,
+        examples(16, 1),
+        examples(4, 2),
+        config(estimator="paper", warmup_ramp=False),
+        pad_id=0,
+    ).run()
     scores = torch.zeros(4, dtype=torch.float64)
     for update in result.history["updates"]:
         pi = torch.softmax(scores, dim=0)
@@ -91,7 +103,9 @@ def test_search_updates_are_eq16_of_the_recorded_losses():
 def test_subnet_losses_are_scored_on_the_held_out_batch_in_eval_mode():
     model = searching_model()
     held_out = examples(4, 2)
-    tuner = EASTuner(model, examples(8, 1), held_out, config(search_epochs=1), pad_id=0)
+    tuner = EASTuner(
+        model, examples(8, 1), held_out, config(search_epochs=1, estimator="paper"), pad_id=0
+    )
     seen = []
 
     def loss_fn(m: torch.nn.Module, batch: object) -> torch.Tensor:
@@ -268,3 +282,15 @@ def test_gradients_are_clipped_to_max_grad_norm_and_their_norm_recorded():
     assert all(abs(n - 0.05) < 1e-6 for n in seen)
     with pytest.raises(ValueError, match="max_grad_norm"):
         config(max_grad_norm=0.0).validate()
+
+
+def test_the_warmup_ramp_grows_skip_sets_from_one_to_k():
+    model = patch_lavin(
+        tiny_model(n_layers=6), SkipPlan(6, [], skip_rank=4, adapter_rank=2), search="mha"
+    )
+    settings = config(k=4, warmup_ramp=True, warmup_epochs=2, search_epochs=1, batch_size=2)
+    result = EASTuner(model, examples(8, 1), examples(4, 2), settings, pad_id=0).run()
+    sizes = [len(s["arms"]) for s in result.history["steps"] if s["phase"] == "warmup"]
+    assert sizes == [math.ceil(4 * (t + 1) / 8) for t in range(8)] == [1, 1, 2, 2, 3, 3, 4, 4]
+    searched = [len(s["arms"]) for s in result.history["steps"] if s["phase"] == "search"]
+    assert searched == [4] * 4

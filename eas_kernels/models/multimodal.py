@@ -110,12 +110,17 @@ class LaVINStyleMLLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, n, vocab)``; see :meth:`Transformer.forward` for the other arguments."""
+        """Logits ``(B, n, vocab)``; see :meth:`Transformer.forward` for the other arguments.
+
+        ``images`` fill the placeholders of a training forward or a prefill (``start_pos``
+        None or 0), which must have them all. A decode step (``start_pos > 0``) takes no
+        images: a placeholder id there is a generated token and is embedded as text.
+        """
         check_tensor(tokens, "tokens", ndim=2)
         placeholders = tokens == self.image_token_id
         counts = placeholders.sum(dim=1)
         if images is None:
-            if bool(counts.any()):
+            if bool(counts.any()) and not start_pos:
                 raise ValueError("tokens hold image placeholders but no images were given")
             return self.llm(tokens, start_pos, prompt_mask, attention_mask)
         check_tensor(images, "images", ndim=4, floating=True, device=tokens.device)

@@ -7,8 +7,9 @@ arm alone (``num_arms`` passes). A later round scores the ``w`` best-ranked rema
 with ``w`` the remaining budget shared equally by the remaining rounds (all of them when
 the budget allows); the ranking is by the most recent round that scored an arm, then its
 loss there, then index. When a round could score fewer than 2 arms, the rest of ``S`` is
-filled from the ranking without further passes. Default budget: the full greedy,
-``Σ_{t<k} (num_arms − t)`` passes (212 for k = 8 of 30).
+filled from the ranking without further passes. Default budget: ``2 · num_arms`` passes
+(the first round, then ``num_arms`` passes shared by the other rounds: 60 for 30 arms), or
+the full greedy ``Σ_{t<k} (num_arms − t)`` when that is less.
 
 **Leave-one-out** (``loo``) is its first round only: each arm skipped alone, the ``k``
 cheapest skipped (``num_arms`` passes).
@@ -42,7 +43,7 @@ class GreedyRemoval(Estimator):
         self.scored_in = torch.full((num_arms,), -1, dtype=torch.int64)  # its round (-1: never)
 
     def default_budget(self) -> int:
-        return sum(self.num_arms - t for t in range(self.k))
+        return min(2 * self.num_arms, sum(self.num_arms - t for t in range(self.k)))
 
     def min_budget(self) -> int:
         return self.num_arms

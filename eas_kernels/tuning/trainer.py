@@ -109,14 +109,14 @@ class TuningConfig:
 
     k: int | None = None
     candidates: str = DEFAULT_CANDIDATES
-    estimator: str = "paper"
+    estimator: str = "greedy"
     search_budget: int | None = None
-    warmup_ramp: bool = False
+    warmup_ramp: bool = True
     warmup_epochs: int = 1
     search_epochs: int = 1
     finetune_epochs: int = 2
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float = 1e-3
     max_grad_norm: float | None = None
     num_subnets: int | None = None
     eval_every: int = 10
