@@ -47,6 +47,9 @@ def config(**overrides: object) -> TuningConfig:
     return TuningConfig(**values)
 
 
+PAPER = {"estimator": "paper", "warmup_ramp": False}  # the paper's search, as specified
+
+
 def trainables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -54,13 +57,7 @@ def trainables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_schedule_phases_updates_and_final_plan():
     model = searching_model()
     before = trainables(model)
-    tuner = EASTuner(
-        model,
-        examples(16, 1),
-        examples(4, 2),
-        config(estimator="paper", warmup_ramp=False),
-        pad_id=0,
-    )
+    tuner = EASTuner(model, examples(16, 1), examples(4, 2), config(**PAPER), pad_id=0)
     result = tuner.run()
     steps = result.history["steps"]
     phases = [s["phase"] for s in steps]
@@ -76,13 +73,7 @@ def test_schedule_phases_updates_and_final_plan():
 
 def test_search_updates_are_eq16_of_the_recorded_losses():
     model = searching_model()
-    result = EASTuner(
-        model,
-        examples(16, 1),
-        examples(4, 2),
-        config(estimator="paper", warmup_ramp=False),
-        pad_id=0,
-    ).run()
+    result = EASTuner(model, examples(16, 1), examples(4, 2), config(**PAPER), pad_id=0).run()
     scores = torch.zeros(4, dtype=torch.float64)
     for update in result.history["updates"]:
         pi = torch.softmax(scores, dim=0)
