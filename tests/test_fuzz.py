@@ -425,6 +425,11 @@ TUNER_FILES = [
         "torch_rng: Run",
     ),
     ("history", edit_pt(retype("history", None)), "history"),
+    (
+        "search seconds",
+        edit_pt(lambda s: s["history"].update(search_seconds=["x"])),
+        "search_seconds",
+    ),
     ("other seed", edit_pt(lambda s: s["run_key"].update(seed=11)), "seed = 11; this run has"),
     (
         "other data",

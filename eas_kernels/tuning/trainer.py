@@ -100,7 +100,7 @@ class TuningConfig:
 
     ``estimator`` picks the search (:data:`eas_kernels.search.ESTIMATORS`);
     ``search_budget`` caps its held-out passes (None: the estimator's default, e.g. the
-    search phase's rounds for ``paper``, the full greedy for ``greedy``);
+    search phase's rounds for ``paper``, ``min(2 · arms, the full greedy)`` for ``greedy``);
     ``num_subnets`` is the bandits' subnets per round (None: 3 for ``paper``, 8 for
     ``bandit``); ``policy_lr``/``policy_temperature`` are their ``η`` and ``τ``.
     ``max_grad_norm`` clips the trainable parameters' gradient norm before each step
@@ -614,6 +614,11 @@ class EASTuner:
             and all(isinstance(history.get(key), list) for key in ("steps", "updates"))
         ):
             raise refuse("history must hold the lists 'steps' and 'updates'")
+        seconds = history.get("search_seconds", [])
+        if not isinstance(seconds, list) or not all(
+            type(value) is float and math.isfinite(value) and value >= 0 for value in seconds
+        ):
+            raise refuse("history['search_seconds'] must list seconds")
         optimizer, scheduler = self._optimizer(min(position["phase"], 2))
         search = None if self.search is None else copy.deepcopy(self.search)
         loads = [
