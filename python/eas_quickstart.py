@@ -42,11 +42,11 @@ call), for the unpatched model, LaVIN-style (eager), EAS eager, EAS merged, and 
 (``eas_kernels.tuning.evaluate.floor_model``: a copy of the pretrained model whose skipped
 blocks run ``x + FFN(ffn_norm(x))``, with no adapter, hook or bias). EAS merged minus the
 floor is the whole cost of the re-parameterised adapters (bias adds and hooks).
-``time_models`` times each configuration on the same prompts, round-robin (so that a
-background load hits all alike), after a warm-up round; a prompt's ms/token is the mean
-over its decode steps after the first (the first decode step of a merged model also
-writes the PIAs into the weights; it is reported apart), and the table shows the median
-over prompts.
+``time_models`` times each configuration on the same prompts, their decode calls
+interleaved step by step (so that a change of the machine's load hits all alike), after a
+warm-up prompt; ms/token is the median over the decode calls after each prompt's first
+(the first decode step of a merged model also writes the PIAs into the weights; it is
+reported apart), and a speed-up is the median of the call-by-call ratios.
 
 Run ``python python/eas_quickstart.py`` (about 5 minutes on a 2-core CPU) or
 ``--quick`` for a one-minute smoke run. The report goes to ``runs/quickstart.json``.
@@ -80,8 +80,10 @@ from eas_kernels.models.lavin import Transformer
 from eas_kernels.models.smollm2 import load_smollm2_lavin
 from eas_kernels.tuning import EASTuner, Example, TuningConfig
 from eas_kernels.tuning.evaluate import (
+    TIMING_METHOD,
     answer_accuracy,
     floor_model,
+    paired_ratio,
     pretrained_parameter_count,
     time_models,
     tuned_parameter_count,
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     configurations: dict[str, tuple[torch.nn.Module, str | None]] = {
         "unpatched": (base, None),
         "LaVIN-style (eager)": (tuned["LaVIN-style"], "eager"),
-        f"EAS k={args.k} (eager)": (tuned["EAS"], "eager"),
+        f"EAS k={args.k} (eager)": (copy.deepcopy(tuned["EAS"]), "eager"),
         f"EAS k={args.k} (merged)": (tuned["EAS"], "merge"),
         f"floor: unpatched minus {args.k} MHAs": (floor, None),
     }
@@ -337,15 +339,14 @@ def main(argv: list[str] | None = None) -> int:
         start,
     )
     timings = time_models(configurations, timing_prompts, settings.timing_tokens)
-    base_ms = timings["unpatched"]["ms_per_token"]
-    for entry in timings.values():
-        entry["speedup_vs_unpatched"] = base_ms / entry["ms_per_token"]
+    for name, entry in timings.items():
+        entry["speedup_vs_unpatched"] = 1 / paired_ratio(timings, name, "unpatched")["median"]
 
     print()
     print_table(methods, zero_shot, timings, args.k)
     print(
-        f"\nms/token: median over {len(timing_prompts)} test prompts of the mean decode step "
-        f"(steps 2..{settings.timing_tokens}), batch 1, {torch.get_num_threads()} threads. "
+        f"\nms/token: median over the decode calls 2..{settings.timing_tokens} of "
+        f"{len(timing_prompts)} test prompts, batch 1, {torch.get_num_threads()} threads. "
         f"Accuracy: {len(test_set)} test flowers, greedy, exact answer tokens, adapters merged.",
         flush=True,
     )
@@ -387,12 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "accuracy_method": "greedy generation at batch 1, PIAs merged, exact answer tokens",
         "timings": timings,
-        "timing_method": (
-            "batch 1; per prompt: prefill, then greedy decode calls timed one by one; "
-            "ms_per_token = mean of decode steps 2..N (step 1 of a merged model includes the "
-            "merge, see first_decode_ms); median over prompts; configurations round-robin "
-            "after a warm-up round"
-        ),
+        "timing_method": TIMING_METHOD,
         "floor_definition": (
             "a copy of the unpatched model whose skipped blocks run x + FFN(ffn_norm(x)): "
             "no adapter, no hook, no bias"

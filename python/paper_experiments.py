@@ -23,9 +23,9 @@ Tuning (``eas_kernels.tuning.EASTuner``, AdamW, batch 8, lr 1e-3; the tables in
 Accuracy: greedy generation at batch 1 of every test question, exact answer tokens, with
 the method's decode mode (``merge`` for EAS, ``eager`` for LaVIN-style and DAS, whose
 adapters stay). Decode speed (:func:`time_rows`): milliseconds per decode step at batch 1,
-mean of the steps after the first, median over 8 test prompts, all models of a table
-round-robin; each plan's *floor* (the unpatched model with the same parts deleted and no
-adapter) is timed beside it, and ratios are medians of per-prompt ratios.
+median over the steps after each prompt's first, 8 test prompts, all models of a table
+interleaved step by step; each plan's *floor* (the unpatched model with the same parts
+deleted and no adapter) is timed beside it, and ratios are medians of call-by-call ratios.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -62,6 +61,7 @@ from eas_kernels.tuning import EASTuner, TuningConfig
 from eas_kernels.tuning.evaluate import (
     answer_accuracy,
     floor_model,
+    paired_ratio,
     pretrained_parameter_count,
     time_models,
     tuned_parameter_count,
@@ -233,12 +233,12 @@ def _tune(method: Method, work: Workload, args: argparse.Namespace, folder: Path
 
 
 def time_rows(rows: Sequence[Row], work: Workload, args: argparse.Namespace) -> dict[str, Any]:
-    """Round-robin decode timing of every row, the unpatched model and each plan's floor.
+    """Interleaved decode timing of every row, the unpatched model and each plan's floor.
 
-    Adds ``ms_per_token`` and ``floor_ms_per_token`` (medians over prompts),
-    ``ratio_vs_floor`` and ``speedup_vs_unpatched`` (medians over prompts of the
-    per-prompt ratios, which a slow drift of the machine's speed cancels out of) to each
-    row's result and returns the raw timings.
+    Adds ``ms_per_token`` and ``floor_ms_per_token`` (medians over decode calls),
+    ``ratio_vs_floor`` and ``speedup_vs_unpatched`` (medians of the call-by-call ratios,
+    :func:`~eas_kernels.tuning.evaluate.paired_ratio`, which a change of the machine's
+    load cancels out of) to each row's result and returns the raw timings.
     """
     models: dict[str, tuple[nn.Module, str | None]] = {"unpatched": (work.model, None)}
     floors: dict[str, str] = {}
@@ -251,15 +251,9 @@ def time_rows(rows: Sequence[Row], work: Workload, args: argparse.Namespace) -> 
             floors[row.method.name] = floor_name
     log(
         f"timing {len(models)} models: {args.timing_prompts} prompts x "
-        f"{args.timing_tokens} tokens, round-robin"
+        f"{args.timing_tokens} tokens, interleaved step by step"
     )
     timings = time_models(models, work.test[: args.timing_prompts], args.timing_tokens)
-
-    def paired(name: str, reference: str) -> float:
-        """Median over prompts of the per-prompt ratio (both ran the prompt back to back)."""
-        ours = timings[name]["ms_per_token_each_prompt"]
-        theirs = timings[reference]["ms_per_token_each_prompt"]
-        return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
 
     for row in rows:
         name = row.method.name
@@ -267,8 +261,8 @@ def time_rows(rows: Sequence[Row], work: Workload, args: argparse.Namespace) -> 
         row.result.update(
             ms_per_token=timings[name]["ms_per_token"],
             floor_ms_per_token=timings[floor_name]["ms_per_token"],
-            ratio_vs_floor=paired(name, floor_name),
-            speedup_vs_unpatched=1 / paired(name, "unpatched"),
+            ratio_vs_floor=paired_ratio(timings, name, floor_name)["median"],
+            speedup_vs_unpatched=1 / paired_ratio(timings, name, "unpatched")["median"],
         )
     return timings
 

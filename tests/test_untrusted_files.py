@@ -73,15 +73,15 @@ def test_malicious_multimodal_files_are_refused(tmp_path):
         build_workload,
         load_tuned,
         save_tuned,
-        vision_cache_name,
+        stage0_cache_name,
     )
 
     marker = tmp_path / "ran"
     workload_config = WorkloadConfig(model="tiny", train=4, held_out=2, test=2, vision_epochs=1)
     cache = tmp_path / "cache"
     cache.mkdir()
-    malicious(cache / vision_cache_name(workload_config), marker)
-    with pytest.raises(ValueError, match="not a vision tower cache that can be read safely"):
+    malicious(cache / stage0_cache_name(workload_config), marker, vision={}, projector={})
+    with pytest.raises(ValueError, match="not a stage-0 cache that can be read safely"):
         build_workload(workload_config, cache_dir=cache, log=lambda _: None)
     assert not marker.exists()
 

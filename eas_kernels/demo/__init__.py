@@ -6,6 +6,6 @@ line and the paper recipes of ``python/`` use it.
 
 * :mod:`.easy_vqa` — the easy-vqa records, images and examples, a word tokenizer;
 * :mod:`.workload` — the language model (SmolLM2 or a tiny one) as a LaVIN-style MLLM, its
-  vision tower trained from scratch, the train / held-out / test examples, tuned
-  checkpoints.
+  vision tower trained from scratch and its projector aligned with the LLM's words, the
+  train / held-out / test examples, tuned checkpoints.
 """

@@ -6,6 +6,7 @@ about them; :func:`vqa_examples` turns its records into tuning :class:`Example` 
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,8 +66,15 @@ def _easy_vqa():  # noqa: ANN202 - the module
     return easy_vqa
 
 
-def easy_vqa_records(split: str, limit: int | None, seed: int) -> list[VQARecord]:
-    """``limit`` questions of ``split`` (``"train"`` or ``"test"``), a seeded random subset."""
+def easy_vqa_records(
+    split: str, limit: int | None, seed: int, *, balanced: bool = False
+) -> list[VQARecord]:
+    """``limit`` questions of ``split`` (``"train"`` or ``"test"``), a seeded random subset.
+
+    ``balanced=True`` orders the shuffled questions round-robin over :data:`QUESTION_TYPES`
+    (:func:`interleave_types`), so that every prefix holds each type about equally often;
+    easy-vqa itself holds 3/4 yes/no questions.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -77,8 +85,22 @@ def easy_vqa_records(split: str, limit: int | None, seed: int) -> list[VQARecord
     rows = zip(questions, answers, image_ids, strict=True)
     records = [VQARecord(q, a, int(i), split) for q, a, i in rows]
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    chosen = order if limit is None else order[:limit]
-    return [records[i] for i in chosen]
+    shuffled = [records[i] for i in order]
+    if balanced:
+        shuffled = interleave_types(shuffled)
+    return shuffled if limit is None else shuffled[:limit]
+
+
+def interleave_types(records: Sequence[VQARecord]) -> list[VQARecord]:
+    """``records`` reordered round-robin over :data:`QUESTION_TYPES` (colour, shape,
+    yes/no, colour, ...), each type keeping its order; a type that runs out drops out."""
+    queues = {
+        kind: [r for r in records if question_type(r.answer) == kind] for kind in QUESTION_TYPES
+    }
+    ordered = []
+    for row in itertools.zip_longest(*queues.values()):
+        ordered.extend(record for record in row if record is not None)
+    return ordered
 
 
 def easy_vqa_images(split: str, image_ids: Sequence[int]) -> dict[int, torch.Tensor]:

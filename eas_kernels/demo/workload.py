@@ -7,9 +7,16 @@ tower (stage 0, below) and builds the train / held-out / test examples.
 
 Stage 0 — the vision tower. No pretrained image encoder installs offline, so the small
 CNN is trained from scratch to recognise the colour and the shape of easy-vqa training
-images (both read off the training questions), then frozen, as LaVIN freezes CLIP. The
-projector that maps its features into the LLM starts random and trains with the adapters
-of each tuning method. The LLM itself is always frozen.
+images (both read off the training questions), then frozen, as LaVIN freezes CLIP.
+
+Stage 0b — projector alignment (LLaVA's stage 1 in miniature: align the image features
+with the LLM's word embeddings before instruction tuning). The projector that maps the
+tower's tokens into the LLM is trained alone, with the frozen LLM's input embeddings of
+the eight colour words and the three shape words as the classifier: the image tokens come
+to lie near the words that describe the image (:func:`align_projector`). It then trains
+with the adapters of each tuning method. Without it (``align_epochs=0``) the frozen LLM
+barely learns to read colours and shapes off a random projection within the demo's
+budget (``benchmarks/RESULTS.md``). The LLM itself is always frozen.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +64,10 @@ class WorkloadConfig:
     held_out: int = 16
     test: int = 200
     vision_epochs: int = 6
+    align_epochs: int = 20
     seed: int = 0
     max_batch_size: int = 8
+    balanced: bool = True
 
 
 @dataclass
@@ -156,6 +165,67 @@ def pretrain_vision_tower(
     }
 
 
+def word_embeddings(
+    llm: Transformer, encode: Callable[[str], list[int]], words: Sequence[str]
+) -> torch.Tensor:
+    """``(len(words), dim)``: each word's input embedding as the LLM reads it after a space
+    (the mean over its tokens when it has several)."""
+    table = llm.tok_embeddings.weight.detach()
+    return torch.stack([table[encode(" " + word)].mean(dim=0) for word in words])
+
+
+def align_projector(
+    model: LaVINStyleMLLM,
+    images: dict[int, torch.Tensor],
+    labels: dict[int, tuple[int, int]],
+    words: tuple[torch.Tensor, torch.Tensor],
+    *,
+    epochs: int,
+    seed: int,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Stage 0b: train ``model.projector`` alone so that the projected image tokens name
+    the image's colour and shape in the LLM's word-embedding space.
+
+    With ``P = projector(tower(I))`` (``(g², d)``, the tower frozen) and the word
+    embeddings ``C`` (8 colours) and ``S`` (3 shapes) from ``words``, the colour logits
+    are ``logsumexp_j (P_j · C_c)`` over the image tokens ``j`` (one token showing the
+    shape suffices), likewise for shapes; the loss is the cross-entropy of both against
+    the labels (``-1``: unknown, ignored). AdamW, lr 3e-3. Returns the final accuracies.
+    """
+    colours, shapes = words
+    ids = sorted(labels)
+    with torch.no_grad():
+        features = model.vision(torch.stack([images[i] for i in ids]))
+    targets = torch.tensor([labels[i] for i in ids])
+    optimizer = torch.optim.AdamW(model.projector.parameters(), lr=3e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+
+    def logits(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = model.projector(features[chunk])
+        return torch.logsumexp(tokens @ colours.T, 1), torch.logsumexp(tokens @ shapes.T, 1)
+
+    for _ in range(epochs):
+        for chunk in torch.randperm(len(ids), generator=generator).split(batch_size):
+            loss = torch.zeros(())
+            for slot, part in enumerate(logits(chunk)):
+                known = targets[chunk, slot] >= 0
+                if bool(known.any()):
+                    loss = loss + F.cross_entropy(part[known], targets[chunk, slot][known])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        scores = {}
+        for slot, (name, part) in enumerate(
+            zip(("color", "shape"), logits(torch.arange(len(ids))), strict=True)
+        ):
+            known = targets[:, slot] >= 0
+            hits = part[known].argmax(dim=1) == targets[known, slot]
+            scores[f"{name}_accuracy"] = float(hits.float().mean()) if bool(known.any()) else 0.0
+    return scores
+
+
 def build_workload(
     config: WorkloadConfig,
     *,
@@ -163,12 +233,14 @@ def build_workload(
     pretrain_vision: bool = True,
     log: Callable[[str], None] = print,
 ) -> Workload:
-    """Build the workload of ``config``; the vision tower is cached in ``cache_dir``.
+    """Build the workload of ``config``; stage 0 (the vision tower, and the projector's
+    alignment) is cached in ``cache_dir``.
 
-    ``pretrain_vision=False`` leaves the tower random (for a caller that loads a tuned
-    checkpoint's tower). The cache file is named by the seed and the tower's epochs, is
-    written atomically and is read weights-only; the workload, the global RNG state after
-    it included, is the same with and without it.
+    ``pretrain_vision=False`` leaves the tower and projector random (for a caller that
+    loads a tuned checkpoint's). The cache file is named by the model, the seed and the
+    epochs of both stages (:func:`stage0_cache_name`), is written atomically and is read
+    weights-only; the workload, the global RNG state after it included, is the same with
+    and without it.
     """
     if config.model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {config.model!r}")
@@ -176,14 +248,20 @@ def build_workload(
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(config.align_epochs, bool) or not isinstance(config.align_epochs, int):
+        raise ValueError(f"align_epochs must be an int >= 0, got {config.align_epochs!r}")
+    if config.align_epochs < 0:
+        raise ValueError(f"align_epochs must be an int >= 0, got {config.align_epochs!r}")
     check_seed(config.seed)
-    all_train = easy_vqa_records("train", None, config.seed)
+    if not isinstance(config.balanced, bool):
+        raise TypeError(f"balanced must be a bool, got {config.balanced!r}")
+    all_train = easy_vqa_records("train", None, config.seed, balanced=config.balanced)
     if config.train + config.held_out > len(all_train):
         raise ValueError(
             f"train + held_out ({config.train} + {config.held_out}) exceeds the "
             f"{len(all_train)} questions of easy-vqa's training split"
         )
-    all_test = easy_vqa_records("test", None, config.seed)
+    all_test = easy_vqa_records("test", None, config.seed, balanced=config.balanced)
     if config.test > len(all_test):
         raise ValueError(
             f"test ({config.test}) exceeds the {len(all_test)} questions of easy-vqa's test split"
@@ -197,36 +275,46 @@ def build_workload(
     train_records = all_train[: config.train + config.held_out]
     test_records = all_test[: config.test]
     test_images = easy_vqa_images("test", [r.image_id for r in test_records])
-    cache = None if cache_dir is None else Path(cache_dir) / vision_cache_name(config)
-    trains_tower = pretrain_vision and (cache is None or not cache.is_file())
-    # Every training image only when stage 0 trains the tower; else those of the examples.
-    pixels_of = all_train if trains_tower else train_records
+    cache = None if cache_dir is None else Path(cache_dir) / stage0_cache_name(config)
+    trains_stage0 = pretrain_vision and (cache is None or not cache.is_file())
+    # Every training image only when stage 0 trains; else those of the examples.
+    pixels_of = all_train if trains_stage0 else train_records
     train_images = easy_vqa_images("train", [r.image_id for r in pixels_of])
     if not pretrain_vision:
         model.vision.eval().requires_grad_(False)
         info["vision"] = {"pretrained": False}
-    elif not trains_tower:
+    elif not trains_stage0:
         assert cache is not None
-        state = load_tensor_file(cache, "vision tower cache")
-        load_module_state(model.vision, state, cache, "vision tower cache")
+        state = load_tensor_file(cache, "stage-0 cache", ("vision", "projector"))
+        load_module_state(model.vision, state["vision"], cache, "stage-0 cache")
+        load_module_state(model.projector, state["projector"], cache, "stage-0 cache")
         model.vision.eval().requires_grad_(False)
         info["vision"] = {"cached": str(cache)}
     else:
         began = time.perf_counter()
+        labels = image_labels(all_train)
         scores = pretrain_vision_tower(
-            model.vision,
-            train_images,
-            image_labels(all_train),
-            epochs=config.vision_epochs,
-            seed=config.seed,
+            model.vision, train_images, labels, epochs=config.vision_epochs, seed=config.seed
         )
         info["vision"] = {**scores, "seconds": time.perf_counter() - began}
         log(
             f"vision tower (stage 0, from scratch): colour {scores['color_accuracy']:.3f}, "
             f"shape {scores['shape_accuracy']:.3f} train accuracy"
         )
+        if config.align_epochs:
+            began = time.perf_counter()
+            words = (word_embeddings(llm, encode, COLORS), word_embeddings(llm, encode, SHAPES))
+            scores = align_projector(
+                model, train_images, labels, words, epochs=config.align_epochs, seed=config.seed
+            )
+            info["projector_alignment"] = {**scores, "seconds": time.perf_counter() - began}
+            log(
+                f"projector aligned with the word embeddings (stage 0b): colour "
+                f"{scores['color_accuracy']:.3f}, shape {scores['shape_accuracy']:.3f}"
+            )
         if cache is not None:
-            save_atomically(model.vision.state_dict(), cache)
+            state = {"vision": model.vision.state_dict(), "projector": model.projector.state_dict()}
+            save_atomically(state, cache)
     weight = llm.tok_embeddings.weight
     model.vision.to(dtype=weight.dtype)
 
@@ -250,10 +338,14 @@ def build_workload(
     return Workload(model, encode, decode, pad_id, train, held_out, test, info)
 
 
-def vision_cache_name(config: WorkloadConfig) -> str:
-    """The file of ``config``'s pretrained vision tower in a cache folder: the tower
-    depends on the seed and its epochs only (it trains on every training image)."""
-    return f"vision_seed{config.seed}_epochs{config.vision_epochs}.pt"
+def stage0_cache_name(config: WorkloadConfig) -> str:
+    """The file of ``config``'s stage 0 (vision tower and aligned projector) in a cache
+    folder: it depends on the language model (the words' embeddings), the seed and both
+    stages' epochs only (it trains on every training image)."""
+    return (
+        f"stage0_{config.model}_seed{config.seed}_vision{config.vision_epochs}"
+        f"_align{config.align_epochs}.pt"
+    )
 
 
 def save_tuned(model: LaVINStyleMLLM, folder: str | os.PathLike[str], *, active_only: bool) -> Path:

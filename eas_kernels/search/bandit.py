@@ -38,6 +38,7 @@ from .estimator import (
     Measurement,
     check_arms,
     check_loss,
+    lowest,
     register_estimator,
     seeded_generator,
 )
@@ -159,8 +160,7 @@ class BanditSearch:
 
     def plan(self) -> tuple[int, ...]:
         """The k arms with the lowest preference (ties: lower index first), sorted."""
-        order = sorted(range(self.num_arms), key=lambda i: (self._scores[i].item(), i))
-        return tuple(sorted(order[: self.k]))
+        return lowest(self._scores.tolist(), self.k)
 
     def state_dict(self) -> dict[str, object]:
         return {

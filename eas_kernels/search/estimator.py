@@ -186,16 +186,15 @@ class Estimator:
 
     def random_arms(self, size: int, *, keep: Sequence[int] = ()) -> tuple[int, ...]:
         """``keep`` plus uniformly random other arms, ``size`` in all, sorted."""
-        rest = [a for a in range(self.num_arms) if a not in set(keep)]
+        kept = set(keep)
+        rest = [a for a in range(self.num_arms) if a not in kept]
         order = torch.randperm(len(rest), generator=self.generator).tolist()
         chosen = list(keep) + [rest[i] for i in order[: size - len(keep)]]
         return tuple(sorted(chosen))
 
     def plan(self) -> tuple[int, ...]:
         """The ``k`` least important arms (ties: lower index first), sorted."""
-        scores = self.importance().tolist()
-        order = sorted(range(self.num_arms), key=lambda i: (scores[i], i))
-        return tuple(sorted(order[: self.k]))
+        return lowest(self.importance().tolist(), self.k)
 
     def _check_cosines(self, result: object) -> torch.Tensor:
         if not isinstance(result, torch.Tensor) or tuple(result.shape) != (self.num_arms,):
@@ -262,6 +261,12 @@ class Estimator:
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"state[{name!r}] holds NaN or Inf")
         return value.to(torch.float64).clone()
+
+
+def lowest(scores: Sequence[float], k: int) -> tuple[int, ...]:
+    """The indices of the ``k`` lowest ``scores`` (ties: lower index first), sorted."""
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+    return tuple(sorted(order[:k]))
 
 
 def check_arms(num_arms: object, k: object) -> tuple[int, int]:

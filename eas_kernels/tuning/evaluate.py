@@ -5,9 +5,10 @@ one token per decode call; at batch 1, or in left-padded batches with the low-ra
 eager mode) with the model's re-parameterisation mode, and counts when the generated
 tokens equal the answer's tokens.
 
-Decode speed: milliseconds per decode call at batch 1, the mean of the decode steps after
-the first (the first decode step of a merged model also writes the PIAs into the
-weights; it is reported apart), median over prompts.
+Decode speed: milliseconds per decode call at batch 1, the median over the decode steps
+after each prompt's first (the first decode step of a merged model also writes the PIAs
+into the weights; it is reported apart), with the models' calls interleaved step by step
+so that two models can be compared call by call (:func:`paired_ratio`).
 """
 
 from __future__ import annotations
@@ -99,56 +100,122 @@ def answer_accuracy(
     return sum(correct) / len(correct)
 
 
+TIMING_METHOD = (
+    "batch 1; per prompt: prefill, then greedy decode calls timed one by one, the models' "
+    "calls interleaved step by step (order rotated) after a warm-up prompt; ms_per_token = "
+    "median over the decode calls after each prompt's first (the first of a merged model "
+    "includes the merge: first_decode_ms), with quartiles; ratios between models = median "
+    "of their call-by-call ratios"
+)
+
+
+class _Decoder:
+    """One model's batch-1 greedy decoding of one prompt, a call at a time."""
+
+    def __init__(self, model: nn.Module, example: Example) -> None:
+        self.model = model
+        self.tokens = torch.tensor([list(example.prompt)])
+        self.kwargs = _prefill_kwargs(example)
+        self.logits: torch.Tensor | None = None
+        self.position = 0
+
+    def prefill(self) -> float:
+        """Seconds of the prefill."""
+        prompt_mask = torch.ones_like(self.tokens, dtype=torch.bool)
+        begin = time.perf_counter()
+        self.logits = self.model(self.tokens, start_pos=0, prompt_mask=prompt_mask, **self.kwargs)
+        elapsed = time.perf_counter() - begin
+        self.position = self.tokens.shape[1]
+        return elapsed
+
+    def step(self) -> float:
+        """Seconds of one decode call on the last greedy token."""
+        assert self.logits is not None
+        next_token = self.logits[:, -1].argmax(dim=-1, keepdim=True)
+        begin = time.perf_counter()
+        self.logits = self.model(next_token, start_pos=self.position)
+        elapsed = time.perf_counter() - begin
+        self.position += 1
+        return elapsed
+
+
 @torch.no_grad()
 def decode_timing(model: nn.Module, example: Example, steps: int) -> dict[str, float]:
     """Prefill one prompt (batch 1), then ``steps`` greedy decode calls, timed one by one."""
+    return time_models({"model": (model, None)}, [example], steps, warmup=False)["model"]
+
+
+@torch.no_grad()
+def time_models(
+    models: dict[str, tuple[nn.Module, str | None]],
+    examples: Sequence[Example],
+    steps: int,
+    *,
+    warmup: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Batch-1 greedy decode timing of ``{name: (model, mode or None)}``, interleaved.
+
+    For each prompt of ``examples`` (after a warm-up prompt, ``examples[0]``, unless
+    ``warmup=False``) every model prefills, then the models take their decode steps in
+    turn: step 1 of each, step 2 of each, ... with the order rotated at every call. So
+    the models' calls for one step lie milliseconds apart and a change in the machine's
+    load hits them alike; :func:`paired_ratio` compares two models call by call.
+
+    Per model: ``ms_per_token`` (median over every decode call after the first of each
+    prompt) and its quartiles ``ms_per_token_iqr``; ``first_decode_ms`` and
+    ``prefill_ms`` (medians over prompts; the first decode call of a merged model also
+    writes the PIAs into the weights); ``step_ms`` (those calls, prompt by prompt, in
+    the same order for every model); ``mode``.
+    """
     if steps < 2:
         raise ValueError(
             f"steps must be >= 2 (the first decode step is reported apart), got {steps}"
         )
-    tokens = torch.tensor([list(example.prompt)])
-    prompt_mask = torch.ones_like(tokens, dtype=torch.bool)
-    begin = time.perf_counter()
-    logits = model(tokens, start_pos=0, prompt_mask=prompt_mask, **_prefill_kwargs(example))
-    prefill = time.perf_counter() - begin
-    position, times = tokens.shape[1], []
-    for _ in range(steps):
-        next_token = logits[:, -1].argmax(dim=-1, keepdim=True)
-        begin = time.perf_counter()
-        logits = model(next_token, start_pos=position)
-        times.append(time.perf_counter() - begin)
-        position += 1
-    return {
-        "prefill_ms": 1e3 * prefill,
-        "first_decode_ms": 1e3 * times[0],
-        "ms_per_token": 1e3 * statistics.fmean(times[1:]),
-    }
-
-
-def time_models(
-    models: dict[str, tuple[nn.Module, str | None]], examples: Sequence[Example], steps: int
-) -> dict[str, dict[str, Any]]:
-    """Round-robin batch-1 decode timing of ``{name: (model, mode or None)}``.
-
-    One warm-up round, then each prompt of ``examples`` on every model in turn (so that a
-    background load hits all alike). Per model: the medians over prompts of
-    ``ms_per_token``, ``first_decode_ms`` and ``prefill_ms``, each prompt's
-    ``ms_per_token`` and the ``mode``.
-    """
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
-    for round_index, example in enumerate([examples[0], *examples]):
-        for name, (model, mode) in models.items():
-            _set_mode(model, mode)
-            model.eval()
-            result = decode_timing(model, example, steps)
-            if round_index > 0:
-                runs[name].append(result)
+    if not models or not examples:
+        raise ValueError("time_models needs at least one model and one example")
+    names = list(models)
+    if len({id(model) for model, _ in models.values()}) < len(names):
+        raise ValueError("time_models needs a distinct model object per name (copy it)")
+    for model, mode in models.values():
+        _set_mode(model, mode)
+        model.eval()
+    prefill: dict[str, list[float]] = {name: [] for name in names}
+    first: dict[str, list[float]] = {name: [] for name in names}
+    steady: dict[str, list[float]] = {name: [] for name in names}
+    turn = 0
+    prompts = [examples[0], *examples] if warmup else list(examples)
+    for index, example in enumerate(prompts):
+        counted = index > 0 or not warmup
+        decoders = {name: _Decoder(models[name][0], example) for name in names}
+        for step in range(steps + 1):  # step 0: the prefill
+            order = names[turn % len(names) :] + names[: turn % len(names)]
+            turn += 1
+            for name in order:
+                decoder = decoders[name]
+                seconds = decoder.prefill() if step == 0 else decoder.step()
+                if counted:
+                    [prefill, first, steady][min(step, 2)][name].append(1e3 * seconds)
     summary: dict[str, dict[str, Any]] = {}
-    for name, results in runs.items():
-        summary[name] = {key: statistics.median(r[key] for r in results) for key in results[0]}
-        summary[name]["ms_per_token_each_prompt"] = [r["ms_per_token"] for r in results]
-        summary[name]["mode"] = models[name][1]
+    for name in names:
+        quartiles = statistics.quantiles(steady[name], n=4) if len(steady[name]) > 1 else None
+        summary[name] = {
+            "ms_per_token": statistics.median(steady[name]),
+            "ms_per_token_iqr": None if quartiles is None else [quartiles[0], quartiles[2]],
+            "first_decode_ms": statistics.median(first[name]),
+            "prefill_ms": statistics.median(prefill[name]),
+            "step_ms": steady[name],
+            "mode": models[name][1],
+        }
     return summary
+
+
+def paired_ratio(timings: dict[str, dict[str, Any]], name: str, reference: str) -> dict[str, Any]:
+    """``name``'s decode time over ``reference``'s, call by call (:func:`time_models`
+    interleaves them): the median and quartiles of the per-call ratios."""
+    ours, theirs = timings[name]["step_ms"], timings[reference]["step_ms"]
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"median": statistics.median(ratios), "iqr": [quartiles[0], quartiles[2]]}
 
 
 def tuned_parameter_count(model: nn.Module) -> int:

@@ -318,7 +318,10 @@ class EASTuner:
         # No estimator when nothing is searched: the plan is then the model's skip sets.
         self.fixed_plan = None if config.searches else patch.current_plan()
         self.search: Estimator | None = None
+        # Measurements on the held-out batch, and the skip set of each training step.
+        self.scorer: HeldOutScorer | None = None
         if config.searches:
+            self.scorer = HeldOutScorer(model, self.held_out, self.candidates, loss_fn)
             rounds = config.search_epochs * self._steps_per_epoch() // config.eval_every
             self.search = estimator_class(config.estimator)(
                 self.candidates.num_arms,
@@ -359,11 +362,6 @@ class EASTuner:
         seed = (self.config.seed * 1_000_003 + phase * 1009 + epoch) % SEED_LIMIT
         generator = torch.Generator().manual_seed(seed)
         return torch.randperm(len(self.train), generator=generator).tolist()
-
-    @property
-    def scorer(self) -> HeldOutScorer:
-        """Measurements on the held-out batch (a searching configuration has one)."""
-        return HeldOutScorer(self.model, self.held_out, self.candidates, self.loss_fn)
 
     def final_plan(self) -> SkipPlan:
         """The estimator's plan (its k least important arms skipped), or the model's
