@@ -203,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="LaVIN-style tuning vs EAS, end to end")
     _workload_options(demo)
     _training_options(demo, search=True)
-    demo.add_argument("--finetune-epochs", type=_non_negative, default=1)
+    demo.add_argument("--finetune-epochs", type=_non_negative, default=2)
     demo.add_argument("--timing-prompts", type=_positive(int), default=8)
     demo.add_argument("--timing-tokens", type=_positive(int), default=16)
     return root

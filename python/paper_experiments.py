@@ -2,8 +2,10 @@
 
 Workload (``eas_kernels.demo.workload``): the real SmolLM2-135M-Instruct, frozen, in a
 LaVIN-style multimodal model (a small CNN vision tower trained from scratch on easy-vqa's
-colour and shape labels, then frozen; a projector that trains with the adapters), on
-easy-vqa: 400 training, 16 held-out (the search's scoring batch) and 200 test questions.
+colour and shape labels, then frozen; a projector aligned with the LLM's colour and shape
+words, then trained with the adapters), on easy-vqa with colour, shape and yes/no questions
+in equal numbers: 400 training, 16 held-out (the search's scoring batch) and 600 test
+questions (the :class:`~eas_kernels.demo.workload.WorkloadConfig` defaults).
 
 A :class:`Method` is one row of a table. :func:`run_method` tunes it on a fresh copy of the
 frozen model and caches the result under ``<out>/methods/<hash>/`` (``result.json`` and
@@ -110,9 +112,13 @@ def options(description: str, argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, default=Path("runs/paper"), help="shared folder")
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
-    parser.add_argument("--train", type=int, default=400, help="training questions")
-    parser.add_argument("--test", type=int, default=200, help="test questions")
-    parser.add_argument("--held-out", type=int, default=16, help="the search's batch")
+    parser.add_argument(
+        "--train", type=int, default=WorkloadConfig.train, help="training questions"
+    )
+    parser.add_argument("--test", type=int, default=WorkloadConfig.test, help="test questions")
+    parser.add_argument(
+        "--held-out", type=int, default=WorkloadConfig.held_out, help="the search's batch"
+    )
     parser.add_argument("--timing-prompts", type=int, default=8)
     parser.add_argument("--timing-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -120,10 +126,13 @@ def options(description: str, argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def workload(args: argparse.Namespace) -> Workload:
-    config = WorkloadConfig(
+    return build_workload(workload_config(args), cache_dir=args.out / "cache", log=log)
+
+
+def workload_config(args: argparse.Namespace) -> WorkloadConfig:
+    return WorkloadConfig(
         model=args.model, train=args.train, held_out=args.held_out, test=args.test, seed=args.seed
     )
-    return build_workload(config, cache_dir=args.out / "cache", log=log)
 
 
 def log(message: str) -> None:
@@ -140,13 +149,12 @@ def _config(method: Method, seed: int) -> TuningConfig:
 
 def _key(method: Method, args: argparse.Namespace) -> dict[str, Any]:
     """Everything that determines a tuned model (not its name or decode mode)."""
-    workload_keys = ("model", "train", "held_out", "test", "seed")
     return {
         "candidates": method.candidates,
         "k": method.k,
         "skipped": list(method.skipped),
         "plan_options": dict(method.plan_options),
-        "workload": {name: getattr(args, name) for name in workload_keys},
+        "workload": asdict(workload_config(args)),
         "tuning": asdict(_config(method, args.seed)),
         "eas_kernels": eas_kernels.__version__,
     }

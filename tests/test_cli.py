@@ -209,3 +209,27 @@ def test_argument_errors_exit_2(tmp_path):
     assert result.returncode == 2 and "--train" in result.stderr
     result = cli("demo", "--candidates", "attention", check=False)
     assert result.returncode == 2 and "--candidates" in result.stderr
+
+
+def test_demo_compares_lavin_style_and_eas_end_to_end(tmp_path):
+    """The README's main job on the tiny model: both methods tuned, accuracy per question
+    type, the interleaved timing table with its ratios, the plan and the plots."""
+    timing = ["--timing-prompts", "2", "--timing-tokens", "3", "--finetune-epochs", "1"]
+    result = cli("demo", *WORKLOAD, *SEARCH, *timing, "--out", str(tmp_path))
+    assert "speed-up [quartiles]" in result.stdout and "decode time" in result.stdout
+    report = json.loads((tmp_path / "demo_report.json").read_text())
+    eas = "EAS, 2 MHA skipped"
+    assert set(report["methods"]) == {"LaVIN-style", eas}
+    for method in report["methods"].values():
+        assert 0.0 <= method["accuracy"] <= 1.0 and method["epochs"] == 4
+        assert set(method["accuracy_by_type"]) <= {"color", "shape", "yes/no"}
+    assert list(report["timings"]) == ["unpatched", "LaVIN-style", eas, "floor"]
+    for name, timing in report["timings"].items():
+        assert len(timing["step_ms"]) == 2 * (3 - 1), name
+        assert timing["ms_per_token_iqr"][0] <= timing["ms_per_token"]
+    assert report["timings"][eas]["mode"] == "merge"
+    assert set(report["timing_ratios"]) == {f"{eas} / floor", f"LaVIN-style / {eas}"}
+    assert SkipPlan.load(tmp_path / "plan.json").skipped == tuple(
+        report["methods"][eas]["plan"]["skipped"]
+    )
+    assert report["workload"]["projector_alignment"]["color_accuracy"] > 0.5
