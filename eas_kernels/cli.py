@@ -42,12 +42,13 @@ from torch import nn
 
 from . import __version__
 from ._checks import SEED_LIMIT
-from .demo.easy_vqa import QUESTION_TYPES, easy_vqa_images, question_type, vqa_prompt
+from .demo.easy_vqa import easy_vqa_images, vqa_prompt
 from .demo.workload import (
     MODELS,
     Workload,
     WorkloadConfig,
     build_workload,
+    evaluate_accuracy,
     load_tuned,
     save_tuned,
 )
@@ -61,7 +62,6 @@ from .search import ESTIMATORS, Candidates
 from .tuning import EASTuner, TuningConfig, TuningInterrupted, TuningResult
 from .tuning.evaluate import (
     TIMING_METHOD,
-    answer_correct,
     floor_model,
     paired_ratio,
     pretrained_parameter_count,
@@ -514,23 +514,14 @@ def _timing(
 def _accuracy(
     model: nn.Module, workload: Workload, mode: str, console: Console, name: str
 ) -> dict[str, Any]:
-    """Test accuracy, overall and per question type, decoded in batches (``merge`` is
-    decoded with the low-rank path, tested equal to it, so that batches work)."""
-    batched = "lowrank" if mode == "merge" else mode
-    size = workload.model.llm.params.max_batch_size
-    correct = answer_correct(
-        model, workload.test, pad_id=workload.pad_id, mode=batched, batch_size=size
+    """Test accuracy, overall and per question type (:func:`evaluate_accuracy`)."""
+    result = evaluate_accuracy(model, workload, mode)
+    parts = ", ".join(f"{kind} {value:.3f}" for kind, value in result["accuracy_by_type"].items())
+    console.log(
+        f"{name}: test accuracy {result['accuracy']:.3f} ({parts}; {result['decode']}, "
+        f"batch {result['batch_size']})"
     )
-    kinds = [question_type(workload.decode(list(e.answer))) for e in workload.test]
-    by_type = {
-        kind: sum(c for c, k in zip(correct, kinds, strict=True) if k == kind) / kinds.count(kind)
-        for kind in QUESTION_TYPES
-        if kind in kinds
-    }
-    accuracy = sum(correct) / len(correct)
-    parts = ", ".join(f"{kind} {value:.3f}" for kind, value in by_type.items())
-    console.log(f"{name}: test accuracy {accuracy:.3f} ({parts}; {batched}, batch {size})")
-    return {"accuracy": accuracy, "accuracy_by_type": by_type, "decode": batched}
+    return result
 
 
 def cmd_evaluate(args: argparse.Namespace, console: Console) -> dict[str, Any]:

@@ -13,21 +13,24 @@ the tuned checkpoint), keyed by everything that determines the tuned model, so t
 share rows (Table 1's EAS-4/8/12 are Table 3's MHA rows and Table 5's k sweep; Table 4's
 last two rows are one model, eager and merged) and a rerun only re-times.
 
-Tuning (``eas_kernels.tuning.EASTuner``, AdamW, batch 8, lr 1e-3; the tables in
-``benchmarks/RESULTS.md`` were made before, with lr 3e-3 and the ``paper`` estimator):
+Tuning (``eas_kernels.tuning.EASTuner``, AdamW, batch 8, lr 1e-3, as ``eas-kernels
+demo``):
 
 * a method that searches: warm-up 1 epoch (random skip sets growing from 1 to k arms),
   search 1 epoch with the default estimator (greedy removal; one round every T = 2 steps
   on the held-out batch, within its default budget), then fine-tuning of the chosen plan
-  for 1 epoch (3 epochs in all);
-* a method with a fixed plan (LaVIN-style, the ablations): 3 epochs of fine-tuning.
+  for 2 epochs (4 epochs in all);
+* a method with a fixed plan (LaVIN-style, the ablations): 4 epochs of fine-tuning.
 
-Accuracy: greedy generation at batch 1 of every test question, exact answer tokens, with
-the method's decode mode (``merge`` for EAS, ``eager`` for LaVIN-style and DAS, whose
-adapters stay). Decode speed (:func:`time_rows`): milliseconds per decode step at batch 1,
-median over the steps after each prompt's first, 8 test prompts, all models of a table
-interleaved step by step; each plan's *floor* (the unpatched model with the same parts
-deleted and no adapter) is timed beside it, and ratios are medians of call-by-call ratios.
+Accuracy (:func:`~eas_kernels.demo.workload.evaluate_accuracy`): greedy generation of
+every test question, exact answer tokens, overall and per question type, with the
+method's decode mode (``merge`` for EAS, decoded with the low-rank path in batches of 8,
+tested equal to it; ``eager`` for LaVIN-style and DAS, whose adapters stay).
+
+Decode speed (:func:`time_rows`): milliseconds per decode step at batch 1, median over
+the steps after each prompt's first, 8 test prompts, all models of a table interleaved
+step by step; each plan's *floor* (the unpatched model with the same parts deleted and no
+adapter) is timed beside it, and ratios are medians of call-by-call ratios.
 """
 
 from __future__ import annotations
@@ -56,12 +59,12 @@ from eas_kernels.demo.workload import (
     Workload,
     WorkloadConfig,
     build_workload,
+    evaluate_accuracy,
     load_tuned,
     save_tuned,
 )
 from eas_kernels.tuning import EASTuner, TuningConfig
 from eas_kernels.tuning.evaluate import (
-    answer_accuracy,
     floor_model,
     paired_ratio,
     pretrained_parameter_count,
@@ -70,8 +73,8 @@ from eas_kernels.tuning.evaluate import (
 )
 from eas_kernels.tuning.plots import plot_plan
 
-EPOCHS = 3  # every method trains 3 epochs in all
-SEARCH = {"warmup_epochs": 1, "search_epochs": 1, "finetune_epochs": 1}
+EPOCHS = 4  # every method trains 4 epochs in all, as in `eas-kernels demo`
+SEARCH = {"warmup_epochs": 1, "search_epochs": 1, "finetune_epochs": 2}
 TRAINING = {"batch_size": 8, "lr": 1e-3, "eval_every": 2}
 
 
@@ -184,10 +187,11 @@ def run_method(method: Method, work: Workload, args: argparse.Namespace) -> Row:
         )
     if method.mode not in result["accuracy_by_mode"]:
         began = time.perf_counter()
-        accuracy = answer_accuracy(model, work.test, pad_id=work.pad_id, mode=method.mode)
+        accuracy = evaluate_accuracy(model, work, method.mode)
         result["accuracy_by_mode"][method.mode] = accuracy
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in accuracy["accuracy_by_type"].items())
         log(
-            f"{method.name}: accuracy {accuracy:.3f} ({method.mode}, "
+            f"{method.name}: accuracy {accuracy['accuracy']:.3f} ({parts}; {method.mode}, "
             f"{time.perf_counter() - began:.0f} s)"
         )
         result_file.write_text(json.dumps(result, indent=2) + "\n")  # the folder exists
@@ -196,7 +200,8 @@ def run_method(method: Method, work: Workload, args: argparse.Namespace) -> Row:
         name=method.name,
         mode=method.mode,
         folder=str(folder),
-        accuracy=result["accuracy_by_mode"][method.mode],
+        accuracy=result["accuracy_by_mode"][method.mode]["accuracy"],
+        accuracy_by_type=result["accuracy_by_mode"][method.mode]["accuracy_by_type"],
     )
     return Row(method, model, summary)
 
@@ -293,9 +298,10 @@ def print_table(title: str, rows: Sequence[Row], work: Workload, unpatched_ms: f
     lines = [
         title,
         "",
-        "| method | skipped | tuned params | test acc | ms/token | vs floor | speed-up |",
-        "|---|---|---:|---:|---:|---:|---:|",
-        f"| unpatched (no tuning) | – | – | – | {unpatched_ms:.2f} | – | 1.00× |",
+        "| method | skipped | tuned params | test acc | colour / shape / yes-no | ms/token "
+        "| vs floor | speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| unpatched (no tuning) | – | – | – | – | {unpatched_ms:.2f} | – | 1.00× |",
     ]
     for row in rows:
         r = row.result
@@ -313,6 +319,7 @@ def print_table(title: str, rows: Sequence[Row], work: Workload, unpatched_ms: f
         lines.append(
             f"| {row.method.name} | {skipped} | {r['trainable_params']:,} "
             f"({100 * r['trainable_params'] / total:.2f} %) | {r['accuracy']:.3f} | "
+            f"{' / '.join(f'{v:.3f}' for v in r['accuracy_by_type'].values())} | "
             f"{r['ms_per_token']:.2f} | {r['ratio_vs_floor']:.2f} | "
             f"{r['speedup_vs_unpatched']:.2f}× |"
         )

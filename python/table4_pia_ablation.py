@@ -1,7 +1,7 @@
 """Miniature of the paper's Table 4: the designs of the PIA, added one at a time.
 
 All rows skip the same 8 MHAs — layers 21–28 of SmolLM2's 30, the deep MHAs the paper's
-Fig. 6 finds redundant (fixed, so that only the PIA differs) — and train 3 epochs:
+Fig. 6 finds redundant (fixed, so that only the PIA differs) — and train 4 epochs:
 
 * **Base** — one down path (``SkipPlan(token_mixing=False)``: ``c = b_d1``), the router
   following the running mean of the tokens so far (``state="running"``), eager;

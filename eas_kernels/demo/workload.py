@@ -39,14 +39,17 @@ from ..files import load_module_state, load_tensor_file, save_atomically
 from ..models.lavin import ModelArgs, Transformer
 from ..models.multimodal import LaVINStyleMLLM, VisionTower
 from ..tuning.data import Example
+from ..tuning.evaluate import answer_correct
 from .easy_vqa import (
     COLORS,
+    QUESTION_TYPES,
     SHAPES,
     WordTokenizer,
     easy_vqa_images,
     easy_vqa_records,
     easy_vqa_words,
     image_labels,
+    question_type,
     vqa_examples,
 )
 
@@ -336,6 +339,32 @@ def build_workload(
         }
     )
     return Workload(model, encode, decode, pad_id, train, held_out, test, info)
+
+
+def evaluate_accuracy(model: nn.Module, workload: Workload, mode: str) -> dict[str, Any]:
+    """``model``'s accuracy on ``workload.test``, overall and per question type.
+
+    Greedy decoding in batches of ``max_batch_size`` examples of equal answer length
+    (:func:`~eas_kernels.tuning.evaluate.answer_correct`); ``merge``, which decodes one
+    prompt at a time, is decoded with the low-rank path, tested equal to it.
+    """
+    batched = "lowrank" if mode == "merge" else mode
+    size = workload.model.llm.params.max_batch_size
+    correct = answer_correct(
+        model, workload.test, pad_id=workload.pad_id, mode=batched, batch_size=size
+    )
+    kinds = [question_type(workload.decode(list(e.answer))) for e in workload.test]
+    by_type = {
+        kind: sum(c for c, k in zip(correct, kinds, strict=True) if k == kind) / kinds.count(kind)
+        for kind in QUESTION_TYPES
+        if kind in kinds
+    }
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "accuracy_by_type": by_type,
+        "decode": batched,
+        "batch_size": size,
+    }
 
 
 def stage0_cache_name(config: WorkloadConfig) -> str:
