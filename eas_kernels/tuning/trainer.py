@@ -318,10 +318,12 @@ class EASTuner:
         # No estimator when nothing is searched: the plan is then the model's skip sets.
         self.fixed_plan = None if config.searches else patch.current_plan()
         self.search: Estimator | None = None
-        # Measurements on the held-out batch, and the skip set of each training step.
+        # Measurements on the held-out batch, and the skip set of each training step; it
+        # calls the tuner's loss_fn at each measurement (the attribute may be reassigned).
         self.scorer: HeldOutScorer | None = None
         if config.searches:
-            self.scorer = HeldOutScorer(model, self.held_out, self.candidates, loss_fn)
+            score = lambda m, batch: self.loss_fn(m, batch)  # noqa: E731
+            self.scorer = HeldOutScorer(model, self.held_out, self.candidates, score)
             rounds = config.search_epochs * self._steps_per_epoch() // config.eval_every
             self.search = estimator_class(config.estimator)(
                 self.candidates.num_arms,
