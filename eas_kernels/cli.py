@@ -159,8 +159,12 @@ def _training_options(parser: argparse.ArgumentParser, *, search: bool) -> None:
             default=TuningConfig.warmup_ramp,
             help="grow the warm-up's random skip sets from 1 to k arms",
         )
-        group.add_argument("--warmup-epochs", type=_non_negative, default=1)
-        group.add_argument("--search-epochs", type=_non_negative, default=1)
+        group.add_argument(
+            "--warmup-epochs", type=_non_negative, default=TuningConfig.warmup_epochs
+        )
+        group.add_argument(
+            "--search-epochs", type=_non_negative, default=TuningConfig.search_epochs
+        )
         group.add_argument("--eval-every", type=_positive(int), default=2, help="T")
         group.add_argument(
             "--num-subnets", type=_positive(int), default=None, help="m (default: the estimator's)"
@@ -181,7 +185,7 @@ def parser() -> argparse.ArgumentParser:
     _training_options(finetune, search=False)
     finetune.add_argument("--plan", type=Path, required=True, help="plan.json")
     finetune.add_argument("--init", type=Path, default=None, help="a search folder")
-    finetune.add_argument("--epochs", type=_positive(int), default=2)
+    finetune.add_argument("--epochs", type=_positive(int), default=TuningConfig.finetune_epochs)
     evaluate = commands.add_parser("evaluate", help="accuracy and decode speed of a checkpoint")
     _workload_options(evaluate)
     evaluate.add_argument("--checkpoint", type=Path, required=True, help="a finetune eas/ folder")
@@ -203,7 +207,7 @@ def parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="LaVIN-style tuning vs EAS, end to end")
     _workload_options(demo)
     _training_options(demo, search=True)
-    demo.add_argument("--finetune-epochs", type=_non_negative, default=2)
+    demo.add_argument("--finetune-epochs", type=_non_negative, default=TuningConfig.finetune_epochs)
     demo.add_argument("--timing-prompts", type=_positive(int), default=8)
     demo.add_argument("--timing-tokens", type=_positive(int), default=16)
     return root

@@ -74,7 +74,7 @@ from eas_kernels.tuning.evaluate import (
 from eas_kernels.tuning.plots import plot_plan
 
 EPOCHS = 4  # every method trains 4 epochs in all, as in `eas-kernels demo`
-SEARCH = {"warmup_epochs": 1, "search_epochs": 1, "finetune_epochs": 2}
+SEARCH = {"warmup_epochs": 1, "search_epochs": 0, "finetune_epochs": 3}
 TRAINING = {"batch_size": 8, "lr": 1e-3, "eval_every": 2}
 
 

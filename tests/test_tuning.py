@@ -176,6 +176,12 @@ def test_finetune_only_needs_no_search_arms():
         ({"estimator": "random"}, r"estimator must be one of \['bandit', 'cosine', 'greedy'"),
         ({"estimator": "greedy", "search_budget": 3}, "greedy estimator needs a search_budget of"),
         ({"estimator": "cosine", "search_budget": 0}, "at least 1 held-out passes"),
+        ({"estimator": "bandit", "search_budget": 0}, "at least 1 held-out passes"),
+        (
+            {"estimator": "paper", "search_epochs": 0},
+            r"paper estimator needs a search_budget of at least 3 held-out passes for 4 arms "
+            r"and k=2, got 0 \(its default budget, 0, counts the search epochs' rounds",
+        ),
         ({"search_budget": -1}, "search_budget must be an int >= 0"),
         ({"search_budget": 2.5}, "search_budget must be an int or None"),
         ({"num_subnets": 1}, "num_subnets must be at least 2"),

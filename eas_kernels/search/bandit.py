@@ -231,6 +231,9 @@ class PaperBandit(Estimator):
     def default_budget(self) -> int:
         return self.settings.scheduled_rounds * self._subnets()
 
+    def min_budget(self) -> int:
+        return self._subnets()  # one update: with none the plan is the first k arms
+
     def _propose(self, remaining: int) -> list[Measurement]:
         if remaining < self.search.num_subnets:
             return []

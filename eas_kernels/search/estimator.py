@@ -111,14 +111,22 @@ class Estimator:
         if not isinstance(settings, SearchSettings):
             raise TypeError(f"settings must be a SearchSettings, got {type(settings).__name__}")
         self.settings = settings.validate()
+        defaulted = budget is None
         if budget is None:
             budget = self.default_budget()
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
             raise ValueError(f"search_budget must be an int >= 0 (held-out passes), got {budget!r}")
         if budget < self.min_budget():
+            hint = (
+                f" (its default budget, {budget}, counts the search epochs' rounds: give "
+                "search_epochs >= 1 or a search_budget)"
+                if defaulted
+                else ""
+            )
             raise ValueError(
                 f"the {self.name} estimator needs a search_budget of at least "
-                f"{self.min_budget()} held-out passes for {num_arms} arms and k={k}, got {budget}"
+                f"{self.min_budget()} held-out passes for {num_arms} arms and k={k}, "
+                f"got {budget}{hint}"
             )
         self.budget = budget
         self.passes = 0

@@ -58,6 +58,9 @@ class VarianceReducedBandit(Estimator):
     def _subnets(self) -> int:
         return self.settings.num_subnets or 8
 
+    def min_budget(self) -> int:
+        return 1  # the cosine warm start; with nothing the plan is the first k arms
+
     def default_budget(self) -> int:
         return 1 + self.settings.scheduled_rounds * self._subnets()
 

@@ -98,6 +98,13 @@ Progress = Callable[[dict[str, Any]], None]
 class TuningConfig:
     """Sizes of one tuning run (paper, LaVIN: warm-up 5, search 5 epochs, m=3, T=10).
 
+    The defaults (warm-up 1, no search epoch, fine-tune 3) suit ``greedy``, whose rounds
+    score the warmed-up supernet back to back: on the demo's workload the final plan then
+    gets 3 of the 4 training epochs (EAS-8 0.892 against 0.518 with 1 search epoch and 2
+    of fine-tuning, one seed; ``benchmarks/RESULTS.md``). The bandits (``paper``,
+    ``bandit``) update between training steps and need ``search_epochs`` (or a
+    ``search_budget``).
+
     ``estimator`` picks the search (:data:`eas_kernels.search.ESTIMATORS`);
     ``search_budget`` caps its held-out passes (None: the estimator's default, e.g. the
     search phase's rounds for ``paper``, ``min(2 · arms, the full greedy)`` for ``greedy``);
@@ -113,8 +120,8 @@ class TuningConfig:
     search_budget: int | None = None
     warmup_ramp: bool = True
     warmup_epochs: int = 1
-    search_epochs: int = 1
-    finetune_epochs: int = 2
+    search_epochs: int = 0
+    finetune_epochs: int = 3
     batch_size: int = 8
     lr: float = 1e-3
     max_grad_norm: float | None = None
