@@ -189,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="accuracy and decode speed of a checkpoint")
     _workload_options(evaluate)
     evaluate.add_argument("--checkpoint", type=Path, required=True, help="a finetune eas/ folder")
-    evaluate.add_argument("--timing-prompts", type=_positive(int), default=8)
+    evaluate.add_argument("--timing-prompts", type=_positive(int), default=6)
     evaluate.add_argument("--timing-tokens", type=_positive(int), default=16)
     generate = commands.add_parser("generate", help="answer a question about an image")
     _workload_options(generate)
@@ -208,7 +208,7 @@ def parser() -> argparse.ArgumentParser:
     _workload_options(demo)
     _training_options(demo, search=True)
     demo.add_argument("--finetune-epochs", type=_non_negative, default=TuningConfig.finetune_epochs)
-    demo.add_argument("--timing-prompts", type=_positive(int), default=8)
+    demo.add_argument("--timing-prompts", type=_positive(int), default=6)
     demo.add_argument("--timing-tokens", type=_positive(int), default=16)
     return root
 

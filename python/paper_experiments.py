@@ -4,7 +4,7 @@ Workload (``eas_kernels.demo.workload``): the real SmolLM2-135M-Instruct, frozen
 LaVIN-style multimodal model (a small CNN vision tower trained from scratch on easy-vqa's
 colour and shape labels, then frozen; a projector aligned with the LLM's colour and shape
 words, then trained with the adapters), on easy-vqa with colour, shape and yes/no questions
-in equal numbers: 400 training, 16 held-out (the search's scoring batch) and 600 test
+in equal numbers: 400 training, 16 held-out (the search's scoring batch) and 510 test
 questions (the :class:`~eas_kernels.demo.workload.WorkloadConfig` defaults).
 
 A :class:`Method` is one row of a table. :func:`run_method` tunes it on a fresh copy of the

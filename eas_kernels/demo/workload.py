@@ -65,7 +65,7 @@ class WorkloadConfig:
     model: str = "smollm2"
     train: int = 400
     held_out: int = 16
-    test: int = 600
+    test: int = 510
     vision_epochs: int = 6
     align_epochs: int = 20
     seed: int = 0
