@@ -148,23 +148,41 @@ def pretrain_vision_tower(
         correct, counted = [0, 0], [0, 0]
         for chunk in torch.randperm(len(ids), generator=generator).split(batch_size):
             logits = heads(tower(pixels[chunk]).flatten(1))
-            color_logits, shape_logits = logits.split([len(COLORS), len(SHAPES)], dim=1)
-            loss = torch.zeros(())
-            for slot, part in enumerate((color_logits, shape_logits)):
-                target = targets[chunk, slot]
-                known = target >= 0
-                if bool(known.any()):
-                    loss = loss + F.cross_entropy(part[known], target[known])
-                    correct[slot] += int((part[known].argmax(dim=1) == target[known]).sum())
-                    counted[slot] += int(known.sum())
+            parts = logits.split([len(COLORS), len(SHAPES)], dim=1)
+            loss, hits, known = _labelled_loss(parts, targets[chunk])
+            correct = [a + b for a, b in zip(correct, hits, strict=True)]
+            counted = [a + b for a, b in zip(counted, known, strict=True)]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     tower.eval()
     tower.requires_grad_(False)
+    return _accuracies(correct, counted)
+
+
+def _labelled_loss(
+    parts: Sequence[torch.Tensor], targets: torch.Tensor
+) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Colour and shape classification of a batch: ``parts`` are the colour and shape
+    logits, ``targets`` ``(B, 2)`` their labels (``-1``: unknown, ignored). Returns the
+    sum of the two cross-entropies over known labels, and per part the hits and the
+    number of known labels."""
+    loss = torch.zeros(())
+    hits, counted = [], []
+    for slot, part in enumerate(parts):
+        target = targets[:, slot]
+        known = target >= 0
+        if bool(known.any()):
+            loss = loss + F.cross_entropy(part[known], target[known])
+        hits.append(int((part[known].argmax(dim=1) == target[known]).sum()))
+        counted.append(int(known.sum()))
+    return loss, hits, counted
+
+
+def _accuracies(hits: Sequence[int], counted: Sequence[int]) -> dict[str, float]:
     return {
-        "color_accuracy": correct[0] / max(1, counted[0]),
-        "shape_accuracy": correct[1] / max(1, counted[1]),
+        "color_accuracy": hits[0] / max(1, counted[0]),
+        "shape_accuracy": hits[1] / max(1, counted[1]),
     }
 
 
@@ -210,23 +228,13 @@ def align_projector(
 
     for _ in range(epochs):
         for chunk in torch.randperm(len(ids), generator=generator).split(batch_size):
-            loss = torch.zeros(())
-            for slot, part in enumerate(logits(chunk)):
-                known = targets[chunk, slot] >= 0
-                if bool(known.any()):
-                    loss = loss + F.cross_entropy(part[known], targets[chunk, slot][known])
+            loss = _labelled_loss(logits(chunk), targets[chunk])[0]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     with torch.no_grad():
-        scores = {}
-        for slot, (name, part) in enumerate(
-            zip(("color", "shape"), logits(torch.arange(len(ids))), strict=True)
-        ):
-            known = targets[:, slot] >= 0
-            hits = part[known].argmax(dim=1) == targets[known, slot]
-            scores[f"{name}_accuracy"] = float(hits.float().mean()) if bool(known.any()) else 0.0
-    return scores
+        _, hits, counted = _labelled_loss(logits(torch.arange(len(ids))), targets)
+    return _accuracies(hits, counted)
 
 
 def build_workload(
@@ -251,10 +259,9 @@ def build_workload(
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if isinstance(config.align_epochs, bool) or not isinstance(config.align_epochs, int):
-        raise ValueError(f"align_epochs must be an int >= 0, got {config.align_epochs!r}")
-    if config.align_epochs < 0:
-        raise ValueError(f"align_epochs must be an int >= 0, got {config.align_epochs!r}")
+    align = config.align_epochs
+    if isinstance(align, bool) or not isinstance(align, int) or align < 0:
+        raise ValueError(f"align_epochs must be an int >= 0, got {align!r}")
     check_seed(config.seed)
     if not isinstance(config.balanced, bool):
         raise TypeError(f"balanced must be a bool, got {config.balanced!r}")

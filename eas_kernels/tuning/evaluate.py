@@ -140,8 +140,9 @@ class _Decoder:
 
 
 @torch.no_grad()
-def decode_timing(model: nn.Module, example: Example, steps: int) -> dict[str, float]:
-    """Prefill one prompt (batch 1), then ``steps`` greedy decode calls, timed one by one."""
+def decode_timing(model: nn.Module, example: Example, steps: int) -> dict[str, Any]:
+    """Prefill one prompt (batch 1), then ``steps`` greedy decode calls, timed one by one
+    (:func:`time_models` of this one model, without a warm-up prompt)."""
     return time_models({"model": (model, None)}, [example], steps, warmup=False)["model"]
 
 
@@ -197,10 +198,9 @@ def time_models(
                     [prefill, first, steady][min(step, 2)][name].append(1e3 * seconds)
     summary: dict[str, dict[str, Any]] = {}
     for name in names:
-        quartiles = statistics.quantiles(steady[name], n=4) if len(steady[name]) > 1 else None
         summary[name] = {
             "ms_per_token": statistics.median(steady[name]),
-            "ms_per_token_iqr": None if quartiles is None else [quartiles[0], quartiles[2]],
+            "ms_per_token_iqr": _quartiles(steady[name]),
             "first_decode_ms": statistics.median(first[name]),
             "prefill_ms": statistics.median(prefill[name]),
             "step_ms": steady[name],
@@ -214,8 +214,15 @@ def paired_ratio(timings: dict[str, dict[str, Any]], name: str, reference: str) 
     interleaves them): the median and quartiles of the per-call ratios."""
     ours, theirs = timings[name]["step_ms"], timings[reference]["step_ms"]
     ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return {"median": statistics.median(ratios), "iqr": [quartiles[0], quartiles[2]]}
+    return {"median": statistics.median(ratios), "iqr": _quartiles(ratios) or [ratios[0]] * 2}
+
+
+def _quartiles(values: Sequence[float]) -> list[float] | None:
+    """``[q1, q3]`` of ``values`` (None for a single value)."""
+    if len(values) < 2:
+        return None
+    quartiles = statistics.quantiles(values, n=4)
+    return [quartiles[0], quartiles[2]]
 
 
 def tuned_parameter_count(model: nn.Module) -> int:
