@@ -112,3 +112,23 @@ def test_search_quality_recipe_compares_every_estimator_with_the_baselines(tmp_p
     assert all(entry["jaccard"] is not None for entry in report["summary"])
     assert (tmp_path / "search_quality.json").is_file() and Path(report["plot"]).is_file()
     assert recipe.spearman([1, 2, 3], [3, 2, 1]) == -1 and recipe.jaccard([1, 2], [2, 3]) == 1 / 3
+
+
+def test_seeds_recipe_tunes_every_method_for_every_seed(tmp_path):
+    recipe = importlib.import_module("seeds")
+    report = recipe.main(
+        ["--model", "tiny", "--train", "16", "--held-out", "6", "--test", "6", "--k", "2"]
+        + ["--seeds", "3", "4", "--out", str(tmp_path)]
+    )
+    results = report["results"]
+    assert set(results) == set(recipe.METHODS)
+    for method, runs in results.items():
+        assert set(runs) == {"3", "4"}
+        for run in runs.values():
+            assert len(run["plan"]) == (0 if method == "lavin" else 2)
+            assert 0 <= run["accuracy"] <= 1 and len(run["epoch_losses"]) == recipe.EPOCHS
+    # the untuned model's search sees no tuning seed: one plan for every seed
+    assert results["untuned"]["3"]["plan"] == results["untuned"]["4"]["plan"]
+    assert results["untuned"]["3"]["search_passes"] > 0
+    assert "| untuned |" in report["markdown"]
+    assert json.loads((tmp_path / "seeds.json").read_text())["results"] == results

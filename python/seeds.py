@@ -1,0 +1,141 @@
+"""The demo's comparison over several tuning seeds (issue 14), public API only.
+
+One workload (``--workload-seed``: the vision tower, the projector's alignment and the data
+split of ``eas_kernels.demo``), then for every tuning seed in ``--seeds`` each method of
+``--methods`` trains 4 epochs from the same frozen model (lr 1e-3, batch 8, the projector
+trains) and answers the test questions (greedy, exact answer tokens; EAS decodes with the
+low-rank path, tested equal to merged):
+
+* ``lavin``: LaVIN-style adapters before every MHA and FFN, nothing skipped;
+* ``eas``: EAS with ``k`` skipped MHAs and today's default schedule and search
+  (``TuningConfig()``: warm-up 1 epoch, greedy search on the warmed-up supernet,
+  fine-tune 3);
+* ``untuned``: the plan searched greedily on the *untuned* model (fresh PIAs output zero,
+  so a skipped MHA is simply removed, as SLEB and FinerCut search a pretrained LLM), then
+  fine-tuned 4 epochs: no warm-up, and the plan depends on no tuning seed.
+
+Prints a table (accuracy per seed, mean, min) and writes ``<out>/seeds.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from eas_kernels import SkipPlan, current_plan, patch_lavin
+from eas_kernels.demo.workload import WorkloadConfig, build_workload, evaluate_accuracy
+from eas_kernels.search import Candidates, HeldOutScorer, estimator_class, run_search
+from eas_kernels.tuning import EASTuner, TuningConfig, answer_loss, collate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_experiments import environment, log  # noqa: E402
+
+METHODS = ("lavin", "eas", "untuned")
+EPOCHS = 4
+
+
+def options(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/seeds"))
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--train", type=int, default=WorkloadConfig.train)
+    parser.add_argument("--held-out", type=int, default=WorkloadConfig.held_out)
+    parser.add_argument("--test", type=int, default=WorkloadConfig.test)
+    parser.add_argument("--workload-seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    return parser.parse_args(argv)
+
+
+def tune(method: str, work: Any, k: int, seed: int) -> dict[str, Any]:
+    """Tune one method from the workload's frozen model; its plan, accuracy and losses."""
+    layers = work.model.llm.n_layers
+    fixed = TuningConfig(warmup_epochs=0, search_epochs=0, finetune_epochs=EPOCHS, seed=seed)
+    found: dict[str, Any] = {}
+    if method == "lavin":
+        model, config = patch_lavin(copy.deepcopy(work.model), SkipPlan(layers, [])), fixed
+    elif method == "eas":
+        model = patch_lavin(copy.deepcopy(work.model), SkipPlan(layers, []), search="mha")
+        config = TuningConfig(k=k, seed=seed)
+        assert config.warmup_epochs + config.search_epochs + config.finetune_epochs == EPOCHS
+    else:
+        searching = patch_lavin(copy.deepcopy(work.model), SkipPlan(layers, []), search="mha")
+        scorer = HeldOutScorer(
+            searching, collate(work.held_out, work.pad_id), Candidates("mha", layers), answer_loss
+        )
+        estimator = estimator_class("greedy")(layers, k, seed=seed)
+        began = time.perf_counter()
+        plan = run_search(estimator, scorer)
+        found = {"search_passes": estimator.passes, "search_seconds": time.perf_counter() - began}
+        model, config = patch_lavin(copy.deepcopy(work.model), SkipPlan(layers, list(plan))), fixed
+    model.projector.requires_grad_(True)
+    tuned = EASTuner(model, work.train, work.held_out, config, pad_id=work.pad_id).run()
+    accuracy = evaluate_accuracy(model, work, "eager" if method == "lavin" else "merge")
+    return {
+        "plan": list(current_plan(model).skipped),
+        **accuracy,
+        **found,
+        "epoch_losses": [round(e["mean_loss"], 4) for e in tuned.epoch_losses()],
+        "tuning_seconds": tuned.seconds,
+    }
+
+
+def markdown(results: dict[str, dict[int, dict[str, Any]]], seeds: Sequence[int]) -> str:
+    lines = [
+        "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | min |",
+        "|---|" + "---:|" * (len(seeds) + 2),
+    ]
+    for method, runs in results.items():
+        accuracies = [runs[s]["accuracy"] for s in seeds]
+        cells = " | ".join(f"{a:.3f}" for a in accuracies)
+        lines.append(
+            f"| {method} | {cells} | {statistics.mean(accuracies):.3f} | {min(accuracies):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = options(argv)
+    started = time.perf_counter()
+    config = WorkloadConfig(
+        model=args.model,
+        train=args.train,
+        held_out=args.held_out,
+        test=args.test,
+        seed=args.workload_seed,
+    )
+    work = build_workload(config, cache_dir=args.out / "cache", log=log)
+    results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in args.methods}
+    for seed in args.seeds:
+        for method in args.methods:
+            results[method][seed] = tune(method, work, args.k, seed)
+            run = results[method][seed]
+            log(f"seed {seed} {method}: plan {run['plan']}, accuracy {run['accuracy']:.3f}")
+    text = markdown(results, args.seeds)
+    print(text, flush=True)
+    report = {
+        "command": " ".join(["seeds.py", *(argv if argv is not None else sys.argv[1:])]),
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "results": {m: {str(s): r for s, r in runs.items()} for m, runs in results.items()},
+        "markdown": text,
+        "environment": environment(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": time.perf_counter() - started,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "seeds.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"report {args.out / 'seeds.json'} ({report['seconds']:.0f} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
