@@ -165,7 +165,13 @@ def _training_options(parser: argparse.ArgumentParser, *, search: bool) -> None:
         group.add_argument(
             "--search-epochs", type=_non_negative, default=TuningConfig.search_epochs
         )
-        group.add_argument("--eval-every", type=_positive(int), default=2, help="T")
+        group.add_argument(
+            "--eval-every",
+            type=_positive(int),
+            default=2,
+            help="T: training steps between bandit rounds in the search epochs (default 2, "
+            "for this CLI's short runs; TuningConfig's default is the paper's 10)",
+        )
         group.add_argument(
             "--num-subnets", type=_positive(int), default=None, help="m (default: the estimator's)"
         )
