@@ -293,6 +293,24 @@ def environment() -> dict[str, Any]:
     }
 
 
+def write_report(
+    path: Path, script: str, argv: Sequence[str] | None, body: dict[str, Any], started: float
+) -> dict[str, Any]:
+    """``body`` with the command line, the environment, the date and the seconds since
+    ``started``, written as JSON to ``path`` (its folder created) and returned."""
+    report = {
+        "command": " ".join([script, *(argv if argv is not None else sys.argv[1:])]),
+        **body,
+        "environment": environment(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": time.perf_counter() - started,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"report {path} ({report['seconds']:.0f} s)")
+    return report
+
+
 def print_table(title: str, rows: Sequence[Row], work: Workload, unpatched_ms: float) -> str:
     total = pretrained_parameter_count(work.model.llm)
     lines = [
@@ -389,10 +407,9 @@ def run_table(
     unpatched_ms = timings["unpatched"]["ms_per_token"]
     table = print_table(title, rows, work, unpatched_ms)
     plot = plot_rows(title, rows, unpatched_ms, args.out / f"{name}.png")
-    report = {
+    body = {
         "table": name,
         "title": title,
-        "command": " ".join([os.path.basename(sys.argv[0]), *(argv or sys.argv[1:])]),
         "rows": [
             {k: v for k, v in row.result.items() if k != "key"} | {"mode": row.method.mode}
             for row in rows
@@ -404,11 +421,6 @@ def run_table(
         "markdown": table,
         "plot": str(plot),
         "paper": paper,
-        "environment": environment(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "seconds": time.perf_counter() - started,
     }
-    path = args.out / f"{name}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"report {path}, plot {plot} ({report['seconds']:.0f} s)")
-    return report
+    script = os.path.basename(sys.argv[0])
+    return write_report(args.out / f"{name}.json", script, argv, body, started)

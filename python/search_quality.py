@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -61,7 +59,7 @@ from eas_kernels.tuning import EASTuner, TuningConfig, answer_loss, collate
 from eas_kernels.tuning.evaluate import answer_accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_experiments import environment, log  # noqa: E402
+from paper_experiments import log, write_report  # noqa: E402
 
 TRAINING = {"batch_size": 8, "lr": 1e-3}  # 3e-3 diverges on some plans (RESULTS.md)
 
@@ -374,21 +372,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     text = markdown(table, len(args.seeds))
     print(text, flush=True)
     figure = plot(rows, args.estimators, args.out / "search_quality.png")
-    report = {
-        "command": " ".join(["search_quality.py", *(argv if argv is not None else sys.argv[1:])]),
+    body = {
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": rows,
         "summary": table,
         "markdown": text,
         "plot": str(figure),
-        "environment": environment(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "seconds": time.perf_counter() - started,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "search_quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(f"report {args.out / 'search_quality.json'} ({report['seconds']:.0f} s)")
-    return report
+    return write_report(args.out / "search_quality.json", "search_quality.py", argv, body, started)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import statistics
 import sys
 import time
@@ -36,7 +34,7 @@ from eas_kernels.search import Candidates, HeldOutScorer, estimator_class, run_s
 from eas_kernels.tuning import EASTuner, TuningConfig, answer_loss, collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_experiments import environment, log  # noqa: E402
+from paper_experiments import log, write_report  # noqa: E402
 
 METHODS = ("lavin", "eas", "untuned")
 EPOCHS = 4
@@ -122,19 +120,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             log(f"seed {seed} {method}: plan {run['plan']}, accuracy {run['accuracy']:.3f}")
     text = markdown(results, args.seeds)
     print(text, flush=True)
-    report = {
-        "command": " ".join(["seeds.py", *(argv if argv is not None else sys.argv[1:])]),
+    body = {
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "results": {m: {str(s): r for s, r in runs.items()} for m, runs in results.items()},
         "markdown": text,
-        "environment": environment(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "seconds": time.perf_counter() - started,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "seeds.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(f"report {args.out / 'seeds.json'} ({report['seconds']:.0f} s)")
-    return report
+    return write_report(args.out / "seeds.json", "seeds.py", argv, body, started)
 
 
 if __name__ == "__main__":
