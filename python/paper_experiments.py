@@ -294,12 +294,19 @@ def environment() -> dict[str, Any]:
 
 
 def write_report(
-    path: Path, script: str, argv: Sequence[str] | None, body: dict[str, Any], started: float
+    path: Path,
+    script: str,
+    argv: Sequence[str] | None,
+    args: argparse.Namespace,
+    body: dict[str, Any],
+    started: float,
 ) -> dict[str, Any]:
-    """``body`` with the command line, the environment, the date and the seconds since
-    ``started``, written as JSON to ``path`` (its folder created) and returned."""
+    """``body`` with the command line, the parsed ``args``, the environment, the date and
+    the seconds since ``started``, written as JSON to ``path`` (its folder created) and
+    returned."""
     report = {
         "command": " ".join([script, *(argv if argv is not None else sys.argv[1:])]),
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         **body,
         "environment": environment(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -423,4 +430,4 @@ def run_table(
         "paper": paper,
     }
     script = os.path.basename(sys.argv[0])
-    return write_report(args.out / f"{name}.json", script, argv, body, started)
+    return write_report(args.out / f"{name}.json", script, argv, args, body, started)

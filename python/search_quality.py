@@ -356,15 +356,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     ramps = {"on": [True], "off": [False], "both": [True, False]}[args.ramp]
     rows = []
+    workloads: dict[int, Any] = {}  # by workload seed: built once
     for seed in args.seeds:
-        config = WorkloadConfig(
-            model=args.model,
-            train=args.train,
-            held_out=args.search_batch + args.validation,
-            test=args.test,
-            seed=seed if args.workload_seed < 0 else args.workload_seed,
-        )
-        work = build_workload(config, cache_dir=args.out / "cache", log=log)
+        workload_seed = seed if args.workload_seed < 0 else args.workload_seed
+        if workload_seed not in workloads:
+            config = WorkloadConfig(
+                model=args.model,
+                train=args.train,
+                held_out=args.search_batch + args.validation,
+                test=args.test,
+                seed=workload_seed,
+            )
+            workloads[workload_seed] = build_workload(config, cache_dir=args.out / "cache", log=log)
+        work = workloads[workload_seed]
         for k in args.ks:
             for ramp in ramps:
                 rows.append(one_setting(work, args, seed, k, ramp))
@@ -373,13 +377,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(text, flush=True)
     figure = plot(rows, args.estimators, args.out / "search_quality.png")
     body = {
-        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": rows,
         "summary": table,
         "markdown": text,
         "plot": str(figure),
     }
-    return write_report(args.out / "search_quality.json", "search_quality.py", argv, body, started)
+    return write_report(
+        args.out / "search_quality.json", "search_quality.py", argv, args, body, started
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ low-rank path, tested equal to merged):
   so a skipped MHA is simply removed, as SLEB and FinerCut search a pretrained LLM), then
   fine-tuned 4 epochs: no warm-up, and the plan depends on no tuning seed.
 
-Prints a table (accuracy per seed, mean, min) and writes ``<out>/seeds.json``.
+``--max-grad-norm`` clips every method's gradient norm (``TuningConfig.max_grad_norm``);
+each run records its largest gradient norm before clipping. Prints a table (accuracy per
+seed, mean, min) and writes ``<out>/seeds.json``.
 """
 
 from __future__ import annotations
@@ -51,30 +53,63 @@ def options(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=TuningConfig.max_grad_norm,
+        help="clip every method's gradient norm (TuningConfig.max_grad_norm)",
+    )
     return parser.parse_args(argv)
 
 
-def tune(method: str, work: Any, k: int, seed: int) -> dict[str, Any]:
-    """Tune one method from the workload's frozen model; its plan, accuracy and losses."""
+def search_untuned(work: Any, k: int) -> dict[str, Any]:
+    """The ``untuned`` method's plan: greedy on the untuned model (deterministic, so searched
+    once for every tuning seed), with its passes and seconds."""
     layers = work.model.llm.n_layers
-    fixed = TuningConfig(warmup_epochs=0, search_epochs=0, finetune_epochs=EPOCHS, seed=seed)
+    searching = patch_lavin(copy.deepcopy(work.model), SkipPlan(layers, []), search="mha")
+    scorer = HeldOutScorer(
+        searching, collate(work.held_out, work.pad_id), Candidates("mha", layers), answer_loss
+    )
+    estimator = estimator_class("greedy")(layers, k)
+    began = time.perf_counter()
+    plan = run_search(estimator, scorer)
+    return {
+        "plan": list(plan),
+        "search_passes": estimator.passes,
+        "search_seconds": time.perf_counter() - began,
+    }
+
+
+def tune(
+    method: str,
+    work: Any,
+    k: int,
+    seed: int,
+    max_grad_norm: float | None,
+    untuned: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Tune one method from the workload's frozen model; its plan, accuracy and losses
+    (``untuned``: :func:`search_untuned`'s result, for that method)."""
+    layers = work.model.llm.n_layers
+    fixed = TuningConfig(
+        warmup_epochs=0,
+        search_epochs=0,
+        finetune_epochs=EPOCHS,
+        seed=seed,
+        max_grad_norm=max_grad_norm,
+    )
     found: dict[str, Any] = {}
     if method == "lavin":
         model, config = patch_lavin(copy.deepcopy(work.model), SkipPlan(layers, [])), fixed
     elif method == "eas":
         model = patch_lavin(copy.deepcopy(work.model), SkipPlan(layers, []), search="mha")
-        config = TuningConfig(k=k, seed=seed)
+        config = TuningConfig(k=k, seed=seed, max_grad_norm=max_grad_norm)
         assert config.warmup_epochs + config.search_epochs + config.finetune_epochs == EPOCHS
     else:
-        searching = patch_lavin(copy.deepcopy(work.model), SkipPlan(layers, []), search="mha")
-        scorer = HeldOutScorer(
-            searching, collate(work.held_out, work.pad_id), Candidates("mha", layers), answer_loss
-        )
-        estimator = estimator_class("greedy")(layers, k, seed=seed)
-        began = time.perf_counter()
-        plan = run_search(estimator, scorer)
-        found = {"search_passes": estimator.passes, "search_seconds": time.perf_counter() - began}
-        model, config = patch_lavin(copy.deepcopy(work.model), SkipPlan(layers, list(plan))), fixed
+        assert untuned is not None
+        found = {key: value for key, value in untuned.items() if key != "plan"}
+        plan = SkipPlan(layers, untuned["plan"])
+        model, config = patch_lavin(copy.deepcopy(work.model), plan), fixed
     model.projector.requires_grad_(True)
     tuned = EASTuner(model, work.train, work.held_out, config, pad_id=work.pad_id).run()
     accuracy = evaluate_accuracy(model, work, "eager" if method == "lavin" else "merge")
@@ -83,6 +118,7 @@ def tune(method: str, work: Any, k: int, seed: int) -> dict[str, Any]:
         **accuracy,
         **found,
         "epoch_losses": [round(e["mean_loss"], 4) for e in tuned.epoch_losses()],
+        "largest_grad_norm": max(step["grad_norm"] for step in tuned.history["steps"]),
         "tuning_seconds": tuned.seconds,
     }
 
@@ -113,19 +149,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     work = build_workload(config, cache_dir=args.out / "cache", log=log)
     results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in args.methods}
+    untuned = search_untuned(work, args.k) if "untuned" in args.methods else None
     for seed in args.seeds:
         for method in args.methods:
-            results[method][seed] = tune(method, work, args.k, seed)
+            results[method][seed] = tune(method, work, args.k, seed, args.max_grad_norm, untuned)
             run = results[method][seed]
             log(f"seed {seed} {method}: plan {run['plan']}, accuracy {run['accuracy']:.3f}")
     text = markdown(results, args.seeds)
     print(text, flush=True)
     body = {
-        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "results": {m: {str(s): r for s, r in runs.items()} for m, runs in results.items()},
         "markdown": text,
     }
-    return write_report(args.out / "seeds.json", "seeds.py", argv, body, started)
+    return write_report(args.out / "seeds.json", "seeds.py", argv, args, body, started)
 
 
 if __name__ == "__main__":

@@ -118,8 +118,9 @@ def test_seeds_recipe_tunes_every_method_for_every_seed(tmp_path):
     recipe = importlib.import_module("seeds")
     report = recipe.main(
         ["--model", "tiny", "--train", "16", "--held-out", "6", "--test", "6", "--k", "2"]
-        + ["--seeds", "3", "4", "--out", str(tmp_path)]
+        + ["--seeds", "3", "4", "--max-grad-norm", "0.5", "--out", str(tmp_path)]
     )
+    assert report["arguments"]["max_grad_norm"] == 0.5
     results = report["results"]
     assert set(results) == set(recipe.METHODS)
     for method, runs in results.items():
@@ -127,7 +128,7 @@ def test_seeds_recipe_tunes_every_method_for_every_seed(tmp_path):
         for run in runs.values():
             assert len(run["plan"]) == (0 if method == "lavin" else 2)
             assert 0 <= run["accuracy"] <= 1 and len(run["epoch_losses"]) == recipe.EPOCHS
-    # the untuned model's search sees no tuning seed: one plan for every seed
+    # the untuned model's search sees no tuning seed: searched once, one plan for every seed
     assert results["untuned"]["3"]["plan"] == results["untuned"]["4"]["plan"]
     assert results["untuned"]["3"]["search_passes"] > 0
     assert "| untuned |" in report["markdown"]
