@@ -1,11 +1,14 @@
 """How good are the plans each search estimator finds? (issue 14), public API only.
 
 For each seed and each k, on the SmolLM2-135M + easy-vqa miniature of the paper tables
-(``paper_experiments``' workload):
+(``paper_experiments``' workload), or with ``--task iris`` on the quick start's text task
+(SmolLM2-135M answering the species of scikit-learn's iris flowers written as text:
+``--search-batch`` training flowers are the search batch, the 45 test flowers the
+validation set):
 
 1. **Warm-up** once: the searching model (PIAs in every layer, projector trainable) trains
-   1 epoch on random skip sets of k MHAs (``--ramp``: growing from 1 to k), as a tuning
-   run's warm-up does. Every estimator then works on this same supernet.
+   ``--warmup-epochs`` (1) on random skip sets of k MHAs (``--ramp``: growing from 1 to k),
+   as a tuning run's warm-up does. Every estimator then works on this same supernet.
 2. **Search**: every estimator of ``eas_kernels.search.ESTIMATORS`` runs to its end on the
    *search batch* (``--search-batch`` held-out questions, eval mode) with the same budget
    of held-out passes (``--budget``; ``loo`` and ``cosine`` need fewer and use fewer).
@@ -40,10 +43,12 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from eas_kernels import SkipPlan, patch_lavin, set_skipped
 from eas_kernels.demo.workload import WorkloadConfig, build_workload
@@ -55,7 +60,7 @@ from eas_kernels.search import (
     estimator_class,
     run_search,
 )
-from eas_kernels.tuning import EASTuner, TuningConfig, answer_loss, collate
+from eas_kernels.tuning import EASTuner, Example, TuningConfig, answer_loss, collate
 from eas_kernels.tuning.evaluate import answer_accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,6 +72,13 @@ TRAINING = {"batch_size": 8, "lr": 1e-3}  # 3e-3 diverges on some plans (RESULTS
 def options(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/search_quality"))
+    parser.add_argument(
+        "--task",
+        choices=("easy-vqa", "iris"),
+        default="easy-vqa",
+        help="easy-vqa: the tables' multimodal workload; iris: the quick start's text task "
+        "(scikit-learn's iris flowers as text, SmolLM2 only)",
+    )
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     parser.add_argument("--train", type=int, default=WorkloadConfig.train)
     parser.add_argument("--test", type=int, default=WorkloadConfig.test)
@@ -82,12 +94,62 @@ def options(argv: Sequence[str] | None) -> argparse.Namespace:
         "by every tuning seed; -1: each seed builds its own workload",
     )
     parser.add_argument("--budget", type=int, default=60, help="held-out passes per search")
+    parser.add_argument("--warmup-epochs", type=int, default=1)
     parser.add_argument("--random", type=int, default=12, help="random plans per (seed, k)")
     parser.add_argument("--estimators", nargs="+", default=sorted(ESTIMATORS))
     parser.add_argument("--ramp", choices=("on", "off", "both"), default="on")
     parser.add_argument("--finetune-seeds", type=int, nargs="*", default=[])
     parser.add_argument("--finetune-k", type=int, default=8)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.task == "iris" and args.model != "smollm2":
+        parser.error("--task iris runs on --model smollm2 only (the quick start's model)")
+    if args.warmup_epochs < 1:
+        parser.error(f"--warmup-epochs must be >= 1, got {args.warmup_epochs}")
+    return args
+
+
+@dataclass
+class Task:
+    """A frozen model and its examples: ``held_out`` is the search batch
+    (``held_out[:search_batch]``) followed by the validation set."""
+
+    model: nn.Module
+    layers: int
+    train: list[Example]
+    held_out: list[Example]
+    test: list[Example]
+    pad_id: int
+
+
+def build_task(args: argparse.Namespace, seed: int) -> Task:
+    """``--task`` with data split ``seed``. iris: the quick start's stratified 70/30 split;
+    the search batch is the first ``--search-batch`` training flowers (the rest train, at
+    most ``--train``), and the 45 test flowers are the test set and (at most
+    ``--validation`` of them) the validation set."""
+    if args.task == "iris":
+        from eas_quickstart import iris_examples
+
+        from eas_kernels.models.smollm2 import load_smollm2_lavin
+
+        model, tokenizer = load_smollm2_lavin(max_seq_len=64, max_batch_size=8)
+        train, test, _ = iris_examples(tokenizer, seed)
+        search = train[: args.search_batch]
+        train = train[args.search_batch :][: args.train]
+        validation = test[: args.validation]
+        return Task(
+            model, model.params.n_layers, train, search + validation, test, tokenizer.pad_token_id
+        )
+    config = WorkloadConfig(
+        model=args.model,
+        train=args.train,
+        held_out=args.search_batch + args.validation,
+        test=args.test,
+        seed=seed,
+    )
+    work = build_workload(config, cache_dir=args.out / "cache", log=log)
+    return Task(
+        work.model, work.model.llm.n_layers, work.train, work.held_out, work.test, work.pad_id
+    )
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -124,18 +186,19 @@ def budget_for(name: str, budget: int, layers: int) -> int:
 
 
 def one_setting(
-    work: Any, args: argparse.Namespace, seed: int, k: int, ramp: bool
+    work: Task, args: argparse.Namespace, seed: int, k: int, ramp: bool
 ) -> dict[str, Any]:
-    layers = work.model.llm.n_layers
+    layers = work.layers
     search_examples = work.held_out[: args.search_batch]
     validation = collate(work.held_out[args.search_batch :], work.pad_id)
     model = patch_lavin(copy.deepcopy(work.model), SkipPlan(layers, []), search="mha")
-    model.projector.requires_grad_(True)
+    if hasattr(model, "projector"):  # easy-vqa: the projector trains with the PIAs
+        model.projector.requires_grad_(True)
     warmup = TuningConfig(
         k=k,
         estimator="cosine",
         warmup_ramp=ramp,
-        warmup_epochs=1,
+        warmup_epochs=args.warmup_epochs,
         search_epochs=0,
         finetune_epochs=0,
         seed=seed,
@@ -211,7 +274,7 @@ def finetune_plans(
     model: torch.nn.Module,
     state: dict[str, torch.Tensor],
     row: dict[str, Any],
-    work: Any,
+    work: Task,
     args: argparse.Namespace,
     seed: int,
 ) -> dict[str, Any]:
@@ -356,19 +419,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     ramps = {"on": [True], "off": [False], "both": [True, False]}[args.ramp]
     rows = []
-    workloads: dict[int, Any] = {}  # by workload seed: built once
+    tasks: dict[int, Task] = {}  # by workload seed: built once
     for seed in args.seeds:
         workload_seed = seed if args.workload_seed < 0 else args.workload_seed
-        if workload_seed not in workloads:
-            config = WorkloadConfig(
-                model=args.model,
-                train=args.train,
-                held_out=args.search_batch + args.validation,
-                test=args.test,
-                seed=workload_seed,
-            )
-            workloads[workload_seed] = build_workload(config, cache_dir=args.out / "cache", log=log)
-        work = workloads[workload_seed]
+        if workload_seed not in tasks:
+            tasks[workload_seed] = build_task(args, workload_seed)
+        work = tasks[workload_seed]
         for k in args.ks:
             for ramp in ramps:
                 rows.append(one_setting(work, args, seed, k, ramp))

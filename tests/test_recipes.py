@@ -114,6 +114,25 @@ def test_search_quality_recipe_compares_every_estimator_with_the_baselines(tmp_p
     assert recipe.spearman([1, 2, 3], [3, 2, 1]) == -1 and recipe.jaccard([1, 2], [2, 3]) == 1 / 3
 
 
+def test_search_quality_recipe_runs_on_the_iris_text_task(tmp_path):
+    recipe = importlib.import_module("search_quality")
+    with pytest.raises(SystemExit):  # the text task runs on SmolLM2 only
+        recipe.options(["--task", "iris", "--model", "tiny"])
+    report = recipe.main(
+        ["--task", "iris", "--train", "8", "--search-batch", "4", "--validation", "6"]
+        + ["--ks", "2", "--seeds", "0"]
+        + ["--budget", "30", "--random", "3", "--estimators", "greedy", "loo"]
+        + ["--warmup-epochs", "2", "--out", str(tmp_path)]
+    )
+    (row,) = report["rows"]
+    assert report["arguments"]["task"] == "iris"
+    assert set(row["estimators"]) == {"greedy", "loo"}
+    for result in row["estimators"].values():
+        assert len(result["plan"]) == 2 and result["passes"] <= 30
+        assert result["validation_loss"] > 0
+    assert row["warmup_loss"] > 0 and len(row["random"]["validation_losses"]) == 3
+
+
 def test_seeds_recipe_tunes_every_method_for_every_seed(tmp_path):
     recipe = importlib.import_module("seeds")
     report = recipe.main(
