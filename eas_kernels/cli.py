@@ -126,10 +126,21 @@ def _workload_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _grad_norm(text: str) -> float | None:
+    return None if text == "none" else _positive(float)(text)
+
+
 def _training_options(parser: argparse.ArgumentParser, *, search: bool) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--batch-size", type=_positive(int), default=8)
     group.add_argument("--lr", type=_positive(float), default=TuningConfig.lr)
+    group.add_argument(
+        "--max-grad-norm",
+        type=_grad_norm,
+        default=TuningConfig.max_grad_norm,
+        help="clip the trainable parameters' gradient norm before each step ('none': no "
+        "clipping; default %(default)s)",
+    )
     group.add_argument("--checkpoint-every", type=_positive(int), default=25)
     group.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     group.add_argument("--halt-after-step", type=int, default=None, help=argparse.SUPPRESS)
@@ -294,6 +305,7 @@ def _tuning_config(
     common = {
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "max_grad_norm": args.max_grad_norm,
         "seed": args.seed,
         "checkpoint_every": args.checkpoint_every,
         "finetune_epochs": finetune_epochs,

@@ -27,7 +27,9 @@ validation set):
    best window and the best random plan fine-tune 1 epoch from the warmed-up supernet;
    validation loss after it and test accuracy (greedy, batch 1, exact answer tokens).
 
-Seed stability: Jaccard overlap of each estimator's plans across seeds (mean over pairs).
+Seed stability: Jaccard overlap of each estimator's plans across seeds (mean over pairs),
+and, with one shared workload, *plan transfer*: every seed's plan judged on every seed's
+warmed-up supernet (is a plan good only for the warm-up that found it?).
 By default every seed tunes the same workload (``--workload-seed 0``: one vision tower,
 projector and data split), so that the seeds vary the warm-up and the search only;
 ``--workload-seed -1`` gives each seed its own workload, as the runs recorded on 2026-11-30 did.
@@ -187,7 +189,8 @@ def budget_for(name: str, budget: int, layers: int) -> int:
 
 def one_setting(
     work: Task, args: argparse.Namespace, seed: int, k: int, ramp: bool
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], nn.Module, dict[str, torch.Tensor]]:
+    """One (seed, k, ramp) cell: its row, the warmed-up model and its trainable state."""
     layers = work.layers
     search_examples = work.held_out[: args.search_batch]
     validation = collate(work.held_out[args.search_batch :], work.pad_id)
@@ -267,7 +270,7 @@ def one_setting(
         result["beats_random"] = sum(loss < other for other in random_validation) / len(randoms)
     if seed in args.finetune_seeds and k == args.finetune_k:
         row["finetuned"] = finetune_plans(model, state, row, work, args, seed)
-    return row
+    return row, model, state
 
 
 def finetune_plans(
@@ -414,11 +417,69 @@ def plot(rows: list[dict[str, Any]], names: Sequence[str], path: Path) -> Path:
     return path
 
 
+Supernets = dict[tuple[int, bool], tuple[nn.Module, Task, dict[int, dict[str, torch.Tensor]]]]
+
+
+def plan_transfer(
+    rows: list[dict[str, Any]], supernets: Supernets, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Every seed's plans judged on every seed's warmed-up supernet (one shared workload):
+    is a plan good for the warm-up that found it only, or for any? Per (k, ramp, method):
+    ``own``, the mean validation loss of each supernet's own plan; ``others``, the mean
+    over supernets of the other seeds' plans on it; ``matrix[s][p]``, seed ``p``'s plan on
+    seed ``s``'s supernet."""
+    table = []
+    for (k, ramp), (model, work, states) in sorted(supernets.items()):
+        group = {r["seed"]: r for r in rows if (r["k"], r["ramp"]) == (k, ramp)}
+        validation = collate(work.held_out[args.search_batch :], work.pad_id)
+        judge = HeldOutScorer(model, validation, Candidates("mha", work.layers), answer_loss)
+        matrices: dict[str, dict[int, dict[int, float]]] = {name: {} for name in args.estimators}
+        for supernet, state in states.items():
+            restore(model, state)
+            for name, matrix in matrices.items():
+                matrix[supernet] = {
+                    seed: judge.loss(tuple(row["estimators"][name]["plan"]))
+                    for seed, row in group.items()
+                }
+        for name, matrix in matrices.items():
+            own = [matrix[s][s] for s in matrix]
+            others = [statistics.mean(v for p, v in matrix[s].items() if p != s) for s in matrix]
+            table.append(
+                {
+                    "k": k,
+                    "ramp": ramp,
+                    "method": name,
+                    "own": statistics.mean(own),
+                    "others": statistics.mean(others),
+                    "own_better": sum(o < x for o, x in zip(own, others, strict=True)),
+                    "matrix": {
+                        str(s): {str(p): v for p, v in row.items()} for s, row in matrix.items()
+                    },
+                }
+            )
+    return table
+
+
+def transfer_markdown(table: list[dict[str, Any]], seeds: int) -> str:
+    lines = [
+        "| k | ramp | method | own plan (mean) | other seeds' plans (mean) | "
+        f"own plan better (of {seeds}) |",
+        "|---:|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {e['k']} | {'on' if e['ramp'] else 'off'} | {e['method']} | {e['own']:.3f} | "
+        f"{e['others']:.3f} | {e['own_better']} |"
+        for e in table
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = options(argv)
     started = time.perf_counter()
     ramps = {"on": [True], "off": [False], "both": [True, False]}[args.ramp]
     rows = []
+    supernets: Supernets = {}  # one model per (k, ramp), every seed's trainable state
     tasks: dict[int, Task] = {}  # by workload seed: built once
     for seed in args.seeds:
         workload_seed = seed if args.workload_seed < 0 else args.workload_seed
@@ -427,14 +488,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         work = tasks[workload_seed]
         for k in args.ks:
             for ramp in ramps:
-                rows.append(one_setting(work, args, seed, k, ramp))
+                row, model, state = one_setting(work, args, seed, k, ramp)
+                rows.append(row)
+                supernets.setdefault((k, ramp), (model, work, {}))[2][seed] = state
     table = summarise(rows, args.estimators)
     text = markdown(table, len(args.seeds))
+    transfer = []
+    if args.workload_seed >= 0 and len(args.seeds) > 1:
+        transfer = plan_transfer(rows, supernets, args)
+        text += "\n\n" + transfer_markdown(transfer, len(args.seeds))
     print(text, flush=True)
     figure = plot(rows, args.estimators, args.out / "search_quality.png")
     body = {
         "rows": rows,
         "summary": table,
+        "transfer": transfer,
         "markdown": text,
         "plot": str(figure),
     }

@@ -55,9 +55,10 @@ def options(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument(
         "--max-grad-norm",
-        type=float,
+        type=lambda text: None if text == "none" else float(text),
         default=TuningConfig.max_grad_norm,
-        help="clip every method's gradient norm (TuningConfig.max_grad_norm)",
+        help="clip every method's gradient norm (TuningConfig.max_grad_norm; 'none': no "
+        "clipping; default %(default)s)",
     )
     return parser.parse_args(argv)
 

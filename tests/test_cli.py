@@ -209,6 +209,19 @@ def test_argument_errors_exit_2(tmp_path):
     assert result.returncode == 2 and "--train" in result.stderr
     result = cli("demo", "--candidates", "attention", check=False)
     assert result.returncode == 2 and "--candidates" in result.stderr
+    result = cli("finetune", "--max-grad-norm", "0", check=False)
+    assert result.returncode == 2 and "--max-grad-norm" in result.stderr
+
+
+@pytest.mark.parametrize(("given", "expected"), [([], 10.0), (["2.5"], 2.5), (["none"], None)])
+def test_max_grad_norm_reaches_the_tuning_config(given, expected):
+    from eas_kernels.cli import _tuning_config, parser
+
+    flag = ["--max-grad-norm", *given] if given else []
+    for command, searches in ((["search"], True), (["finetune", "--plan", "p.json"], False)):
+        args = parser().parse_args([*command, *flag])
+        config = _tuning_config(args, searches=searches, finetune_epochs=1)
+        assert config.max_grad_norm == expected
 
 
 def test_demo_compares_lavin_style_and_eas_end_to_end(tmp_path):

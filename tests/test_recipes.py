@@ -110,6 +110,15 @@ def test_search_quality_recipe_compares_every_estimator_with_the_baselines(tmp_p
     methods = {entry["method"] for entry in report["summary"]}
     assert methods == {*names, "best window", "best random"}
     assert all(entry["jaccard"] is not None for entry in report["summary"])
+    # one shared workload: every seed's plan judged on every seed's supernet; a supernet
+    # restored from its state scores its own plan as its own search run did
+    assert {entry["method"] for entry in report["transfer"]} == set(names)
+    for entry in report["transfer"]:
+        assert set(entry["matrix"]) == {"0", "1"} and entry["own_better"] in (0, 1, 2)
+        for row in report["rows"]:
+            own = entry["matrix"][str(row["seed"])][str(row["seed"])]
+            expected = row["estimators"][entry["method"]]["validation_loss"]
+            assert own == pytest.approx(expected, rel=1e-5)
     assert (tmp_path / "search_quality.json").is_file() and Path(report["plot"]).is_file()
     assert recipe.spearman([1, 2, 3], [3, 2, 1]) == -1 and recipe.jaccard([1, 2], [2, 3]) == 1 / 3
 

@@ -111,7 +111,10 @@ class TuningConfig:
     ``num_subnets`` is the bandits' subnets per round (None: 3 for ``paper``, 8 for
     ``bandit``); ``policy_lr``/``policy_temperature`` are their ``η`` and ``τ``.
     ``max_grad_norm`` clips the trainable parameters' gradient norm before each step
-    (None: no clipping; each step's norm before clipping is in the history).
+    (None: no clipping; each step's norm before clipping is in the history). The default,
+    10, is near an ordinary step's norm (10–30 on the demo's workload) and cuts the rare
+    spikes (150–1,100) that made single runs fail (benchmarks/RESULTS.md, "Gradient
+    clipping").
     """
 
     k: int | None = None
@@ -124,7 +127,7 @@ class TuningConfig:
     finetune_epochs: int = 3
     batch_size: int = 8
     lr: float = 1e-3
-    max_grad_norm: float | None = None
+    max_grad_norm: float | None = 10.0
     num_subnets: int | None = None
     eval_every: int = 10
     policy_lr: float = 1.0
