@@ -112,13 +112,14 @@ def options(argv: Sequence[str] | None) -> argparse.Namespace:
 
 @dataclass
 class Task:
-    """A frozen model and its examples: ``held_out`` is the search batch
-    (``held_out[:search_batch]``) followed by the validation set."""
+    """A frozen model and its examples: the estimators score plans on ``search``, and every
+    plan is judged on ``validation``, which no search sees."""
 
     model: nn.Module
     layers: int
     train: list[Example]
-    held_out: list[Example]
+    search: list[Example]
+    validation: list[Example]
     test: list[Example]
     pad_id: int
 
@@ -139,7 +140,7 @@ def build_task(args: argparse.Namespace, seed: int) -> Task:
         train = train[args.search_batch :][: args.train]
         validation = test[: args.validation]
         return Task(
-            model, model.params.n_layers, train, search + validation, test, tokenizer.pad_token_id
+            model, model.params.n_layers, train, search, validation, test, tokenizer.pad_token_id
         )
     config = WorkloadConfig(
         model=args.model,
@@ -150,7 +151,13 @@ def build_task(args: argparse.Namespace, seed: int) -> Task:
     )
     work = build_workload(config, cache_dir=args.out / "cache", log=log)
     return Task(
-        work.model, work.model.llm.n_layers, work.train, work.held_out, work.test, work.pad_id
+        work.model,
+        work.model.llm.n_layers,
+        work.train,
+        work.held_out[: args.search_batch],
+        work.held_out[args.search_batch :],
+        work.test,
+        work.pad_id,
     )
 
 
@@ -192,8 +199,7 @@ def one_setting(
 ) -> tuple[dict[str, Any], nn.Module, dict[str, torch.Tensor]]:
     """One (seed, k, ramp) cell: its row, the warmed-up model and its trainable state."""
     layers = work.layers
-    search_examples = work.held_out[: args.search_batch]
-    validation = collate(work.held_out[args.search_batch :], work.pad_id)
+    validation = collate(work.validation, work.pad_id)
     model = patch_lavin(copy.deepcopy(work.model), SkipPlan(layers, []), search="mha")
     if hasattr(model, "projector"):  # easy-vqa: the projector trains with the PIAs
         model.projector.requires_grad_(True)
@@ -208,11 +214,11 @@ def one_setting(
         **TRAINING,
     )
     began = time.perf_counter()
-    warmed = EASTuner(model, work.train, search_examples, warmup, pad_id=work.pad_id).run()
+    warmed = EASTuner(model, work.train, work.search, warmup, pad_id=work.pad_id).run()
     warmup_seconds = time.perf_counter() - began
     state = trainables(model)
     candidates = Candidates("mha", layers)
-    search = HeldOutScorer(model, collate(search_examples, work.pad_id), candidates, answer_loss)
+    search = HeldOutScorer(model, collate(work.search, work.pad_id), candidates, answer_loss)
     judge = HeldOutScorer(model, validation, candidates, answer_loss)
     row: dict[str, Any] = {
         "seed": seed,
@@ -285,7 +291,7 @@ def finetune_plans(
     plans = {name: tuple(r["plan"]) for name, r in row["estimators"].items()}
     plans["best window"] = tuple(row["best_window"]["plan"])
     plans["best random"] = tuple(row["random"]["best"]["plan"])
-    validation = collate(work.held_out[args.search_batch :], work.pad_id)
+    validation = collate(work.validation, work.pad_id)
     config = TuningConfig(
         warmup_epochs=0, search_epochs=0, finetune_epochs=1, seed=seed, **TRAINING
     )
@@ -431,7 +437,7 @@ def plan_transfer(
     table = []
     for (k, ramp), (model, work, states) in sorted(supernets.items()):
         group = {r["seed"]: r for r in rows if (r["k"], r["ramp"]) == (k, ramp)}
-        validation = collate(work.held_out[args.search_batch :], work.pad_id)
+        validation = collate(work.validation, work.pad_id)
         judge = HeldOutScorer(model, validation, Candidates("mha", work.layers), answer_loss)
         matrices: dict[str, dict[int, dict[int, float]]] = {name: {} for name in args.estimators}
         for supernet, state in states.items():
