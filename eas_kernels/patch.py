@@ -42,6 +42,7 @@ from .roles import (
 from .runtime import AdapterSite, EASRuntime
 
 _PATCH_ATTR = "_eas_patch"
+ROUTES_ATTR = "_eas_routes"  # eas_kernels.routing's patch: a model is patched or routed
 
 
 class Removable(Protocol):
@@ -94,6 +95,11 @@ def check_patch_arguments(model: object, plan: object, search: object) -> str | 
     candidates = check_search(search)
     if hasattr(model, _PATCH_ATTR):
         raise ValueError("model is already patched by eas_kernels")
+    if hasattr(model, ROUTES_ATTR):
+        raise ValueError(
+            "model is routed per example (eas_kernels.routing.patch_routes): a model is either "
+            "statically skipped (EAS) or routed, not both (unpatch_routes it first)"
+        )
     return candidates
 
 

@@ -30,6 +30,17 @@ from torch import nn
 from ._checks import check_positive_finite, check_positive_int, check_tensor, check_token_mask
 
 
+def masked_token_mean(u: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``ū = Σ_t m_t u_t / Σ_t m_t`` of ``u`` ``(B, n, d)`` over a ``(B, n)`` bool mask with a
+    token in every row (None: all tokens), ``(B, d)``, accumulated and returned in at least
+    float32: the prompt summary a PIA's state (§1) and a route (ROE_SPEC §3) are read from."""
+    compute = torch.promote_types(u.dtype, torch.float32)
+    if mask is None:
+        return u.to(compute).mean(dim=1)
+    summed = torch.where(mask.unsqueeze(-1), u.to(compute), 0.0).sum(dim=1)
+    return summed / mask.sum(dim=1, keepdim=True)
+
+
 def router_softmax(
     mean: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, temperature: float
 ) -> torch.Tensor:
@@ -204,15 +215,9 @@ class PIA(nn.Module):
         every row) — the runtime does, once per model call — so no host sync happens here.
         """
         self._check_input(u)
-        compute = torch.promote_types(u.dtype, torch.float32)
-        if mask is None:
-            mean = u.to(compute).mean(dim=1)
-        else:
-            if not mask_checked:
-                check_token_mask(mask, "mask", shape=tuple(u.shape[:2]), device=u.device)
-            summed = torch.where(mask.unsqueeze(-1), u.to(compute), 0.0).sum(dim=1)
-            mean = summed / mask.sum(dim=1, keepdim=True)
-        mean = mean.to(u.dtype)
+        if mask is not None and not mask_checked:
+            check_token_mask(mask, "mask", shape=tuple(u.shape[:2]), device=u.device)
+        mean = masked_token_mean(u, mask).to(u.dtype)
         return PIAState(*self._state_of_means(mean))
 
     def _state_of_means(self, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,7 +81,7 @@ def _versions(tensors: list[torch.Tensor]) -> tuple | None:
 
 
 @dataclass
-class _MergeRecord:
+class MergeRecord:
     """A linear layer whose weight and bias hold a merged PIA (swapped in), with the
     pristine storage swapped out."""
 
@@ -90,7 +90,7 @@ class _MergeRecord:
     bias: torch.Tensor | None  # None: the layer had no bias before the merge
 
     @classmethod
-    def install(cls, linear: nn.Linear, merged: MergedTarget) -> _MergeRecord:
+    def install(cls, linear: nn.Linear, merged: MergedTarget) -> MergeRecord:
         """Swap ``merged`` into ``linear`` (O(1)); a bias-less layer gets a bias."""
         weight = install_merged(linear.weight, merged.merged)
         parameters = linear._parameters  # "bias" is registered, as None, on a bias-less layer
@@ -299,7 +299,7 @@ class EASRuntime:
         self.decode_steps: int | None = None  # expected after the prefill (None: unknown)
         self.auto_choice: AutoChoice | None = None  # what "auto" chose for this prompt
         self._costs: dict[int, ModeCosts] = {}  # measured per batch size, for "auto"
-        self._merged: list[_MergeRecord] = []
+        self._merged: list[MergeRecord] = []
         self._finite_key: tuple | None = None  # the weights' versions at the last check
 
     @property
@@ -491,10 +491,10 @@ class EASRuntime:
             for site, targets in zip(sites, merged, strict=True)
             for pair in zip(site.targets, targets, strict=True)
         ]
-        records: list[_MergeRecord] = []
+        records: list[MergeRecord] = []
         try:
             for linear, merged in computed:
-                records.append(_MergeRecord.install(linear, merged))
+                records.append(MergeRecord.install(linear, merged))
         except BaseException:  # an interrupt while swapping: put back what was swapped
             for record in reversed(records):
                 record.restore()

@@ -128,3 +128,55 @@ def merged_weight_reference(
     new_weight = weight @ dense.t()
     new_bias = beta @ weight.t() + (0 if bias is None else bias)
     return new_weight, new_bias
+
+
+def routed_forward_reference(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    prompt_len: int,
+    unit: str,
+    forced: dict[int, bool] | None = None,
+    soft: tuple[float, float] | None = None,
+) -> tuple[torch.Tensor, dict[int, float]]:
+    """Logits ``(n, vocab)`` of one unpadded sequence through a routed model (ROE_SPEC
+    §2–§4), and each routed layer's ``w_skip``.
+
+    Routed layers are the blocks with a ``router`` and a ``route_pia``. The route reads
+    ``ū``, the mean of ``attention_norm(x)`` over the first ``prompt_len`` tokens:
+    ``g = ū Wᵀ`` (keep, skip). Hard (``soft`` None): skip iff ``g_skip > g_keep``, unless
+    ``forced[layer]`` says otherwise. ``soft = (τ, b)``: ``w = softmax((g + [b, 0]) / τ)``
+    and the output mixes both branches. Skip branch: ``x + FFN(v + PIA_s(v))`` (unit
+    ``mha``) or ``x + A(attention_norm(x))`` (``block``); PIA states over the prompt.
+    """
+    n = tokens.shape[0]
+    mask = torch.zeros(1, n, dtype=torch.bool)
+    mask[0, :prompt_len] = True
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    freqs = model.freqs_cis[:n][None]
+    x = model.tok_embeddings.weight[tokens][None]
+    weights: dict[int, float] = {}
+    for index, block in enumerate(model.layers):
+        u = rms_norm(block.attention_norm, x)
+        h = x + block.attention(u, None, freqs, causal)
+        kept = h + ffn(block.feed_forward, rms_norm(block.ffn_norm, h))
+        router = getattr(block, "router", None)
+        if router is None:
+            x = kept
+            continue
+        if unit == "mha":
+            v = rms_norm(block.ffn_norm, x)
+            skipped = x + ffn(block.feed_forward, v + pia_reference(block.route_pia, v, mask))
+        else:
+            skipped = x + pia_reference(block.route_pia, u, mask)
+        mean = u[0, :prompt_len].double().mean(0)
+        logits = mean @ router.weight.double().t()
+        if soft is None:
+            skip = bool(logits[1] > logits[0]) if forced is None else forced[index]
+            w_skip = float(skip)
+        else:
+            temperature, bias = soft
+            soft_logits = (logits + torch.tensor([bias, 0.0]).double()) / temperature
+            w_skip = float(torch.softmax(soft_logits.detach(), 0)[1])
+        weights[index] = w_skip
+        x = (1 - w_skip) * kept + w_skip * skipped
+    return linear(model.output, rms_norm(model.norm, x))[0].float(), weights

@@ -9,7 +9,9 @@ uses Meta's interleaved-pair convention; grouped-query attention via ``n_kv_head
 Beyond Meta's code, the forward takes per-example padding (``attention_mask``): a padded
 token is never attended to and positions count real tokens only, so a left-padded batch
 gives every example the result it gets alone. The KV cache is allocated lazily at the
-first cached call, so an attention that never runs (a skipped MHA) holds no cache.
+first cached call, with the rows of its batch (``max_batch_size`` bounds them), so an
+attention that never runs (a skipped MHA) holds no cache and one that runs for some
+examples only holds theirs.
 """
 
 from __future__ import annotations
@@ -121,19 +123,29 @@ class Attention(nn.Module):
         self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
 
-    def _cache(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cache(self, like: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The KV cache, with a row per example of the calls so far: allocated at the first
+        cached call with the rows of its batch, and again at a prefill that needs more (a
+        per-example route that keeps this layer for 3 examples of 8 holds 3 rows)."""
+        batch = like.shape[0]
         if (
             self.cache_k is None
             or self.cache_k.dtype != like.dtype
             or self.cache_k.device != like.device
+            or (start_pos == 0 and self.cache_k.shape[0] < batch)
         ):
-            shape = (self.max_batch_size, self.max_seq_len, self.n_kv_heads, self.head_dim)
+            shape = (batch, self.max_seq_len, self.n_kv_heads, self.head_dim)
             # Normal tensors even when first called under torch.inference_mode(), so that
             # later calls outside it can still write into them.
             with torch.inference_mode(False):
                 self.cache_k = torch.zeros(shape, dtype=like.dtype, device=like.device)
                 self.cache_v = torch.zeros(shape, dtype=like.dtype, device=like.device)
         assert self.cache_v is not None
+        if self.cache_k.shape[0] < batch:
+            raise RuntimeError(
+                f"decode call with {batch} examples but the KV cache holds "
+                f"{self.cache_k.shape[0]}: a decode call must continue its prefill's batch"
+            )
         return self.cache_k, self.cache_v
 
     def forward(
@@ -153,7 +165,7 @@ class Attention(nn.Module):
         if start_pos is None:
             keys, values = xk, xv
         else:
-            cache_k, cache_v = self._cache(xk)
+            cache_k, cache_v = self._cache(xk, start_pos)
             end = start_pos + seqlen
             cache_k[:batch, start_pos:end] = xk
             cache_v[:batch, start_pos:end] = xv

@@ -1,0 +1,41 @@
+"""Per-example routing (RoE, ROE_SPEC.md): each example skips its own units.
+
+* :mod:`.plan`     — :class:`RoutePlan`: routed layers, unit (``mha`` / ``block``), ``ρ``;
+* :mod:`.control`  — :class:`RouteControl`: the mode (hard / soft / random), ``τ``, keep
+  bias and the records of the last call (``ρ̂``, routes), shared by a model's routed layers;
+* :mod:`.forward`  — :class:`RoutedForward`: one routed block (gather, compute, scatter;
+  frozen routes; the batch-1 merge of a skipped MHA's PIA);
+* :mod:`.patch`    — :func:`patch_routes` / :func:`unpatch_routes` and the switches;
+* :mod:`.schedule` — :class:`RouteSchedule` (RoE's three stages) and :func:`route_loss`.
+"""
+
+from .control import ROUTING_MODES, RouteControl
+from .forward import LayerRoute, RoutedForward
+from .patch import (
+    force_routes,
+    patch_routes,
+    route_control,
+    routes_of,
+    set_routing,
+    unpatch_routes,
+)
+from .plan import UNITS, RoutePlan
+from .schedule import RouteSchedule, RouteStage, route_loss
+
+__all__ = [
+    "ROUTING_MODES",
+    "UNITS",
+    "LayerRoute",
+    "RouteControl",
+    "RoutePlan",
+    "RouteSchedule",
+    "RouteStage",
+    "RoutedForward",
+    "force_routes",
+    "patch_routes",
+    "route_control",
+    "route_loss",
+    "routes_of",
+    "set_routing",
+    "unpatch_routes",
+]
