@@ -11,7 +11,11 @@ LLaMA) and writes into ``--out``:
 * ``evaluate`` accuracy (per question type; batched low-rank decoding, equal to merged)
   and decode speed of ``--checkpoint`` vs the unpatched model and the floor;
 * ``generate`` answers one question about one easy-vqa image;
-* ``demo``     all of it, LaVIN-style tuning vs EAS with k skipped MHAs, and a table.
+* ``demo``     all of it, LaVIN-style tuning vs EAS with k skipped MHAs, and a table;
+* ``route``    per-example routing (RoE, ROE_SPEC): routers and shortcuts trained with
+  RoE's schedule and regularised loss → accuracy, the realised skip ratio (per layer, per
+  example), ``routes.png`` and batch-1 decode speed against the unpatched model (no
+  checkpoint: a killed run starts again).
 
 Each command also writes ``<command>_report.json`` (arguments, results, timings,
 versions). Bad arguments — and files that are missing, unreadable, unwritable or not what
@@ -57,6 +61,7 @@ from .patch import current_plan, patch_lavin, runtime_of, set_skipped
 from .plan import SkipPlan
 from .reparam import reparameterize
 from .roles import CANDIDATE_SETS, DEFAULT_CANDIDATES
+from .routing import UNITS, RoutePlan, patch_routes
 from .runtime import MODES
 from .search import ESTIMATORS, Candidates
 from .tuning import EASTuner, TuningConfig, TuningInterrupted, TuningResult
@@ -65,10 +70,12 @@ from .tuning.evaluate import (
     floor_model,
     paired_ratio,
     pretrained_parameter_count,
+    route_matrix,
     time_models,
     tuned_parameter_count,
 )
-from .tuning.plots import plot_plan, plot_preferences
+from .tuning.plots import plot_plan, plot_preferences, plot_routes
+from .tuning.route_trainer import RouteConfig, RouteTuner
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -94,6 +101,24 @@ def _seed(text: str) -> int:
     if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text}")
     return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def _layer_range(text: str) -> list[int]:
+    first, _, last = text.partition("-")
+    try:
+        low, high = int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be FIRST-LAST or one layer, got {text}") from None
+    if not 0 <= low <= high:
+        raise argparse.ArgumentTypeError(f"must be FIRST-LAST with 0 <= FIRST <= LAST, got {text}")
+    return list(range(low, high + 1))
 
 
 def _workload_options(parser: argparse.ArgumentParser) -> None:
@@ -221,6 +246,24 @@ def parser() -> argparse.ArgumentParser:
         default="auto",
         help="how the decode steps apply the PIAs (auto: the cheapest for --max-new-tokens)",
     )
+    route = commands.add_parser(
+        "route", help="per-example routing (RoE): routers learn which units each example skips"
+    )
+    _workload_options(route)
+    group = route.add_argument_group("routing")
+    group.add_argument("--unit", choices=UNITS, default="mha", help="what a route skips")
+    group.add_argument("--ratio", type=_ratio, default=0.3, help="target skip ratio ρ in [0, 1)")
+    group.add_argument(
+        "--layers", type=_layer_range, default=None, help="routed layers, FIRST-LAST (default: all)"
+    )
+    group.add_argument("--skip-rank", type=_positive(int), default=32)
+    group.add_argument("--epochs", type=_positive(int), default=RouteConfig.epochs)
+    group.add_argument("--batch-size", type=_positive(int), default=8)
+    group.add_argument("--lr", type=_positive(float), default=RouteConfig.lr)
+    group.add_argument("--router-lr", type=_positive(float), default=RouteConfig.router_lr)
+    group.add_argument("--max-grad-norm", type=_grad_norm, default=RouteConfig.max_grad_norm)
+    route.add_argument("--timing-prompts", type=_positive(int), default=6)
+    route.add_argument("--timing-tokens", type=_positive(int), default=16)
     demo = commands.add_parser("demo", help="LaVIN-style tuning vs EAS, end to end")
     _workload_options(demo)
     _training_options(demo, search=True)
@@ -248,12 +291,7 @@ class Console:
 
     def progress(self, total: int, description: str) -> Any:
         """A callback for :class:`EASTuner` that advances a bar of ``total`` steps."""
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            tqdm = None
-        if tqdm is not None and not self.quiet:
-            self.bar = tqdm(total=total, desc=description, dynamic_ncols=True, file=sys.stdout)
+        self._bar(total, description)
 
         def update(record: dict[str, Any]) -> None:
             skipped = list(record["plan"].skipped) + [f"f{i}" for i in record["plan"].skipped_ffns]
@@ -261,11 +299,37 @@ class Console:
             if "held_out_loss" in record:
                 postfix["held-out"] = f"{record['held_out_loss']:.3f}"
             postfix["plan"] = ",".join(map(str, skipped)) or "-"
-            if self.bar is not None:
-                self.bar.set_postfix(postfix, refresh=False)
-                self.bar.update(1)
-            elif not self.quiet and record["step"] % 25 == 0:
-                self.log(f"step {record['step']}/{total} {postfix}")
+            self._advance(record["step"], total, postfix)
+
+        return update
+
+    def _bar(self, total: int, description: str) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None and not self.quiet:
+            self.bar = tqdm(total=total, desc=description, dynamic_ncols=True, file=sys.stdout)
+
+    def _advance(self, step: int, total: int, postfix: dict[str, str]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+        elif not self.quiet and step % 25 == 0:
+            self.log(f"step {step}/{total} {postfix}")
+
+    def route_progress(self, total: int, description: str) -> Any:
+        """A callback for :class:`RouteTuner`: stage, loss and ``ρ̂`` on a bar of ``total``."""
+        self._bar(total, description)
+
+        def update(record: dict[str, Any]) -> None:
+            postfix = {
+                "stage": record["stage"],
+                "ce": f"{record['ce']:.3f}",
+                "ρ̂": f"{record['realized_ratio']:.2f}",
+                "τ": f"{record['temperature']:.2g}",
+            }
+            self._advance(record["step"], total, postfix)
 
         return update
 
@@ -534,7 +598,7 @@ def _timing(
 
 
 def _accuracy(
-    model: nn.Module, workload: Workload, mode: str, console: Console, name: str
+    model: nn.Module, workload: Workload, mode: str | None, console: Console, name: str
 ) -> dict[str, Any]:
     """Test accuracy, overall and per question type (:func:`evaluate_accuracy`)."""
     result = evaluate_accuracy(model, workload, mode)
@@ -686,6 +750,67 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     }
 
 
+def cmd_route(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    workload = _workload(args, console)
+    base, layers = workload.model, workload.model.llm.n_layers
+    plan = RoutePlan(
+        layers, unit=args.unit, ratio=args.ratio, layers=args.layers, skip_rank=args.skip_rank
+    )
+    model = patch_routes(copy.deepcopy(base), plan)
+    model.projector.requires_grad_(True)  # trains with the routes; the LLM stays frozen
+    config = RouteConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        router_lr=args.router_lr,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+    )
+    tuner = RouteTuner(model, workload.train, config, pad_id=workload.pad_id)
+    tuner.progress = console.route_progress(tuner.total, f"RoE ({args.unit}, ρ={args.ratio})")
+    try:
+        result = tuner.run()
+    finally:
+        console.close()
+    accuracy = _accuracy(model, workload, None, console, "routed")
+    size = workload.model.llm.params.max_batch_size
+    routes = route_matrix(model, workload.test, pad_id=workload.pad_id, batch_size=size)
+    per_example = routes.float().sum(dim=1)
+    realized = {
+        "mean": float(routes.float().mean()),
+        "units_per_example_mean": float(per_example.mean()),
+        "units_per_example_std": float(per_example.std()) if len(per_example) > 1 else 0.0,
+        "per_layer": dict(zip(plan.layers, routes.float().mean(dim=0).tolist(), strict=True)),
+    }
+    console.log(
+        f"realized skip ratio on the test set {realized['mean']:.3f} (target {args.ratio}); "
+        f"{realized['units_per_example_mean']:.1f} ± {realized['units_per_example_std']:.1f} "
+        f"units skipped per example of {len(plan.layers)}"
+    )
+    plot = plot_routes(
+        routes.tolist(), plan.layers, result.history, args.ratio, args.out / "routes.png"
+    )
+    timings = _timing({"unpatched": (base, None), "routed": (model, None)}, workload, args, console)
+    ratio = paired_ratio(timings, "unpatched", "routed")
+    console.log(
+        f"batch-1 decode: routed {timings['routed']['ms_per_token']:.2f} ms/token, unpatched "
+        f"{timings['unpatched']['ms_per_token']:.2f} ({ratio['median']:.3f}x faster)"
+    )
+    return {
+        "workload": workload.info,
+        "route_plan": plan.to_dict(),
+        "config": dataclasses.asdict(config),
+        **accuracy,
+        "realized_ratio": realized,
+        "history": result.history,
+        "tuning_seconds": result.seconds,
+        "timings": timings,
+        "speedup_over_unpatched": ratio,
+        "plots": {"routes": str(plot)},
+        "timing_method": TIMING_METHOD,
+    }
+
+
 def _print_table(
     methods: dict[str, dict[str, Any]], timings: dict[str, dict[str, Any]], pretrained: int
 ) -> None:
@@ -719,6 +844,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "generate": cmd_generate,
     "demo": cmd_demo,
+    "route": cmd_route,
 }
 
 

@@ -246,3 +246,40 @@ def test_demo_compares_lavin_style_and_eas_end_to_end(tmp_path):
         report["methods"][eas]["plan"]["skipped"]
     )
     assert report["workload"]["projector_alignment"]["color_accuracy"] > 0.5
+
+
+def test_route_trains_routers_and_reports_ratio_accuracy_and_speed(tmp_path):
+    """`eas-kernels route` on the tiny model: RoE's stages in the history, the realised
+    ratio per layer and per example, the plot and the batch-1 timing."""
+    options = ["--unit", "mha", "--ratio", "0.4", "--layers", "1-4", "--epochs", "2"]
+    options += ["--batch-size", "4", "--timing-prompts", "2", "--timing-tokens", "3"]
+    cli("route", *WORKLOAD, *options, "--out", str(tmp_path))
+    report = json.loads((tmp_path / "route_report.json").read_text())
+    assert report["route_plan"]["layers"] == [1, 2, 3, 4] and report["route_plan"]["ratio"] == 0.4
+    stages = [record["stage"] for record in report["history"]]
+    assert stages[0] == "random" and stages[-1] == "joint" and "routers" in stages
+    assert len(stages) == 2 * 4  # 16 questions in batches of 4, two epochs
+    realized = report["realized_ratio"]
+    assert 0.0 <= realized["mean"] <= 1.0 and set(realized["per_layer"]) == {"1", "2", "3", "4"}
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["decode"] is None
+    assert set(report["timings"]) == {"unpatched", "routed"}
+    assert (tmp_path / "routes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        (["--ratio", "1"], "--ratio: must lie in [0, 1)"),
+        (["--layers", "4-2"], "--layers: must be FIRST-LAST"),
+        (["--unit", "ffn"], "--unit: invalid choice"),
+    ],
+)
+def test_route_refuses_bad_options(tmp_path, arguments, words):
+    result = cli("route", *WORKLOAD, *arguments, "--out", str(tmp_path), check=False)
+    assert result.returncode == 2 and words in result.stderr
+
+
+def test_route_refuses_layers_beyond_the_model(tmp_path):
+    result = cli("route", *WORKLOAD, "--layers", "3-9", "--out", str(tmp_path), check=False)
+    assert result.returncode == 2
+    assert "layers: layer index 6 is out of range [0, 6)" in result.stderr

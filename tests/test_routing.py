@@ -400,3 +400,28 @@ def test_deepcopy_of_a_routed_model_is_independent() -> None:
         clone.layers[0].router.weight.add_(1.0)
     assert route_control(clone) is not route_control(model)
     assert clone.layers[0].forward.router is clone.layers[0].router
+
+
+def test_any_keeps_rule_runs_the_whole_batch_and_keeps_its_cache_rows() -> None:
+    model = routed("mha", seed=4)
+    base = tiny_model(4)
+    prompts, real = _prompt_batch([6, 2, 9], seed=6)
+    answer = torch.randint(1, 97, (3, 3), generator=torch.Generator().manual_seed(2))
+    routes = torch.tensor(
+        [[True, True, True, True], [False, True, True, True], [True, True, True, True]]
+    )
+    force_routes(model, routes)
+    route_control(model).set_batch_rule("any_keeps")
+    got = _decode_batch(model, prompts, real, answer)
+    # layer 0 runs for every example (one keeps it); layers 1-3 are skipped by all
+    assert model.layers[0].attention.cache_k.shape[0] == 3
+    assert all(model.layers[i].attention.cache_k is None for i in (1, 2, 3))
+    route_control(model).set_batch_rule("per_example")  # the decode keeps the prefill's rule
+    step = model(answer[:, -1:], start_pos=prompts.shape[1] + 2)
+    assert torch.isfinite(step).all()
+    force_routes(model, torch.tensor([[False, True, True, True]] * 3))
+    expected = _decode_batch(model, prompts, real, answer)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="batch_rule must be one of"):
+        route_control(model).set_batch_rule("any")
+    del base

@@ -9,7 +9,7 @@
 * :mod:`.schedule` — :class:`RouteSchedule` (RoE's three stages) and :func:`route_loss`.
 """
 
-from .control import ROUTING_MODES, RouteControl
+from .control import BATCH_RULES, ROUTING_MODES, RouteControl
 from .forward import LayerRoute, RoutedForward
 from .patch import (
     force_routes,
@@ -23,6 +23,7 @@ from .plan import UNITS, RoutePlan
 from .schedule import RouteSchedule, RouteStage, route_loss
 
 __all__ = [
+    "BATCH_RULES",
     "ROUTING_MODES",
     "UNITS",
     "LayerRoute",

@@ -8,6 +8,7 @@ from .._checks import check_positive_finite, check_tensor
 from .plan import RoutePlan
 
 ROUTING_MODES = ("hard", "soft", "random")
+BATCH_RULES = ("per_example", "any_keeps")
 
 
 class RouteControl:
@@ -22,6 +23,11 @@ class RouteControl:
             of each example with probability ``ρ`` (training stage 1).
         temperature: the route temperature ``τ`` of ``"soft"``.
         keep_bias: the bias ``b`` added to the keep logit in ``"soft"``.
+        batch_rule: how a batch runs a unit under hard routes: ``"per_example"`` (each
+            example takes its own branch: gather, compute, scatter; the default) or
+            ``"any_keeps"`` (RoE's released inference: the unit runs for the whole batch when
+            any example keeps it — every example then gets the kept branch; kept for
+            comparisons).
         merge: at batch 1, re-parameterise the skipped MHAs' PIAs into ``W1/W3`` for the
             decode (EAS_SPEC §4; unit ``mha`` only); False decodes eagerly.
         state_mask: the prompt mask of the next fresh call (the root hook sets it).
@@ -38,6 +44,7 @@ class RouteControl:
         self.temperature = 1.0
         self.keep_bias = 0.0
         self.merge = True
+        self.batch_rule = "per_example"
         self.state_mask: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
         self.skip_weights: dict[int, torch.Tensor] = {}
@@ -53,6 +60,12 @@ class RouteControl:
         if not torch.isfinite(torch.tensor(float(keep_bias))):
             raise ValueError(f"keep_bias must be finite, got {keep_bias!r}")
         self.mode, self.keep_bias = mode, float(keep_bias)
+
+    def set_batch_rule(self, rule: str) -> None:
+        """Use ``rule`` (one of :data:`BATCH_RULES`) from the next call on."""
+        if not isinstance(rule, str) or rule not in BATCH_RULES:
+            raise ValueError(f"batch_rule must be one of {BATCH_RULES}, got {rule!r}")
+        self.batch_rule = rule
 
     def force(self, routes: torch.Tensor | None) -> None:
         """Use ``routes`` (``(B, len(plan.layers))`` bool, True = skip) at every fresh call

@@ -38,8 +38,8 @@ from .control import RouteControl
 class LayerRoute:
     """The frozen route of one layer for the examples of a prefill."""
 
-    skip: torch.Tensor  # (B,) bool
-    kept: torch.Tensor  # indices of the examples that run the layer
+    skip: torch.Tensor  # (B,) bool: the route's decision
+    kept: torch.Tensor  # indices of the examples that run the layer (batch rule applied)
     skipped: torch.Tensor  # indices of the examples that take the shortcut
     all_kept: bool
     all_skipped: bool
@@ -156,7 +156,10 @@ class RoutedForward:
             logits = self.route_logits(x, mask)
             skip = logits[:, 1] > logits[:, 0]
         control.skip_weights[self.layer] = skip.float()
-        kept_rows, skipped_rows = (~skip).nonzero().flatten(), skip.nonzero().flatten()
+        runs = ~skip
+        if control.batch_rule == "any_keeps" and bool(runs.any()):
+            runs = torch.ones_like(skip)  # RoE's release: the whole batch runs the unit
+        kept_rows, skipped_rows = runs.nonzero().flatten(), (~runs).nonzero().flatten()
         route = LayerRoute(
             skip, kept_rows, skipped_rows, len(skipped_rows) == 0, len(kept_rows) == 0, None
         )

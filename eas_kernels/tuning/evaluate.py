@@ -28,6 +28,7 @@ from ..layout import LAVIN
 from ..patch import patch_of, runtime_of
 from ..plan import SkipPlan
 from ..reparam import reparameterize
+from ..routing import route_control, set_routing
 from .data import Example
 
 
@@ -85,6 +86,31 @@ def answer_correct(
             for row, index in enumerate(indices[first : first + batch_size]):
                 correct[index] = tuple(generated.tokens[row]) == tuple(examples[index].answer)
     return correct
+
+
+@torch.no_grad()
+def route_matrix(
+    model: nn.Module, examples: Sequence[Example], *, pad_id: int, batch_size: int = 8
+) -> torch.Tensor:
+    """``(N, routed layers)`` bool: which units the hard route of each example's prompt
+    skips, on a routed ``model`` (:func:`~eas_kernels.routing.patch_routes`): the routes
+    its prefills freeze."""
+    if not examples:
+        raise ValueError("examples must not be empty")
+    check_positive_int(batch_size, "batch_size")
+    control = route_control(model)
+    set_routing(model, "hard")
+    model.eval()
+    rows = []
+    for first in range(0, len(examples), batch_size):
+        chunk = examples[first : first + batch_size]
+        images = [e.image for e in chunk]
+        kwargs = {} if images[0] is None else {"images": torch.stack(images)}
+        greedy_generate(
+            model, [list(e.prompt) for e in chunk], 1, pad_id=pad_id, prefill_kwargs=kwargs
+        )
+        rows.append(control.routes())
+    return torch.cat(rows)
 
 
 def answer_accuracy(

@@ -64,3 +64,42 @@ def plot_plan(
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return Path(path)
+
+
+def plot_routes(
+    routes: Sequence[Sequence[bool]],
+    layers: Sequence[int],
+    history: Sequence[dict[str, Any]],
+    target: float,
+    path: str | os.PathLike[str],
+) -> Path:
+    """Three panels of a routed model (ROE_SPEC §6): the skip frequency of each routed
+    layer over the examples of ``routes`` (``(N, len(layers))`` bool), the distribution of
+    skipped units per example, and ``ρ̂`` over training (``history`` of
+    :class:`~eas_kernels.tuning.route_trainer.RouteTuner`) against the target."""
+    plt = _pyplot()
+    rows = [list(map(bool, row)) for row in routes]
+    frequency = [sum(column) / len(rows) for column in zip(*rows, strict=True)] if rows else []
+    figure, (heat, counts, ratio) = plt.subplots(3, 1, figsize=(8, 7.5))
+    image = heat.imshow([frequency], aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    figure.colorbar(image, ax=heat, label="share of examples skipping")
+    heat.set_xticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
+    heat.set_yticks([])
+    heat.set_xlabel("routed layer")
+    heat.set_title("skip frequency per layer")
+    skipped = [sum(row) for row in rows]
+    counts.hist(skipped, bins=range(len(layers) + 2), align="left", rwidth=0.8)
+    counts.set_xlabel("skipped units per example")
+    counts.set_ylabel("examples")
+    steps = [record["step"] for record in history]
+    ratio.plot(steps, [record["realized_ratio"] for record in history], label="ρ̂ (batch)")
+    ratio.axhline(target, color="black", linestyle="--", label=f"target ρ = {target}")
+    ratio.set_xlabel("training step")
+    ratio.set_ylabel("skip ratio")
+    ratio.legend(loc="best")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -174,6 +174,20 @@ class TuningConfig:
         ).validate()
 
 
+class WarmupCosine:
+    """The learning-rate factor of step ``t`` of ``total``: linear warm-up over the first
+    10 % of the steps, then cosine decay to 0 (a picklable ``LambdaLR`` function)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.warmup = total, max(1, total // 10)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens under teacher forcing."""
     logits = model(batch.tokens, **batch.model_kwargs())
@@ -360,15 +374,8 @@ class EASTuner:
         """AdamW over the trainable parameters for the phase group starting at ``phase``."""
         epochs = self._epochs(0) + self._epochs(1) if phase < 2 else self._epochs(2)
         total = max(1, epochs * self._steps_per_epoch())
-        warmup = max(1, total // 10)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
         optimizer = torch.optim.AdamW(self.parameters.values(), lr=self.config.lr, weight_decay=0.0)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total))
 
     def _order(self, phase: int, epoch: int) -> list[int]:
         seed = (self.config.seed * 1_000_003 + phase * 1009 + epoch) % SEED_LIMIT

@@ -1,0 +1,171 @@
+"""RoE's training of a routed model (ROE_SPEC §4) over a list of examples.
+
+One run of ``epochs`` over the training examples follows :class:`~eas_kernels.routing.
+RouteSchedule` step by step (random routes, then the routers alone with soft routes, then
+routers and shortcuts together), minimising :func:`~eas_kernels.routing.route_loss`:
+``CE + exp(−5·CE).detach() · max(0, ρ − ρ̂)``. The routers learn at ``router_lr`` (they
+start at zero and see a gradient scaled by ``exp(−5·CE)``), everything else that trains at
+``lr``; both follow a linear warm-up and cosine decay. Batch orders are a function of
+(seed, epoch) and random routes come from a generator seeded by ``seed``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._checks import check_positive_finite, check_positive_int, check_seed
+from ..routing import RouteSchedule, route_control, route_loss, routes_of, set_routing
+from .data import Example, collate
+from .trainer import LossFunction, WarmupCosine, answer_loss
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RouteConfig:
+    """Sizes of one RoE training run; the stage fractions and annealing are
+    :class:`~eas_kernels.routing.RouteSchedule`'s (RoE's defaults)."""
+
+    epochs: int = 4
+    batch_size: int = 8
+    lr: float = 1e-3
+    router_lr: float = 1e-2
+    max_grad_norm: float | None = 10.0
+    random_until: float = 0.3
+    routers_until: float = 0.5
+    seed: int = 0
+
+    def validate(self) -> RouteConfig:
+        check_positive_int(self.epochs, "epochs")
+        check_positive_int(self.batch_size, "batch_size")
+        check_positive_finite(self.lr, "lr")
+        check_positive_finite(self.router_lr, "router_lr")
+        if self.max_grad_norm is not None:
+            check_positive_finite(self.max_grad_norm, "max_grad_norm")
+        check_seed(self.seed)
+        RouteSchedule(1, random_until=self.random_until, routers_until=self.routers_until)
+        return self
+
+
+@dataclass
+class RouteResult:
+    """Per-step history (stage, loss, CE, ρ̂, τ) and the wall time of a run."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class RouteTuner:
+    """Train a routed ``model`` (:func:`~eas_kernels.routing.patch_routes`) on ``train``.
+
+    Args:
+        model: a routed model; its routers and shortcuts train, and whatever else the
+            caller left trainable (e.g. a multimodal projector).
+        train: training examples (non-empty).
+        config: :class:`RouteConfig`.
+        pad_id: padding token of :func:`~eas_kernels.tuning.data.collate`.
+        loss_fn: ``loss_fn(model, batch)`` → the batch's CE; default :func:`answer_loss`.
+        progress: called after every step with its history record.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: Sequence[Example],
+        config: RouteConfig,
+        *,
+        pad_id: int,
+        loss_fn: LossFunction = answer_loss,
+        progress: Progress | None = None,
+    ) -> None:
+        if not isinstance(config, RouteConfig):
+            raise TypeError(f"config must be a RouteConfig, got {type(config).__name__}")
+        self.config = config.validate()
+        self.patch = routes_of(model)
+        if len(train) == 0:
+            raise ValueError("train must hold at least one example")
+        self.model, self.train, self.pad_id = model, list(train), pad_id
+        self.loss_fn, self.progress = loss_fn, progress
+        self.steps_per_epoch = math.ceil(len(self.train) / config.batch_size)
+        self.total = config.epochs * self.steps_per_epoch
+        self.schedule = RouteSchedule(
+            self.total, random_until=config.random_until, routers_until=config.routers_until
+        )
+        routers = [router.weight for router in self.patch.routers()]
+        shortcuts = [p for pia in self.patch.shortcuts() for p in pia.parameters()]
+        taken = {id(p) for p in routers + shortcuts}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+        self.parameters = routers + shortcuts + others
+        self.others = others
+        groups = [
+            {"params": routers, "lr": config.router_lr},
+            {"params": shortcuts + others, "lr": config.lr},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(self.total))
+
+    def _order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.train), generator=generator).tolist()
+
+    def run(self) -> RouteResult:
+        """Train for ``config.epochs``; the model is left in eval mode with hard routes."""
+        control = route_control(self.model)
+        control.generator = torch.Generator().manual_seed(self.config.seed)
+        result, started, step = RouteResult(), time.perf_counter(), 0
+        limit = self.config.max_grad_norm
+        others = self.others
+        for epoch in range(self.config.epochs):
+            order = self._order(epoch)
+            for first in range(0, len(order), self.config.batch_size):
+                batch = collate(
+                    [self.train[i] for i in order[first : first + self.config.batch_size]],
+                    self.pad_id,
+                )
+                stage = self.schedule.apply(self.model, step)
+                for parameter in others:  # RoE's stage 2 trains the routers alone
+                    parameter.requires_grad_(stage.train_shortcuts)
+                self.model.train()
+                ce = self.loss_fn(self.model, batch)
+                loss, realized = route_loss(ce, self.model)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"training diverged: the loss is {loss.item()} at step {step + 1}; "
+                        f"lower lr (now {self.config.lr}) or router_lr ({self.config.router_lr})"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.parameters if p.grad is not None],
+                    math.inf if limit is None else limit,
+                )
+                self.optimizer.step()
+                self.scheduler.step()
+                step += 1
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "stage": stage.name,
+                    "temperature": stage.temperature,
+                    "keep_bias": stage.keep_bias,
+                    "loss": float(loss.item()),
+                    "ce": float(ce.item()),
+                    "realized_ratio": float(realized),
+                    "grad_norm": float(norm),
+                }
+                result.history.append(record)
+                if self.progress is not None:
+                    self.progress(record)
+        for parameter in others:
+            parameter.requires_grad_(True)
+        set_routing(self.model, "hard")
+        self.model.eval()
+        result.seconds = time.perf_counter() - started
+        return result
