@@ -16,6 +16,8 @@ Public API:
     expected_new_tokens     the answer length "auto" chooses its mode for (custom loops)
     greedy_generate         left-padded batched greedy decoding (prefill, then steps)
     roles                   layer roles (Role: kept, skipped MHA/FFN/block), candidate sets
+    routing                 per-example routing (RoE): RoutePlan, patch_routes, RouteSchedule,
+                            route_loss, set_routing, force_routes
     models.lavin            the LaVIN-layout LLaMA (ModelArgs, Transformer)
     search.BanditSearch     the k-armed bandit of the redundancy search (pure PyTorch)
     search.ESTIMATORS       the search's estimators (paper, bandit, greedy, loo, cosine)
@@ -27,7 +29,7 @@ Public API:
     eas-kernels             the command line (eas_kernels.cli): search, finetune, ...
 """
 
-from . import models, roles, search, tuning
+from . import models, roles, routing, search, tuning
 from ._native import backends
 from .checkpoint import from_pretrained, save_pretrained
 from .generation import Generation, greedy_generate
@@ -64,6 +66,7 @@ __all__ = [
     "reparameterize",
     "restore",
     "roles",
+    "routing",
     "save_pretrained",
     "search",
     "tuning",

@@ -141,7 +141,8 @@ def routed_forward_reference(
     """Logits ``(n, vocab)`` of one unpadded sequence through a routed model (ROE_SPEC
     §2–§4), and each routed layer's ``w_skip``.
 
-    Routed layers are the blocks with a ``router`` and a ``route_pia``. The route reads
+    Routed layers are the blocks with a ``router`` and a ``route_pia``; a block with a
+    ``kept_adapter`` ``A_k`` runs ``x + Attn(u + A_k(u))`` on its kept branch. The route reads
     ``ū``, the mean of ``attention_norm(x)`` over the first ``prompt_len`` tokens:
     ``g = ū Wᵀ`` (keep, skip). Hard (``soft`` None): skip iff ``g_skip > g_keep``, unless
     ``forced[layer]`` says otherwise. ``soft = (τ, b)``: ``w = softmax((g + [b, 0]) / τ)``
@@ -157,7 +158,9 @@ def routed_forward_reference(
     weights: dict[int, float] = {}
     for index, block in enumerate(model.layers):
         u = rms_norm(block.attention_norm, x)
-        h = x + block.attention(u, None, freqs, causal)
+        adapter = getattr(block, "kept_adapter", None)
+        z = u if adapter is None else u + pia_reference(adapter, u, mask)
+        h = x + block.attention(z, None, freqs, causal)
         kept = h + ffn(block.feed_forward, rms_norm(block.ffn_norm, h))
         router = getattr(block, "router", None)
         if router is None:

@@ -28,6 +28,7 @@ from tests.helpers import (
 from tests.reference import routed_forward_reference
 
 UNITS = ("mha", "block")
+ROUTE_MODULES = {"router", "route_pia", "kept_adapter"}
 
 
 def randomize_routes(model: torch.nn.Module, seed: int = 1, router_scale: float = 3.0) -> None:
@@ -36,9 +37,9 @@ def randomize_routes(model: torch.nn.Module, seed: int = 1, router_scale: float 
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             parts = set(name.split("."))
-            if "router" in parts and "route_pia" not in parts:
+            if "router" in parts and not parts & {"route_pia", "kept_adapter"}:
                 scale = router_scale
-            elif "route_pia" in parts:
+            elif parts & {"route_pia", "kept_adapter"}:
                 scale = 0.2
             else:
                 continue
@@ -205,7 +206,10 @@ def test_soft_routes_follow_the_reference_forward_and_backward(unit: str) -> Non
     got.square().mean().backward()
     routers = [block.router.weight.grad for block in model.layers]
     assert all(grad is not None and grad.abs().sum() > 0 for grad in routers)
-    assert all(p.grad is None for n, p in model.named_parameters() if "route" not in n)
+    adapters = [p for b in model.layers for p in b.kept_adapter.parameters()]
+    assert all(p.grad is not None for p in adapters)
+    base = [p for n, p in model.named_parameters() if not set(n.split(".")) & ROUTE_MODULES]
+    assert base and all(p.grad is None for p in base)
 
 
 def _decode_batch(
@@ -329,6 +333,11 @@ def test_batch_one_merges_the_skipped_mhas_and_restores_them_bitwise() -> None:
     pristine = weights["layers.0.feed_forward.w1.weight"]
     assert not same_bits(w1[0].detach(), pristine)  # layer 0 skipped: merged for the decode
     assert same_bits(w1[1].detach(), weights["layers.1.feed_forward.w1.weight"])
+    wq = model.layers[1].attention.wq.weight  # layer 1 kept: its A_k merged into wq/wk/wv
+    assert not same_bits(wq.detach(), weights["layers.1.attention.wq.weight"])
+    assert same_bits(
+        model.layers[0].attention.wq.weight.detach(), weights["layers.0.attention.wq.weight"]
+    )
     saved = model.state_dict()  # mid-decode: the pretrained weights are saved
     assert same_bits(saved["layers.0.feed_forward.w1.weight"], pristine)
     next_step = model(answer[:, -1:], start_pos=prompts.shape[1] + answer.shape[1] - 1)
@@ -404,7 +413,6 @@ def test_deepcopy_of_a_routed_model_is_independent() -> None:
 
 def test_any_keeps_rule_runs_the_whole_batch_and_keeps_its_cache_rows() -> None:
     model = routed("mha", seed=4)
-    base = tiny_model(4)
     prompts, real = _prompt_batch([6, 2, 9], seed=6)
     answer = torch.randint(1, 97, (3, 3), generator=torch.Generator().manual_seed(2))
     routes = torch.tensor(
@@ -424,4 +432,22 @@ def test_any_keeps_rule_runs_the_whole_batch_and_keeps_its_cache_rows() -> None:
     torch.testing.assert_close(got, expected)
     with pytest.raises(ValueError, match="batch_rule must be one of"):
         route_control(model).set_batch_rule("any")
-    del base
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_soft_routes_at_a_vanishing_temperature_run_one_branch_per_example(unit: str) -> None:
+    """As τ → 0 each example's losing weight falls below the dtype's epsilon: that branch
+    is not run, and the soft forward equals the hard one (both routes mixed in a batch)."""
+    model = routed(unit, seed=2)
+    prompts, real = _prompt_batch([3, 8, 5, 11], seed=5)
+    hard = model(prompts, prompt_mask=real)
+    routes = route_control(model).routes()
+    assert routes.any() and not routes.all()
+    set_routing(model, "soft", temperature=1e-4)
+    calls = []
+    original = model.layers[0].forward._kept
+    model.layers[0].forward._kept = lambda x, *a: calls.append(x.shape[0]) or original(x, *a)
+    soft = model(prompts, prompt_mask=real)
+    torch.testing.assert_close(soft, hard, rtol=1e-6, atol=1e-6)
+    assert torch.equal(route_control(model).routes(), routes)
+    assert calls == [int((~routes[:, 0]).sum())]  # layer 0's kept branch: its keepers only

@@ -79,10 +79,13 @@ def test_apply_sets_mode_and_what_trains() -> None:
         schedule.apply(model, step)
         assert control.mode == mode
         assert all(b.router.weight.requires_grad == routers for b in model.layers)
-        assert all(
-            p.requires_grad == shortcuts for b in model.layers for p in b.route_pia.parameters()
-        )
-    assert not any(p.requires_grad for n, p in model.named_parameters() if "route" not in n)
+        adapters = [
+            p for b in model.layers for m in (b.route_pia, b.kept_adapter) for p in m.parameters()
+        ]
+        assert all(p.requires_grad == shortcuts for p in adapters)
+    names = {"router", "route_pia", "kept_adapter"}
+    base = [p for n, p in model.named_parameters() if not set(n.split(".")) & names]
+    assert not any(p.requires_grad for p in base)
 
 
 # ---------------------------------------------------------------------- the loss

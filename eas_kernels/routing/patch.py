@@ -14,8 +14,12 @@ from .control import RouteControl
 from .forward import RoutedForward
 from .plan import RoutePlan
 
-ROUTER_NAME = "router"  # block attributes: layers.{i}.router.weight, layers.{i}.route_pia.*
+# Block attributes (and state-dict keys): layers.{i}.router.weight, layers.{i}.route_pia.*
+# (routed layers), layers.{i}.kept_adapter.* (every layer, with a plan.adapter_rank).
+ROUTER_NAME = "router"
 SHORTCUT_NAME = "route_pia"
+ADAPTER_NAME = "kept_adapter"
+NAMES = (ROUTER_NAME, SHORTCUT_NAME, ADAPTER_NAME)
 
 
 class RoutePatch:
@@ -30,14 +34,14 @@ class RoutePatch:
                 f"plan is for {plan.num_layers} layers but the model has {len(blocks)} blocks"
             )
         widths = [LAVIN.check_block(i, block) for i, block in enumerate(blocks)]
-        for index in plan.layers:
+        for index, block in enumerate(blocks):
             dim = widths[index][0]
-            if plan.skip_rank > dim:
-                raise ValueError(
-                    f"plan.skip_rank = {plan.skip_rank} exceeds layer {index}'s width {dim}"
-                )
-            for name in (ROUTER_NAME, SHORTCUT_NAME):
-                if hasattr(blocks[index], name):
+            for name in ("skip_rank", "adapter_rank"):
+                rank = getattr(plan, name)
+                if rank is not None and rank > dim:
+                    raise ValueError(f"plan.{name} = {rank} exceeds layer {index}'s width {dim}")
+            for name in NAMES:
+                if hasattr(block, name):
                     raise ValueError(f"block {index} already has an attribute {name!r}")
         self.model, self.plan, self.blocks = model, plan, blocks
         self.control = RouteControl(plan)
@@ -45,24 +49,35 @@ class RoutePatch:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         self.forwards: list[RoutedForward] = []
-        for column, index in enumerate(plan.layers):
-            block = blocks[index]
+        columns = {layer: column for column, layer in enumerate(plan.layers)}
+        for index, block in enumerate(blocks):
             dim, dtype, device = widths[index]
-            router = nn.Linear(dim, 2, bias=False).to(device=device, dtype=dtype)
-            nn.init.zeros_(router.weight)  # a fresh router keeps every unit (ties keep)
-            pia = PIA(
-                dim, plan.skip_rank, token_mixing=plan.token_mixing, temperature=plan.temperature
-            ).to(device=device, dtype=dtype)
-            block.add_module(ROUTER_NAME, router)
-            block.add_module(SHORTCUT_NAME, pia)
+            router = pia = adapter = None
+            if plan.adapter_rank is not None:
+                adapter = PIA(
+                    dim, plan.adapter_rank, token_mixing=False, temperature=plan.temperature
+                )
+                block.add_module(ADAPTER_NAME, adapter.to(device=device, dtype=dtype))
+            if index in columns:
+                router = nn.Linear(dim, 2, bias=False).to(device=device, dtype=dtype)
+                nn.init.zeros_(router.weight)  # a fresh router keeps every unit (ties keep)
+                pia = PIA(
+                    dim,
+                    plan.skip_rank,
+                    token_mixing=plan.token_mixing,
+                    temperature=plan.temperature,
+                )
+                block.add_module(ROUTER_NAME, router)
+                block.add_module(SHORTCUT_NAME, pia.to(device=device, dtype=dtype))
             forward = RoutedForward(
-                index, column, block, LAVIN, router, pia, plan.unit, self.control
-            )
+                index, columns.get(index), block, LAVIN, router, pia, adapter, plan.unit,
+                self.control,
+            )  # fmt: skip
             block.forward = forward
             self.forwards.append(forward)
         self._handles = []
-        for forward in self.forwards:  # state_dict() and loads see the pretrained W1/W3
-            for linear in forward.ffn_linears:
+        for forward in self.forwards:  # state_dict() and loads see the pretrained weights
+            for linear in forward.attention_linears + forward.ffn_linears:
                 unmerge = _Unmerge(forward)
                 self._handles.append(linear.register_state_dict_pre_hook(unmerge))
                 self._handles.append(linear.register_load_state_dict_pre_hook(unmerge))
@@ -73,10 +88,14 @@ class RoutePatch:
         setattr(model, ROUTES_ATTR, self)
 
     def routers(self) -> list[nn.Linear]:
-        return [forward.router for forward in self.forwards]
+        return [forward.router for forward in self.forwards if forward.router is not None]
 
     def shortcuts(self) -> list[PIA]:
-        return [forward.pia for forward in self.forwards]
+        """The adapters that train with the shortcuts: ``PIA_s`` / ``A`` and ``A_k``."""
+        adapters = [forward.pia for forward in self.forwards] + [
+            forward.adapter for forward in self.forwards
+        ]
+        return [adapter for adapter in adapters if adapter is not None]
 
     def remove(self) -> None:
         """Weights back bitwise, routers, adapters and hooks gone, ``requires_grad`` as before."""
@@ -84,8 +103,9 @@ class RoutePatch:
             forward.unmerge()
             block = forward.block
             block.__dict__.pop("forward", None)
-            delattr(block, ROUTER_NAME)
-            delattr(block, SHORTCUT_NAME)
+            for name in NAMES:
+                if hasattr(block, name):
+                    delattr(block, name)
         for handle in self._handles:
             handle.remove()
         for parameter, flag in self._requires_grad:
@@ -119,9 +139,11 @@ def patch_routes(model: nn.Module, plan: RoutePlan) -> nn.Module:
     """Install per-example routing (ROE_SPEC) on a model of LaVIN-style blocks, in place.
 
     Every layer of ``plan.layers`` gets ``block.router`` (a bias-free ``d → 2`` linear map,
-    zero at first: a fresh router keeps every unit, so the routed model computes the base
-    model) and ``block.route_pia``, the adapter of its shortcut (``plan.unit``), and runs
-    :class:`~eas_kernels.routing.forward.RoutedForward`. Every base parameter is frozen.
+    zero at first: a fresh router keeps every unit) and ``block.route_pia``, the adapter of
+    its shortcut (``plan.unit``); every layer gets ``block.kept_adapter`` (``A_k``, with a
+    ``plan.adapter_rank``; its up projections start at zero, so a fresh routed model
+    computes the base model) and runs :class:`~eas_kernels.routing.forward.RoutedForward`.
+    Every base parameter is frozen.
     The route of a fresh call (``start_pos`` None or 0) reads the prompt mask from the
     model's ``prompt_mask`` (else ``attention_mask``) argument; decode calls keep it.
 

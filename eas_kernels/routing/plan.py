@@ -22,16 +22,24 @@ class RoutePlan:
         ratio: the target share ``ρ`` of routed units skipped, in ``[0, 1)``.
         layers: the routed layers (any order; stored sorted). Default: every layer.
         skip_rank: rank of the shortcut's adapter (``PIA_s``, or ``A``).
+        adapter_rank: rank of ``A_k``, the adapter of every layer's kept branch (LaVIN's
+            router adapter on the attention input, no token mixing: ``h = x + Attn(u +
+            A_k(u))``), in every layer, routed or not; None: no kept adapters (the base
+            model's layers run as they are, as RoE's published routing does).
         temperature: router temperature of the shortcut PIA's own path mixer (EAS's ``τ``;
             not the route's annealed temperature, which :class:`RouteSchedule
             <eas_kernels.routing.RouteSchedule>` sets).
 
-    ``PIA_s`` (unit ``mha``) has the token-averaged down path of EAS and is re-parameterised
-    into ``W1/W3`` for an example that skips the MHA; ``A`` (unit ``block``) has none
+    The adapters sit where EAS puts them (EAS_SPEC §2): ``A_k`` before every kept MHA,
+    ``PIA_s`` in place of a skipped one. ``PIA_s`` (unit ``mha``) has the token-averaged
+    down path of EAS and is re-parameterised into ``W1/W3`` for an example that skips the
+    MHA; ``A`` (unit ``block``) has none
     (``token_mixing=False``) and stays an adapter.
     """
 
-    __slots__ = ("num_layers", "unit", "ratio", "layers", "skip_rank", "temperature")
+    __slots__ = (
+        "num_layers", "unit", "ratio", "layers", "skip_rank", "adapter_rank", "temperature",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -41,6 +49,7 @@ class RoutePlan:
         ratio: float = 0.3,
         layers: Iterable[int] | None = None,
         skip_rank: int = 32,
+        adapter_rank: int | None = 8,
         temperature: float = 10.0,
     ) -> None:
         self.num_layers = check_positive_int(num_layers, "num_layers")
@@ -57,6 +66,9 @@ class RoutePlan:
         if not self.layers:
             raise ValueError("layers must name at least one routed layer")
         self.skip_rank = check_positive_int(skip_rank, "skip_rank")
+        self.adapter_rank = (
+            None if adapter_rank is None else check_positive_int(adapter_rank, "adapter_rank")
+        )
         self.temperature = check_positive_finite(temperature, "temperature")
 
     @property
@@ -74,6 +86,7 @@ class RoutePlan:
             "ratio": self.ratio,
             "layers": list(self.layers),
             "skip_rank": self.skip_rank,
+            "adapter_rank": self.adapter_rank,
             "temperature": self.temperature,
         }
 
@@ -87,7 +100,9 @@ class RoutePlan:
                 f"not a route plan of format {_FORMAT!r} version {_VERSION}: "
                 f"format={data.get('format')!r}, version={data.get('version')!r}"
             )
-        fields = ("num_layers", "unit", "ratio", "layers", "skip_rank", "temperature")
+        fields = (
+            "num_layers", "unit", "ratio", "layers", "skip_rank", "adapter_rank", "temperature",
+        )  # fmt: skip
         missing = [name for name in fields if name not in data]
         if missing:
             raise ValueError(f"route plan lacks {missing}")
@@ -104,5 +119,6 @@ class RoutePlan:
     def __repr__(self) -> str:
         return (
             f"RoutePlan(num_layers={self.num_layers}, unit={self.unit!r}, ratio={self.ratio}, "
-            f"layers={list(self.layers)}, skip_rank={self.skip_rank})"
+            f"layers={list(self.layers)}, skip_rank={self.skip_rank}, "
+            f"adapter_rank={self.adapter_rank})"
         )
