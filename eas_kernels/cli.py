@@ -262,6 +262,12 @@ def parser() -> argparse.ArgumentParser:
     group.add_argument("--lr", type=_positive(float), default=RouteConfig.lr)
     group.add_argument("--router-lr", type=_positive(float), default=RouteConfig.router_lr)
     group.add_argument("--max-grad-norm", type=_grad_norm, default=RouteConfig.max_grad_norm)
+    group.add_argument(
+        "--random-ramp",
+        action=argparse.BooleanOptionalAction,
+        default=RouteConfig.random_ramp,
+        help="raise stage 1's random skip probability from 0 to ρ (default %(default)s)",
+    )
     route.add_argument("--timing-prompts", type=_positive(int), default=6)
     route.add_argument("--timing-tokens", type=_positive(int), default=16)
     demo = commands.add_parser("demo", help="LaVIN-style tuning vs EAS, end to end")
@@ -764,6 +770,7 @@ def cmd_route(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         lr=args.lr,
         router_lr=args.router_lr,
         max_grad_norm=args.max_grad_norm,
+        random_ramp=args.random_ramp,
         seed=args.seed,
     )
     tuner = RouteTuner(model, workload.train, config, pad_id=workload.pad_id)

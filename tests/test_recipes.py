@@ -161,3 +161,29 @@ def test_seeds_recipe_tunes_every_method_for_every_seed(tmp_path):
     assert results["untuned"]["3"]["search_passes"] > 0
     assert "| untuned |" in report["markdown"]
     assert json.loads((tmp_path / "seeds.json").read_text())["results"] == results
+
+
+def test_roe_recipe_compares_routes_with_static_plans_and_times_both_rules(tmp_path):
+    recipe = importlib.import_module("roe_miniature")
+    report = recipe.main(
+        ["--model", "tiny", "--train", "16", "--held-out", "6", "--test", "8", "--epochs", "1"]
+        + ["--ratio", "0.4", "--timing-prompts", "2", "--timing-tokens", "3"]
+        + ["--batch-steps", "2", "--batch-rounds", "1", "--out", str(tmp_path)]
+    )
+    rows = report["rows"]
+    assert {"LaVIN-style", "RoE mha", "RoE block"} <= set(rows)
+    for unit in ("mha", "block"):
+        row = rows[f"RoE {unit}"]
+        assert 0 <= row["realized_ratio"] <= 1 and len(row["per_layer"]) == 6
+        assert 0 <= row["skipped_per_example"]["min"] <= row["skipped_per_example"]["max"] <= 6
+        assert len(row["batch_1"]["routed_over_route_floor"]["per_prompt"]) == 2
+        assert row["batch_8"]["steps_timed"] == {"per_example": 2, "any_keeps": 2}
+        k = max(1, round(row["skipped_per_example"]["mean"]))
+        static = rows[f"static {unit} (k={k})"]
+        assert 0 <= static["accuracy"] <= 1
+        skipped = static["plan"]["skipped"]
+        assert len(skipped) == k and (static["plan"]["skipped_ffns"] == skipped) == (
+            unit == "block"
+        )
+    assert "| RoE mha |" in report["markdown"]
+    assert set(report["speedup_over_unpatched"]) >= {"unpatched", "LaVIN-style"}

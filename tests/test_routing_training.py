@@ -61,6 +61,21 @@ def test_schedule_refuses_bad_settings(kwargs: dict, error: type, words: str) ->
         RouteSchedule(**settings)
 
 
+def test_random_ramp_raises_the_skip_probability_to_the_target() -> None:
+    schedule = RouteSchedule(100, random_ramp=True)  # stage 1: steps 0-29
+    shares = [schedule.stage(step).skip_probability for step in range(30)]
+    assert shares[0] == pytest.approx(1 / 30) and shares[-1] == pytest.approx(1.0)
+    assert shares == sorted(shares)
+    assert RouteSchedule(100).stage(0).skip_probability == 1.0
+    assert schedule.stage(30).skip_probability is None
+    model = tiny_model()
+    patch_routes(model, RoutePlan(4, ratio=0.4, skip_rank=6))
+    schedule.apply(model, 14)
+    assert route_control(model).random_ratio == pytest.approx(0.4 * 15 / 30)
+    with pytest.raises(TypeError, match="random_ramp must be a bool"):
+        RouteSchedule(10, random_ramp=1)
+
+
 def test_schedule_refuses_steps_outside_it() -> None:
     with pytest.raises(ValueError, match="step must be an int in"):
         RouteSchedule(10).stage(10)

@@ -32,6 +32,8 @@ class RouteControl:
             decode (EAS_SPEC §4; unit ``mha`` only); False decodes eagerly.
         state_mask: the prompt mask of the next fresh call (the root hook sets it).
         generator: the source of ``"random"`` routes.
+        random_ratio: the skip probability of ``"random"`` routes (default ``ρ``;
+            :class:`~eas_kernels.routing.RouteSchedule` ramps it up with ``random_ramp``).
         skip_weights: per routed layer, ``w_skip`` ``(B,)`` of its last fresh call
             (a 0/1 float under hard routes; with gradients under ``"soft"``).
         forced: ``(B, len(plan.layers))`` bool routes (True = skip) that every fresh call
@@ -47,6 +49,7 @@ class RouteControl:
         self.batch_rule = "per_example"
         self.state_mask: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
+        self.random_ratio = plan.ratio
         self.skip_weights: dict[int, torch.Tensor] = {}
         self.forced: torch.Tensor | None = None
 
@@ -90,9 +93,10 @@ class RouteControl:
         return self.forced[:, column].to(device)
 
     def random_route(self, batch: int, device: torch.device) -> torch.Tensor:
-        """``(B,)`` bool: each example skips with probability ``ρ`` (training stage 1)."""
+        """``(B,)`` bool: each example skips with probability ``random_ratio`` (training
+        stage 1)."""
         draws = torch.rand(batch, generator=self.generator)
-        return (draws < self.plan.ratio).to(device)
+        return (draws < self.random_ratio).to(device)
 
     def realized_ratio(self) -> torch.Tensor:
         """``ρ̂``: the mean of ``w_skip`` over the routed layers and the examples of the last

@@ -23,6 +23,7 @@ class RouteStage:
     keep_bias: float
     train_routers: bool
     train_shortcuts: bool
+    skip_probability: float | None = None  # stage 1: the share of ρ random routes skip
 
 
 class RouteSchedule:
@@ -38,7 +39,10 @@ class RouteSchedule:
 
     RoE's defaults (0.3, 0.5, τ₀ = 10, ×0.95 and ×0.85 every 0.5 %: τ ends near 0.01).
     ``initial_keep_bias`` is ours (RoE's release does not state it): 5, so that a unit is
-    kept with weight ``sigmoid(5 / 10) ≈ 0.62`` when the routers start.
+    kept with weight ``sigmoid(5 / 10) ≈ 0.62`` when the routers start. ``random_ramp``
+    (ours; RoE skips with probability ρ from the first step) raises stage 1's skip
+    probability linearly from ``ρ / n`` to ``ρ`` over its ``n`` steps, as EAS's warm-up
+    ramp does (:class:`~eas_kernels.tuning.TuningConfig`).
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class RouteSchedule:
         initial_keep_bias: float = 5.0,
         bias_decay: float = 0.85,
         tick: float = 0.005,
+        random_ramp: bool = False,
     ) -> None:
         self.total_steps = check_positive_int(total_steps, "total_steps")
         for name, value in (("random_until", random_until), ("routers_until", routers_until)):
@@ -73,6 +78,9 @@ class RouteSchedule:
                 raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
         self.decay, self.bias_decay = float(decay), float(bias_decay)
         self.tick = check_positive_finite(tick, "tick")
+        if not isinstance(random_ramp, bool):
+            raise TypeError(f"random_ramp must be a bool, got {random_ramp!r}")
+        self.random_ramp = random_ramp
 
     def stage(self, step: int) -> RouteStage:
         """The stage of step ``step`` (0-based, in ``[0, total_steps)``)."""
@@ -80,7 +88,11 @@ class RouteSchedule:
             raise ValueError(f"step must be an int in [0, {self.total_steps}), got {step!r}")
         progress = step / self.total_steps
         if progress < self.random_until:
-            return RouteStage("random", "random", self.initial_temperature, 0.0, False, True)
+            share = 1.0
+            if self.random_ramp:
+                steps = math.ceil(self.random_until * self.total_steps)
+                share = (step + 1) / steps
+            return RouteStage("random", "random", self.initial_temperature, 0.0, False, True, share)
         ticks = math.floor((progress - self.random_until) / self.tick + 1e-9)
         temperature = self.initial_temperature * self.decay**ticks
         if progress < self.routers_until:
@@ -94,6 +106,8 @@ class RouteSchedule:
         stage = self.stage(step)
         patch = routes_of(model)
         patch.control.set_mode(stage.mode, temperature=stage.temperature, keep_bias=stage.keep_bias)
+        if stage.skip_probability is not None:
+            patch.control.random_ratio = stage.skip_probability * patch.plan.ratio
         for router in patch.routers():
             router.weight.requires_grad_(stage.train_routers)
         for pia in patch.shortcuts():

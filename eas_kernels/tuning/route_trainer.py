@@ -40,6 +40,7 @@ class RouteConfig:
     max_grad_norm: float | None = 10.0
     random_until: float = 0.3
     routers_until: float = 0.5
+    random_ramp: bool = True
     seed: int = 0
 
     def validate(self) -> RouteConfig:
@@ -50,7 +51,12 @@ class RouteConfig:
         if self.max_grad_norm is not None:
             check_positive_finite(self.max_grad_norm, "max_grad_norm")
         check_seed(self.seed)
-        RouteSchedule(1, random_until=self.random_until, routers_until=self.routers_until)
+        RouteSchedule(
+            1,
+            random_until=self.random_until,
+            routers_until=self.routers_until,
+            random_ramp=self.random_ramp,
+        )
         return self
 
 
@@ -96,7 +102,10 @@ class RouteTuner:
         self.steps_per_epoch = math.ceil(len(self.train) / config.batch_size)
         self.total = config.epochs * self.steps_per_epoch
         self.schedule = RouteSchedule(
-            self.total, random_until=config.random_until, routers_until=config.routers_until
+            self.total,
+            random_until=config.random_until,
+            routers_until=config.routers_until,
+            random_ramp=config.random_ramp,
         )
         routers = [router.weight for router in self.patch.routers()]
         shortcuts = [p for pia in self.patch.shortcuts() for p in pia.parameters()]
