@@ -52,6 +52,20 @@ class BlockLayout:
                 inside.update(id(sub) for sub in module.modules())
         return blocks
 
+    def checked_blocks(
+        self, model: nn.Module, num_layers: int
+    ) -> tuple[list[nn.Module], list[tuple[int, torch.dtype, torch.device]]]:
+        """The blocks of ``model`` and each one's width, dtype and device (:meth:`check_block`);
+        ValueError when there are none or not ``num_layers`` of them (a plan's layer count)."""
+        blocks = self.find_blocks(model)
+        if not blocks:
+            raise ValueError(f"model has no {self.description}")
+        if len(blocks) != num_layers:
+            raise ValueError(
+                f"plan is for {num_layers} layers but the model has {len(blocks)} blocks"
+            )
+        return blocks, [self.check_block(i, block) for i, block in enumerate(blocks)]
+
     def attention_linears(self, block: nn.Module) -> tuple[nn.Linear, ...]:
         attention = getattr(block, self.attention)
         return tuple(getattr(attention, name) for name in self.attention_targets)

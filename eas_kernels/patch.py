@@ -195,14 +195,7 @@ class EASPatch:
         layout: BlockLayout,
         on_skipped_call: SkippedCallHook | None = None,
     ) -> None:
-        blocks = layout.find_blocks(model)
-        if not blocks:
-            raise ValueError(f"model has no {layout.description}")
-        if len(blocks) != plan.num_layers:
-            raise ValueError(
-                f"plan is for {plan.num_layers} layers but the model has {len(blocks)} blocks"
-            )
-        widths = [layout.check_block(i, block) for i, block in enumerate(blocks)]
+        blocks, widths = layout.checked_blocks(model, plan.num_layers)
         for index in range(plan.num_layers):
             role = plan.role(index)
             if ROLES.get(role.name) is not role:

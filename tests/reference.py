@@ -67,6 +67,16 @@ def ffn(feed_forward: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return linear(feed_forward.w2, F.silu(linear(feed_forward.w1, z)) * linear(feed_forward.w3, z))
 
 
+def _sequence(model: nn.Module, tokens: torch.Tensor, prompt_len: int) -> tuple:
+    """One unpadded sequence's prompt mask ``(1, n)``, causal mask, RoPE rotations and
+    input embeddings ``(1, n, d)``."""
+    n = tokens.shape[0]
+    mask = torch.zeros(1, n, dtype=torch.bool)
+    mask[0, :prompt_len] = True
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    return mask, causal, model.freqs_cis[:n][None], model.tok_embeddings.weight[tokens][None]
+
+
 def eas_forward_reference(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -85,12 +95,7 @@ def eas_forward_reference(
     since the prompt and everything after it are averaged causally).
     """
     adapt = pia_running_reference if running else pia_reference
-    n = tokens.shape[0]
-    mask = torch.zeros(1, n, dtype=torch.bool)
-    mask[0, :prompt_len] = True
-    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
-    freqs = model.freqs_cis[:n][None]
-    x = model.tok_embeddings.weight[tokens][None]
+    mask, causal, freqs, x = _sequence(model, tokens, prompt_len)
     for index, block in enumerate(model.layers):
         mha_skipped, ffn_skipped = index in skipped, index in skipped_ffns
         if mha_skipped and ffn_skipped:
@@ -149,12 +154,7 @@ def routed_forward_reference(
     and the output mixes both branches. Skip branch: ``x + FFN(v + PIA_s(v))`` (unit
     ``mha``) or ``x + A(attention_norm(x))`` (``block``); PIA states over the prompt.
     """
-    n = tokens.shape[0]
-    mask = torch.zeros(1, n, dtype=torch.bool)
-    mask[0, :prompt_len] = True
-    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
-    freqs = model.freqs_cis[:n][None]
-    x = model.tok_embeddings.weight[tokens][None]
+    mask, causal, freqs, x = _sequence(model, tokens, prompt_len)
     weights: dict[int, float] = {}
     for index, block in enumerate(model.layers):
         u = rms_norm(block.attention_norm, x)

@@ -26,14 +26,7 @@ class RoutePatch:
     """Routers, shortcut adapters and routed forwards installed on one model."""
 
     def __init__(self, model: nn.Module, plan: RoutePlan) -> None:
-        blocks = LAVIN.find_blocks(model)
-        if not blocks:
-            raise ValueError(f"model has no {LAVIN.description}")
-        if len(blocks) != plan.num_layers:
-            raise ValueError(
-                f"plan is for {plan.num_layers} layers but the model has {len(blocks)} blocks"
-            )
-        widths = [LAVIN.check_block(i, block) for i, block in enumerate(blocks)]
+        blocks, widths = LAVIN.checked_blocks(model, plan.num_layers)
         for index, block in enumerate(blocks):
             dim = widths[index][0]
             for name in ("skip_rank", "adapter_rank"):
