@@ -451,3 +451,42 @@ def test_soft_routes_at_a_vanishing_temperature_run_one_branch_per_example(unit:
     torch.testing.assert_close(soft, hard, rtol=1e-6, atol=1e-6)
     assert torch.equal(route_control(model).routes(), routes)
     assert calls == [int((~routes[:, 0]).sum())]  # layer 0's kept branch: its keepers only
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_save_and_load_routes_round_trip(tmp_path, unit: str) -> None:
+    from eas_kernels.routing import load_routes, save_routes
+
+    model = routed(unit, layers=[1, 3])
+    prompts, real = _prompt_batch([5, 8, 3])
+    expected = model(prompts, prompt_mask=real)
+    folder = save_routes(model, tmp_path / "routes")
+    loaded = load_routes(tiny_model(), folder)
+    assert torch.equal(loaded(prompts, prompt_mask=real), expected)
+    assert route_control(loaded).plan == route_control(model).plan
+
+
+def test_load_routes_refuses_what_does_not_fit_and_changes_nothing(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from eas_kernels.routing import load_routes, save_routes
+
+    folder = save_routes(routed(), tmp_path / "routes")
+    other = tiny_model(dim=64)
+    before = structure(other)
+    with pytest.raises(ValueError, match="does not fit the model's routes"):
+        load_routes(other, folder)
+    assert structure(other) == before
+    tensors = load_file(str(folder / "route_weights.safetensors"))
+    tensors["layers.0.router.weight"][0, 0] = float("nan")
+    save_file(tensors, str(folder / "route_weights.safetensors"))
+    model = tiny_model()
+    before = structure(model)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        load_routes(model, folder)
+    assert structure(model) == before
+    (folder / "route_plan.json").write_text('{"format": "eas_kernels.checkpoint"}')
+    with pytest.raises(ValueError, match="not a routing checkpoint plan"):
+        load_routes(model, folder)
+    with pytest.raises(FileNotFoundError, match="no route_plan.json"):
+        load_routes(model, tmp_path)

@@ -6,9 +6,11 @@
 * :mod:`.forward`  — :class:`RoutedForward`: one routed block (gather, compute, scatter;
   frozen routes; the batch-1 merge of a skipped MHA's PIA);
 * :mod:`.patch`    — :func:`patch_routes` / :func:`unpatch_routes` and the switches;
-* :mod:`.schedule` — :class:`RouteSchedule` (RoE's three stages) and :func:`route_loss`.
+* :mod:`.schedule` — :class:`RouteSchedule` (RoE's three stages) and :func:`route_loss`;
+* :mod:`.checkpoint` — :func:`save_routes` / :func:`load_routes` (plan + weights).
 """
 
+from .checkpoint import load_routes, save_routes
 from .control import BATCH_RULES, ROUTING_MODES, RouteControl
 from .forward import LayerRoute, RoutedForward
 from .patch import (
@@ -33,10 +35,12 @@ __all__ = [
     "RouteStage",
     "RoutedForward",
     "force_routes",
+    "load_routes",
     "patch_routes",
     "route_control",
     "route_loss",
     "routes_of",
+    "save_routes",
     "set_routing",
     "unpatch_routes",
 ]
