@@ -258,6 +258,12 @@ def parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--skip-rank", type=_positive(int), default=32)
     group.add_argument("--epochs", type=_positive(int), default=RouteConfig.epochs)
+    group.add_argument(
+        "--pretune-epochs",
+        type=_non_negative,
+        default=RouteConfig.pretune_epochs,
+        help="epochs that train the kept adapters with every unit kept, before RoE's stages",
+    )
     group.add_argument("--batch-size", type=_positive(int), default=8)
     group.add_argument("--lr", type=_positive(float), default=RouteConfig.lr)
     group.add_argument("--router-lr", type=_positive(float), default=RouteConfig.router_lr)
@@ -766,6 +772,7 @@ def cmd_route(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     model.projector.requires_grad_(True)  # trains with the routes; the LLM stays frozen
     config = RouteConfig(
         epochs=args.epochs,
+        pretune_epochs=args.pretune_epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         router_lr=args.router_lr,

@@ -6,7 +6,8 @@ method trains ``--epochs`` (4) from the same frozen model (lr 1e-3, batch 8; the
 trains):
 
 * ``RoE <unit>`` for each ``--units`` (``mha``: dynamic EAS; ``block``: RoE as published),
-  target ratio ``--ratio``: ``RouteTuner`` (RoE's three stages); the routes of the test
+  target ratio ``--ratio``: ``RouteTuner`` (``--pretune-epochs`` with every unit kept,
+  then RoE's three stages in the rest); the routes of the test
   prompts give the realised ratio (mean, spread of skipped units per example, per layer);
 * ``static <unit>``: EAS's default schedule (greedy search) with ``k`` = the RoE run's
   mean skipped units per example, rounded: the same mean skip count for every example;
@@ -56,7 +57,13 @@ def options(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--units", nargs="+", choices=tuple(CANDIDATES), default=["mha", "block"])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=4, help="every method's epochs")
+    parser.add_argument(
+        "--pretune-epochs",
+        type=int,
+        default=RouteConfig.pretune_epochs,
+        help="of RoE's --epochs, those that train with every unit kept first",
+    )
     parser.add_argument("--timing-prompts", type=int, default=6)
     parser.add_argument("--timing-tokens", type=int, default=16)
     parser.add_argument("--batch-steps", type=int, default=16, help="decode steps at batch 8")
@@ -135,7 +142,9 @@ def routed(unit: str, work, args) -> tuple[Any, dict[str, Any]]:
     layers = work.model.llm.n_layers
     model = patch_routes(copy.deepcopy(work.model), RoutePlan(layers, unit=unit, ratio=args.ratio))
     model.projector.requires_grad_(True)
-    config = RouteConfig(epochs=args.epochs, seed=args.seed)
+    config = RouteConfig(
+        epochs=args.epochs - args.pretune_epochs, pretune_epochs=args.pretune_epochs, seed=args.seed
+    )
     result = RouteTuner(model, work.train, config, pad_id=work.pad_id).run()
     accuracy = evaluate_accuracy(model, work, None)
     routes = route_matrix(model, work.test, pad_id=work.pad_id).float()

@@ -252,13 +252,14 @@ def test_route_trains_routers_and_reports_ratio_accuracy_and_speed(tmp_path):
     """`eas-kernels route` on the tiny model: RoE's stages in the history, the realised
     ratio per layer and per example, the plot and the batch-1 timing."""
     options = ["--unit", "mha", "--ratio", "0.4", "--layers", "1-4", "--epochs", "2"]
+    options += ["--pretune-epochs", "1"]
     options += ["--batch-size", "4", "--timing-prompts", "2", "--timing-tokens", "3"]
     cli("route", *WORKLOAD, *options, "--out", str(tmp_path))
     report = json.loads((tmp_path / "route_report.json").read_text())
     assert report["route_plan"]["layers"] == [1, 2, 3, 4] and report["route_plan"]["ratio"] == 0.4
     stages = [record["stage"] for record in report["history"]]
-    assert stages[0] == "random" and stages[-1] == "joint" and "routers" in stages
-    assert len(stages) == 2 * 4  # 16 questions in batches of 4, two epochs
+    assert stages[:4] == ["pretune"] * 4 and stages[4] == "random" and stages[-1] == "joint"
+    assert "routers" in stages and len(stages) == 3 * 4  # 16 questions in batches of 4
     realized = report["realized_ratio"]
     assert 0.0 <= realized["mean"] <= 1.0 and set(realized["per_layer"]) == {"1", "2", "3", "4"}
     assert 0.0 <= report["accuracy"] <= 1.0 and report["decode"] is None

@@ -166,7 +166,7 @@ def test_seeds_recipe_tunes_every_method_for_every_seed(tmp_path):
 def test_roe_recipe_compares_routes_with_static_plans_and_times_both_rules(tmp_path):
     recipe = importlib.import_module("roe_miniature")
     report = recipe.main(
-        ["--model", "tiny", "--train", "16", "--held-out", "6", "--test", "8", "--epochs", "1"]
+        ["--model", "tiny", "--train", "16", "--held-out", "6", "--test", "8", "--epochs", "2"]
         + ["--ratio", "0.4", "--timing-prompts", "2", "--timing-tokens", "3"]
         + ["--batch-steps", "2", "--batch-rounds", "1", "--out", str(tmp_path)]
     )

@@ -223,3 +223,55 @@ def test_routers_learn_which_examples_need_a_layer() -> None:
     correct = torch.where(kind_a, ~skips[:, 0], skips[:, 0]).float().mean()
     assert float(correct) >= 0.9, f"layer 0 routed correctly for {float(correct):.2f}"
     assert float(skips[kind_a].float().mean()) < float(skips[~kind_a].float().mean())
+
+
+def _examples(count: int, seed: int = 0) -> list:
+    from eas_kernels.tuning import Example
+
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        Example(tuple(torch.randint(1, 97, (5,), generator=generator).tolist()), (3, 4))
+        for _ in range(count)
+    ]
+
+
+def test_route_tuner_pretunes_with_every_unit_kept_then_follows_roes_stages() -> None:
+    from eas_kernels.tuning.route_trainer import RouteConfig, RouteTuner
+
+    model = tiny_model()
+    patch_routes(model, RoutePlan(4, skip_rank=6))
+    seen, routers = [], []
+
+    def progress(record: dict) -> None:
+        seen.append(record)
+        routers.append(model.layers[0].router.weight.abs().sum().item())
+
+    config = RouteConfig(epochs=2, pretune_epochs=1, batch_size=4)
+    tuner = RouteTuner(model, _examples(8), config, pad_id=0, progress=progress)
+    assert tuner.total == 6
+    result = tuner.run()
+    stages = [record["stage"] for record in result.history]
+    # RoE's 4 steps: progress 0 and 0.25 random, 0.5 and 0.75 joint (routers_until = 0.5)
+    assert stages == ["pretune", "pretune", "random", "random", "joint", "joint"]
+    assert all(r["realized_ratio"] == 0.0 for r in result.history[:2])
+    assert routers[:3] == [0.0, 0.0, 0.0]  # untouched by pretuning and random routes
+    assert model.layers[0].kept_adapter.up1.weight.abs().sum() > 0
+    assert seen == result.history
+    control = route_control(model)
+    assert control.forced is None and control.mode == "hard" and not model.training
+
+
+def test_route_config_refusals() -> None:
+    from eas_kernels.tuning.route_trainer import RouteConfig, RouteTuner
+
+    for kwargs, error, words in [
+        ({"pretune_epochs": -1}, ValueError, "pretune_epochs"),
+        ({"pretune_epochs": 1.5}, TypeError, "pretune_epochs"),
+        ({"epochs": 0}, ValueError, "epochs"),
+        ({"router_lr": 0.0}, ValueError, "router_lr"),
+        ({"routers_until": 0.1}, ValueError, "random_until <= routers_until"),
+    ]:
+        with pytest.raises(error, match=words):
+            RouteConfig(**kwargs).validate()
+    with pytest.raises(TypeError, match="not routed"):
+        RouteTuner(tiny_model(), _examples(2), RouteConfig(), pad_id=0)
