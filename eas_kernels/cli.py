@@ -12,8 +12,8 @@ LLaMA) and writes into ``--out``:
   and decode speed of ``--checkpoint`` vs the unpatched model and the floor;
 * ``generate`` answers one question about one easy-vqa image;
 * ``demo``     all of it, LaVIN-style tuning vs EAS with k skipped MHAs, and a table;
-* ``route``    per-example routing (RoE, ROE_SPEC): routers and shortcuts trained with
-  RoE's schedule and regularised loss → accuracy, the realised skip ratio (per layer, per
+* ``route``    per-example routing (RoE, ROE_SPEC): a pretune epoch with every unit kept,
+  then routers and shortcuts trained with RoE's schedule and regularised loss → accuracy, the realised skip ratio (per layer, per
   example), ``routes.png`` and batch-1 decode speed against the unpatched model (no
   checkpoint: a killed run starts again).
 
