@@ -13,9 +13,9 @@ LLaMA) and writes into ``--out``:
 * ``generate`` answers one question about one easy-vqa image;
 * ``demo``     all of it, LaVIN-style tuning vs EAS with k skipped MHAs, and a table;
 * ``route``    per-example routing (RoE, ROE_SPEC): a pretune epoch with every unit kept,
-  then routers and shortcuts trained with RoE's schedule and regularised loss → accuracy, the realised skip ratio (per layer, per
-  example), ``routes.png`` and batch-1 decode speed against the unpatched model (no
-  checkpoint: a killed run starts again).
+  then routers and shortcuts trained with RoE's schedule and regularised loss →
+  accuracy, the realised skip ratio (per layer, per example), ``routes.png`` and batch-1
+  decode speed against the unpatched model (no checkpoint: a killed run starts again).
 
 Each command also writes ``<command>_report.json`` (arguments, results, timings,
 versions). Bad arguments — and files that are missing, unreadable, unwritable or not what
