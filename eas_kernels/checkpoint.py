@@ -65,22 +65,42 @@ def save_pretrained(
     return folder
 
 
-def _read(folder: Path) -> tuple[SkipPlan, str | None, dict[str, torch.Tensor]]:
+def read_document(
+    folder: Path, plan_file: str, weights_file: str, fmt: str, versions: tuple, kind: str
+) -> dict:
+    """The JSON document ``folder/plan_file`` of a checkpoint folder of format ``fmt`` (a
+    ``version`` in ``versions``), both files present; ``FileNotFoundError`` /
+    ``ValueError`` naming the file and ``kind`` ("an eas_kernels checkpoint") otherwise."""
+    for name in (plan_file, weights_file):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not {kind}: no {name}")
+    try:
+        text = (folder / plan_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{folder / plan_file} is not valid JSON: {error}") from None
+    document = parse_json(text, str(folder / plan_file))
+    if not isinstance(document, dict) or document.get("format") != fmt:
+        raise ValueError(f"{folder / plan_file} is not {kind} plan")
+    if document.get("version") not in versions:
+        raise ValueError(f"{folder / plan_file}: unsupported version {document.get('version')!r}")
+    return document
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors file; ``ValueError`` when it is corrupt."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    for name in (PLAN_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} is not an eas_kernels checkpoint: no {name}")
     try:
-        text = (folder / PLAN_FILE).read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{folder / PLAN_FILE} is not valid JSON: {error}") from None
-    document = parse_json(text, str(folder / PLAN_FILE))
-    if not isinstance(document, dict) or document.get("format") != _FORMAT:
-        raise ValueError(f"{folder / PLAN_FILE} is not an eas_kernels checkpoint plan")
-    if document.get("version") not in (1, _VERSION):
-        raise ValueError(f"{folder / PLAN_FILE}: unsupported version {document.get('version')!r}")
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is corrupt: {error}") from error
+
+
+def _read(folder: Path) -> tuple[SkipPlan, str | None, dict[str, torch.Tensor]]:
+    document = read_document(
+        folder, PLAN_FILE, WEIGHTS_FILE, _FORMAT, (1, _VERSION), "an eas_kernels checkpoint"
+    )
     search = document.get("search")
     try:
         search = check_search(False if search is None else search)
@@ -90,11 +110,7 @@ def _read(folder: Path) -> tuple[SkipPlan, str | None, dict[str, torch.Tensor]]:
         plan = SkipPlan.from_dict(document.get("plan"))
     except (ValueError, TypeError) as error:
         raise type(error)(f"{folder / PLAN_FILE}: {error}") from None
-    try:
-        tensors = load_file(str(folder / WEIGHTS_FILE))
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{folder / WEIGHTS_FILE} is corrupt: {error}") from error
-    return plan, search, tensors
+    return plan, search, read_weights(folder / WEIGHTS_FILE)
 
 
 def from_pretrained(base_model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import read_document, read_weights
 from ..files import check_tensors
-from ..plan import parse_json
 from .patch import ADAPTER_NAME, ROUTER_NAME, SHORTCUT_NAME, RoutePatch, patch_routes, routes_of
 from .patch import unpatch_routes as _unpatch
 from .plan import RoutePlan
@@ -52,30 +52,14 @@ def save_routes(model: nn.Module, path: str | os.PathLike[str]) -> Path:
 
 
 def _read(folder: Path) -> tuple[RoutePlan, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    for name in (PLAN_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} is not a routing checkpoint: no {name}")
-    try:
-        text = (folder / PLAN_FILE).read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{folder / PLAN_FILE} is not valid JSON: {error}") from None
-    document = parse_json(text, str(folder / PLAN_FILE))
-    if not isinstance(document, dict) or document.get("format") != _FORMAT:
-        raise ValueError(f"{folder / PLAN_FILE} is not a routing checkpoint plan")
-    if document.get("version") != _VERSION:
-        raise ValueError(f"{folder / PLAN_FILE}: unsupported version {document.get('version')!r}")
+    document = read_document(
+        folder, PLAN_FILE, WEIGHTS_FILE, _FORMAT, (_VERSION,), "a routing checkpoint"
+    )
     try:
         plan = RoutePlan.from_dict(document.get("plan"))
     except (ValueError, TypeError) as error:
         raise type(error)(f"{folder / PLAN_FILE}: {error}") from None
-    try:
-        tensors = load_file(str(folder / WEIGHTS_FILE))
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{folder / WEIGHTS_FILE} is corrupt: {error}") from error
-    return plan, tensors
+    return plan, read_weights(folder / WEIGHTS_FILE)
 
 
 def load_routes(base_model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:

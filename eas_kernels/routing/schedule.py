@@ -17,13 +17,24 @@ class RouteStage:
     """What one training step does: the routing mode, its temperature and keep bias, and
     which parameters train."""
 
-    name: str  # "random", "routers" or "joint"
+    name: str  # "random", "routers" or "joint" (RouteTuner adds "pretune")
     mode: str  # RouteControl.mode
     temperature: float
     keep_bias: float
     train_routers: bool
     train_shortcuts: bool
     skip_probability: float | None = None  # stage 1: the share of ρ random routes skip
+
+    def apply(self, model: nn.Module) -> None:
+        """Set ``model``'s routing mode, and which of its routers and adapters train."""
+        patch = routes_of(model)
+        patch.control.set_mode(self.mode, temperature=self.temperature, keep_bias=self.keep_bias)
+        if self.skip_probability is not None:
+            patch.control.random_ratio = self.skip_probability * patch.plan.ratio
+        for router in patch.routers():
+            router.weight.requires_grad_(self.train_routers)
+        for pia in patch.shortcuts():
+            pia.requires_grad_(self.train_shortcuts)
 
 
 class RouteSchedule:
@@ -104,14 +115,7 @@ class RouteSchedule:
         """Set ``model``'s routing mode and which of its routers and shortcuts train, for
         step ``step``; returns the stage."""
         stage = self.stage(step)
-        patch = routes_of(model)
-        patch.control.set_mode(stage.mode, temperature=stage.temperature, keep_bias=stage.keep_bias)
-        if stage.skip_probability is not None:
-            patch.control.random_ratio = stage.skip_probability * patch.plan.ratio
-        for router in patch.routers():
-            router.weight.requires_grad_(stage.train_routers)
-        for pia in patch.shortcuts():
-            pia.requires_grad_(stage.train_shortcuts)
+        stage.apply(model)
         return stage
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,18 +24,12 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_finite, check_positive_int, check_seed
-from ..routing import (
-    RouteSchedule,
-    RouteStage,
-    route_control,
-    route_loss,
-    routes_of,
-    set_routing,
-)
+from ..routing import RouteSchedule, RouteStage, route_loss, routes_of, set_routing
 from .data import Example, collate
-from .trainer import LossFunction, WarmupCosine, answer_loss
+from .trainer import LossFunction, Progress, WarmupCosine, answer_loss
 
-Progress = Callable[[dict[str, Any]], None]
+# Before RoE's stages: every unit forced kept, the routers frozen, the adapters training.
+PRETUNE = RouteStage("pretune", "hard", 1.0, 0.0, False, True)
 
 
 @dataclass
@@ -134,7 +128,7 @@ class RouteTuner:
         taken = {id(p) for p in routers + shortcuts}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
         self.parameters = routers + shortcuts + others
-        self.others = others
+        self.others = others  # what the caller left trainable (e.g. a projector)
         groups = [
             {"params": routers, "lr": config.router_lr},
             {"params": shortcuts + others, "lr": config.lr},
@@ -146,25 +140,13 @@ class RouteTuner:
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.train), generator=generator).tolist()
 
-    def _pretune_stage(self, batch_size: int) -> RouteStage:
-        """Every unit kept (forced), the routers frozen: the kept adapters and the other
-        trainables learn the task first."""
-        routed = len(self.patch.plan.layers)
-        self.patch.control.force(torch.zeros(batch_size, routed, dtype=torch.bool))
-        set_routing(self.model, "hard")
-        for router in self.patch.routers():
-            router.weight.requires_grad_(False)
-        for pia in self.patch.shortcuts():
-            pia.requires_grad_(True)
-        return RouteStage("pretune", "hard", 1.0, 0.0, False, True)
-
     def run(self) -> RouteResult:
         """Train for ``config.epochs``; the model is left in eval mode with hard routes."""
-        control = route_control(self.model)
+        control = self.patch.control
         control.generator = torch.Generator().manual_seed(self.config.seed)
         result, started, step = RouteResult(), time.perf_counter(), 0
         limit = self.config.max_grad_norm
-        others = self.others
+        others, routed = self.others, len(self.patch.plan.layers)
         for epoch in range(self.config.pretune_epochs + self.config.epochs):
             order = self._order(epoch)
             for first in range(0, len(order), self.config.batch_size):
@@ -173,7 +155,9 @@ class RouteTuner:
                     self.pad_id,
                 )
                 if step < self.pretune_steps:
-                    stage = self._pretune_stage(len(batch))
+                    stage = PRETUNE
+                    stage.apply(self.model)
+                    control.force(torch.zeros(len(batch), routed, dtype=torch.bool))
                 else:
                     control.force(None)
                     stage = self.schedule.apply(self.model, step - self.pretune_steps)
