@@ -4,8 +4,12 @@
 sites of different ranks in one call), the
 low-rank factors and the low-rank add through their native backend, in fp32, fp16 and
 bf16, and checks each result against the PyTorch reference (loosely: this is a memory and
-race check, the precise comparisons are the tests'). ``--device cpu`` runs the same on the
-CPU kernels (the dry run). Exits non-zero on any mismatch or error.
+race check, the precise comparisons are the tests'). Two shapes reach every launch
+configuration of the CUDA kernels: rows of ``W`` 16-byte aligned (128-bit loads, d = 64) or
+not (d = 45); the dots' column tiles of 16, 64 and 128 (twice: n = 142 > 128); the add's
+blocks of 8 rows (2 rows) and of 32 (15 rows), with coefficients in one chunk of 64 and in
+two. ``--device cpu`` runs the same on the CPU kernels (the dry run). Exits non-zero on any
+mismatch or error.
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ from eas_kernels.ops import (
     merged_linear_reference,
 )
 
+SHAPES = ((45, 3, 40), (64, 5, 70))  # (d, rank, the other site's and the factors' rank)
 
-def run(device: torch.device, dtype: torch.dtype) -> None:
-    generator = torch.Generator().manual_seed(0)
+
+def run(device: torch.device, dtype: torch.dtype, d: int, rank: int, wide: int) -> None:
+    generator = torch.Generator().manual_seed(d)
 
     def randn(*shape: int, scale: float = 0.3) -> torch.Tensor:
         return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
 
-    out, d, rank, batch, tokens = 37, 45, 3, 3, 5
+    out = 37
     weights = [randn(out, d), randn(out + 6, d)]
     originals = [w.clone() for w in weights]
     biases = [randn(out), None]
@@ -46,7 +52,9 @@ def run(device: torch.device, dtype: torch.dtype) -> None:
         torch.testing.assert_close(target.bias, new_bias, rtol=2e-2, atol=2e-2)
     for weight, value in zip(weights, originals, strict=True):
         assert torch.equal(weight, value), "a merge wrote its weights"
-    other = SiteMerge([randn(out - 4, d)], [randn(out - 4)], randn(5, d), randn(5, d), randn(d))
+    other = SiteMerge(
+        [randn(out - 4, d)], [randn(out - 4)], randn(wide, d), randn(wide, d), randn(d)
+    )
     first = SiteMerge(weights, biases, down, up, beta)
     together = merge_sites([first, other], backend="native")
     for site, targets in zip((first, other), together, strict=True):
@@ -55,21 +63,22 @@ def run(device: torch.device, dtype: torch.dtype) -> None:
             torch.testing.assert_close(target.merged, new_weight, rtol=2e-2, atol=2e-2)
             torch.testing.assert_close(target.bias, new_bias, rtol=2e-2, atol=2e-2)
 
-    basis = randn(2 * rank + 2, d)
-    factor = lowrank_factors(weights[0], basis, backend="native")
-    reference = lowrank_factors_reference(weights[0], basis)
-    torch.testing.assert_close(factor.float(), reference.float(), rtol=2e-2, atol=2e-2)
-
     compute = torch.promote_types(dtype, torch.float32)
-    alpha = torch.softmax(torch.randn(batch, 2, generator=generator), dim=-1)
-    mix = torch.cat([alpha, torch.randn(batch, rank, generator=generator) * 0.3], dim=1)
-    mix = mix.to(device=device, dtype=compute)
-    output, projected = randn(batch, tokens, out), randn(batch, tokens, rank)
-    reference = add_lowrank_reference(
-        output.to(compute), projected.to(compute), mix, factor.to(compute)
-    )
-    result = add_lowrank(output, projected, mix, factor, backend="native")
-    torch.testing.assert_close(result.float(), reference.float(), rtol=2e-2, atol=2e-2)
+    for r in (rank, wide):
+        basis = randn(2 * r + 2, d)
+        factor = lowrank_factors(weights[0], basis, backend="native")
+        reference = lowrank_factors_reference(weights[0], basis)
+        torch.testing.assert_close(factor.float(), reference.float(), rtol=2e-2, atol=2e-2)
+        for batch, tokens in ((3, 5), (2, 1)):
+            alpha = torch.softmax(torch.randn(batch, 2, generator=generator), dim=-1)
+            mix = torch.cat([alpha, torch.randn(batch, r, generator=generator) * 0.3], dim=1)
+            mix = mix.to(device=device, dtype=compute)
+            output, projected = randn(batch, tokens, out), randn(batch, tokens, r)
+            reference = add_lowrank_reference(
+                output.to(compute), projected.to(compute), mix, factor.to(compute)
+            )
+            result = add_lowrank(output, projected, mix, factor, backend="native")
+            torch.testing.assert_close(result.float(), reference.float(), rtol=2e-2, atol=2e-2)
 
 
 def main() -> None:
@@ -78,8 +87,13 @@ def main() -> None:
     device = torch.device(parser.parse_args().device)
     with torch.no_grad():
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            run(device, dtype)
-            print(f"{device} {dtype}: merge (one site, two sites), factors, add: ok", flush=True)
+            for shape in SHAPES:
+                run(device, dtype, *shape)
+                print(
+                    f"{device} {dtype} (d, rank, other rank) {shape}: merge (one site, two "
+                    "sites), factors, add: ok",
+                    flush=True,
+                )
     if device.type == "cuda":
         torch.cuda.synchronize()
 

@@ -107,6 +107,28 @@ def test_merge_matches_the_reference_with_poisoned_outputs(
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_targets_whose_rows_lie_in_wider_storage_merge_as_contiguous_ones(kernels, dtype):
+    """Rows ``ld > d`` apart, 16-byte aligned (CUDA: 128-bit loads, with a tail shorter than
+    one vector: d = 61) or not (one element in: scalar loads), give bitwise what the same
+    weights give contiguous: the load path does not change the sums."""
+    with on_kernels(kernels) as device:
+        s = site([37, 16], 61, 9, dtype, seed=90, device=device)
+        wide = [torch.zeros(w.shape[0], 72, dtype=dtype, device=device) for w in s["weights"]]
+        aligned = [buffer[:, :61] for buffer in wide]
+        shifted = [buffer[:, 1:62] for buffer in wide]
+        expected = merged_linear(s["weights"], s["biases"], *pia_args(s), backend="native")
+        expected = [(t.merged.clone(), t.bias.clone()) for t in expected]
+        for views in (aligned, shifted):
+            for view, weight in zip(views, s["weights"], strict=True):
+                view.copy_(weight)
+            free_merge_buffers()
+            got = merged_linear(views, s["biases"], *pia_args(s), backend="native")
+            for (weight, bias), target in zip(expected, got, strict=True):
+                assert same_bits(target.merged, weight) and same_bits(target.bias, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_ten_thousand_merge_restore_cycles_leave_weights_bitwise_identical(dtype):
     """Random states each cycle, swapped in and back as the runtime does
     (``install_merged``, ``restore_merged``)."""

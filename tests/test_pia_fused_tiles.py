@@ -91,6 +91,70 @@ def test_gpu_dots_keep_fp32_accuracy(dtype, accumulate, precision):
     assert kernel_config(False, dtype, 20, (16, 32, 1))["PREC"] == "ieee"
 
 
+@pytest.mark.parametrize(
+    ("dtype", "on_gpu", "operands"),
+    [
+        (torch.float32, True, "fp32"),
+        (torch.float64, True, "fp64"),
+        (torch.float16, True, "fp16"),
+        (torch.bfloat16, True, "bf16"),
+        (torch.float16, False, "fp16"),
+        (torch.bfloat16, False, "fp32"),  # the interpreter's tl.dot has no bf16
+    ],
+)
+def test_stored_operands_keep_their_storage_type(dtype, on_gpu, operands):
+    assert str(kernel_config(on_gpu, dtype, 8, (16, 32, 1))["OPD"]) == operands
+
+
+MMA = """
+import json, re, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from eas_kernels.ops import pia_fused
+
+capability, dtype = int(sys.argv[1]), sys.argv[2]
+torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+stored = {"u_ptr", "g_ptr", "wd_ptr", "wu1_ptr", "wu2_ptr", "bu1_ptr", "bu2_ptr"}
+stored |= {"c_ptr", "alpha_ptr"}
+found = {}
+for kernel in (pia_fused._down_kernel, pia_fused._bwd_token_kernel):
+    config = pia_fused.kernel_config(True, torch_dtype, 8, (64, 64, 2))
+    stages = config.pop("num_stages")
+    signature = {
+        name: "constexpr" if name in config
+        else ("*i8" if name == "mask_ptr" else "*" + (dtype if name in stored else "fp32"))
+        if name.endswith("_ptr") else "i32"
+        for name in kernel.arg_names
+    }
+    source = ASTSource(fn=kernel, signature=signature, constexprs=config)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                              options={"num_stages": stages})
+    found[kernel.__name__] = sorted(set(re.findall(r"(?:wgmma.mma_async|mma.sync)\\S*",
+                                                   compiled.asm["ptx"])))
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.parametrize(("capability", "dtype"), [(90, "bf16"), (80, "fp16")])
+def test_dots_of_stored_16_bit_operands_run_on_16_bit_tensor_cores(capability, dtype):
+    """Compiled for an H100 (wgmma) and an A100 (mma.sync): every tensor-core instruction of
+    the forward down kernel and the backward token kernel (whose dots all multiply stored
+    operands: u W_d1ᵀ, G W_uk) takes 16-bit operands; before, they were tf32 (three of them
+    per dot under tf32x3) on upcast operands."""
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", MMA, str(capability), dtype],
+        capture_output=True, text=True, env=environment, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    ptx_type = {"bf16": "bf16", "fp16": "f16"}[dtype]
+    for kernel, instructions in found.items():
+        assert instructions, f"{kernel}: no tensor-core instruction"
+        assert all(f".{ptx_type}.{ptx_type}" in i for i in instructions), (kernel, instructions)
+
+
 COMPILE = """
 import json, sys
 import torch, triton

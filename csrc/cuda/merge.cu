@@ -7,12 +7,14 @@
 //   W' = round(W + Δ),  Δ = Σ_k P[:, k] W_d1[k, :] summed from zero, k ascending, fmaf
 //   b' = round(b + W βᵀ)
 //
-// W is only read; W' goes to the target's `merged` buffer (MergeTarget).
-// 1. dots_kernel (Q), maxima_kernel (row maxima |W|),
-//    down_max_kernel (max_j |W_d1[k, j]|, Inf if row k is not finite);
+// W is only read, twice (steps 1 and 3); W' goes to the target's `merged` buffer
+// (MergeTarget).
+// 1. dots_kernel: Q and the row maxima max_j |W[o, j]| in one read of W;
+//    down_max_kernel: max_j |W_d1[k, j]|, Inf if row k is not finite;
 // 2. check_kernel, one warp per row: finite Q row and b', and W' finite — cleared by the
 //    bound max|W_o| + Σ_k |P_ok| max|W_d1[k, :]| < max_finite(T) / 2, else computed and
-//    scanned; the host reads one flag per target (one stream synchronisation);
+//    scanned (the only other read of a row of W, for rows near the overflow); the host
+//    reads one flag per target (one stream synchronisation);
 // 3. only if no target was refused, update_kernel: W' into `merged`, tiles of 32 rows x 128
 //    columns with P and W_d1 staged in shared memory.
 // Before step 1 the grids of all three steps, for every target, are checked against the
@@ -31,23 +33,6 @@ namespace eas::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <class T>
-__global__ void maxima_kernel(const T* __restrict__ w, int64_t ld, int64_t d,
-                              float* __restrict__ maxima) {
-  __shared__ float partial[kThreads / 32];
-  const int64_t row = blockIdx.x;
-  const T* src = w + row * ld;
-  float m = 0.0f;
-  for (int64_t j = threadIdx.x; j < d; j += kThreads) m = fmaxf(m, fabsf(to_float(src[j])));
-  for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = m;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int i = 1; i < kThreads / 32; ++i) m = fmaxf(m, partial[i]);
-    maxima[row] = m;
-  }
-}
 
 __global__ void down_max_kernel(const float* __restrict__ down, int64_t d, float* __restrict__ out) {
   __shared__ float partial[kThreads / 32];
@@ -156,12 +141,14 @@ std::string target_shape(int t, const MergeTarget& tg, int64_t d, int64_t r) {
 // The grids of one call's launches (phases 1-3, every site and target), all checked against
 // the device limits (std::invalid_argument) before anything is launched.
 struct MergeGrids {
-  std::vector<dim3> down_max;                     // per site
-  std::vector<dim3> dots, maxima, check, update;  // per target
+  std::vector<dim3> down_max;            // per site
+  std::vector<DotsLaunch> dots;          // per target
+  std::vector<dim3> check, update;       // per target
 };
 
 MergeGrids merge_grids(const MergeArgs& a) {
   const int64_t d = a.d;
+  const size_t element = a.dtype == kFloat32 ? 4 : 2;
   if (a.num_targets < 1 || a.num_sites < 1) throw std::invalid_argument("merge: no target");
   MergeGrids g;
   for (int s = 0; s < a.num_sites; ++s) {
@@ -173,8 +160,7 @@ MergeGrids merge_grids(const MergeArgs& a) {
     const MergeTarget& tg = a.targets[t];
     const int64_t r = a.sites[tg.site].rank;
     const std::string shape = target_shape(t, tg, d, r);
-    g.dots.push_back(dots_grid(tg.out, r + 1, "merge", shape));
-    g.maxima.push_back(grid_of(tg.out, 1, 1, "merge", "maxima_kernel", shape));
+    g.dots.push_back(dots_launch(tg.weight, tg.ld, element, tg.out, r + 1, "merge", shape));
     g.check.push_back(
         grid_of(blocks(tg.out, kThreads / 32), 1, 1, "merge", "check_kernel", shape));
     // row tiles along y: out <= 65535 * kRows = 2,097,120
@@ -190,8 +176,7 @@ int merge_typed(const MergeArgs& a, const MergeGrids& grids, cudaStream_t stream
   // Every kernel loaded before the first launch (the grids were checked by merge_grids), so
   // that no launch of phase 3 fails after an earlier target was computed.
   preload(down_max_kernel, kThreads, "merge: loading down_max_kernel");
-  preload(dots_kernel<T>, kDotThreads, "merge: loading dots_kernel");
-  preload(maxima_kernel<T>, kThreads, "merge: loading maxima_kernel");
+  preload_dots<T>("merge: loading dots_kernel");
   preload(check_kernel<T>, kThreads, "merge: loading check_kernel");
   preload(update_kernel<T>, kThreads, "merge: loading update_kernel");
 
@@ -226,8 +211,8 @@ int merge_typed(const MergeArgs& a, const MergeGrids& grids, cudaStream_t stream
     const int64_t r = site.rank;
     const T* w = static_cast<const T*>(tg.weight);
     float* q_t = q + q_of[t];
-    launch_dots<T>(grids.dots[t], w, tg.ld, tg.out, site.up, r + 1, d, q_t, r + 1, 1, stream);
-    maxima_kernel<T><<<grids.maxima[t], kThreads, 0, stream>>>(w, tg.ld, d, maxima + row_of[t]);
+    launch_dots<T>(grids.dots[t], w, tg.ld, tg.out, site.up, r + 1, d, q_t, r + 1, 1,
+                   maxima + row_of[t], stream);
     check_kernel<T><<<grids.check[t], kThreads, 0, stream>>>(
         w, tg.ld, tg.out, d, r, static_cast<const T*>(tg.bias), static_cast<T*>(tg.new_bias), q_t,
         maxima + row_of[t], site.down, down_max + down_of[tg.site], refused + t);

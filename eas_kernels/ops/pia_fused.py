@@ -81,19 +81,28 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 def kernel_config(on_gpu: bool, dtype: torch.dtype, rank: int, tiles: tuple[int, int, int]) -> dict:
     """The compile-time constants and launch options of the kernels for ``tiles``.
 
-    Products accumulate in fp32 (fp64 for fp64 inputs). On a GPU, fp32 and fp64 operands
-    use full precision (``ieee``); 16-bit inputs use ``tf32x3`` (three tf32 tensor-core
-    products per dot, about fp32's accuracy): their dots also multiply fp32 values the
-    kernel computed (``H``, ``dH``, ``α·H``), which plain tf32 would round to 10 bits.
+    Products accumulate in fp32 (fp64 for fp64 inputs). Two kinds of dots:
+
+    * dots of two stored operands (``u W_d1ᵀ`` in the forward and backward, ``G W_uk`` in
+      the backward) take them in their storage type ``OPD``: 16-bit inputs go to the
+      tensor cores at the 16-bit rate, and the products are exact in the fp32 accumulator,
+      so nothing is lost against upcasting. (In Triton's CPU interpreter ``tl.dot`` does
+      not support bf16 operands, so bf16 is fed there as fp32: the same exact products.)
+    * dots that multiply values the kernel computed in fp32 (``H``, ``dH``, ``α·H``, the
+      router mix of ``W_u``) use full precision (``ieee``) for fp32 and fp64, and ``tf32x3``
+      (three tf32 tensor-core products per dot, about fp32's accuracy) for 16-bit inputs,
+      which plain tf32 would round to 10 bits.
     """
     block_n, block_d, stages = tiles
     wide = dtype == torch.float64
     exact = wide or dtype == torch.float32 or not on_gpu
+    stored = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16 if on_gpu else tl.float32}
     return {
         "BN": block_n,
         "BD": block_d,
         "BR": max(16, triton.next_power_of_2(rank)),
         "ACC": tl.float64 if wide else tl.float32,
+        "OPD": stored.get(dtype, tl.float64 if wide else tl.float32),
         "PREC": "ieee" if exact else "tf32x3",
         "num_stages": stages,
     }
@@ -134,7 +143,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 @triton.jit
 def _down_kernel(
     u_ptr, mask_ptr, wd_ptr, p_ptr, sums_ptr, n, d, r,
-    BN: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, ACC: tl.constexpr, OPD: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     e = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -151,14 +161,14 @@ def _down_kernel(
             u_ptr + (e * n + tok[:, None]) * d + col[None, :],
             mask=in_tok[:, None] & in_col[None, :],
             other=0.0,
-        ).to(ACC)
+        )
         wd_t = tl.load(
             wd_ptr + rk[None, :] * d + col[:, None],
             mask=(rk[None, :] < r) & in_col[:, None],
             other=0.0,
-        ).to(ACC)
-        p += tl.dot(x, wd_t, input_precision=PREC, out_dtype=ACC)
-        tile_sum = tl.sum(tl.where(chosen[:, None], x, 0.0), axis=0)
+        )
+        p += tl.dot(x.to(OPD), wd_t.to(OPD), input_precision="ieee", out_dtype=ACC)
+        tile_sum = tl.sum(tl.where(chosen[:, None], x.to(ACC), 0.0), axis=0)
         tl.store(sums_ptr + (e * tiles + tile) * d + col, tile_sum, mask=in_col)
     tl.store(
         p_ptr + (e * n + tok[:, None]) * r + rk[None, :],
@@ -170,7 +180,8 @@ def _down_kernel(
 @triton.jit
 def _up_kernel(
     u_ptr, p_ptr, c_ptr, alpha_ptr, wu1_ptr, bu1_ptr, wu2_ptr, bu2_ptr, z_ptr, n, d, r,
-    BN: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, ACC: tl.constexpr, OPD: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     e = tl.program_id(0).to(tl.int64)
     tok = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -206,7 +217,8 @@ def _up_kernel(
 def _bwd_token_kernel(
     u_ptr, g_ptr, wd_ptr, c_ptr, alpha_ptr, wu1_ptr, bu1_ptr, wu2_ptr, bu2_ptr,
     h_ptr, dh_ptr, dalpha_ptr, n, d, r,
-    BN: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, ACC: tl.constexpr, OPD: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     e = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -225,16 +237,17 @@ def _bwd_token_kernel(
         in_col = col < d
         at = (e * n + tok[:, None]) * d + col[None, :]
         inside = in_tok[:, None] & in_col[None, :]
-        x = tl.load(u_ptr + at, mask=inside, other=0.0).to(ACC)
-        g = tl.load(g_ptr + at, mask=inside, other=0.0).to(ACC)
+        x = tl.load(u_ptr + at, mask=inside, other=0.0).to(OPD)
+        g = tl.load(g_ptr + at, mask=inside, other=0.0)
         w_in = in_col[:, None] & in_rank[None, :]
-        wd_t = tl.load(wd_ptr + rk[None, :] * d + col[:, None], mask=w_in, other=0.0).to(ACC)
+        wd_t = tl.load(wd_ptr + rk[None, :] * d + col[:, None], mask=w_in, other=0.0).to(OPD)
         w_at = col[:, None] * r + rk[None, :]  # up_k.weight tile (BD × BR)
-        wu1 = tl.load(wu1_ptr + w_at, mask=w_in, other=0.0).to(ACC)
-        wu2 = tl.load(wu2_ptr + w_at, mask=w_in, other=0.0).to(ACC)
-        p += tl.dot(x, wd_t, input_precision=PREC, out_dtype=ACC)
-        q1 += tl.dot(g, wu1, input_precision=PREC, out_dtype=ACC)
-        q2 += tl.dot(g, wu2, input_precision=PREC, out_dtype=ACC)
+        wu1 = tl.load(wu1_ptr + w_at, mask=w_in, other=0.0).to(OPD)
+        wu2 = tl.load(wu2_ptr + w_at, mask=w_in, other=0.0).to(OPD)
+        p += tl.dot(x, wd_t, input_precision="ieee", out_dtype=ACC)
+        q1 += tl.dot(g.to(OPD), wu1, input_precision="ieee", out_dtype=ACC)
+        q2 += tl.dot(g.to(OPD), wu2, input_precision="ieee", out_dtype=ACC)
+        g = g.to(ACC)
         gb1 += tl.sum(g * tl.load(bu1_ptr + col, mask=in_col, other=0.0).to(ACC)[None, :], axis=1)
         gb2 += tl.sum(g * tl.load(bu2_ptr + col, mask=in_col, other=0.0).to(ACC)[None, :], axis=1)
     a1 = tl.load(alpha_ptr + e * 2).to(ACC)
@@ -253,7 +266,8 @@ def _bwd_token_kernel(
 def _bwd_weight_kernel(
     u_ptr, g_ptr, mask_ptr, h_ptr, dh_ptr, alpha_ptr, wd_ptr, dmean_ptr, du_ptr,
     dwu1_ptr, dwu2_ptr, dbu1_ptr, dbu2_ptr, dwd_ptr, batch, n, d, r, tiles_per_example,
-    BN: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, ACC: tl.constexpr, OPD: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     col = tl.program_id(0) * BD + tl.arange(0, BD)
     split = tl.program_id(1)
