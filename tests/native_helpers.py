@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import tempfile
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 from eas_kernels import _native
+from tests.cuda_emulator import build as cuda_emulator
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, *LOW_PRECISION)
@@ -21,8 +26,10 @@ ISAS = list(_native.CPU.isas()) if _native.CPU is not None else []
 HAS_CUDA_KERNELS = _native.CUDA is not None and torch.cuda.is_available()
 
 # Where a kernel test runs: the CPU kernels of every instruction set this CPU can run
-# (avx512, avx2, portable), and the CUDA kernels (marked ``cuda``: what the GPU check,
-# scripts/gpu_check.sh, selects with ``-m cuda``; skipped without a GPU).
+# (avx512, avx2, portable); the CUDA kernels' own source on the CPU, through the CUDA
+# emulator (tests/cuda_emulator: every launch, barrier and warp operation as CUDA defines
+# them, on host memory); and the CUDA kernels on a GPU (marked ``cuda``: what the GPU
+# check, scripts/gpu_check.sh, selects with ``-m cuda``; skipped without a GPU).
 CUDA_KERNELS = pytest.param(
     ("cuda", None),
     id="cuda",
@@ -35,13 +42,37 @@ CUDA_KERNELS = pytest.param(
         ),
     ],
 )
-KERNELS = [pytest.param(("cpu", name), id=name) for name in ISAS] + [CUDA_KERNELS]
+EMULATED_CUDA_KERNELS = pytest.param(("emulated", None), id="cuda-emulated")
+KERNELS = [pytest.param(("cpu", name), id=name) for name in ISAS] + [
+    EMULATED_CUDA_KERNELS,
+    CUDA_KERNELS,
+]
+
+
+@functools.cache
+def emulated_cuda() -> ModuleType:
+    """``_C_cuda`` built from csrc/cuda for the CUDA emulator (once per source version)."""
+    module = cuda_emulator.load(Path(tempfile.gettempdir()) / "eas_kernels_cuda_emulator")
+    assert module.build_info()["abi"] == _native.ABI_VERSION
+    return module
 
 
 @contextlib.contextmanager
 def on_kernels(kernels: tuple[str, str | None]):
-    """Yield the device of ``kernels``; on the CPU, use that instruction set meanwhile."""
+    """Yield the device of ``kernels``; on the CPU, use that instruction set meanwhile, or
+    (``emulated``) send the native calls of CPU tensors to the emulated CUDA module, as
+    device 0 on the default stream."""
     device, isa = kernels
+    if device == "emulated":
+        emulated = emulated_cuda()
+        saved = _native.module, _native.launch_args
+        _native.module = lambda device: emulated
+        _native.launch_args = lambda device: (0, 0)
+        try:
+            yield torch.device("cpu")
+        finally:
+            _native.module, _native.launch_args = saved
+        return
     if device != "cpu":
         yield torch.device(device)
         return

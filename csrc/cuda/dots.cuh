@@ -24,6 +24,7 @@
 // w over its k-values, ascending: deterministic, independent of the launch.
 #pragma once
 
+#include <cstring>
 #include <string>
 
 #include "common.cuh"
@@ -43,7 +44,8 @@ __device__ __forceinline__ void load_span(const T* src, int64_t valid, bool vect
   constexpr int kVec = 16 / sizeof(T);
   if (vector && valid >= kVec) {
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
-    const T* e = reinterpret_cast<const T*>(&raw);
+    T e[kVec];
+    memcpy(e, &raw, sizeof raw);  // not a cast of &raw: that would break strict aliasing
 #pragma unroll
     for (int i = 0; i < kVec; ++i) v[i] = to_float(e[i]);
   } else {
