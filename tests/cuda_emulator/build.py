@@ -44,10 +44,22 @@ def _sources() -> dict[str, str]:
     return files
 
 
-def build(cache: Path) -> Path:
-    """The emulated module's path, built under ``cache`` unless its sources are unchanged."""
+SANITIZERS = [
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+]
+
+
+def build(cache: Path, *, sanitize: bool = False) -> Path:
+    """The emulated module's path, built under ``cache`` unless its sources are unchanged.
+
+    ``sanitize``: with AddressSanitizer and UndefinedBehaviorSanitizer (load it in a process
+    that preloads libasan, see :func:`sanitizer_environment`): every access of a kernel out
+    of its tensors' allocations, and every undefined operation, aborts with a report.
+    """
     files = _sources()
-    key = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(repr((sanitize, sorted(files.items()))).encode()).hexdigest()[:16]
     root = cache / f"emulated-{key}"
     target = root / f"_C_cuda{sysconfig.get_config_var('EXT_SUFFIX')}"
     if target.is_file():
@@ -63,7 +75,7 @@ def build(cache: Path) -> Path:
         "-std=c++20", "-O2", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
         f"-I{source / 'emulator'}", f"-I{source / 'cuda'}", f"-I{source / 'cpu'}",
         f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
-        '-DEAS_CUDA_ARCHS="emulated"',
+        '-DEAS_CUDA_ARCHS="emulated"', *(SANITIZERS if sanitize else []),
     ]  # fmt: skip
     objects = []
     for unit in (*(f"cuda/{name}" for name in UNITS), "emulator/runtime.cpp"):
@@ -75,16 +87,32 @@ def build(cache: Path) -> Path:
         objects.append(str(obj))
     partial = target.with_suffix(".partial")
     subprocess.run(
-        [compiler, "-shared", "-pthread", *objects, "-o", str(partial)],
+        [compiler, "-shared", "-pthread", *(SANITIZERS if sanitize else []), *objects,
+         "-o", str(partial)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     partial.rename(target)
     return target
 
 
-def load(cache: Path) -> ModuleType:
+def sanitizer_environment() -> dict[str, str]:
+    """The environment of a process that loads the sanitized module: libasan preloaded (the
+    interpreter is not instrumented), leaks not reported (the interpreter's own)."""
+    compiler = os.environ.get("CXX", "c++")
+    libasan = subprocess.run(
+        [compiler, "-print-file-name=libasan.so"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        **os.environ,
+        "LD_PRELOAD": libasan,
+        "ASAN_OPTIONS": "detect_leaks=0",
+        "UBSAN_OPTIONS": "print_stacktrace=1",
+    }
+
+
+def load(cache: Path, *, sanitize: bool = False) -> ModuleType:
     """The emulated ``_C_cuda`` (built if needed)."""
-    spec = importlib.util.spec_from_file_location("_C_cuda", build(cache))
+    spec = importlib.util.spec_from_file_location("_C_cuda", build(cache, sanitize=sanitize))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
