@@ -59,7 +59,8 @@ def build(cache: Path, *, sanitize: bool = False) -> Path:
     of its tensors' allocations, and every undefined operation, aborts with a report.
     """
     files = _sources()
-    key = hashlib.sha256(repr((sanitize, sorted(files.items()))).encode()).hexdigest()[:16]
+    recipe = (sanitize, sorted(files.items()), Path(__file__).read_text())  # flags too
+    key = hashlib.sha256(repr(recipe).encode()).hexdigest()[:16]
     root = cache / f"emulated-{key}"
     target = root / f"_C_cuda{sysconfig.get_config_var('EXT_SUFFIX')}"
     if target.is_file():
