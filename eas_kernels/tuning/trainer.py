@@ -38,6 +38,11 @@ checked entry by entry before anything of the run changes; trainable parameters 
 NaN or Inf are never written. SIGINT (Ctrl-C) during :meth:`EASTuner.run` finishes the
 current step, writes a checkpoint there and raises :class:`TuningInterrupted`; a second
 SIGINT interrupts at once.
+
+Under ``torchrun`` (or with a process group initialised) every rank runs the same tuner:
+each trains on its shard of every global batch and scores its shard of the held-out
+batch, the search stays in lockstep, and rank 0 writes (:mod:`.distributed`). The result
+does not depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -71,7 +76,9 @@ from ..patch import patch_of
 from ..plan import SkipPlan
 from ..roles import DEFAULT_CANDIDATES
 from ..search import Candidates, Estimator, HeldOutScorer, SearchSettings, estimator_class
+from ..search.estimator import COSINE, Measurement
 from .data import IGNORE_INDEX, Batch, Example, collate
+from .distributed import Distributed, digest, setup_distributed
 
 PHASES = ("warmup", "search", "finetune")
 CHECKPOINT_FILE = "tuner_checkpoint.pt"
@@ -198,6 +205,11 @@ def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     )
 
 
+def answer_tokens(batch: Batch) -> int:
+    """The answer tokens :func:`answer_loss` averages over (labels of positions 1..n-1)."""
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 class TuningInterrupted(KeyboardInterrupt):
     """SIGINT stopped :meth:`EASTuner.run` between two steps; ``checkpoint`` holds the run
     at ``step`` (None without a run folder) and the same run resumes from it."""
@@ -256,6 +268,7 @@ class TuningResult:
     seconds: float = 0.0
     search_passes: int = 0
     search_seconds: float = 0.0
+    distributed: dict[str, Any] = field(default_factory=lambda: Distributed().describe())
 
     def epoch_losses(self) -> list[dict[str, Any]]:
         """Mean training loss of each (phase, epoch) of the run, in order."""
@@ -284,6 +297,11 @@ class EASTuner:
         run_key: more entries of the run key (module docstring), checked before the
             configuration: names → JSON-like values (the command line passes ``--train``,
             ``--model``, ...).
+        distributed: this process's place in a data-parallel run (None: the initialised
+            process group, or one from ``torchrun``'s environment, or one process; see
+            :func:`~.distributed.setup_distributed`). ``loss_fn`` must then be a mean over
+            the batch's answer tokens (as :func:`answer_loss`): each rank's loss is
+            weighted by its share of them.
     """
 
     def __init__(
@@ -298,6 +316,7 @@ class EASTuner:
         loss_fn: LossFunction = answer_loss,
         progress: Progress | None = None,
         run_key: Mapping[str, Any] | None = None,
+        distributed: Distributed | None = None,
     ) -> None:
         if not isinstance(config, TuningConfig):
             raise TypeError(f"config must be a TuningConfig, got {type(config).__name__}")
@@ -322,10 +341,23 @@ class EASTuner:
             isinstance(run_key, Mapping) and all(isinstance(k, str) for k in run_key)
         ):
             raise TypeError(f"run_key must be a mapping with str keys, got {run_key!r}")
+        if distributed is not None and not isinstance(distributed, Distributed):
+            raise TypeError(
+                f"distributed must be a Distributed or None, got {type(distributed).__name__}"
+            )
+        self.distributed = setup_distributed() if distributed is None else distributed
+        world = self.distributed.world_size
+        if config.searches and len(held_out) < world:
+            raise ValueError(
+                f"held_out must hold at least one example per rank ({world}), got "
+                f"{len(held_out)}: every rank scores its share of it"
+            )
         self.model = model
         self.patch = patch
         self.train = list(train)
-        self.held_out = collate(list(held_out), pad_id) if held_out else None
+        # this rank's share of the held-out batch (all of it in one process)
+        local = self.distributed.shard(list(held_out))
+        self.held_out = collate(local, pad_id) if local else None
         self.run_key = {
             **dict(run_key or {}),
             **asdict(self.config),
@@ -339,6 +371,18 @@ class EASTuner:
         self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.parameters:
             raise ValueError("model has no trainable parameters")
+        self.distributed.check_same(
+            "configuration, examples, patch or parameters",
+            digest(
+                self.run_key,
+                patch.plan.to_dict(),
+                patch.search,
+                [(n, tuple(p.shape), str(p.dtype), p.requires_grad)
+                 for n, p in model.named_parameters()],
+                *self.parameters.values(),
+            ),
+        )  # fmt: skip
+        self.train_model = self._data_parallel(model)
         # No estimator when nothing is searched: the plan is then the model's skip sets.
         self.fixed_plan = None if config.searches else patch.current_plan()
         self.search: Estimator | None = None
@@ -360,6 +404,24 @@ class EASTuner:
         self.position = {"phase": 0, "epoch": 0, "batch": 0, "step": 0, "search_step": 0}
         self.elapsed = 0.0
         self.optimizer, self.scheduler = self._optimizer(0)
+
+    def _data_parallel(self, model: nn.Module) -> nn.Module:
+        """``model`` in DDP over its trainable parameters when the run has several ranks
+        (frozen weights and buffers are each rank's own: nothing to synchronise)."""
+        if not self.distributed.active:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        frozen += [n for n, _ in model.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        device = next(iter(self.parameters.values())).device
+        return DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,  # the arms a step does not skip get no gradient
+            broadcast_buffers=False,
+        )
 
     # ------------------------------------------------------------------ schedule pieces
     def _steps_per_epoch(self) -> int:
@@ -394,17 +456,29 @@ class EASTuner:
         self.patch.set_skipped(plan.skipped, plan.skipped_ffns)
 
     # ------------------------------------------------------------------ one step
-    def _train_step(self, batch: Batch) -> float:
-        self.model.train()
-        loss = self.loss_fn(self.model, batch)
-        if not torch.isfinite(loss):
+    def _train_step(self, examples: Sequence[Example]) -> float:
+        """One optimizer step on the global batch ``examples`` (this rank's shard of it);
+        the global batch's loss."""
+        local = self.distributed.shard(examples)
+        batch = collate(local or list(examples[:1]), self.pad_id)  # an empty shard: weight 0
+        self.train_model.train()
+        loss = self.loss_fn(self.train_model, batch)
+        reported, scaled = loss.detach(), loss
+        if self.distributed.active:
+            tokens = answer_tokens(batch) if local else 0
+            total = self.distributed.all_sum(
+                torch.stack([reported.double() * tokens, torch.tensor(float(tokens))])
+            )
+            reported = total[0] / total[1]
+            scaled = loss * (tokens * self.distributed.world_size / float(total[1]))
+        if not torch.isfinite(reported):
             raise FloatingPointError(
-                f"training diverged: the loss is {loss.item()} at step "
+                f"training diverged: the loss is {reported.item()} at step "
                 f"{self.position['step'] + 1} ({PHASES[self.position['phase']]}); "
                 f"lower lr (now {self.config.lr})"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaled.backward()
         limit = self.config.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(
             self.parameters.values(), math.inf if limit is None else limit
@@ -413,7 +487,7 @@ class EASTuner:
         self.scheduler.step()
         self._check_finite_parameters()
         self.grad_norm = float(norm)
-        return float(loss.item())
+        return float(reported.item())
 
     def _check_finite_parameters(self) -> None:
         """Refuse (FloatingPointError) trainable parameters that a step made NaN/Inf, so
@@ -432,7 +506,9 @@ class EASTuner:
         round = self.search.ask()
         if not round:
             return None
-        results = [self.scorer(measurement) for measurement in round]
+        # each rank measures its share of the held-out batch; the means over all ranks
+        local = [self.scorer(measurement) for measurement in round]
+        results = self.distributed.weighted_means(local, [self._weight(m) for m in round])
         self.search.tell(round, results)
         update = {
             "step": self.position["step"],
@@ -445,6 +521,13 @@ class EASTuner:
         # Wall time apart from the updates, which are a function of the run's inputs.
         self.history.setdefault("search_seconds", []).append(time.perf_counter() - started)
         return update
+
+    def _weight(self, measurement: Measurement) -> float:
+        """How many items this rank's measurement averages: the held-out shard's answer
+        tokens for a loss, its real tokens for the cosines."""
+        if measurement.kind == COSINE:
+            return float(self.held_out.attention_mask.sum())
+        return float(answer_tokens(self.held_out))
 
     def _finish_search(self, started: float) -> None:
         """Run the estimator's remaining rounds back to back (checkpoint after each)."""
@@ -492,13 +575,10 @@ class EASTuner:
                 size = self.config.batch_size
                 while position["batch"] * size < len(order):
                     first = position["batch"] * size
-                    batch = collate(
-                        [self.train[i] for i in order[first : first + size]], self.pad_id
-                    )
-                    self._step(phase, batch, started)
+                    self._step(phase, [self.train[i] for i in order[first : first + size]], started)
                     if halt_after_step is not None and position["step"] == halt_after_step:
                         os.kill(os.getpid(), halt_signal)
-                    if stop.requested:
+                    if self._stop_requested(stop):
                         self._interrupt(started)
                 position["epoch"] += 1
                 position["batch"] = 0
@@ -520,9 +600,16 @@ class EASTuner:
             time.perf_counter() - started,
             search_passes=0 if self.search is None else self.search.passes,
             search_seconds=sum(self.history.get("search_seconds", [])),
+            distributed=self.distributed.describe(),
         )
 
-    def _step(self, phase: int, batch: Batch, started: float) -> None:
+    def _stop_requested(self, stop: _StopRequest) -> bool:
+        """Whether any rank was asked to stop (every rank stops after the same step)."""
+        if not self.distributed.active:
+            return stop.requested
+        return bool(self.distributed.all_sum(torch.tensor([float(stop.requested)])) > 0)
+
+    def _step(self, phase: int, examples: Sequence[Example], started: float) -> None:
         position = self.position
         if phase == 0:
             arms = self.search.random_arms(self._warmup_size())
@@ -532,7 +619,7 @@ class EASTuner:
             arms = ()
         if phase < 2:
             self.scorer.set_arms(arms)
-        loss = self._train_step(batch)
+        loss = self._train_step(examples)
         position["batch"] += 1
         position["step"] += 1
         record: dict[str, Any] = {
@@ -553,7 +640,7 @@ class EASTuner:
                 losses = [r for r in results if isinstance(r, float)]
                 if losses:
                     record["held_out_loss"] = sum(losses) / len(losses)
-        if self.progress is not None:
+        if self.progress is not None and self.distributed.is_main:
             self.progress({**record, "plan": self.final_plan()})
         if position["step"] % self.config.checkpoint_every == 0:
             self.elapsed = time.perf_counter() - started
@@ -569,8 +656,18 @@ class EASTuner:
         return None if self.run_dir is None else self.run_dir / CHECKPOINT_FILE
 
     def _save_checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint, after every rank showed it holds the same
+        estimator state and weights (the lockstep check)."""
+        if self.distributed.active:
+            importance = () if self.search is None else (self.search.importance(),)
+            self.distributed.check_same(
+                f"estimator state or trainable weights at step {self.position['step']} "
+                "(the ranks left lockstep)",
+                digest(*importance, *self.parameters.values()),
+            )
         path = self._checkpoint_path()
-        if path is None:
+        if path is None or not self.distributed.is_main:
+            self.distributed.barrier()
             return
         state = {
             "run_key": self.run_key,
@@ -584,6 +681,7 @@ class EASTuner:
             "history": self.history,
         }
         save_atomically(state, path)
+        self.distributed.barrier()
 
     def _load_checkpoint(self) -> None:
         """Resume from the checkpoint in ``run_dir``; every entry is checked, and the

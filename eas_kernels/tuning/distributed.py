@@ -1,0 +1,169 @@
+"""Data-parallel tuning on ``torch.distributed``: one search, N ranks (issue 18).
+
+:class:`EASTuner` runs on every rank of a process group with the same model, examples and
+configuration, and gives the result one process gives:
+
+* **one global batch.** Every rank builds the same global batch (the batch order is a
+  function of the seed) and trains on its shard, ``batch[rank::world_size]``. Its loss is
+  weighted by its share of the global batch's answer tokens, so that the gradient DDP
+  averages is the gradient of the global batch's token mean: the result does not depend on
+  the number of ranks (up to float summation order). A rank whose shard is empty (a last
+  batch smaller than the world) runs its forward on one example with weight 0, so that
+  every rank takes part in every collective.
+* **one search.** The estimator's generator is seeded identically on every rank, so every
+  rank draws the same skip set at every step and the same measurements at every round.
+  The held-out batch is sharded too: each measurement (a subnet's loss, or the cosine
+  table) is the token-weighted mean over all ranks, one all-reduce per round, so every
+  rank tells the estimator the same numbers. At every checkpoint the ranks compare a
+  digest of the estimator's state and of the trainable weights, and a divergence raises
+  ``RuntimeError`` naming the ranks.
+* **unused parameters.** In warm-up and search steps the PIAs of arms that are not skipped
+  get no gradient. The model is wrapped in DDP with ``find_unused_parameters=True``: DDP
+  then leaves a parameter that no rank used without a gradient (AdamW skips it), exactly
+  as one process does. A zero-weighted contribution of every parameter would instead give
+  those parameters zero gradients, which AdamW turns into steps (its moments decay), so
+  the result would differ from one process. The cost is one traversal of the autograd
+  graph per step (benchmarks/RESULTS.md).
+* **rank 0 writes**: checkpoints, progress, reports. Every rank reads the checkpoint to
+  resume; the global batch does not depend on the world size, so a run may resume on
+  another number of ranks.
+
+A process group is used when one is initialised, or initialised here from ``torchrun``'s
+environment (``WORLD_SIZE > 1``): ``gloo`` on CPU, ``nccl`` on CUDA, with a timeout on
+collectives so that a rank that fails ends the others with an error instead of a hang.
+Before anything trains, every rank checks that the others run the same configuration,
+examples, patch and trainable parameters (``ValueError`` on every rank, naming the ranks
+that differ).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+Item = TypeVar("Item")
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the run: ``rank`` of ``world_size`` (1: no process group)."""
+
+    rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def strategy(self) -> str:
+        return "ddp" if self.active else "single"
+
+    def describe(self) -> dict[str, Any]:
+        """What a report records of the setup."""
+        return {"world_size": self.world_size, "backend": self.backend, "strategy": self.strategy}
+
+    def shard(self, items: Sequence[Item]) -> list[Item]:
+        """This rank's share of ``items``: ``items[rank::world_size]``."""
+        return list(items[self.rank :: self.world_size])
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (float64, CPU) summed over the ranks (a new tensor)."""
+        total = values.detach().to(torch.float64).cpu().clone()
+        if self.active:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    def weighted_means(self, values: Sequence[Any], weights: Sequence[float]) -> list[Any]:
+        """Each of ``values`` (a float or a tensor, this rank's mean over ``weights[i]``
+        items) as the mean over every rank's items, in one all-reduce; unchanged on one
+        rank."""
+        if not self.active:
+            return list(values)
+        flat = [torch.as_tensor(v, dtype=torch.float64).flatten() for v in values]
+        packed = torch.cat([f * w for f, w in zip(flat, weights, strict=True)])
+        packed = torch.cat([packed, torch.tensor(list(weights), dtype=torch.float64)])
+        total = self.all_sum(packed)
+        sums, counts = total[: -len(values)], total[-len(values) :]
+        result, start = [], 0
+        for value, piece, count in zip(values, flat, counts, strict=True):
+            mean = sums[start : start + piece.numel()] / count
+            start += piece.numel()
+            if isinstance(value, torch.Tensor):
+                result.append(mean.reshape(value.shape).to(value.dtype))
+            else:
+                result.append(float(mean))
+        return result
+
+    def check_same(self, what: str, value: str) -> None:
+        """Raise ``ValueError`` on every rank unless every rank passes the same ``value``."""
+        if not self.active:
+            return
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        groups: dict[str, list[int]] = {}
+        for rank, seen in enumerate(gathered):
+            groups.setdefault(seen, []).append(rank)
+        if len(groups) > 1:
+            parts = "; ".join(f"ranks {ranks}: {seen}" for seen, ranks in groups.items())
+            raise ValueError(f"the ranks of this run differ in {what}: {parts}")
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def digest(*parts: Any) -> str:
+    """A short SHA-256 of ``parts`` (tensors by their bytes, the rest by ``repr``)."""
+    hasher = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            tensor = part.detach().cpu().contiguous()
+            hasher.update(repr((tuple(tensor.shape), str(tensor.dtype))).encode())
+            hasher.update(tensor.view(torch.uint8).numpy().tobytes())
+        else:
+            hasher.update(repr(part).encode())
+    return hasher.hexdigest()[:16]
+
+
+def setup_distributed(timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Distributed:
+    """The process group in use: an initialised one, one initialised from ``torchrun``'s
+    environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; ``gloo``, or
+    ``nccl`` when CUDA is available), or none (one process)."""
+    if dist.is_available() and dist.is_initialized():
+        return Distributed(dist.get_rank(), dist.get_world_size(), dist.get_backend())
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) < 1:
+        raise ValueError(f"WORLD_SIZE must be a positive integer, got {world!r}")
+    if int(world) == 1:
+        return Distributed()
+    if not dist.is_available():
+        raise RuntimeError(
+            f"WORLD_SIZE is {world} but this torch build has no torch.distributed: run one "
+            "process, or install a torch with distributed support"
+        )
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE is {world} but {', '.join(missing)} is not set: launch with torchrun "
+            "(or accelerate launch), or initialise the process group yourself"
+        )
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=timeout)
+    return Distributed(dist.get_rank(), dist.get_world_size(), backend)

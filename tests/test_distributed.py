@@ -1,0 +1,175 @@
+"""Data-parallel tuning on 2 CPU processes (gloo), against 1 process (issue 18).
+
+Each run starts its ranks as ``torchrun`` would: separate processes with ``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set, so the tuner initialises the
+process group itself (eas_kernels.tuning.distributed.setup_distributed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RANK_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[1])
+from eas_kernels import SkipPlan, patch_lavin
+from eas_kernels.tuning import EASTuner
+from tests.helpers import tiny_model
+from tests.test_tuning import config, examples
+
+spec = json.loads(sys.argv[2])
+out = Path(spec["out"])
+model = patch_lavin(
+    tiny_model(seed=0),
+    SkipPlan(4, [], skip_rank=spec.get("skip_rank", 4), adapter_rank=2),
+    search="mha",
+)
+tuner = EASTuner(
+    model, examples(13, 1), examples(5, 2), config(**spec["config"]), pad_id=0,
+    run_dir=spec.get("run_dir"),
+)
+result = tuner.run(halt_after_step=spec.get("halt_after_step"))
+torch.save(
+    {
+        "plan": result.plan.skipped,
+        "scores": torch.tensor(result.scores, dtype=torch.float64),
+        "losses": [s["loss"] for s in result.history["steps"]],
+        "trainables": {n: p.detach().clone() for n, p in model.named_parameters()
+                       if p.requires_grad},
+        "distributed": result.distributed,
+    },
+    out / f"rank{tuner.distributed.rank}.pt",
+)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(world_size: int, spec: dict, out: Path) -> list[subprocess.CompletedProcess]:
+    """Run the rank script on ``world_size`` processes (1: no distributed environment)."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {**spec, "out": str(out)}
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    base["OMP_NUM_THREADS"] = "1"
+    port = str(free_port())
+    processes = []
+    for rank in range(world_size):
+        env = dict(base)
+        if world_size > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", RANK_SCRIPT, str(ROOT), json.dumps(spec)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+        )
+    results = []
+    for process in processes:
+        try:
+            stdout, stderr = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            raise
+        done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        results.append(done)
+    return results
+
+
+def succeeded(results: list[subprocess.CompletedProcess]) -> None:
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank}:\n{result.stderr[-3000:]}"
+
+
+SETTINGS = {  # 13 examples in batches of 3: the last global batch leaves rank 1 empty
+    "paper": {"estimator": "paper", "warmup_ramp": False, "batch_size": 3},
+    "greedy": {"estimator": "greedy", "search_epochs": 0, "batch_size": 3},
+}
+
+
+@pytest.mark.parametrize("estimator", SETTINGS)
+def test_two_ranks_give_one_process_plan_and_weights(tmp_path, estimator):
+    spec = {"config": SETTINGS[estimator]}
+    succeeded(launch(1, spec, tmp_path / "one"))
+    succeeded(launch(2, spec, tmp_path / "two"))
+    one = torch.load(tmp_path / "one" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in range(2)]
+    assert one["distributed"] == {"world_size": 1, "backend": None, "strategy": "single"}
+    assert ranks[0]["distributed"] == {"world_size": 2, "backend": "gloo", "strategy": "ddp"}
+    # lockstep: every rank ends with bitwise the same preferences, plan and weights
+    assert torch.equal(ranks[0]["scores"], ranks[1]["scores"])
+    assert ranks[0]["plan"] == ranks[1]["plan"]
+    for name, value in ranks[0]["trainables"].items():
+        assert torch.equal(value, ranks[1]["trainables"][name]), name
+    # and the result of one process, up to float summation order
+    assert ranks[0]["plan"] == one["plan"]
+    torch.testing.assert_close(ranks[0]["scores"], one["scores"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(ranks[0]["losses"]), torch.tensor(one["losses"]), rtol=1e-4, atol=1e-5
+    )
+    for name, value in one["trainables"].items():
+        torch.testing.assert_close(ranks[0]["trainables"][name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_killed_two_rank_run_resumes_to_the_same_result(tmp_path):
+    spec = {"config": SETTINGS["paper"]}
+    succeeded(launch(2, spec, tmp_path / "whole"))
+    folder = tmp_path / "run"
+    killed = launch(2, {**spec, "run_dir": str(folder), "halt_after_step": 7}, tmp_path / "a")
+    assert all(result.returncode == -9 for result in killed), [r.returncode for r in killed]
+    assert (folder / "tuner_checkpoint.pt").is_file()
+    succeeded(launch(2, {**spec, "run_dir": str(folder)}, tmp_path / "b"))
+    whole, resumed = (torch.load(tmp_path / d / "rank0.pt") for d in ("whole", "b"))
+    assert resumed["plan"] == whole["plan"]
+    assert torch.equal(resumed["scores"], whole["scores"])
+    for name, value in whole["trainables"].items():
+        assert torch.equal(resumed["trainables"][name], value), name
+
+
+def test_a_rank_patched_differently_is_refused_on_every_rank(tmp_path):
+    """Rank 1 patches with another PIA rank: both ranks stop with one clear error."""
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = json.dumps({"config": SETTINGS["paper"], "out": str(out)})
+    other = json.dumps({"config": SETTINGS["paper"], "out": str(out), "skip_rank": 3})
+    port = str(free_port())
+    processes = []
+    for rank, argument in enumerate((spec, other)):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", RANK_SCRIPT, str(ROOT), argument],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+        )
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode != 0
+        assert "ValueError: the ranks of this run differ in configuration" in stderr, stderr[-2000:]
+        assert "ranks [0]" in stderr and "ranks [1]" in stderr
+    assert not list(out.iterdir())
