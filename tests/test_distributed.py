@@ -20,17 +20,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 RANK_SCRIPT = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])
 from eas_kernels import SkipPlan, patch_lavin
-from eas_kernels.tuning import EASTuner
+from eas_kernels.tuning import EASTuner, answer_loss
 from tests.helpers import tiny_model
 from tests.test_tuning import config, examples
 
 spec = json.loads(sys.argv[2])
+forwards = 0
+
+def loss_fn(model, batch):  # answer_loss; with "fail_rank", that rank fails its third
+    global forwards
+    forwards += 1
+    if int(os.environ.get("RANK", "0")) == spec.get("fail_rank") and forwards == 3:
+        raise RuntimeError("injected failure in the third forward")
+    return answer_loss(model, batch)
+
 out = Path(spec["out"])
 model = patch_lavin(
     tiny_model(seed=0),
@@ -39,7 +48,7 @@ model = patch_lavin(
 )
 tuner = EASTuner(
     model, examples(13, 1), examples(5, 2), config(**spec["config"]), pad_id=0,
-    run_dir=spec.get("run_dir"),
+    run_dir=spec.get("run_dir"), loss_fn=loss_fn,
 )
 result = tuner.run(halt_after_step=spec.get("halt_after_step"))
 torch.save(
@@ -173,3 +182,16 @@ def test_a_rank_patched_differently_is_refused_on_every_rank(tmp_path):
         assert "ValueError: the ranks of this run differ in configuration" in stderr, stderr[-2000:]
         assert "ranks [0]" in stderr and "ranks [1]" in stderr
     assert not list(out.iterdir())
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path, failing):
+    """Rank ``failing`` raises in its third forward: it ends with its own error, the other
+    rank with ``rank <failing> of 2 failed: <its message>`` (here: in seconds, not after
+    the collectives' 10-minute timeout)."""
+    results = launch(2, {"config": SETTINGS["paper"], "fail_rank": failing}, tmp_path)
+    other = 1 - failing
+    assert results[failing].returncode != 0 and results[other].returncode != 0
+    assert "RuntimeError: injected failure in the third forward" in results[failing].stderr
+    expected = f"rank {failing} of 2 failed: RuntimeError: injected failure in the third forward"
+    assert expected in results[other].stderr, results[other].stderr[-3000:]

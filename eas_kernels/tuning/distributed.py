@@ -30,7 +30,8 @@ configuration, and gives the result one process gives:
 
 A process group is used when one is initialised, or initialised here from ``torchrun``'s
 environment (``WORLD_SIZE > 1``): ``gloo`` on CPU, ``nccl`` on CUDA, with a timeout on
-collectives so that a rank that fails ends the others with an error instead of a hang.
+collectives. A rank that fails ends the others with its message
+(:meth:`Distributed.failures_shared`), not a hang.
 Before anything trains, every rank checks that the others run the same configuration,
 examples, patch and trainable parameters (``ValueError`` on every rank, naming the ranks
 that differ).
@@ -38,10 +39,12 @@ that differ).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -51,6 +54,9 @@ import torch.distributed as dist
 Item = TypeVar("Item")
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+FAILURE_KEY = "eas_kernels/failure/"  # + rank: the message of a rank that failed
+SEEN_KEY = "eas_kernels/failure_seen"  # how many ranks read a failure
+FAILURE_GRACE_SECONDS = 10.0  # how long a failed rank waits for the others to read it
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,58 @@ class Distributed:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
+
+    @contextlib.contextmanager
+    def failures_shared(self) -> Iterator[None]:
+        """Around a run on every rank: an exception on one rank ends every rank, each
+        with that rank's message, and never a hang.
+
+        The failing rank writes its message to the process group's store, then destroys
+        its process group, which ends the collectives the others wait in; a rank whose
+        collective fails reads the message and raises ``RuntimeError("rank r of N failed:
+        ...")``. The failing rank waits (at most ``FAILURE_GRACE_SECONDS``) until the
+        others have read it, since rank 0 hosts the store. Interrupts pass through: a
+        SIGINT stop is taken by every rank at the same step.
+        """
+        if not self.active:
+            yield
+            return
+        store = _default_store()
+        try:
+            yield
+        except Exception as error:
+            if store is None:
+                raise
+            peer = self._failed_peer(store)
+            if peer is not None:
+                with contextlib.suppress(Exception):
+                    store.add(SEEN_KEY, 1)
+                rank, message = peer
+                raise RuntimeError(f"rank {rank} of {self.world_size} failed: {message}") from error
+            store.set(f"{FAILURE_KEY}{self.rank}", f"{type(error).__name__}: {error}")
+            dist.destroy_process_group()  # the others' collectives fail now
+            deadline = time.monotonic() + FAILURE_GRACE_SECONDS
+            while time.monotonic() < deadline and store.add(SEEN_KEY, 0) < self.world_size - 1:
+                time.sleep(0.05)
+            raise
+
+    def _failed_peer(self, store: dist.Store) -> tuple[int, str] | None:
+        """(rank, message) of another rank that recorded a failure, if the store says so."""
+        for rank in range(self.world_size):
+            key = f"{FAILURE_KEY}{rank}"
+            with contextlib.suppress(Exception):  # the store may be gone with rank 0
+                if rank != self.rank and store.check([key]):
+                    return rank, store.get(key).decode()
+        return None
+
+
+def _default_store() -> dist.Store | None:
+    """The default process group's store (a private accessor of torch: None without it)."""
+    getter = getattr(dist.distributed_c10d, "_get_default_store", None)
+    try:
+        return None if getter is None else getter()
+    except (RuntimeError, ValueError):
+        return None
 
 
 def digest(*parts: Any) -> str:

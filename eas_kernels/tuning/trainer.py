@@ -556,10 +556,11 @@ class EASTuner:
         right after that global step (tests use it to check that a killed or interrupted
         run resumes to the same result).
         """
-        if resume:
-            self._load_checkpoint()
-        with _StopRequest().installed() as stop:
-            return self._run(stop, halt_after_step, halt_signal)
+        with self.distributed.failures_shared():
+            if resume:
+                self._load_checkpoint()
+            with _StopRequest().installed() as stop:
+                return self._run(stop, halt_after_step, halt_signal)
 
     def _run(
         self, stop: _StopRequest, halt_after_step: int | None, halt_signal: int
