@@ -22,11 +22,18 @@ versions). Bad arguments — and files that are missing, unreadable, unwritable 
 they should be — end with exit status 2 and one line naming the argument, before any
 work. Ctrl-C during training finishes the step, saves the checkpoint and ends with exit
 status 130 and one line saying how to resume; running the same command again resumes.
+
+``search`` and ``finetune`` also run data-parallel under ``torchrun`` (or ``accelerate
+launch``): ``torchrun --nproc-per-node N -m eas_kernels.cli search ...`` gives the
+one-process result (:mod:`eas_kernels.tuning.distributed`); rank 0 builds the workload's
+caches first, logs, and writes every file. A second run in the same ``--out`` is refused
+while one is running there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -38,6 +45,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +73,7 @@ from .routing import UNITS, RoutePlan, patch_routes
 from .runtime import MODES
 from .search import ESTIMATORS, Candidates
 from .tuning import EASTuner, TuningConfig, TuningInterrupted, TuningResult
+from .tuning.distributed import Distributed, RankFailed, setup_distributed
 from .tuning.evaluate import (
     TIMING_METHOD,
     floor_model,
@@ -287,14 +296,21 @@ def parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- helpers
 class Console:
-    """Log lines with elapsed time; a progress bar over training steps (tqdm if present)."""
+    """Log lines with elapsed time; a progress bar over training steps (tqdm if present).
 
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
+    In a distributed run (``torchrun``) only rank 0 writes; ``distributed`` says where
+    this process is.
+    """
+
+    def __init__(self, quiet: bool, distributed: Distributed | None = None) -> None:
+        self.distributed = distributed or Distributed()
+        self.quiet = quiet or not self.distributed.is_main
         self.started = time.perf_counter()
         self.bar: Any = None
 
     def log(self, message: str) -> None:
+        if not self.distributed.is_main:
+            return
         line = f"[{time.perf_counter() - self.started:6.1f} s] {message}"
         if self.bar is not None:
             self.bar.write(line)
@@ -365,9 +381,14 @@ def _workload(
         max_batch_size=getattr(args, "batch_size", 8),
         balanced=args.question_mix == "balanced",
     )
+    distributed = console.distributed
+    if not distributed.is_main:
+        distributed.barrier()  # rank 0 builds first and fills the cache; the others read it
     workload = build_workload(
         config, cache_dir=args.out / "cache", pretrain_vision=pretrain_vision, log=console.log
     )
+    if distributed.is_main:
+        distributed.barrier()
     console.log(
         f"easy-vqa: {len(workload.train)} training, {len(workload.held_out)} held-out, "
         f"{len(workload.test)} test questions"
@@ -422,6 +443,7 @@ def _tune(
         pad_id=workload.pad_id,
         run_dir=run_dir,
         run_key=_run_key(args, model),
+        distributed=console.distributed,
     )
     epochs = config.warmup_epochs + config.search_epochs + config.finetune_epochs
     total = epochs * math.ceil(len(workload.train) / config.batch_size)
@@ -546,7 +568,8 @@ def cmd_search(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     model = patch_lavin(copy.deepcopy(workload.model), SkipPlan(layers, []), search=args.candidates)
     config = _tuning_config(args, searches=True, finetune_epochs=0)
     result = _tune(model, workload, config, args.out / "search_state", args, console, "search")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if not console.distributed.is_main:
+        return {}  # rank 0 writes the plan, the PIAs, the plots and the report
     result.plan.save(args.out / "plan.json")
     save_tuned(model, args.out / "search", active_only=False)
     candidates = Candidates(args.candidates, layers)
@@ -564,6 +587,7 @@ def cmd_search(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "plots": _plots(result, candidates, args.out),
         "files": {"plan": str(args.out / "plan.json"), "search": str(args.out / "search")},
         "tuning_seconds": result.seconds,
+        "distributed": result.distributed,
     }
 
 
@@ -584,6 +608,8 @@ def cmd_finetune(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         model = _load("--plan", patch_lavin, copy.deepcopy(workload.model), plan)
     config = _tuning_config(args, searches=False, finetune_epochs=args.epochs)
     result = _tune(model, workload, config, args.out / "finetune_state", args, console, "finetune")
+    if not console.distributed.is_main:
+        return {}  # rank 0 writes the PIAs and the report
     folder = save_tuned(model, args.out / "eas", active_only=True)
     return {
         "workload": workload.info,
@@ -592,6 +618,7 @@ def cmd_finetune(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "losses": [step["loss"] for step in result.history["steps"]],
         "files": {"checkpoint": str(folder)},
         "tuning_seconds": result.seconds,
+        "distributed": result.distributed,
     }
 
 
@@ -862,15 +889,79 @@ COMMANDS = {
 }
 
 
+DISTRIBUTED_COMMANDS = ("search", "finetune")
+
+
+def _distributed(command: str) -> Distributed:
+    """The process group of a ``torchrun`` launch (search and finetune only)."""
+    if command in DISTRIBUTED_COMMANDS:
+        return setup_distributed()
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1":
+        raise ValueError(
+            f"{command} runs in one process (WORLD_SIZE is {world}): only "
+            f"{' and '.join(DISTRIBUTED_COMMANDS)} run under torchrun"
+        )
+    return Distributed()
+
+
+LOCK_FILE = ".eas-kernels.lock"
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path, distributed: Distributed) -> Iterator[None]:
+    """Refuse a second run in the same ``--out`` while one is running there (two runs
+    would overwrite each other's checkpoints and reports): ``--out/.eas-kernels.lock``
+    holds the running process's id, taken by rank 0 of a distributed run."""
+    if not distributed.is_main:
+        yield
+        return
+    lock = out / LOCK_FILE
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = lock.read_text().strip()
+            if holder.isdigit() and _running(int(holder)):
+                raise ValueError(
+                    f"--out {out} is in use by another eas-kernels run (process {holder}): two "
+                    "runs in one folder would overwrite each other's checkpoints; wait for it "
+                    "or use another --out (under torchrun, one command runs every rank)"
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a run that ended without removing it
+    else:
+        raise ValueError(f"--out {out}: could not take {lock}")
+    try:
+        os.write(descriptor, str(os.getpid()).encode())
+        os.close(descriptor)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    console = Console(args.quiet)
     prefix = f"eas-kernels {args.command}"
+    console = Console(args.quiet)
     try:
+        console = Console(args.quiet, _distributed(args.command))
         _check_paths(args)
-        report = COMMANDS[args.command](args, console)
-        _write_report(args, report, console)
+        with _run_lock(args.out, console.distributed):
+            report = COMMANDS[args.command](args, console)
+            if console.distributed.is_main:
+                _write_report(args, report, console)
     except TuningInterrupted as interrupt:
         console.close()
         resume = "run the same command again to resume" if interrupt.checkpoint else "no resume"
@@ -884,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         return 130
-    except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as error:
+    except (ValueError, TypeError, OSError, ImportError, FloatingPointError, RankFailed) as error:
         console.close()
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"{prefix}: error: {message}", file=sys.stderr, flush=True)

@@ -284,3 +284,46 @@ def test_route_refuses_layers_beyond_the_model(tmp_path):
     result = cli("route", *WORKLOAD, "--layers", "3-9", "--out", str(tmp_path), check=False)
     assert result.returncode == 2
     assert "layers: layer index 6 is out of range [0, 6)" in result.stderr
+
+
+def test_search_under_torchrun_gives_the_one_process_plan_and_reports_the_world(tmp_path):
+    """``torchrun --nproc-per-node 2 -m eas_kernels.cli search``: rank 0 writes every file,
+    the plan and the losses are the one-process ones, and the report records the setup.
+    Both runs use one thread per process: the workload's vision tower, trained in the run,
+    depends on the thread count (about 1e-3 in the first loss between 1 and 2 threads)."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    arguments = ["-m", "eas_kernels.cli", "search", *WORKLOAD, *SEARCH, "--out"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    runs = {
+        "one": [sys.executable, *arguments, str(tmp_path / "one")],
+        "two": [*torchrun, "--nproc-per-node", "2", *arguments, str(tmp_path / "two")],
+    }
+    for command in runs.values():
+        result = subprocess.run(
+            command, capture_output=True, text=True, env=environment, cwd=ROOT, timeout=900
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+    one, two = (tmp_path / "one", tmp_path / "two")
+    assert SkipPlan.load(two / "plan.json") == SkipPlan.load(one / "plan.json")
+    report = json.loads((two / "search_report.json").read_text())
+    single = json.loads((one / "search_report.json").read_text())
+    assert report["distributed"] == {"world_size": 2, "backend": "gloo", "strategy": "ddp"}
+    assert single["distributed"] == {"world_size": 1, "backend": None, "strategy": "single"}
+    for ours, theirs in zip(report["losses"], single["losses"], strict=True):
+        assert abs(ours - theirs) <= 1e-4 * max(1.0, abs(theirs))
+    assert not (two / ".eas-kernels.lock").exists()
+
+
+def test_a_second_run_in_a_busy_folder_is_refused_and_a_stale_lock_is_taken(tmp_path):
+    lock = tmp_path / ".eas-kernels.lock"
+    lock.write_text(str(os.getpid()))  # a running process holds the folder
+    busy = cli("search", *WORKLOAD, "--k", "6", "--out", str(tmp_path), check=False)
+    assert busy.returncode == 2
+    assert f"is in use by another eas-kernels run (process {os.getpid()})" in busy.stderr
+    assert lock.read_text() == str(os.getpid())  # not taken from its holder
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    lock.write_text(ended.stdout.strip())  # left by a run that has ended
+    stale = cli("search", *WORKLOAD, "--k", "6", "--out", str(tmp_path), check=False)
+    assert "k must be smaller than the number of arms" in stale.stderr  # it ran
+    assert not lock.exists()

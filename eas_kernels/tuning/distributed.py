@@ -59,6 +59,10 @@ SEEN_KEY = "eas_kernels/failure_seen"  # how many ranks read a failure
 FAILURE_GRACE_SECONDS = 10.0  # how long a failed rank waits for the others to read it
 
 
+class RankFailed(RuntimeError):
+    """Another rank of the run failed; the message is its error."""
+
+
 @dataclass(frozen=True)
 class Distributed:
     """This process's place in the run: ``rank`` of ``world_size`` (1: no process group)."""
@@ -139,9 +143,10 @@ class Distributed:
 
         The failing rank writes its message to the process group's store, then destroys
         its process group, which ends the collectives the others wait in; a rank whose
-        collective fails reads the message and raises ``RuntimeError("rank r of N failed:
+        collective fails reads the message and raises ``RankFailed("rank r of N failed:
         ...")``. The failing rank waits (at most ``FAILURE_GRACE_SECONDS``) until the
-        others have read it, since rank 0 hosts the store. Interrupts pass through: a
+        others have read it, since rank 0 hosts the store (:class:`RankFailed` on the
+        others). Interrupts pass through: a
         SIGINT stop is taken by every rank at the same step.
         """
         if not self.active:
@@ -158,7 +163,7 @@ class Distributed:
                 with contextlib.suppress(Exception):
                     store.add(SEEN_KEY, 1)
                 rank, message = peer
-                raise RuntimeError(f"rank {rank} of {self.world_size} failed: {message}") from error
+                raise RankFailed(f"rank {rank} of {self.world_size} failed: {message}") from error
             store.set(f"{FAILURE_KEY}{self.rank}", f"{type(error).__name__}: {error}")
             dist.destroy_process_group()  # the others' collectives fail now
             deadline = time.monotonic() + FAILURE_GRACE_SECONDS
