@@ -195,3 +195,64 @@ def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path, failing):
     assert "RuntimeError: injected failure in the third forward" in results[failing].stderr
     expected = f"rank {failing} of 2 failed: RuntimeError: injected failure in the third forward"
     assert expected in results[other].stderr, results[other].stderr[-3000:]
+
+
+TRAINER_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[1])
+from transformers import Trainer, TrainingArguments
+import eas_kernels as E
+from tests.test_hf import tiny_llama
+
+model = tiny_llama()
+E.patch_hf(model, E.SkipPlan(4, [2], skip_rank=8, adapter_rank=4))
+generator = torch.Generator().manual_seed(1)
+rows = []
+for _ in range(32):
+    ids = torch.randint(3, 64, (10,), generator=generator)
+    ids[6:] = ids[:4].flip(0)  # the answer repeats the prompt backwards
+    labels = ids.clone()
+    labels[:6] = -100
+    rows.append({"input_ids": ids, "attention_mask": torch.ones(10, dtype=torch.long),
+                 "labels": labels})
+arguments = TrainingArguments(
+    output_dir=sys.argv[2], max_steps=30, per_device_train_batch_size=4, learning_rate=1e-2,
+    report_to=[], use_cpu=True, ddp_backend="gloo", save_strategy="no", logging_steps=5,
+)
+trainer = Trainer(model=model, args=arguments, train_dataset=rows)
+trainer.train()
+assert trainer.args.world_size == 2, trainer.args.world_size
+losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+if trainer.is_world_process_zero():
+    E.save_pretrained(model, Path(sys.argv[2]) / "pias")
+    torch.save({"losses": losses, "weights": {n: p.detach().clone()
+                for n, p in model.named_parameters() if p.requires_grad}},
+               Path(sys.argv[2]) / "trained.pt")
+"""
+
+
+def test_an_hf_trainer_on_two_processes_trains_pias_that_load_back(tmp_path):
+    """``Trainer`` under ``torchrun`` (DDP through accelerate, gloo): the PIAs learn, rank
+    0 saves them, and ``from_pretrained`` puts exactly those weights into a fresh model."""
+    pytest.importorskip("transformers")
+    import eas_kernels as E
+    from tests.test_hf import tiny_llama
+
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "--no-python", sys.executable, "-c", TRAINER_SCRIPT, str(ROOT), str(tmp_path)],
+        capture_output=True, text=True, env=environment, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    trained = torch.load(tmp_path / "trained.pt")
+    assert trained["losses"][-1] < trained["losses"][0]
+    loaded = E.from_pretrained(tiny_llama(), tmp_path / "pias")
+    weights = {n: p for n, p in loaded.named_parameters() if ".attn_adapter." in n or
+               ".skip_pia." in n}  # fmt: skip
+    assert set(weights) == set(trained["weights"])
+    for name, value in trained["weights"].items():
+        assert torch.equal(weights[name], value), name
