@@ -156,6 +156,21 @@ def test_a_killed_two_rank_run_resumes_to_the_same_result(tmp_path):
         assert torch.equal(resumed["trainables"][name], value), name
 
 
+def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path):
+    """The global batch does not depend on the world size, so a run killed on 2 ranks
+    continues on 1 to the result of an uninterrupted run (up to float summation order)."""
+    spec = {"config": SETTINGS["paper"]}
+    succeeded(launch(1, spec, tmp_path / "whole"))
+    folder = tmp_path / "run"
+    launch(2, {**spec, "run_dir": str(folder), "halt_after_step": 7}, tmp_path / "a")
+    succeeded(launch(1, {**spec, "run_dir": str(folder)}, tmp_path / "b"))
+    whole, resumed = (torch.load(tmp_path / d / "rank0.pt") for d in ("whole", "b"))
+    assert resumed["plan"] == whole["plan"]
+    torch.testing.assert_close(resumed["scores"], whole["scores"], rtol=1e-4, atol=1e-6)
+    for name, value in whole["trainables"].items():
+        torch.testing.assert_close(resumed["trainables"][name], value, rtol=1e-4, atol=1e-5)
+
+
 def test_a_rank_patched_differently_is_refused_on_every_rank(tmp_path):
     """Rank 1 patches with another PIA rank: both ranks stop with one clear error."""
     out = tmp_path / "out"
