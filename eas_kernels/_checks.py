@@ -109,12 +109,20 @@ def check_token_mask(
     return mask
 
 
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2-sharded ``DTensor`` parameter; any other tensor as is."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 def first_non_finite(named: Sequence[tuple[Key, torch.Tensor]]) -> Key | None:
     """The key of the first tensor of ``named`` that holds NaN or Inf, or None: one
-    ``_foreach_norm`` pass (max |x|, which keeps NaN and Inf) and one host sync per device."""
+    ``_foreach_norm`` pass (max |x|, which keeps NaN and Inf) and one host sync per device.
+    A ``DTensor`` (FSDP2) is checked by its local shard: each rank checks its own."""
     by_device: dict[torch.device, list[tuple[Key, torch.Tensor]]] = {}
     for key, tensor in named:
-        by_device.setdefault(tensor.device, []).append((key, tensor.detach()))
+        tensor = local_part(tensor.detach())
+        by_device.setdefault(tensor.device, []).append((key, tensor))
     for entries in by_device.values():
         largest = torch._foreach_norm([tensor for _, tensor in entries], float("inf"))
         finite = torch.isfinite(torch.stack(largest))

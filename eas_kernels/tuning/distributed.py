@@ -63,13 +63,24 @@ class RankFailed(RuntimeError):
     """Another rank of the run failed; the message is its error."""
 
 
+STRATEGIES = ("ddp", "fsdp2")
+
+
 @dataclass(frozen=True)
 class Distributed:
-    """This process's place in the run: ``rank`` of ``world_size`` (1: no process group)."""
+    """This process's place in the run: ``rank`` of ``world_size`` (1: no process group),
+    and how the model is spread over the ranks when there are several (``sharding``):
+    ``"ddp"`` (a whole model per rank) or ``"fsdp2"`` (every decoder block and the rest of
+    the model sharded with ``fully_shard``, frozen weights included)."""
 
     rank: int = 0
     world_size: int = 1
     backend: str | None = None
+    sharding: str = "ddp"
+
+    def __post_init__(self) -> None:
+        if self.sharding not in STRATEGIES:
+            raise ValueError(f"sharding must be one of {STRATEGIES}, got {self.sharding!r}")
 
     @property
     def active(self) -> bool:
@@ -81,7 +92,7 @@ class Distributed:
 
     @property
     def strategy(self) -> str:
-        return "ddp" if self.active else "single"
+        return self.sharding if self.active else "single"
 
     def describe(self) -> dict[str, Any]:
         """What a report records of the setup."""
@@ -190,6 +201,13 @@ def _default_store() -> dist.Store | None:
         return None
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of an FSDP2-sharded ``DTensor`` (a collective: every rank calls it);
+    any other tensor as is."""
+    gather = getattr(tensor, "full_tensor", None)
+    return gather() if callable(gather) else tensor
+
+
 def digest(*parts: Any) -> str:
     """A short SHA-256 of ``parts`` (tensors by their bytes, the rest by ``repr``)."""
     hasher = hashlib.sha256()
@@ -203,12 +221,17 @@ def digest(*parts: Any) -> str:
     return hasher.hexdigest()[:16]
 
 
-def setup_distributed(timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Distributed:
+def setup_distributed(
+    sharding: str = "ddp", timeout: datetime.timedelta = DEFAULT_TIMEOUT
+) -> Distributed:
     """The process group in use: an initialised one, one initialised from ``torchrun``'s
     environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; ``gloo``, or
-    ``nccl`` when CUDA is available), or none (one process)."""
+    ``nccl`` when CUDA is available), or none (one process); ``sharding`` as in
+    :class:`Distributed`."""
+    if sharding not in STRATEGIES:
+        raise ValueError(f"sharding must be one of {STRATEGIES}, got {sharding!r}")
     if dist.is_available() and dist.is_initialized():
-        return Distributed(dist.get_rank(), dist.get_world_size(), dist.get_backend())
+        return Distributed(dist.get_rank(), dist.get_world_size(), dist.get_backend(), sharding)
     world = os.environ.get("WORLD_SIZE", "1")
     if not world.isdigit() or int(world) < 1:
         raise ValueError(f"WORLD_SIZE must be a positive integer, got {world!r}")
@@ -229,4 +252,4 @@ def setup_distributed(timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Distribu
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=timeout)
-    return Distributed(dist.get_rank(), dist.get_world_size(), backend)
+    return Distributed(dist.get_rank(), dist.get_world_size(), backend, sharding)

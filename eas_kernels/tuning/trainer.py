@@ -78,7 +78,7 @@ from ..roles import DEFAULT_CANDIDATES
 from ..search import Candidates, Estimator, HeldOutScorer, SearchSettings, estimator_class
 from ..search.estimator import COSINE, Measurement
 from .data import IGNORE_INDEX, Batch, Example, collate
-from .distributed import Distributed, digest, setup_distributed
+from .distributed import Distributed, digest, full_tensor, setup_distributed
 
 PHASES = ("warmup", "search", "finetune")
 CHECKPOINT_FILE = "tuner_checkpoint.pt"
@@ -203,6 +203,17 @@ def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
         batch.labels[:, 1:].reshape(-1),
         ignore_index=IGNORE_INDEX,
     )
+
+
+def as_parameter_value(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) laid out as ``parameter``: sharded like an FSDP2
+    ``DTensor`` parameter, or as is."""
+    mesh = getattr(parameter, "device_mesh", None)
+    if mesh is None:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(parameter.device), mesh, parameter.placements)
 
 
 def answer_tokens(batch: Batch) -> int:
@@ -406,10 +417,13 @@ class EASTuner:
         self.optimizer, self.scheduler = self._optimizer(0)
 
     def _data_parallel(self, model: nn.Module) -> nn.Module:
-        """``model`` in DDP over its trainable parameters when the run has several ranks
-        (frozen weights and buffers are each rank's own: nothing to synchronise)."""
+        """The module a training step calls, when the run has several ranks: ``model`` in
+        DDP over its trainable parameters (frozen weights and buffers are each rank's own:
+        nothing to synchronise), or sharded in place by FSDP2 (:meth:`_shard`)."""
         if not self.distributed.active:
             return model
+        if self.distributed.sharding == "fsdp2":
+            return self._shard(model)
         from torch.nn.parallel import DistributedDataParallel
 
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
@@ -421,6 +435,55 @@ class EASTuner:
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,  # the arms a step does not skip get no gradient
             broadcast_buffers=False,
+        )
+
+    def _shard(self, model: nn.Module) -> nn.Module:
+        """FSDP2: ``fully_shard`` every decoder block (its frozen weights with its PIAs),
+        then the model (embeddings, norm, head, and whatever else it holds). Parameters
+        become ``DTensor`` shards; a block's are gathered for its forward and backward.
+        A PIA that no rank used keeps no gradient (FSDP2 reduce-scatters only the
+        gradients that exist), as in one process."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        device = next(iter(self.parameters.values())).device
+        mesh = init_device_mesh(device.type, (self.distributed.world_size,))
+        for block in self.patch.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        return model
+
+    def _full_trainables(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter's whole value (FSDP2 shards gathered: every rank
+        calls this)."""
+        return {n: full_tensor(p.detach()).clone() for n, p in self.parameters.items()}
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state dict; under FSDP2 the whole (gathered) state keyed by
+        parameter name (every rank calls this)."""
+        if self.distributed.strategy != "fsdp2":
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        return get_optimizer_state_dict(self.model, self.optimizer, options=options)
+
+    def _optimizer_loader(self, optimizer: torch.optim.Optimizer) -> Callable[[Any], None]:
+        """What loads a checkpoint's optimizer state into ``optimizer``."""
+        if self.distributed.strategy != "fsdp2":
+            return optimizer.load_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        return lambda state: set_optimizer_state_dict(
+            self.model, optimizer, optim_state_dict=state, options=options
         )
 
     # ------------------------------------------------------------------ schedule pieces
@@ -486,7 +549,7 @@ class EASTuner:
         self.optimizer.step()
         self.scheduler.step()
         self._check_finite_parameters()
-        self.grad_norm = float(norm)
+        self.grad_norm = float(full_tensor(norm))
         return float(reported.item())
 
     def _check_finite_parameters(self) -> None:
@@ -659,14 +722,16 @@ class EASTuner:
     def _save_checkpoint(self) -> None:
         """Rank 0 writes the checkpoint, after every rank showed it holds the same
         estimator state and weights (the lockstep check)."""
+        trainable = self._full_trainables()
         if self.distributed.active:
             importance = () if self.search is None else (self.search.importance(),)
             self.distributed.check_same(
                 f"estimator state or trainable weights at step {self.position['step']} "
                 "(the ranks left lockstep)",
-                digest(*importance, *self.parameters.values()),
+                digest(*importance, *trainable.values()),
             )
         path = self._checkpoint_path()
+        optimizer = None if path is None else self._optimizer_state()
         if path is None or not self.distributed.is_main:
             self.distributed.barrier()
             return
@@ -674,8 +739,8 @@ class EASTuner:
             "run_key": self.run_key,
             "position": dict(self.position),
             "elapsed": self.elapsed,
-            "trainable": {n: p.detach().clone() for n, p in self.parameters.items()},
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "search": None if self.search is None else self.search.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -738,7 +803,7 @@ class EASTuner:
         optimizer, scheduler = self._optimizer(min(position["phase"], 2))
         search = None if self.search is None else copy.deepcopy(self.search)
         loads = [
-            ("optimizer", optimizer.load_state_dict),
+            ("optimizer", self._optimizer_loader(optimizer)),
             ("scheduler", scheduler.load_state_dict),
             ("search", (lambda _: None) if search is None else search.load_state_dict),
             ("torch_rng", torch.Generator().set_state),
@@ -759,7 +824,7 @@ class EASTuner:
         # Everything checked: the run changes from here on.
         with torch.no_grad():
             for name, value in trainable.items():
-                self.parameters[name].copy_(value)
+                self.parameters[name].copy_(as_parameter_value(value, self.parameters[name]))
         self.position = dict(position)
         self.elapsed = float(elapsed)
         self.optimizer, self.scheduler = optimizer, scheduler
