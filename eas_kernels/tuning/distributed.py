@@ -24,6 +24,14 @@ configuration, and gives the result one process gives:
   those parameters zero gradients, which AdamW turns into steps (its moments decay), so
   the result would differ from one process. The cost is one traversal of the autograd
   graph per step (benchmarks/RESULTS.md).
+* **FSDP2** (``sharding="fsdp2"``), for models that do not fit on one device: every
+  decoder block (its frozen weights with its PIAs) and then the rest of the model are
+  sharded with ``fully_shard``, so a rank holds 1/N of every weight, plus one gathered
+  block at a time. Gradients are reduce-scattered and averaged like DDP's, so the loss
+  weighting above holds unchanged; a PIA that no rank used keeps no gradient. Checkpoints
+  hold the gathered weights and optimizer state (a full state dict), so they resume under
+  either strategy's layout of the same parameters. After the run the model stays sharded
+  (``DTensor`` parameters; :func:`full_tensor` gathers one).
 * **rank 0 writes**: checkpoints, progress, reports. Every rank reads the checkpoint to
   resume; the global batch does not depend on the world size, so a run may resume on
   another number of ranks.
