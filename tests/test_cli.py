@@ -312,6 +312,17 @@ def test_search_under_torchrun_gives_the_one_process_plan_and_reports_the_world(
     for ours, theirs in zip(report["losses"], single["losses"], strict=True):
         assert abs(ours - theirs) <= 1e-4 * max(1.0, abs(theirs))
     assert not (two / ".eas-kernels.lock").exists()
+    tuned = tmp_path / "tuned"
+    finetune = ["finetune", *WORKLOAD, "--plan", str(two / "plan.json"), "--epochs", "1"]
+    result = subprocess.run(
+        [*torchrun, "--nproc-per-node", "2", "-m", "eas_kernels.cli", *finetune,
+         "--init", str(two / "search"), "--out", str(tuned)],
+        capture_output=True, text=True, env=environment, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tuned / "finetune_report.json").read_text())
+    assert report["distributed"]["world_size"] == 2
+    assert (tuned / "eas" / "eas_pia.safetensors").is_file()
 
 
 def test_a_second_run_in_a_busy_folder_is_refused_and_a_stale_lock_is_taken(tmp_path):
