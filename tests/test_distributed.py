@@ -260,19 +260,11 @@ torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])
 from transformers import Trainer, TrainingArguments
 import eas_kernels as E
-from tests.test_hf import tiny_llama
+from tests.test_hf import reversal_rows, tiny_llama
 
 model = tiny_llama()
 E.patch_hf(model, E.SkipPlan(4, [2], skip_rank=8, adapter_rank=4))
-generator = torch.Generator().manual_seed(1)
-rows = []
-for _ in range(32):
-    ids = torch.randint(3, 64, (10,), generator=generator)
-    ids[6:] = ids[:4].flip(0)  # the answer repeats the prompt backwards
-    labels = ids.clone()
-    labels[:6] = -100
-    rows.append({"input_ids": ids, "attention_mask": torch.ones(10, dtype=torch.long),
-                 "labels": labels})
+rows = reversal_rows()
 arguments = TrainingArguments(
     output_dir=sys.argv[2], max_steps=30, per_device_train_batch_size=4, learning_rate=1e-2,
     report_to=[], use_cpu=True, ddp_backend="gloo", save_strategy="no", logging_steps=5,

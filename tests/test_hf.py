@@ -298,20 +298,26 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def test_trainer_trains_pias_with_the_label_prompt_mask(tmp_path):
-    model = tiny_llama()
-    E.patch_hf(model, E.SkipPlan(4, [2], skip_rank=8, adapter_rank=4))
-    snapshot = weights_snapshot(model)
+def reversal_rows(count: int = 32) -> list[dict[str, torch.Tensor]]:
+    """Trainer rows of 10 tokens whose last 4 (the labelled answer) reverse the first 4."""
     generator = torch.Generator().manual_seed(1)
     rows = []
-    for _ in range(32):
+    for _ in range(count):
         ids = torch.randint(3, 64, (10,), generator=generator)
-        ids[6:] = ids[:4].flip(0)  # the answer repeats the prompt backwards
+        ids[6:] = ids[:4].flip(0)
         labels = ids.clone()
         labels[:6] = -100
         rows.append(
             {"input_ids": ids, "attention_mask": torch.ones(10, dtype=torch.long), "labels": labels}
         )
+    return rows
+
+
+def test_trainer_trains_pias_with_the_label_prompt_mask(tmp_path):
+    model = tiny_llama()
+    E.patch_hf(model, E.SkipPlan(4, [2], skip_rank=8, adapter_rank=4))
+    snapshot = weights_snapshot(model)
+    rows = reversal_rows()
     arguments = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=40,
