@@ -111,11 +111,15 @@ class Distributed:
         return list(items[self.rank :: self.world_size])
 
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` (float64, CPU) summed over the ranks (a new tensor)."""
-        total = values.detach().to(torch.float64).cpu().clone()
-        if self.active:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total
+        """``values`` summed over the ranks: a new float64 CPU tensor (reduced on the
+        current CUDA device under ``nccl``, which reduces only CUDA tensors)."""
+        if not self.active:
+            return values.detach().to(torch.float64).cpu().clone()
+        on_gpu = self.backend == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
+        total = values.detach().to(device=device, dtype=torch.float64).clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total.cpu()
 
     def weighted_means(self, values: Sequence[Any], weights: Sequence[float]) -> list[Any]:
         """Each of ``values`` (a float or a tensor, this rank's mean over ``weights[i]``

@@ -530,7 +530,7 @@ class EASTuner:
         if self.distributed.active:
             tokens = answer_tokens(batch) if local else 0
             total = self.distributed.all_sum(
-                torch.stack([reported.double() * tokens, torch.tensor(float(tokens))])
+                torch.stack([reported.double() * tokens, reported.new_tensor(tokens).double()])
             )
             reported = total[0] / total[1]
             scaled = loss * (tokens * self.distributed.world_size / float(total[1]))
@@ -722,6 +722,9 @@ class EASTuner:
     def _save_checkpoint(self) -> None:
         """Rank 0 writes the checkpoint, after every rank showed it holds the same
         estimator state and weights (the lockstep check)."""
+        path = self._checkpoint_path()
+        if path is None and not self.distributed.active:
+            return
         trainable = self._full_trainables()
         if self.distributed.active:
             importance = () if self.search is None else (self.search.importance(),)
@@ -730,7 +733,6 @@ class EASTuner:
                 "(the ranks left lockstep)",
                 digest(*importance, *trainable.values()),
             )
-        path = self._checkpoint_path()
         optimizer = None if path is None else self._optimizer_state()
         if path is None or not self.distributed.is_main:
             self.distributed.barrier()
