@@ -14,8 +14,10 @@ LLaMA) and writes into ``--out``:
 * ``demo``     all of it, LaVIN-style tuning vs EAS with k skipped MHAs, and a table;
 * ``route``    per-example routing (RoE, ROE_SPEC): a pretune epoch with every unit kept,
   then routers and shortcuts trained with RoE's schedule and regularised loss →
-  accuracy, the realised skip ratio (per layer, per example), ``routes.png`` and batch-1
-  decode speed against the unpatched model (no checkpoint: a killed run starts again).
+  accuracy, the realised skip ratio (per layer, per example), ``routes.png``, batch-1
+  decode speed against the unpatched model, and ``routes/`` (route plan, routers,
+  adapters, vision tower and projector: ``demo.workload.load_routed``); resumes from its
+  checkpoint.
 
 Each command also writes ``<command>_report.json`` (arguments, results, timings,
 versions). Bad arguments — and files that are missing, unreadable, unwritable or not what
@@ -62,6 +64,7 @@ from .demo.workload import (
     build_workload,
     evaluate_accuracy,
     load_tuned,
+    save_routed,
     save_tuned,
 )
 from .generation import greedy_generate
@@ -283,6 +286,10 @@ def parser() -> argparse.ArgumentParser:
         default=RouteConfig.random_ramp,
         help="raise stage 1's random skip probability from 0 to ρ (default %(default)s)",
     )
+    group.add_argument(
+        "--checkpoint-every", type=_positive(int), default=RouteConfig.checkpoint_every
+    )
+    group.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     route.add_argument("--timing-prompts", type=_positive(int), default=6)
     route.add_argument("--timing-tokens", type=_positive(int), default=16)
     demo = commands.add_parser("demo", help="LaVIN-style tuning vs EAS, end to end")
@@ -463,11 +470,16 @@ def _tune(
 def _run_key(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     """The arguments that change a tuning run's result beyond its :class:`TuningConfig`
     and examples: a checkpoint written under other values is not resumed."""
-    key = {name: getattr(args, name.lstrip("-").replace("-", "_")) for name in _DATA_ARGUMENTS}
+    key = _data_key(args)
     key["plan"] = current_plan(model).to_dict()
     if getattr(args, "init", None) is not None:
         key["--init"] = str(args.init.resolve())
     return key
+
+
+def _data_key(args: argparse.Namespace) -> dict[str, Any]:
+    """The data arguments of a run key: a checkpoint written under others is not resumed."""
+    return {name: getattr(args, name.lstrip("-").replace("-", "_")) for name in _DATA_ARGUMENTS}
 
 
 _DATA_ARGUMENTS = (
@@ -806,13 +818,22 @@ def cmd_route(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         max_grad_norm=args.max_grad_norm,
         random_ramp=args.random_ramp,
         seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
     )
-    tuner = RouteTuner(model, workload.train, config, pad_id=workload.pad_id)
+    tuner = RouteTuner(
+        model,
+        workload.train,
+        config,
+        pad_id=workload.pad_id,
+        run_dir=args.out / "route_state",
+        run_key=_data_key(args),
+    )
     tuner.progress = console.route_progress(tuner.total, f"RoE ({args.unit}, ρ={args.ratio})")
     try:
-        result = tuner.run()
+        result = tuner.run(resume=not args.no_resume)
     finally:
         console.close()
+    folder = save_routed(model, args.out / "routes")
     accuracy = _accuracy(model, workload, None, console, "routed")
     size = workload.model.llm.params.max_batch_size
     routes = route_matrix(model, workload.test, pad_id=workload.pad_id, batch_size=size)
@@ -848,6 +869,7 @@ def cmd_route(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "timings": timings,
         "speedup_over_unpatched": ratio,
         "plots": {"routes": str(plot)},
+        "files": {"routes": str(folder)},
         "timing_method": TIMING_METHOD,
     }
 

@@ -265,6 +265,42 @@ def test_route_trains_routers_and_reports_ratio_accuracy_and_speed(tmp_path):
     assert 0.0 <= report["accuracy"] <= 1.0 and report["decode"] is None
     assert set(report["timings"]) == {"unpatched", "routed"}
     assert (tmp_path / "routes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the saved routes give back the routed model: the same route for every test question
+    assert report["files"]["routes"] == str(tmp_path / "routes")
+    assert (tmp_path / "route_state" / "route_checkpoint.pt").is_file()
+    resumed = cli("route", *WORKLOAD, *options, "--out", str(tmp_path))  # finished: resumes
+    assert json.loads((tmp_path / "route_report.json").read_text())["history"] == report["history"]
+    assert resumed.returncode == 0
+
+
+def test_saved_routes_load_back_into_the_same_routed_model(tmp_path):
+    """``demo.workload.save_routed`` / ``load_routed``: the route plan, routers, adapters,
+    vision tower and projector; the loaded model holds the same weights and routes every
+    test question as the saved one."""
+    import copy
+
+    import torch
+
+    from eas_kernels.demo.workload import WorkloadConfig, build_workload, load_routed, save_routed
+    from eas_kernels.routing import RoutePlan, patch_routes
+    from eas_kernels.tuning.evaluate import route_matrix
+
+    config = WorkloadConfig(model="tiny", train=4, held_out=2, test=6, vision_epochs=1, seed=0)
+    workload = build_workload(config, cache_dir=tmp_path / "cache")
+    model = patch_routes(copy.deepcopy(workload.model), RoutePlan(6, ratio=0.3, skip_rank=4))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # routers, adapters and projector away from their initial values
+        for name, parameter in model.named_parameters():
+            if any(part in name for part in ("router", "route_pia", "kept_adapter", "projector")):
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    save_routed(model, tmp_path / "routes")
+    loaded = load_routed(workload.model, tmp_path / "routes")
+    expected = model.state_dict()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    routes = route_matrix(model, workload.test, pad_id=workload.pad_id)
+    assert routes.any() and not routes.all()
+    assert torch.equal(route_matrix(loaded, workload.test, pad_id=workload.pad_id), routes)
 
 
 @pytest.mark.parametrize(

@@ -275,3 +275,43 @@ def test_route_config_refusals() -> None:
             RouteConfig(**kwargs).validate()
     with pytest.raises(TypeError, match="not routed"):
         RouteTuner(tiny_model(), _examples(2), RouteConfig(), pad_id=0)
+
+
+def test_a_route_run_stopped_at_any_step_resumes_to_the_same_weights(tmp_path) -> None:
+    """Stopped by an error after its checkpoint at step 3 (of 6: pretune, random and joint
+    stages), a run resumes from the checkpoint to bitwise the weights, history and random
+    routes of an uninterrupted run; a run folder of another configuration is refused."""
+    from eas_kernels.tuning.route_trainer import RouteConfig, RouteTuner
+
+    def routed() -> torch.nn.Module:
+        model = tiny_model()
+        patch_routes(model, RoutePlan(4, skip_rank=6))
+        return model
+
+    config = RouteConfig(epochs=2, pretune_epochs=1, batch_size=4, checkpoint_every=3)
+    whole_model = routed()
+    whole = RouteTuner(whole_model, _examples(8), config, pad_id=0).run()
+
+    calls = 0
+
+    def failing(model, batch):
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise RuntimeError("stopped")
+        from eas_kernels.tuning import answer_loss
+
+        return answer_loss(model, batch)
+
+    first = RouteTuner(routed(), _examples(8), config, pad_id=0, run_dir=tmp_path, loss_fn=failing)
+    with pytest.raises(RuntimeError, match="stopped"):
+        first.run()
+    resumed_model = routed()
+    resumed = RouteTuner(resumed_model, _examples(8), config, pad_id=0, run_dir=tmp_path).run()
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
+    whole_weights = dict(whole_model.named_parameters())
+    for name, value in resumed_model.named_parameters():
+        assert torch.equal(value, whole_weights[name]), name
+    other = RouteConfig(epochs=2, pretune_epochs=1, batch_size=4, checkpoint_every=3, seed=1)
+    with pytest.raises(ValueError, match="seed = 0"):
+        RouteTuner(routed(), _examples(8), other, pad_id=0, run_dir=tmp_path).run()

@@ -38,6 +38,7 @@ from ..checkpoint import from_pretrained, save_pretrained
 from ..files import load_module_state, load_tensor_file, save_atomically
 from ..models.lavin import ModelArgs, Transformer
 from ..models.multimodal import LaVINStyleMLLM, VisionTower
+from ..routing import load_routes, save_routes
 from ..tuning.data import Example
 from ..tuning.evaluate import answer_correct
 from .easy_vqa import (
@@ -389,15 +390,38 @@ def save_tuned(model: LaVINStyleMLLM, folder: str | os.PathLike[str], *, active_
     and its vision tower and projector (``multimodal.pt``). Returns the folder."""
     folder = Path(folder)
     save_pretrained(model, folder, active_only=active_only)
-    state = {"vision": model.vision.state_dict(), "projector": model.projector.state_dict()}
-    save_atomically(state, folder / MULTIMODAL_FILE)
-    return folder
+    return _save_multimodal(model, folder)
 
 
 def load_tuned(base: LaVINStyleMLLM, folder: str | os.PathLike[str]) -> LaVINStyleMLLM:
     """A copy of the untuned ``base`` patched from a :func:`save_tuned` folder, with the
     folder's vision tower and projector."""
+    return from_pretrained(_load_multimodal(base, Path(folder)), folder)
+
+
+def save_routed(model: LaVINStyleMLLM, folder: str | os.PathLike[str]) -> Path:
+    """Save a routed multimodal model: route plan, routers and adapters
+    (:func:`~eas_kernels.routing.save_routes`) and its vision tower and projector
+    (``multimodal.pt``). Returns the folder."""
     folder = Path(folder)
+    save_routes(model, folder)
+    return _save_multimodal(model, folder)
+
+
+def load_routed(base: LaVINStyleMLLM, folder: str | os.PathLike[str]) -> LaVINStyleMLLM:
+    """A copy of the untuned ``base`` routed from a :func:`save_routed` folder, with the
+    folder's vision tower and projector."""
+    return load_routes(_load_multimodal(base, Path(folder)), folder)
+
+
+def _save_multimodal(model: LaVINStyleMLLM, folder: Path) -> Path:
+    state = {"vision": model.vision.state_dict(), "projector": model.projector.state_dict()}
+    save_atomically(state, folder / MULTIMODAL_FILE)
+    return folder
+
+
+def _load_multimodal(base: LaVINStyleMLLM, folder: Path) -> LaVINStyleMLLM:
+    """A copy of ``base`` with the vision tower and projector saved in ``folder``."""
     if not (folder / MULTIMODAL_FILE).is_file():
         raise FileNotFoundError(f"{folder} has no {MULTIMODAL_FILE}: not a tuned checkpoint")
     model = copy.deepcopy(base)
@@ -408,4 +432,4 @@ def load_tuned(base: LaVINStyleMLLM, folder: str | os.PathLike[str]) -> LaVINSty
     load_module_state(
         model.projector, state["projector"], folder / MULTIMODAL_FILE, "tuned projector"
     )
-    return from_pretrained(model, folder)
+    return model

@@ -762,7 +762,7 @@ class EASTuner:
         def refuse(reason: str) -> ValueError:
             return ValueError(f"{path} is not a usable tuner checkpoint: {reason}")
 
-        self._check_run_key(path, state["run_key"])
+        check_run_key(path, self.run_key, state["run_key"])
         position = state["position"]
         if not (isinstance(position, dict) and set(position) == set(POSITION_KEYS)) or not all(
             type(position[k]) is int and position[k] >= 0 for k in POSITION_KEYS
@@ -770,24 +770,8 @@ class EASTuner:
             raise refuse(f"position must map {POSITION_KEYS} to ints >= 0, got {position!r}")
         if position["phase"] > len(PHASES):
             raise refuse(f"phase {position['phase']} is out of range")
-        elapsed = state["elapsed"]
-        if type(elapsed) not in (int, float) or not math.isfinite(elapsed) or elapsed < 0:
-            raise refuse(f"elapsed must be a number of seconds, got {elapsed!r}")
-        trainable = state["trainable"]
-        if not isinstance(trainable, dict) or set(trainable) != set(self.parameters):
-            raise refuse("it holds other trainable parameters than this model's")
-        for name, value in trainable.items():
-            target = self.parameters[name]
-            if not (
-                isinstance(value, torch.Tensor)
-                and value.shape == target.shape
-                and value.dtype == target.dtype
-                and bool(torch.isfinite(value).all())
-            ):
-                raise refuse(
-                    f"trainable {name} is not a finite {target.dtype} tensor of shape "
-                    f"{tuple(target.shape)}"
-                )
+        elapsed = checked_elapsed(state["elapsed"], refuse)
+        trainable = checked_trainables(state["trainable"], self.parameters, refuse)
         rng = state["torch_rng"]
         if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8):
             raise refuse("torch_rng is not a generator state")
@@ -810,44 +794,80 @@ class EASTuner:
             ("search", (lambda _: None) if search is None else search.load_state_dict),
             ("torch_rng", torch.Generator().set_state),
         ]
-        for entry, load in loads:
-            try:
-                load(state[entry])
-            except (
-                ValueError,
-                TypeError,
-                KeyError,
-                IndexError,
-                AttributeError,
-                RuntimeError,
-            ) as error:
-                reason = " ".join(str(error).split())
-                raise refuse(f"{entry}: {type(error).__name__}: {reason}") from None
+        load_entries(state, loads, refuse)
         # Everything checked: the run changes from here on.
         with torch.no_grad():
             for name, value in trainable.items():
                 self.parameters[name].copy_(as_parameter_value(value, self.parameters[name]))
         self.position = dict(position)
-        self.elapsed = float(elapsed)
+        self.elapsed = elapsed
         self.optimizer, self.scheduler = optimizer, scheduler
         self.search = search
         torch.set_rng_state(rng)
         self.history = history
 
-    def _check_run_key(self, path: Path, written: object) -> None:
-        if not isinstance(written, dict):
-            raise ValueError(f"{path} is not a usable tuner checkpoint: run_key is not a dict")
-        for name, value in self.run_key.items():
-            if name not in written or written[name] != value:
-                before = written.get(name, "(not recorded)")
-                raise ValueError(
-                    f"{path} was written by a run with {name} = {before!r}; this run has "
-                    f"{name} = {value!r}. Use another run folder, or start afresh "
-                    "(resume=False, --no-resume)"
-                )
-        extra = sorted(set(written) - set(self.run_key))
-        if extra:
+
+def check_run_key(path: Path, expected: Mapping[str, Any], written: object) -> None:
+    """Refuse (ValueError) a checkpoint at ``path`` whose run key is not ``expected``,
+    naming the first entry that differs and both values."""
+    if not isinstance(written, dict):
+        raise ValueError(f"{path} is not a usable checkpoint: run_key is not a dict")
+    for name, value in expected.items():
+        if name not in written or written[name] != value:
+            before = written.get(name, "(not recorded)")
             raise ValueError(
-                f"{path} was written by a run with other settings ({extra}); use another run "
-                "folder, or start afresh (resume=False, --no-resume)"
+                f"{path} was written by a run with {name} = {before!r}; this run has "
+                f"{name} = {value!r}. Use another run folder, or start afresh "
+                "(resume=False, --no-resume)"
             )
+    extra = sorted(set(written) - set(expected))
+    if extra:
+        raise ValueError(
+            f"{path} was written by a run with other settings ({extra}); use another run "
+            "folder, or start afresh (resume=False, --no-resume)"
+        )
+
+
+Refusal = Callable[[str], ValueError]
+
+
+def checked_elapsed(elapsed: object, refuse: Refusal) -> float:
+    """A checkpoint's ``elapsed`` seconds, or ``refuse``'s error."""
+    if type(elapsed) not in (int, float) or not math.isfinite(elapsed) or elapsed < 0:
+        raise refuse(f"elapsed must be a number of seconds, got {elapsed!r}")
+    return float(elapsed)
+
+
+def checked_trainables(
+    trainable: object, parameters: Mapping[str, torch.Tensor], refuse: Refusal
+) -> dict[str, torch.Tensor]:
+    """A checkpoint's trainable tensors when they are exactly ``parameters``' names, each a
+    finite tensor of its parameter's shape and dtype; else ``refuse``'s error."""
+    if not isinstance(trainable, dict) or set(trainable) != set(parameters):
+        raise refuse("it holds other trainable parameters than this model's")
+    for name, value in trainable.items():
+        target = parameters[name]
+        if not (
+            isinstance(value, torch.Tensor)
+            and value.shape == target.shape
+            and value.dtype == target.dtype
+            and bool(torch.isfinite(value).all())
+        ):
+            raise refuse(
+                f"trainable {name} is not a finite {target.dtype} tensor of shape "
+                f"{tuple(target.shape)}"
+            )
+    return trainable
+
+
+def load_entries(
+    state: Mapping[str, Any], loads: Sequence[tuple[str, Callable[[Any], object]]], refuse: Refusal
+) -> None:
+    """``load(state[entry])`` for each ``(entry, load)``, into objects the run does not use
+    yet; a failure is ``refuse``'s error naming the entry."""
+    for entry, load in loads:
+        try:
+            load(state[entry])
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as error:
+            reason = " ".join(str(error).split())
+            raise refuse(f"{entry}: {type(error).__name__}: {reason}") from None
