@@ -220,6 +220,17 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return gather() if callable(gather) else tensor
 
 
+def laid_out_as(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) laid out as ``parameter``: sharded like an FSDP2
+    ``DTensor`` parameter (the inverse of :func:`full_tensor`), or as is."""
+    mesh = getattr(parameter, "device_mesh", None)
+    if mesh is None:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(parameter.device), mesh, parameter.placements)
+
+
 def digest(*parts: Any) -> str:
     """A short SHA-256 of ``parts`` (tensors by their bytes, the rest by ``repr``)."""
     hasher = hashlib.sha256()

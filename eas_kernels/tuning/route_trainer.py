@@ -47,6 +47,7 @@ from .trainer import (
     checked_trainables,
     example_fingerprint,
     load_entries,
+    run_key_entries,
 )
 
 # Before RoE's stages: every unit forced kept, the routers frozen, the adapters training.
@@ -143,15 +144,12 @@ class RouteTuner:
         self.patch = routes_of(model)
         if len(train) == 0:
             raise ValueError("train must hold at least one example")
-        if run_key is not None and not (
-            isinstance(run_key, Mapping) and all(isinstance(k, str) for k in run_key)
-        ):
-            raise TypeError(f"run_key must be a mapping with str keys, got {run_key!r}")
+        entries = run_key_entries(run_key)
         self.model, self.train, self.pad_id = model, list(train), pad_id
         self.loss_fn, self.progress = loss_fn, progress
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.run_key = {
-            **dict(run_key or {}),
+            **entries,
             **asdict(self.config),
             "train": example_fingerprint(self.train),
             "route_plan": self.patch.plan.to_dict(),

@@ -78,7 +78,7 @@ from ..roles import DEFAULT_CANDIDATES
 from ..search import Candidates, Estimator, HeldOutScorer, SearchSettings, estimator_class
 from ..search.estimator import COSINE, Measurement
 from .data import IGNORE_INDEX, Batch, Example, collate
-from .distributed import Distributed, digest, full_tensor, setup_distributed
+from .distributed import Distributed, digest, full_tensor, laid_out_as, setup_distributed
 
 PHASES = ("warmup", "search", "finetune")
 CHECKPOINT_FILE = "tuner_checkpoint.pt"
@@ -205,15 +205,14 @@ def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     )
 
 
-def as_parameter_value(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
-    """``value`` (a whole tensor) laid out as ``parameter``: sharded like an FSDP2
-    ``DTensor`` parameter, or as is."""
-    mesh = getattr(parameter, "device_mesh", None)
-    if mesh is None:
-        return value
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(value.to(parameter.device), mesh, parameter.placements)
+def run_key_entries(run_key: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A caller's run-key entries (names → JSON-like values) as a dict; TypeError unless a
+    mapping with str keys or None."""
+    if run_key is not None and not (
+        isinstance(run_key, Mapping) and all(isinstance(k, str) for k in run_key)
+    ):
+        raise TypeError(f"run_key must be a mapping with str keys, got {run_key!r}")
+    return dict(run_key or {})
 
 
 def answer_tokens(batch: Batch) -> int:
@@ -348,10 +347,7 @@ class EASTuner:
             raise ValueError("train must hold at least one example")
         if config.searches and len(held_out) == 0:
             raise ValueError("held_out must hold at least one example (the search scores on it)")
-        if run_key is not None and not (
-            isinstance(run_key, Mapping) and all(isinstance(k, str) for k in run_key)
-        ):
-            raise TypeError(f"run_key must be a mapping with str keys, got {run_key!r}")
+        entries = run_key_entries(run_key)
         if distributed is not None and not isinstance(distributed, Distributed):
             raise TypeError(
                 f"distributed must be a Distributed or None, got {type(distributed).__name__}"
@@ -370,7 +366,7 @@ class EASTuner:
         local = self.distributed.shard(list(held_out))
         self.held_out = collate(local, pad_id) if local else None
         self.run_key = {
-            **dict(run_key or {}),
+            **entries,
             **asdict(self.config),
             "train": example_fingerprint(self.train),
             "held_out": example_fingerprint(list(held_out)),
@@ -798,7 +794,7 @@ class EASTuner:
         # Everything checked: the run changes from here on.
         with torch.no_grad():
             for name, value in trainable.items():
-                self.parameters[name].copy_(as_parameter_value(value, self.parameters[name]))
+                self.parameters[name].copy_(laid_out_as(value, self.parameters[name]))
         self.position = dict(position)
         self.elapsed = elapsed
         self.optimizer, self.scheduler = optimizer, scheduler
