@@ -352,35 +352,36 @@ class _HFCallHook:
                 f"{'decode' if self.runtime.decoding else 'fresh'} call"
             )
 
-    # ------------------------------------------------------------------ generate()
-    def check_generate_options(self, model: nn.Module, kwargs: dict) -> None:
-        """Refuse (ValueError) generate() options that cannot give the prompt's states."""
 
-        def option(name: str) -> Any:
-            if name in kwargs:
-                return kwargs[name]
-            config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-            return getattr(config, name, None)
+def check_generate_options(model: nn.Module, kwargs: dict, subject: str) -> None:
+    """Refuse (ValueError) ``generate()`` options that cannot give the prompt's states or
+    routes: ``use_cache=False``, ``prefill_chunk_size`` and assisted generation. ``subject``
+    names the model in messages (``"a patch_hf model"``)."""
 
-        if option("use_cache") is False:
-            raise ValueError(
-                "generate(use_cache=False) is not supported on a patch_hf model: without a "
-                "cache every step is a fresh call, and the PIA states would average the "
-                "generated tokens; keep the default use_cache=True"
-            )
-        if option("prefill_chunk_size") is not None:
-            raise ValueError(
-                f"generate(prefill_chunk_size={option('prefill_chunk_size')}) is not "
-                "supported on a patch_hf model: the PIA states average the whole prompt, "
-                "which no chunk sees; leave prefill_chunk_size=None"
-            )
-        used = [name for name in _ASSISTED_OPTIONS if option(name) is not None]
-        if used:
-            raise ValueError(
-                f"assisted generation ({', '.join(used)}) is not supported on a patch_hf "
-                "model: its first call feeds draft tokens with the prompt, and they would "
-                "enter the PIA states"
-            )
+    def option(name: str) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        return getattr(config, name, None)
+
+    if option("use_cache") is False:
+        raise ValueError(
+            f"generate(use_cache=False) is not supported on {subject}: without a cache every "
+            "step is a fresh call, and the PIA states would average the generated tokens; "
+            "keep the default use_cache=True"
+        )
+    if option("prefill_chunk_size") is not None:
+        raise ValueError(
+            f"generate(prefill_chunk_size={option('prefill_chunk_size')}) is not supported on "
+            f"{subject}: the PIA states average the whole prompt, which no chunk sees; leave "
+            "prefill_chunk_size=None"
+        )
+    used = [name for name in _ASSISTED_OPTIONS if option(name) is not None]
+    if used:
+        raise ValueError(
+            f"assisted generation ({', '.join(used)}) is not supported on {subject}: its "
+            "first call feeds draft tokens with the prompt, and they would enter the PIA states"
+        )
 
 
 class _GenerateWithEAS:
@@ -392,7 +393,7 @@ class _GenerateWithEAS:
         self.__doc__ = type(model).generate.__doc__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.hook.check_generate_options(self.model, kwargs)
+        check_generate_options(self.model, kwargs, "a patch_hf model")
         outer = self.hook.generate_calls
         self.hook.generate_calls = 0
         try:

@@ -43,19 +43,54 @@ class LayerRoute:
     """The frozen route of one layer for the examples of a prefill."""
 
     skip: torch.Tensor  # (B,) bool: the route's decision
-    kept: torch.Tensor  # indices of the examples that run the layer (batch rule applied)
+    runs: torch.Tensor  # (B,) bool: which examples run the layer (batch rule applied)
+    kept: torch.Tensor  # indices of the examples that run the layer
     skipped: torch.Tensor  # indices of the examples that take the shortcut
     all_kept: bool
     all_skipped: bool
     kept_state: PIAState | None = None  # A_k's state of the kept examples
     skip_state: PIAState | None = None  # the shortcut PIA's state of the skipped examples
 
+    @classmethod
+    def of(cls, skip: torch.Tensor, runs: torch.Tensor) -> LayerRoute:
+        """The route of decisions ``skip`` whose examples ``runs`` run the layer."""
+        kept, skipped = runs.nonzero().flatten(), (~runs).nonzero().flatten()
+        return cls(skip, runs, kept, skipped, len(skipped) == 0, len(kept) == 0)
 
-def _rows(value: object, index: torch.Tensor, batch: int) -> object:
-    """``value[index]`` for a per-example tensor (first dim ``batch``, at least 3-D: RoPE
-    rotations ``(B, n, hd/2)``, masks ``(B, 1, n, keys)``), else ``value`` unchanged."""
-    if isinstance(value, torch.Tensor) and value.dim() >= 3 and value.shape[0] == batch:
-        return value.index_select(0, index)
+    def select(self, index: torch.Tensor) -> tuple[LayerRoute, torch.Tensor]:
+        """The route of examples ``index`` (``(B',)`` indices into this route's examples,
+        repeats allowed: a beam search's reorder, a batch selection or repetition), and
+        where the new kept examples are among the old kept ones (``(len(kept'),)``: the
+        rows of a cache that holds the kept examples only). The states follow their rows."""
+        index = index.to(self.skip.device)
+        new = LayerRoute.of(self.skip.index_select(0, index), self.runs.index_select(0, index))
+        kept_rows = _positions(self.kept, len(self.skip)).index_select(0, index[new.kept])
+        skipped_rows = _positions(self.skipped, len(self.skip)).index_select(0, index[new.skipped])
+        new.kept_state = _state_rows(self.kept_state, kept_rows)
+        new.skip_state = _state_rows(self.skip_state, skipped_rows)
+        return new, kept_rows
+
+
+def _positions(members: torch.Tensor, batch: int) -> torch.Tensor:
+    """``(batch,)``: the position of each example among ``members`` (-1 when absent)."""
+    positions = torch.full((batch,), -1, dtype=torch.long, device=members.device)
+    return positions.index_copy(0, members, torch.arange(len(members), device=members.device))
+
+
+def _state_rows(state: PIAState | None, rows: torch.Tensor) -> PIAState | None:
+    if state is None:
+        return None
+    rows = rows.to(state.c.device)
+    return PIAState(state.c.index_select(0, rows), state.alpha.index_select(0, rows))
+
+
+def _rows(value: object, index: torch.Tensor, batch: int, min_dims: int) -> object:
+    """``value[index]`` for a per-example tensor (first dim ``batch``, at least ``min_dims``
+    dimensions), each member of a tuple likewise, else ``value`` unchanged."""
+    if isinstance(value, tuple):
+        return tuple(_rows(member, index, batch, min_dims) for member in value)
+    if isinstance(value, torch.Tensor) and value.dim() >= min_dims and value.shape[0] == batch:
+        return value.index_select(0, index.to(value.device))
     return value
 
 
@@ -75,8 +110,14 @@ class RoutedForward:
     ``router`` and ``pia`` (the shortcut's adapter) are None for a layer that is not
     routed; ``adapter`` (``A_k``) is None without kept adapters. Called as the block is,
     ``(x, start_pos, freqs_cis, mask)`` (LaVIN layout): ``start_pos`` None (training) or 0
-    (prefill) routes afresh, > 0 decodes on the frozen route of the last prefill.
+    (prefill) routes afresh, > 0 decodes on the frozen route of the last prefill. The
+    per-example arguments a branch gathers are tensors of at least :attr:`row_dims`
+    dimensions whose first is the batch (RoPE rotations ``(B, n, hd/2)``, masks
+    ``(B, 1, n, keys)``; LaVIN's ``freqs_cis`` ``(n, hd/2)`` is shared).
+    :class:`~eas_kernels.routing.hf.HFRoutedForward` is the Hugging Face variant.
     """
+
+    row_dims = 3
 
     def __init__(
         self,
@@ -118,14 +159,29 @@ class RoutedForward:
     ) -> tuple[torch.Tensor, PIAState | None]:
         """The whole block on ``x``: ``h = x + Attn(u + A_k(u))``, ``h + FFN(ffn_norm(h))``."""
         if self.adapter is None:
-            return type(self.block).forward(self.block, x, start_pos, *args, **kwargs), None
+            return self._block(x, start_pos, args, kwargs), None
         u = self.attention_norm(x)
         if self.merged_adapter is self.adapter:  # A_k is in wq/wk/wv
             z = u
         else:
             z, state = _adapted(self.adapter, u, mask, state)
-        h = x + self.attention(z, start_pos, *args, **kwargs)
+        h = x + self._attend(z, start_pos, args, kwargs)
         return h + self.feed_forward(self.ffn_norm(h)), state
+
+    def _block(self, x: torch.Tensor, start_pos: int | None, args: tuple, kwargs: dict):
+        """The block's own forward on ``x``."""
+        return type(self.block).forward(self.block, x, start_pos, *args, **kwargs)
+
+    def _attend(self, z: torch.Tensor, start_pos: int | None, args: tuple, kwargs: dict):
+        """The attention's output on the adapted input ``z``."""
+        return self.attention(z, start_pos, *args, **kwargs)
+
+    def _gather(self, args: tuple, kwargs: dict, index: torch.Tensor, batch: int):
+        """The per-example arguments of examples ``index``; the others unchanged."""
+        return (
+            tuple(_rows(a, index, batch, self.row_dims) for a in args),
+            {k: _rows(v, index, batch, self.row_dims) for k, v in kwargs.items()},
+        )
 
     def _shortcut(
         self, x: torch.Tensor, mask: torch.Tensor | None, state: PIAState | None
@@ -205,10 +261,7 @@ class RoutedForward:
         runs = ~skip
         if self.control.batch_rule == "any_keeps" and self.routed and bool(runs.any()):
             runs = torch.ones_like(skip)  # RoE's release: the whole batch runs the unit
-        kept_rows, skipped_rows = runs.nonzero().flatten(), (~runs).nonzero().flatten()
-        route = LayerRoute(
-            skip, kept_rows, skipped_rows, len(skipped_rows) == 0, len(kept_rows) == 0
-        )
+        route = LayerRoute.of(skip, runs)
         out = self._run(x, start_pos, args, kwargs, route, mask)
         if start_pos == 0:
             self.route = route
@@ -243,8 +296,7 @@ class RoutedForward:
                 continue
             part = branch(
                 x.index_select(0, rows),
-                tuple(_rows(a, rows, batch) for a in args),
-                {k: _rows(v, rows, batch) for k, v in kwargs.items()},
+                *self._gather(args, kwargs, rows, batch),
                 None if mask is None else mask.index_select(0, rows),
             )
             out = out.index_add(0, rows, weights[rows, column, None, None] * part)
@@ -291,8 +343,7 @@ class RoutedForward:
             return out
         batch = x.shape[0]
         out = torch.full_like(x, float("nan"))  # poison: every row is written below
-        kept_args = tuple(_rows(a, route.kept, batch) for a in args)
-        kept_kwargs = {k: _rows(v, route.kept, batch) for k, v in kwargs.items()}
+        kept_args, kept_kwargs = self._gather(args, kwargs, route.kept, batch)
         kept_mask = None if mask is None else mask.index_select(0, route.kept)
         skipped_mask = None if mask is None else mask.index_select(0, route.skipped)
         kept, route.kept_state = self._kept(
@@ -303,6 +354,17 @@ class RoutedForward:
             x.index_select(0, route.skipped), skipped_mask, route.skip_state
         )
         return out.index_copy(0, route.kept, kept).index_copy(0, route.skipped, shortcut)
+
+    def select_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Make the frozen route that of the examples ``index`` of the last prefill (a beam
+        search's reorder, a batch selection or repetition: :meth:`LayerRoute.select`);
+        returns where the new kept examples are among the old kept ones, the rows a cache
+        of the kept examples keeps. A batch-1 merge is put back first."""
+        if self.route is None:
+            raise RuntimeError(f"layer {self.layer} has no route to select rows of")
+        self.unmerge()
+        self.route, kept_rows = self.route.select(index)
+        return kept_rows
 
     # ------------------------------------------------------------------ batch-1 merge
     def merge(self) -> None:

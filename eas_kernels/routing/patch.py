@@ -1,4 +1,5 @@
-"""Install per-example routing on a model of LaVIN-style blocks, and undo it."""
+"""Install per-example routing on a model of LaVIN-style blocks or of Hugging Face LLaMA
+decoder layers, and undo it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..layout import LAVIN
+from ..layout import HF_LLAMA, LAVIN, BlockLayout
 from ..patch import _PATCH_ATTR, ROUTES_ATTR, _MaskHook, all_or_nothing
 from ..pia import PIA
 from .control import RouteControl
@@ -26,7 +27,8 @@ class RoutePatch:
     """Routers, shortcut adapters and routed forwards installed on one model."""
 
     def __init__(self, model: nn.Module, plan: RoutePlan) -> None:
-        blocks, widths = LAVIN.checked_blocks(model, plan.num_layers)
+        self.layout = layout_of(model)
+        blocks, widths = self.layout.checked_blocks(model, plan.num_layers)
         for index, block in enumerate(blocks):
             dim = widths[index][0]
             for name in ("skip_rank", "adapter_rank"):
@@ -43,6 +45,9 @@ class RoutePatch:
             parameter.requires_grad_(False)
         self.forwards: list[RoutedForward] = []
         columns = {layer: column for column, layer in enumerate(plan.layers)}
+        forward_class = RoutedForward
+        if self.layout == HF_LLAMA:
+            from .hf import HFRoutedForward as forward_class
         for index, block in enumerate(blocks):
             dim, dtype, device = widths[index]
             router = pia = adapter = None
@@ -62,8 +67,8 @@ class RoutePatch:
                 )
                 block.add_module(ROUTER_NAME, router)
                 block.add_module(SHORTCUT_NAME, pia.to(device=device, dtype=dtype))
-            forward = RoutedForward(
-                index, columns.get(index), block, LAVIN, router, pia, adapter, plan.unit,
+            forward = forward_class(
+                index, columns.get(index), block, self.layout, router, pia, adapter, plan.unit,
                 self.control,
             )  # fmt: skip
             block.forward = forward
@@ -74,11 +79,25 @@ class RoutePatch:
                 unmerge = _Unmerge(forward)
                 self._handles.append(linear.register_state_dict_pre_hook(unmerge))
                 self._handles.append(linear.register_load_state_dict_pre_hook(unmerge))
-        signature = inspect.signature(model.forward)
-        if {"prompt_mask", "attention_mask"} & set(signature.parameters):
-            hook = _MaskHook(self.control, signature)
-            self._handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+        if self.layout == HF_LLAMA:
+            self._install_hf_hooks(model)
+        else:
+            signature = inspect.signature(model.forward)
+            if {"prompt_mask", "attention_mask"} & set(signature.parameters):
+                hook = _MaskHook(self.control, signature)
+                self._handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
         setattr(model, ROUTES_ATTR, self)
+
+    def _install_hf_hooks(self, model: nn.Module) -> None:
+        """The prompt-mask hook and the checked ``generate`` (:mod:`.hf`)."""
+        from ..hf import _InstanceAttribute
+        from .hf import GenerateRouted, PromptMaskHook
+
+        hook = PromptMaskHook(model, self.control)
+        self._handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+        if callable(getattr(type(model), "generate", None)):
+            generate = GenerateRouted(model, self.control)
+            self._handles.append(_InstanceAttribute(model, "generate", generate))
 
     def routers(self) -> list[nn.Linear]:
         return [forward.router for forward in self.forwards if forward.router is not None]
@@ -118,6 +137,15 @@ class _Unmerge:
         self.forward.unmerge()
 
 
+def layout_of(model: nn.Module) -> BlockLayout:
+    """The block layout of ``model``: LaVIN-style blocks or Hugging Face LLaMA decoder
+    layers; ValueError when it has neither."""
+    for layout in (LAVIN, HF_LLAMA):
+        if layout.find_blocks(model):
+            return layout
+    raise ValueError(f"model has neither {LAVIN.description} nor {HF_LLAMA.description}")
+
+
 def routes_of(model: nn.Module) -> RoutePatch:
     """What :func:`patch_routes` installed on ``model``; TypeError when it is not routed."""
     if not isinstance(model, nn.Module):
@@ -129,7 +157,8 @@ def routes_of(model: nn.Module) -> RoutePatch:
 
 
 def patch_routes(model: nn.Module, plan: RoutePlan) -> nn.Module:
-    """Install per-example routing (ROE_SPEC) on a model of LaVIN-style blocks, in place.
+    """Install per-example routing (ROE_SPEC) on a model of LaVIN-style blocks or of Hugging
+    Face LLaMA decoder layers (``LlamaForCausalLM``, LLaVA's language model), in place.
 
     Every layer of ``plan.layers`` gets ``block.router`` (a bias-free ``d → 2`` linear map,
     zero at first: a fresh router keeps every unit) and ``block.route_pia``, the adapter of
@@ -138,7 +167,11 @@ def patch_routes(model: nn.Module, plan: RoutePlan) -> nn.Module:
     computes the base model) and runs :class:`~eas_kernels.routing.forward.RoutedForward`.
     Every base parameter is frozen.
     The route of a fresh call (``start_pos`` None or 0) reads the prompt mask from the
-    model's ``prompt_mask`` (else ``attention_mask``) argument; decode calls keep it.
+    model's ``prompt_mask`` (else ``attention_mask``) argument; decode calls keep it. On a
+    Hugging Face model the phase comes from the call's cache, the prompt mask from
+    ``labels`` and ``attention_mask``, each layer's cache slot holds the examples that run
+    it, and ``generate()`` (greedy, sampling, beam search) decodes on the prompt's routes
+    (:mod:`eas_kernels.routing.hf`).
 
     TypeError/ValueError before anything changes when the arguments do not fit, when the
     model is patched by EAS (:func:`~eas_kernels.patch_lavin`) or already routed; a failure
