@@ -47,7 +47,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -55,15 +55,21 @@ from torch import nn
 from ._checks import check_tensor
 from .layout import HF_LLAMA
 from .patch import (
+    ROUTES_ATTR,
     EASPatch,
     all_or_nothing,
     check_patch_arguments,
     check_prompt_mask,
+    is_route_plan,
     patch_of,
+    patch_routed,
 )
 from .plan import SkipPlan
 from .reparam import expected_new_tokens
 from .runtime import EASRuntime
+
+if TYPE_CHECKING:
+    from .routing import RoutePlan
 
 IGNORE_INDEX = -100
 # The oldest and the newest transformers release CI runs the Hugging Face tests against;
@@ -443,8 +449,15 @@ def kv_cache_bytes(cache: Any) -> int:
     return total
 
 
-def patch_hf(model: nn.Module, plan: SkipPlan, *, search: bool | str = False) -> nn.Module:
+def patch_hf(
+    model: nn.Module, plan: SkipPlan | RoutePlan, *, search: bool | str = False
+) -> nn.Module:
     """Install EAS on a Hugging Face LLaMA-family model, in place, and return it.
+
+    With a :class:`~eas_kernels.routing.RoutePlan` instead of a :class:`SkipPlan`, each
+    example skips its own units (:func:`eas_kernels.routing.patch_routes`; ``generate()``
+    with greedy search, sampling and beam search, and :class:`~eas_kernels.routing.
+    hf_trainer.RouteTrainer`); :func:`unpatch_hf` undoes it too.
 
     Same semantics as :func:`eas_kernels.patch_lavin` (EAS_SPEC §2): kept layers get a
     rank-``plan.adapter_rank`` PIA before ``q_proj/k_proj/v_proj``, skipped layers run
@@ -455,6 +468,12 @@ def patch_hf(model: nn.Module, plan: SkipPlan, *, search: bool | str = False) ->
     while patching, ``KeyboardInterrupt`` included, leaves the model as it was. See the
     module docstring for how training calls, ``generate()`` and caches are handled.
     """
+    if is_route_plan(plan):
+        if not hasattr(model, "config"):
+            raise TypeError(
+                f"model must be a Hugging Face PreTrainedModel, got {type(model).__name__}"
+            )
+        return patch_routed(model, plan, search, HF_LLAMA)
     candidates = check_patch_arguments(model, plan, search)
     if not hasattr(model, "config"):
         raise TypeError(f"model must be a Hugging Face PreTrainedModel, got {type(model).__name__}")
@@ -472,6 +491,12 @@ def patch_hf(model: nn.Module, plan: SkipPlan, *, search: bool | str = False) ->
 
 def unpatch_hf(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_hf`: the original modules, weights (bitwise) and flags."""
+    if isinstance(model, nn.Module) and hasattr(model, ROUTES_ATTR):
+        from .routing import routes_of, unpatch_routes
+
+        if routes_of(model).layout != HF_LLAMA:
+            raise TypeError("model was not routed by patch_hf (use eas_kernels.unpatch)")
+        return unpatch_routes(model)
     patch = patch_of(model)
     if patch.layout != HF_LLAMA:
         raise TypeError("model was not patched by patch_hf (use eas_kernels.unpatch)")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from .roles import (
     pia_names,
 )
 from .runtime import AdapterSite, EASRuntime
+
+if TYPE_CHECKING:
+    from .routing import RoutePlan
 
 _PATCH_ATTR = "_eas_patch"
 ROUTES_ATTR = "_eas_routes"  # eas_kernels.routing's patch: a model is patched or routed
@@ -419,8 +422,14 @@ def check_prompt_mask(mask: object) -> torch.Tensor:
     return check_token_mask(mask, "prompt_mask")
 
 
-def patch_lavin(model: nn.Module, plan: SkipPlan, *, search: bool | str = False) -> nn.Module:
+def patch_lavin(
+    model: nn.Module, plan: SkipPlan | RoutePlan, *, search: bool | str = False
+) -> nn.Module:
     """Install EAS on a model of LaVIN-style blocks, in place, and return it.
+
+    With a :class:`~eas_kernels.routing.RoutePlan` instead of a :class:`SkipPlan`, each
+    example skips its own units: :func:`eas_kernels.routing.patch_routes` (the model must
+    have LaVIN-style blocks; ``search`` stays False); :func:`unpatch` undoes it too.
 
     Blocks are modules with ``attention.wq/wk/wv``, ``feed_forward.w1/w2/w3``,
     ``attention_norm`` and ``ffn_norm`` (LaVIN's and Meta LLaMA's ``TransformerBlock``,
@@ -443,6 +452,8 @@ def patch_lavin(model: nn.Module, plan: SkipPlan, *, search: bool | str = False)
     any failure while patching, ``KeyboardInterrupt`` included, leaves the model as it was
     (:func:`all_or_nothing`). :func:`unpatch` undoes it.
     """
+    if is_route_plan(plan):
+        return patch_routed(model, plan, search, LAVIN)
     candidates = check_patch_arguments(model, plan, search)
     with all_or_nothing(model):
         patch = EASPatch(model, plan, candidates, LAVIN)
@@ -455,10 +466,37 @@ def patch_lavin(model: nn.Module, plan: SkipPlan, *, search: bool | str = False)
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_lavin` or :func:`eas_kernels.patch_hf`, in place: merged weights
-    back bitwise, PIAs and hooks removed, skipped MHAs restored, ``requires_grad`` as
-    before."""
+    back bitwise, PIAs (or routers) and hooks removed, skipped MHAs restored,
+    ``requires_grad`` as before."""
+    if isinstance(model, nn.Module) and hasattr(model, ROUTES_ATTR):
+        from .routing import unpatch_routes
+
+        return unpatch_routes(model)
     patch_of(model).remove()
     return model
+
+
+def is_route_plan(plan: object) -> bool:
+    """Whether ``plan`` is a :class:`~eas_kernels.routing.RoutePlan`."""
+    from .routing import RoutePlan
+
+    return isinstance(plan, RoutePlan)
+
+
+def patch_routed(model: nn.Module, plan: object, search: object, layout: BlockLayout) -> nn.Module:
+    """:func:`~eas_kernels.routing.patch_routes` for :func:`patch_lavin` / ``patch_hf``
+    given a :class:`~eas_kernels.routing.RoutePlan`: the model must have ``layout``'s
+    blocks, and ``search`` must be False (routers replace the search)."""
+    from .routing import patch_routes
+    from .routing.patch import layout_of
+
+    if search is not False:
+        raise ValueError(
+            f"search must be False with a RoutePlan (routers replace the search), got {search!r}"
+        )
+    if isinstance(model, nn.Module) and layout_of(model) != layout:
+        raise ValueError(f"model has no {layout.description}")
+    return patch_routes(model, plan)
 
 
 def set_skipped(model: nn.Module, indices: Iterable[int], *, ffns: Iterable[int] = ()) -> None:

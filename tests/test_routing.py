@@ -13,6 +13,7 @@ from eas_kernels.routing import (
     force_routes,
     patch_routes,
     route_control,
+    routes_of,
     set_routing,
     unpatch_routes,
 )
@@ -353,14 +354,14 @@ def test_batch_one_merges_the_skipped_mhas_and_restores_them_bitwise() -> None:
 def eager_next(
     model: torch.nn.Module, prompts: torch.Tensor, real: torch.Tensor, answer: torch.Tensor
 ) -> torch.Tensor:
-    """The logits of the step after ``answer`` decoded eagerly (no merge)."""
+    """The logits of the step after ``answer`` decoded eagerly (no merge, no low-rank path)."""
     control = route_control(model)
-    control.merge = False
+    control.merge = control.lowrank = False
     try:
         _decode_batch(model, prompts, real, answer)
         return model(answer[:, -1:], start_pos=prompts.shape[1] + answer.shape[1] - 1)[:, -1]
     finally:
-        control.merge = True
+        control.merge = control.lowrank = True
 
 
 def test_decode_refusals() -> None:
@@ -490,3 +491,35 @@ def test_load_routes_refuses_what_does_not_fit_and_changes_nothing(tmp_path) -> 
         load_routes(model, folder)
     with pytest.raises(FileNotFoundError, match="no route_plan.json"):
         load_routes(model, tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_skipped_mhas_take_the_low_rank_path_equal_to_eager(dtype: torch.dtype) -> None:
+    model = routed("mha", seed=7, dtype=dtype)
+    prompts, real = _prompt_batch([6, 2, 9, 4], seed=7)
+    answer = torch.randint(1, 97, (4, 3), generator=torch.Generator().manual_seed(4))
+    routes = torch.tensor(
+        [[True, False, True, False], [False, False, True, True], [True, True, True, False],
+         [False, True, False, False]]
+    )  # fmt: skip
+    force_routes(model, routes)
+    control = route_control(model)
+    control.lowrank = False
+    eager = _decode_batch(model, prompts, real, answer)
+    control.lowrank = True
+    lowrank = _decode_batch(model, prompts, real, answer)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(lowrank.float(), eager.float(), rtol=tolerance, atol=tolerance)
+    forwards = routes_of(model).forwards
+    assert all(f._lowrank is not None for f in forwards)  # every layer has skipped examples
+    factors = [f._factors[1] for f in forwards]
+    _decode_batch(model, prompts, real, answer)  # a new prompt: the same state-free factors
+    assert all(f._factors[1] is kept for f, kept in zip(forwards, factors, strict=True))
+    with torch.no_grad():  # the adapters change: the factors are built again
+        for forward in forwards:
+            forward.pia.up1.weight.mul_(1.5)
+    lowrank = _decode_batch(model, prompts, real, answer)
+    control.lowrank = False
+    eager = _decode_batch(model, prompts, real, answer)
+    torch.testing.assert_close(lowrank.float(), eager.float(), rtol=tolerance, atol=tolerance)
+    assert all(f._factors[1] is not kept for f, kept in zip(forwards, factors, strict=True))

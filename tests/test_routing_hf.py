@@ -388,3 +388,34 @@ def test_route_trainer_runs_roes_stages_and_trains_only_routes(tmp_path) -> None
         RouteTrainer(model=model, args=arguments, train_dataset=[], route_schedule=20)
     with pytest.raises(TypeError, match="not routed"):
         RouteTrainer(model=tiny_llama(), args=arguments, train_dataset=[])
+
+
+# ---------------------------------------------------------------------- entry points
+def test_patch_hf_and_patch_lavin_take_a_route_plan() -> None:
+    import eas_kernels as E
+    from tests.helpers import tiny_model
+
+    model = tiny_llama().eval()
+    snapshot, before = weights_snapshot(model), structure(model)
+    plan = RoutePlan(4, unit="block", skip_rank=6)
+    assert E.patch_hf(model, plan) is model and routes_of(model).plan == plan
+    with torch.no_grad():
+        model.generate(**prompts(), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    E.unpatch_hf(model)
+    assert structure(model) == before
+    assert_bitwise(model, snapshot)
+    lavin = tiny_model()
+    E.patch_lavin(lavin, RoutePlan(lavin.n_layers, unit="mha"))
+    assert routes_of(lavin).plan.unit == "mha"
+    with pytest.raises(TypeError, match="patch_hf"):
+        E.unpatch_hf(lavin)
+    E.unpatch(lavin)
+    assert not hasattr(lavin, "_eas_routes")
+    refusals = [
+        (lambda: E.patch_lavin(tiny_llama(), plan), ValueError, "LaVIN-style blocks"),
+        (lambda: E.patch_hf(tiny_model(), RoutePlan(4)), TypeError, "PreTrainedModel"),
+        (lambda: E.patch_hf(tiny_llama(), plan, search=True), ValueError, "search must be"),
+    ]
+    for call, error, words in refusals:
+        with pytest.raises(error, match=words):
+            call()

@@ -30,6 +30,9 @@ class RouteControl:
             comparisons).
         merge: at batch 1, re-parameterise the skipped MHAs' PIAs into ``W1/W3`` for the
             decode (EAS_SPEC §4; unit ``mha`` only); False decodes eagerly.
+        lowrank: in decode calls that do not merge (batch > 1), add each skipped MHA's
+            ``PIA_s`` to ``W1/W3``'s output by the per-example low-rank path (EAS_SPEC §4;
+            :meth:`RoutedForward._lowrank_path`); False runs ``PIA_s`` eagerly.
         state_mask: the prompt mask of the next fresh call (the root hook sets it).
         generator: the source of ``"random"`` routes.
         random_ratio: the skip probability of ``"random"`` routes (default ``ρ``;
@@ -46,6 +49,7 @@ class RouteControl:
         self.temperature = 1.0
         self.keep_bias = 0.0
         self.merge = True
+        self.lowrank = True
         self.batch_rule = "per_example"
         self.state_mask: torch.Tensor | None = None
         self.generator: torch.Generator | None = None

@@ -26,15 +26,17 @@ the decode (EAS_SPEC §4) and put back bitwise at the next fresh call.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..layout import BlockLayout
-from ..ops import merged_linear
+from ..ops import LowrankAdd, lowrank_factors, merged_linear
 from ..pia import PIA, PIAState, masked_token_mean
-from ..runtime import MergeRecord
+from ..runtime import MergeRecord, _DownProjection, _LowrankHook, _versions
 from .control import RouteControl
 
 
@@ -142,6 +144,11 @@ class RoutedForward:
         self.route: LayerRoute | None = None
         self.merged: list[MergeRecord] = []
         self.merged_adapter: PIA | None = None  # the adapter now in the weights
+        # the low-rank path of the shortcut: (frozen state, its adds per W1/W3), the cached
+        # factors (parameter versions, F per W1/W3), and whether the hooks add now
+        self._lowrank: tuple[PIAState, list[_LowrankHook]] | None = None
+        self._factors: tuple[tuple | None, list[torch.Tensor]] | None = None
+        self._lowrank_on = False
 
     @property
     def routed(self) -> bool:
@@ -196,8 +203,53 @@ class RoutedForward:
         v = self.ffn_norm(x)
         if self.merged_adapter is self.pia:  # PIA_s is in W1/W3
             return x + self.feed_forward(v), state
+        if state is not None and self.control.lowrank:  # a decode call: the frozen state
+            with self._lowrank_path(state):
+                return x + self.feed_forward(v), state
         z, state = _adapted(self.pia, v, mask, state)
         return x + self.feed_forward(z), state
+
+    @contextlib.contextmanager
+    def _lowrank_path(self, state: PIAState) -> Iterator[None]:
+        """``W1/W3`` add ``PIA_s`` of each skipped example through the low-rank path while
+        the body runs (EAS_SPEC §4, :mod:`eas_kernels.ops.lowrank`): ``(v + PIA_s(v)) Wᵀ =
+        v Wᵀ + κ_e F`` with the state-free factors ``F = U Wᵀ`` (kept across prompts while
+        the weights and the PIA are unchanged) and ``κ_e`` from the example's frozen state:
+        per decode step one down projection and one add per target, instead of the eager
+        PIA's per-example ``W_u`` and products. The adds of the route's state are built at
+        its first decode step and dropped at the next fresh call; the forward hooks of
+        :meth:`lowrank_hooks` apply them."""
+        if self._lowrank is None or self._lowrank[0] is not state:
+            self._lowrank = (state, self._lowrank_adds(state))
+        self._lowrank_on = True
+        try:
+            yield
+        finally:
+            self._lowrank_on = False
+
+    def _lowrank_adds(self, state: PIAState) -> list[_LowrankHook]:
+        assert self.pia is not None
+        pia, linears = self.pia, self.ffn_linears
+        key = _versions([linear.weight for linear in linears] + list(pia.parameters()))
+        with torch.no_grad():
+            if key is None or self._factors is None or self._factors[0] != key:
+                basis = pia.up_basis()
+                self._factors = (key, [lowrank_factors(linear.weight, basis) for linear in linears])
+            projection = _DownProjection(pia.down1.weight)
+            mix = pia.state_mix(state)
+            adds = []
+            for factor in self._factors[1]:
+                bound = mix.to(torch.promote_types(factor.dtype, torch.float32)).contiguous()
+                adds.append(_LowrankHook(projection, LowrankAdd(bound, factor)))
+        return adds
+
+    def lowrank_hooks(self) -> list[tuple[nn.Linear, _ShortcutLowrank]]:
+        """The forward hooks of the low-rank path, one per ``W1/W3`` of a layer whose
+        shortcut skips an MHA (none otherwise), for the patch to register: each adds only
+        while the path is on, so the kept examples' FFN calls are untouched."""
+        if self.pia is None or self.unit != "mha":
+            return []
+        return [(linear, _ShortcutLowrank(self, i)) for i, linear in enumerate(self.ffn_linears)]
 
     def route_logits(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``g = router(ū)`` ``(B, 2)`` in at least float32, ``ū`` over the prompt tokens of
@@ -252,7 +304,7 @@ class RoutedForward:
     def _fresh(
         self, x: torch.Tensor, start_pos: int | None, args: tuple, kwargs: dict
     ) -> torch.Tensor:
-        self.unmerge()
+        self.release()
         self.route = None
         mask = self._mask(x)
         skip, weights = self._decide(x, start_pos, mask)
@@ -362,7 +414,7 @@ class RoutedForward:
         of the kept examples keeps. A batch-1 merge is put back first."""
         if self.route is None:
             raise RuntimeError(f"layer {self.layer} has no route to select rows of")
-        self.unmerge()
+        self.release()
         self.route, kept_rows = self.route.select(index)
         return kept_rows
 
@@ -401,8 +453,28 @@ class RoutedForward:
             raise
         self.merged, self.merged_adapter = records, pia
 
+    def release(self) -> None:
+        """Put the weights a :meth:`merge` changed back (bitwise) and drop the low-rank
+        path's adds: what a route installed for its decode."""
+        self.unmerge()
+        self._lowrank = None
+
     def unmerge(self) -> None:
         """Put the weights a :meth:`merge` changed back, bitwise."""
         for record in reversed(self.merged):
             record.restore()
         self.merged, self.merged_adapter = [], None
+
+
+class _ShortcutLowrank:
+    """Forward hook of ``W1`` or ``W3`` (``index``) of a routed layer: adds the skipped
+    examples' ``κ F`` only while ``forward``'s low-rank path is on."""
+
+    def __init__(self, forward: RoutedForward, index: int) -> None:
+        self.forward, self.index = forward, index
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> object:
+        forward = self.forward
+        if not forward._lowrank_on or forward._lowrank is None:
+            return None
+        return forward._lowrank[1][self.index](module, inputs, output)

@@ -74,6 +74,9 @@ class RoutePatch:
             block.forward = forward
             self.forwards.append(forward)
         self._handles = []
+        for forward in self.forwards:
+            for linear, hook in forward.lowrank_hooks():
+                self._handles.append(linear.register_forward_hook(hook))
         for forward in self.forwards:  # state_dict() and loads see the pretrained weights
             for linear in forward.attention_linears + forward.ffn_linears:
                 unmerge = _Unmerge(forward)
@@ -112,7 +115,7 @@ class RoutePatch:
     def remove(self) -> None:
         """Weights back bitwise, routers, adapters and hooks gone, ``requires_grad`` as before."""
         for forward in self.forwards:
-            forward.unmerge()
+            forward.release()
             block = forward.block
             block.__dict__.pop("forward", None)
             for name in NAMES:
