@@ -16,7 +16,11 @@ A LaVIN-layout model (d = 256, 8 layers, random weights) routed on every layer
   those units removed), interleaved step by step (``tuning.evaluate.time_models``).
 * **batch 8** (``mha`` and ``block``): 8 prompts with 8 different fixed routes (3 of 8
   units each), per-example skipping against the any-keeps rule (a unit runs for the whole
-  batch when any example keeps it), decode steps alternating between the rules.
+  batch when any example keeps it), and for ``mha`` per-example skipping with the skipped
+  MHAs' PIAs run eagerly against the low-rank path (``RouteControl.lowrank``), decode
+  steps rotating between the variants; at the short shape above (op-bound) and at a
+  KV-bound one (``LONG_ARGS``: d = 512, full multi-head KV, 768-token prompts), where a
+  skipped example's attention no longer reads its keys and values.
 
 ``pytest benchmarks/test_routing.py --benchmark-only``; ``extra_info`` holds the ratios,
 shapes, device and versions. Nothing is asserted about speed.
@@ -42,37 +46,40 @@ from eas_kernels.tuning.evaluate import floor_model, paired_ratio, time_models
 ARGS = dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=1000, multiple_of=64,
             max_seq_len=128, max_batch_size=8)  # fmt: skip
 LAYERS, BATCH, PROMPT, ANSWER = 8, 8, 48, 2
+# the batch-8 decode also at a KV-bound shape: 768-token prompts, full multi-head KV
+LONG_ARGS = dict(ARGS, dim=512, n_kv_heads=8, max_seq_len=800)
+LONG_PROMPT = 768
 ROUTE = [False, True, False, False, True, False, True, False]  # 3 of 8 skipped
 BATCH_ROUTES = [[(i + j) % LAYERS in (0, 3, 5) for j in range(LAYERS)] for i in range(BATCH)]
 
 
-def base_model() -> Transformer:
+def base_model(args: dict = ARGS) -> Transformer:
     torch.manual_seed(0)
-    return Transformer(ModelArgs(**ARGS)).eval()
+    return Transformer(ModelArgs(**args)).eval()
 
 
-def routed(unit: str) -> tuple[torch.nn.Module, Transformer]:
-    base = base_model()
+def routed(unit: str, args: dict = ARGS) -> tuple[torch.nn.Module, Transformer]:
+    base = base_model(args)
     model = patch_routes(copy.deepcopy(base), RoutePlan(LAYERS, unit=unit, ratio=0.3))
     randomize_trainables(model, seed=1)
     return model, base
 
 
-def examples() -> list[Example]:
+def examples(prompt: int = PROMPT) -> list[Example]:
     generator = torch.Generator().manual_seed(2)
     return [
         Example(
-            tuple(torch.randint(1, 900, (PROMPT,), generator=generator).tolist()),
+            tuple(torch.randint(1, 900, (prompt,), generator=generator).tolist()),
             tuple(torch.randint(1, 900, (ANSWER,), generator=generator).tolist()),
         )
         for _ in range(BATCH)
     ]
 
 
-def info(**entries: object) -> dict[str, object]:
+def info(args: dict = ARGS, prompt: int = PROMPT, **entries: object) -> dict[str, object]:
     return dict(
         entries,
-        shape=dict(ARGS, batch=BATCH, prompt=PROMPT),
+        shape=dict(args, batch=BATCH, prompt=prompt),
         date=datetime.date.today().isoformat(),
         **machine(),
     )
@@ -137,17 +144,25 @@ def test_batch_one_decode_against_the_route_floor(benchmark, unit):
     )
 
 
+@pytest.mark.parametrize("shape", ["short", "long"])
 @pytest.mark.parametrize("unit", ["mha", "block"])
-def test_batch_eight_per_example_against_any_keeps(benchmark, unit):
-    model, _ = routed(unit)
+def test_batch_eight_per_example_against_any_keeps(benchmark, unit, shape):
+    args, prompt = (ARGS, PROMPT) if shape == "short" else (LONG_ARGS, LONG_PROMPT)
+    model, _ = routed(unit, args)
     set_routing(model, "hard")
     force_routes(model, torch.tensor(BATCH_ROUTES))
     control = route_control(model)
-    batch = collate([Example(e.prompt, ()) for e in examples()], 0)
+    batch = collate([Example(e.prompt, ()) for e in examples(prompt)], 0)
     width = batch.tokens.shape[1]
 
+    # (batch rule, low-rank path for skipped MHAs); block shortcuts have no low-rank path
+    variants = {"per_example": ("per_example", True), "any_keeps": ("any_keeps", True)}
+    if unit == "mha":
+        variants["per_example_eager"] = ("per_example", False)
+
     @torch.no_grad()
-    def decode(rule: str) -> list[float]:
+    def decode(variant: str) -> list[float]:
+        rule, control.lowrank = variants[variant]
         control.set_batch_rule(rule)
         logits = model(batch.tokens, start_pos=0, prompt_mask=batch.prompt_mask)[:, -1]
         steps = []
@@ -158,22 +173,29 @@ def test_batch_eight_per_example_against_any_keeps(benchmark, unit):
         return steps
 
     def measure() -> dict[str, float]:
-        times: dict[str, list[float]] = {"per_example": [], "any_keeps": []}
-        rules = list(times)
-        for round_ in range(9):  # round 0 warms up; the order alternates
-            for rule in rules[round_ % 2 :] + rules[: round_ % 2]:
-                steps = decode(rule)
+        times: dict[str, list[float]] = {variant: [] for variant in variants}
+        names = list(times)
+        for round_ in range(9 if shape == "short" else 5):  # round 0 warms up; order rotates
+            shift = round_ % len(names)
+            for variant in names[shift:] + names[:shift]:
+                steps = decode(variant)
                 if round_:
-                    times[rule].extend(steps)
+                    times[variant].extend(steps)
         control.set_batch_rule("per_example")
-        return {rule: statistics.median(values) for rule, values in times.items()}
+        control.lowrank = True
+        return {variant: statistics.median(values) for variant, values in times.items()}
 
     medians = benchmark.pedantic(measure, rounds=1, iterations=1)
+    ratios = {"any_keeps_over_per_example": medians["any_keeps"] / medians["per_example"]}
+    if unit == "mha":
+        ratios["eager_over_lowrank"] = medians["per_example_eager"] / medians["per_example"]
     benchmark.extra_info.update(
         info(
+            args,
+            prompt,
             unit=unit,
             routes=[[i for i, s in enumerate(row) if s] for row in BATCH_ROUTES],
             ms_per_step={k: round(1e3 * v, 3) for k, v in medians.items()},
-            any_keeps_over_per_example=medians["any_keeps"] / medians["per_example"],
+            **ratios,
         )
     )

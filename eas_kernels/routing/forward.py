@@ -144,11 +144,10 @@ class RoutedForward:
         self.route: LayerRoute | None = None
         self.merged: list[MergeRecord] = []
         self.merged_adapter: PIA | None = None  # the adapter now in the weights
-        # the low-rank path of the shortcut: (frozen state, its adds per W1/W3), the cached
-        # factors (parameter versions, F per W1/W3), and whether the hooks add now
-        self._lowrank: tuple[PIAState, list[_LowrankHook]] | None = None
+        # the low-rank path of the shortcut: (frozen state, a forward per W1/W3), and the
+        # cached factors (parameter versions, F per W1/W3)
+        self._lowrank: tuple[PIAState, list[_LowrankLinear]] | None = None
         self._factors: tuple[tuple | None, list[torch.Tensor]] | None = None
-        self._lowrank_on = False
 
     @property
     def routed(self) -> bool:
@@ -167,13 +166,25 @@ class RoutedForward:
         """The whole block on ``x``: ``h = x + Attn(u + A_k(u))``, ``h + FFN(ffn_norm(h))``."""
         if self.adapter is None:
             return self._block(x, start_pos, args, kwargs), None
+        h, state = self._attended(x, start_pos, args, kwargs, mask, state)
+        return h + self.feed_forward(self.ffn_norm(h)), state
+
+    def _attended(
+        self,
+        x: torch.Tensor,
+        start_pos: int | None,
+        args: tuple,
+        kwargs: dict,
+        mask: torch.Tensor | None,
+        state: PIAState | None,
+    ) -> tuple[torch.Tensor, PIAState | None]:
+        """The attention half of the kept branch: ``h = x + Attn(u + A_k(u))``."""
         u = self.attention_norm(x)
-        if self.merged_adapter is self.adapter:  # A_k is in wq/wk/wv
+        if self.adapter is None or self.merged_adapter is self.adapter:  # none, or in wq/wk/wv
             z = u
         else:
             z, state = _adapted(self.adapter, u, mask, state)
-        h = x + self._attend(z, start_pos, args, kwargs)
-        return h + self.feed_forward(self.ffn_norm(h)), state
+        return x + self._attend(z, start_pos, args, kwargs), state
 
     def _block(self, x: torch.Tensor, start_pos: int | None, args: tuple, kwargs: dict):
         """The block's own forward on ``x``."""
@@ -204,30 +215,38 @@ class RoutedForward:
         if self.merged_adapter is self.pia:  # PIA_s is in W1/W3
             return x + self.feed_forward(v), state
         if state is not None and self.control.lowrank:  # a decode call: the frozen state
-            with self._lowrank_path(state):
+            rows = torch.arange(x.shape[0], device=x.device)
+            with self._lowrank_path(state, rows, x.shape[0]):
                 return x + self.feed_forward(v), state
         z, state = _adapted(self.pia, v, mask, state)
         return x + self.feed_forward(z), state
 
     @contextlib.contextmanager
-    def _lowrank_path(self, state: PIAState) -> Iterator[None]:
+    def _lowrank_path(self, state: PIAState, rows: torch.Tensor, batch: int) -> Iterator[None]:
         """``W1/W3`` add ``PIA_s`` of each skipped example through the low-rank path while
         the body runs (EAS_SPEC §4, :mod:`eas_kernels.ops.lowrank`): ``(v + PIA_s(v)) Wᵀ =
         v Wᵀ + κ_e F`` with the state-free factors ``F = U Wᵀ`` (kept across prompts while
         the weights and the PIA are unchanged) and ``κ_e`` from the example's frozen state:
         per decode step one down projection and one add per target, instead of the eager
         PIA's per-example ``W_u`` and products. The adds of the route's state are built at
-        its first decode step and dropped at the next fresh call; the forward hooks of
-        :meth:`lowrank_hooks` apply them."""
+        its first decode step and dropped at the next fresh call. They replace the
+        targets' ``forward`` on the instance for the body only. ``state`` holds the
+        examples ``rows`` of a batch of ``batch``; the other rows get ``κ = 0`` (kept
+        examples, whose FFN input is not adapted, in the same call)."""
         if self._lowrank is None or self._lowrank[0] is not state:
-            self._lowrank = (state, self._lowrank_adds(state))
-        self._lowrank_on = True
+            self._lowrank = (state, self._lowrank_forwards(state, rows, batch))
+        linears = self.ffn_linears
+        for linear, forward in zip(linears, self._lowrank[1], strict=True):
+            linear.__dict__["forward"] = forward
         try:
             yield
         finally:
-            self._lowrank_on = False
+            for linear in linears:
+                del linear.__dict__["forward"]
 
-    def _lowrank_adds(self, state: PIAState) -> list[_LowrankHook]:
+    def _lowrank_forwards(
+        self, state: PIAState, rows: torch.Tensor, batch: int
+    ) -> list[_LowrankLinear]:
         assert self.pia is not None
         pia, linears = self.pia, self.ffn_linears
         key = _versions([linear.weight for linear in linears] + list(pia.parameters()))
@@ -237,19 +256,15 @@ class RoutedForward:
                 self._factors = (key, [lowrank_factors(linear.weight, basis) for linear in linears])
             projection = _DownProjection(pia.down1.weight)
             mix = pia.state_mix(state)
-            adds = []
-            for factor in self._factors[1]:
+            if len(rows) != batch:
+                full = mix.new_zeros(batch, mix.shape[1])
+                mix = full.index_copy(0, rows.to(mix.device), mix)
+            forwards = []
+            for linear, factor in zip(linears, self._factors[1], strict=True):
                 bound = mix.to(torch.promote_types(factor.dtype, torch.float32)).contiguous()
-                adds.append(_LowrankHook(projection, LowrankAdd(bound, factor)))
-        return adds
-
-    def lowrank_hooks(self) -> list[tuple[nn.Linear, _ShortcutLowrank]]:
-        """The forward hooks of the low-rank path, one per ``W1/W3`` of a layer whose
-        shortcut skips an MHA (none otherwise), for the patch to register: each adds only
-        while the path is on, so the kept examples' FFN calls are untouched."""
-        if self.pia is None or self.unit != "mha":
-            return []
-        return [(linear, _ShortcutLowrank(self, i)) for i, linear in enumerate(self.ffn_linears)]
+                add = _LowrankHook(projection, LowrankAdd(bound, factor))
+                forwards.append(_LowrankLinear(linear, add))
+        return forwards
 
     def route_logits(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``g = router(ū)`` ``(B, 2)`` in at least float32, ``ū`` over the prompt tokens of
@@ -394,10 +409,14 @@ class RoutedForward:
             out, route.skip_state = self._shortcut(x, mask, route.skip_state)
             return out
         batch = x.shape[0]
-        out = torch.full_like(x, float("nan"))  # poison: every row is written below
         kept_args, kept_kwargs = self._gather(args, kwargs, route.kept, batch)
         kept_mask = None if mask is None else mask.index_select(0, route.kept)
         skipped_mask = None if mask is None else mask.index_select(0, route.skipped)
+        if self.unit == "mha":
+            return self._run_mixed_mha(
+                x, start_pos, kept_args, kept_kwargs, route, kept_mask, skipped_mask
+            )
+        out = torch.full_like(x, float("nan"))  # poison: every row is written below
         kept, route.kept_state = self._kept(
             x.index_select(0, route.kept), start_pos, kept_args, kept_kwargs, kept_mask,
             route.kept_state,
@@ -406,6 +425,39 @@ class RoutedForward:
             x.index_select(0, route.skipped), skipped_mask, route.skip_state
         )
         return out.index_copy(0, route.kept, kept).index_copy(0, route.skipped, shortcut)
+
+    def _run_mixed_mha(
+        self,
+        x: torch.Tensor,
+        start_pos: int | None,
+        kept_args: tuple,
+        kept_kwargs: dict,
+        route: LayerRoute,
+        kept_mask: torch.Tensor | None,
+        skipped_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """A batch whose examples split between an MHA and its shortcut: the attention runs
+        on the kept examples only, ``h_k = x_k + Attn(u_k + A_k(u_k))``, the skipped ones
+        keep ``h_s = x_s``; then **one** FFN call for the whole batch on ``z = ffn_norm(h)``,
+        with ``PIA_s`` added to the skipped rows (eagerly, or by the low-rank path at a
+        decode call), ``out = h + FFN(z)``. Each example computes what its branch computes
+        alone; the FFN's weights are read once per call instead of once per branch."""
+        kept_rows, skipped_rows = route.kept, route.skipped
+        h_kept, route.kept_state = self._attended(
+            x.index_select(0, kept_rows), start_pos, kept_args, kept_kwargs, kept_mask,
+            route.kept_state,
+        )  # fmt: skip
+        h = x.index_copy(0, kept_rows, h_kept)
+        z = self.ffn_norm(h)
+        state = route.skip_state
+        if state is not None and self.control.lowrank:
+            with self._lowrank_path(state, skipped_rows, x.shape[0]):
+                return h + self.feed_forward(z)
+        assert self.pia is not None
+        adapted, route.skip_state = _adapted(
+            self.pia, z.index_select(0, skipped_rows), skipped_mask, state
+        )
+        return h + self.feed_forward(z.index_copy(0, skipped_rows, adapted))
 
     def select_rows(self, index: torch.Tensor) -> torch.Tensor:
         """Make the frozen route that of the examples ``index`` of the last prefill (a beam
@@ -466,15 +518,13 @@ class RoutedForward:
         self.merged, self.merged_adapter = [], None
 
 
-class _ShortcutLowrank:
-    """Forward hook of ``W1`` or ``W3`` (``index``) of a routed layer: adds the skipped
-    examples' ``κ F`` only while ``forward``'s low-rank path is on."""
+class _LowrankLinear:
+    """The ``forward`` of ``W1`` or ``W3`` while a low-rank path is on: ``z Wᵀ + b + κ F``
+    (``add``: :class:`~eas_kernels.runtime._LowrankHook` of the skipped examples)."""
 
-    def __init__(self, forward: RoutedForward, index: int) -> None:
-        self.forward, self.index = forward, index
+    def __init__(self, linear: nn.Linear, add: _LowrankHook) -> None:
+        self.linear, self.add = linear, add
 
-    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> object:
-        forward = self.forward
-        if not forward._lowrank_on or forward._lowrank is None:
-            return None
-        return forward._lowrank[1][self.index](module, inputs, output)
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        linear = self.linear
+        return self.add(linear, (z,), torch.nn.functional.linear(z, linear.weight, linear.bias))

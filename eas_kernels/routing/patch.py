@@ -74,9 +74,6 @@ class RoutePatch:
             block.forward = forward
             self.forwards.append(forward)
         self._handles = []
-        for forward in self.forwards:
-            for linear, hook in forward.lowrank_hooks():
-                self._handles.append(linear.register_forward_hook(hook))
         for forward in self.forwards:  # state_dict() and loads see the pretrained weights
             for linear in forward.attention_linears + forward.ffn_linears:
                 unmerge = _Unmerge(forward)
