@@ -313,22 +313,26 @@ def reversal_rows(count: int = 32) -> list[dict[str, torch.Tensor]]:
     return rows
 
 
-def test_trainer_trains_pias_with_the_label_prompt_mask(tmp_path):
-    model = tiny_llama()
-    E.patch_hf(model, E.SkipPlan(4, [2], skip_rank=8, adapter_rank=4))
-    snapshot = weights_snapshot(model)
-    rows = reversal_rows()
-    arguments = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=40,
+def cpu_training(folder, steps: int, logging_steps: int) -> TrainingArguments:
+    """Trainer arguments of the tiny-model tests: CPU, batches of 8, lr 1e-2, no saving."""
+    return TrainingArguments(
+        output_dir=str(folder),
+        max_steps=steps,
         per_device_train_batch_size=8,
         learning_rate=1e-2,
         report_to=[],
         use_cpu=True,
         save_strategy="no",
-        logging_steps=10,
+        logging_steps=logging_steps,
     )
-    trainer = Trainer(model=model, args=arguments, train_dataset=rows)
+
+
+def test_trainer_trains_pias_with_the_label_prompt_mask(tmp_path):
+    model = tiny_llama()
+    E.patch_hf(model, E.SkipPlan(4, [2], skip_rank=8, adapter_rank=4))
+    snapshot = weights_snapshot(model)
+    rows = reversal_rows()
+    trainer = Trainer(model=model, args=cpu_training(tmp_path, 40, 10), train_dataset=rows)
     history = trainer.train()
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert logged[-1] < logged[0] and history.training_loss > 0

@@ -7,7 +7,14 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache, TrainingArguments
+from transformers import (
+    CLIPVisionConfig,
+    DynamicCache,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    StaticCache,
+)
 
 from eas_kernels.routing import (
     RoutePlan,
@@ -21,7 +28,7 @@ from eas_kernels.routing import (
 )
 from eas_kernels.routing.hf_trainer import RouteTrainer
 from tests.helpers import assert_bitwise, same_bits, structure, weights_snapshot
-from tests.test_hf import CACHE_ARGUMENT, reversal_rows, tiny_llama
+from tests.test_hf import CACHE_ARGUMENT, cpu_training, reversal_rows, tiny_llama
 from tests.test_routing import randomize_routes
 
 pytestmark = pytest.mark.transformers  # .ci/run runs these on the oldest transformers too
@@ -353,16 +360,7 @@ def test_route_trainer_runs_roes_stages_and_trains_only_routes(tmp_path) -> None
     model = routed_llama("mha", seed=10)
     randomize_routes(model, 11, router_scale=0.0)  # fresh routers, trained adapters
     snapshot = weights_snapshot(model)
-    arguments = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=20,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=5,
-    )
+    arguments = cpu_training(tmp_path, 20, 5)
     stages = []
     schedule = RouteSchedule(20)
     trainer = RouteTrainer(
@@ -419,3 +417,33 @@ def test_patch_hf_and_patch_lavin_take_a_route_plan() -> None:
     for call, error, words in refusals:
         with pytest.raises(error, match=words):
             call()
+
+
+def test_llava_language_model_routes_each_example() -> None:
+    text = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, pad_token_id=0,
+        eos_token_id=1, bos_token_id=2,
+    )  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=vision, text_config=text, image_token_id=63)
+    ).eval()
+    patch_routes(llava, RoutePlan(4, unit="mha", skip_rank=6))
+    assert not any(".vision_tower." in n for n, p in llava.named_parameters() if p.requires_grad)
+    randomize_routes(llava, 12)
+    ids = torch.tensor([[2, 5, 6, 63, 63, 63, 63, 7, 8], [2, 9, 63, 63, 63, 63, 10, 11, 12]])
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    force_routes(llava, ROUTES[2:])
+    together = generate(llava, inputs)
+    for row in range(2):
+        force_routes(llava, ROUTES[2 + row : 3 + row])
+        single = generate(llava, {k: v[row : row + 1] for k, v in inputs.items()})
+        torch.testing.assert_close(
+            step_logits(together)[row], step_logits(single)[0], rtol=1e-4, atol=1e-4
+        )

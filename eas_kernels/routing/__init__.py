@@ -4,8 +4,12 @@
 * :mod:`.control`  — :class:`RouteControl`: the mode (hard / soft / random), ``τ``, keep
   bias and the records of the last call (``ρ̂``, routes), shared by a model's routed layers;
 * :mod:`.forward`  — :class:`RoutedForward`: one routed block (gather, compute, scatter;
-  frozen routes; the batch-1 merge of a skipped MHA's PIA);
+  frozen routes; the batch-1 merge of a skipped MHA's PIA, its low-rank path at batch > 1);
 * :mod:`.patch`    — :func:`patch_routes` / :func:`unpatch_routes` and the switches;
+* :mod:`.hf`       — Hugging Face decoder layers: the routed forward, a cache slot per
+  layer holding the examples that keep it, ``generate()`` (beam search, sampling);
+* :mod:`.hf_trainer` — :class:`~.hf_trainer.RouteTrainer` (``transformers.Trainer``;
+  imported from its module, as it needs ``transformers``);
 * :mod:`.schedule` — :class:`RouteSchedule` (RoE's three stages) and :func:`route_loss`;
 * :mod:`.checkpoint` — :func:`save_routes` / :func:`load_routes` (plan + weights).
 """

@@ -17,11 +17,16 @@ mixing, when the plan has one)::
 A layer outside the plan's routed layers always keeps (it has no router and no shortcut).
 Under hard, random or forced routes every branch runs **only on the examples that take it**
 (gather, compute, scatter): the kept branch's attention sees, and its KV cache holds, the
-kept examples only. The route and the adapters' PIA states are computed at the fresh call
-from the prompt and frozen for the decode calls that follow (the route never sees an
-answer token). At batch 1 the example's adapter of each layer — ``A_k`` into
-``wq/wk/wv`` where it keeps, ``PIA_s`` into ``W1/W3`` where it skips an MHA — is merged for
-the decode (EAS_SPEC §4) and put back bitwise at the next fresh call.
+kept examples only. For unit ``mha`` both branches end in the same FFN, so a batch that
+splits at the MHA runs it once: ``h = x + Attn(u + A_k(u))`` on the kept rows and ``h = x``
+on the skipped ones, ``z = ffn_norm(h)`` with ``PIA_s`` added to the skipped rows,
+``out = h + FFN(z)`` (each row equals its branch above). The route and the adapters' PIA
+states are computed at the fresh call from the prompt and frozen for the decode calls that
+follow (the route never sees an answer token). At batch 1 the example's adapter of each
+layer — ``A_k`` into ``wq/wk/wv`` where it keeps, ``PIA_s`` into ``W1/W3`` where it skips
+an MHA — is merged for the decode (EAS_SPEC §4) and put back bitwise at the next fresh
+call; at batch > 1 the skipped rows' ``PIA_s`` goes through the per-example low-rank path
+(``W1/W3`` add ``κ_e F``, EAS_SPEC §4) unless ``RouteControl.lowrank`` is off.
 """
 
 from __future__ import annotations
@@ -236,13 +241,17 @@ class RoutedForward:
         if self._lowrank is None or self._lowrank[0] is not state:
             self._lowrank = (state, self._lowrank_forwards(state, rows, batch))
         linears = self.ffn_linears
+        previous = [linear.__dict__.get("forward") for linear in linears]
         for linear, forward in zip(linears, self._lowrank[1], strict=True):
             linear.__dict__["forward"] = forward
         try:
             yield
         finally:
-            for linear in linears:
-                del linear.__dict__["forward"]
+            for linear, before in zip(linears, previous, strict=True):
+                if before is None:
+                    del linear.__dict__["forward"]
+                else:
+                    linear.__dict__["forward"] = before
 
     def _lowrank_forwards(
         self, state: PIAState, rows: torch.Tensor, batch: int
