@@ -523,3 +523,25 @@ def test_batched_skipped_mhas_take_the_low_rank_path_equal_to_eager(dtype: torch
     eager = _decode_batch(model, prompts, real, answer)
     torch.testing.assert_close(lowrank.float(), eager.float(), rtol=tolerance, atol=tolerance)
     assert all(f._factors[1] is not kept for f, kept in zip(forwards, factors, strict=True))
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_frozen_adapters_follow_a_change_of_their_weights_between_steps(unit: str) -> None:
+    """Decode steps reuse each frozen state's (W_u, β); a change of the adapter's weights
+    between steps is seen, as a copy that computes them afresh sees it."""
+    model = routed(unit, seed=8)
+    prompts, real = _prompt_batch([5, 7, 4], seed=9)
+    force_routes(model, torch.tensor([[True, False, True, False]] * 2 + [[False] * 4]))
+    control = route_control(model)
+    control.merge = control.lowrank = False  # every adapter runs on its frozen state
+    with torch.no_grad():
+        model(prompts, start_pos=0, prompt_mask=real)
+        step = torch.full((3, 1), 5)
+        model(step, start_pos=prompts.shape[1])
+        for name, parameter in model.named_parameters():
+            if "route_pia.up" in name or "kept_adapter.up" in name:
+                parameter.mul_(1.7)
+        twin = copy.deepcopy(model)
+        got = model(step, start_pos=prompts.shape[1] + 1)
+        expected = twin(step, start_pos=prompts.shape[1] + 1)
+    assert torch.equal(got, expected)

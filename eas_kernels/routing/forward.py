@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..layout import BlockLayout
@@ -101,15 +102,6 @@ def _rows(value: object, index: torch.Tensor, batch: int, min_dims: int) -> obje
     return value
 
 
-def _adapted(
-    pia: PIA, u: torch.Tensor, mask: torch.Tensor | None, state: PIAState | None
-) -> tuple[torch.Tensor, PIAState]:
-    """``u + PIA(u)`` with a state over ``mask`` (fresh) or the frozen ``state``."""
-    if state is None:
-        return pia.adapt(u, mask, mask_checked=True)
-    return u + pia(u, state=state), state
-
-
 class RoutedForward:
     """The replaced ``forward`` of block ``layer`` of a routed model (a callable object, so
     that a deep copy of the model points at the copied modules).
@@ -149,6 +141,8 @@ class RoutedForward:
         self.route: LayerRoute | None = None
         self.merged: list[MergeRecord] = []
         self.merged_adapter: PIA | None = None  # the adapter now in the weights
+        # per adapter (by id): (frozen state, parameter versions, W_u, β) of the route
+        self._mixed: dict[int, tuple] = {}
         # the low-rank path of the shortcut: (frozen state, a forward per W1/W3), and the
         # cached factors (parameter versions, F per W1/W3)
         self._lowrank: tuple[PIAState, list[_LowrankLinear]] | None = None
@@ -188,7 +182,7 @@ class RoutedForward:
         if self.adapter is None or self.merged_adapter is self.adapter:  # none, or in wq/wk/wv
             z = u
         else:
-            z, state = _adapted(self.adapter, u, mask, state)
+            z, state = self._adapted(self.adapter, u, mask, state)
         return x + self._attend(z, start_pos, args, kwargs), state
 
     def _block(self, x: torch.Tensor, start_pos: int | None, args: tuple, kwargs: dict):
@@ -215,7 +209,7 @@ class RoutedForward:
             u = self.attention_norm(x)
             if state is None:
                 state = self.pia.compute_state(u, mask, mask_checked=True)
-            return x + self.pia(u, state=state), state
+            return x + self._frozen_delta(self.pia, u, state), state
         v = self.ffn_norm(x)
         if self.merged_adapter is self.pia:  # PIA_s is in W1/W3
             return x + self.feed_forward(v), state
@@ -223,8 +217,32 @@ class RoutedForward:
             rows = torch.arange(x.shape[0], device=x.device)
             with self._lowrank_path(state, rows, x.shape[0]):
                 return x + self.feed_forward(v), state
-        z, state = _adapted(self.pia, v, mask, state)
+        z, state = self._adapted(self.pia, v, mask, state)
         return x + self.feed_forward(z), state
+
+    def _adapted(
+        self, pia: PIA, u: torch.Tensor, mask: torch.Tensor | None, state: PIAState | None
+    ) -> tuple[torch.Tensor, PIAState]:
+        """``u + PIA(u)`` with a state over ``mask`` (fresh) or the frozen ``state``."""
+        if state is None:
+            return pia.adapt(u, mask, mask_checked=True)
+        return u + self._frozen_delta(pia, u, state), state
+
+    def _frozen_delta(self, pia: PIA, u: torch.Tensor, state: PIAState) -> torch.Tensor:
+        """``PIA(u)`` on a frozen state, ``(u W_d1ᵀ) W_u + β`` (EAS_SPEC §4), as
+        :meth:`PIA.forward` computes it. Without gradients (decoding) the state's
+        ``(W_u, β)`` is built once per route and adapter, while the adapter's weights are
+        unchanged, instead of at every step; with gradients it is :meth:`PIA.forward`."""
+        key = _versions(list(pia.parameters()))
+        if torch.is_grad_enabled() or key is None:
+            return pia(u, state=state)
+        cached = self._mixed.get(id(pia))
+        if cached is None or cached[0] is not state or cached[1] != key:
+            pia.check_state(state, u.shape[0])
+            cached = (state, key, *pia.mixed_up_projection(state))
+            self._mixed[id(pia)] = cached
+        w_u, beta = cached[2], cached[3]
+        return torch.baddbmm(beta.unsqueeze(1), F.linear(u, pia.down1.weight), w_u)
 
     @contextlib.contextmanager
     def _lowrank_path(self, state: PIAState, rows: torch.Tensor, batch: int) -> Iterator[None]:
@@ -463,7 +481,7 @@ class RoutedForward:
             with self._lowrank_path(state, skipped_rows, x.shape[0]):
                 return h + self.feed_forward(z)
         assert self.pia is not None
-        adapted, route.skip_state = _adapted(
+        adapted, route.skip_state = self._adapted(
             self.pia, z.index_select(0, skipped_rows), skipped_mask, state
         )
         return h + self.feed_forward(z.index_copy(0, skipped_rows, adapted))
@@ -519,6 +537,7 @@ class RoutedForward:
         path's adds: what a route installed for its decode."""
         self.unmerge()
         self._lowrank = None
+        self._mixed.clear()
 
     def unmerge(self) -> None:
         """Put the weights a :meth:`merge` changed back, bitwise."""
@@ -536,4 +555,4 @@ class _LowrankLinear:
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         linear = self.linear
-        return self.add(linear, (z,), torch.nn.functional.linear(z, linear.weight, linear.bias))
+        return self.add(linear, (z,), F.linear(z, linear.weight, linear.bias))
