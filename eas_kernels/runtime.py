@@ -71,7 +71,7 @@ def _prompt_and_after(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask | (positions > last)
 
 
-def _versions(tensors: list[torch.Tensor]) -> tuple | None:
+def tensor_versions(tensors: list[torch.Tensor]) -> tuple | None:
     """Identity and version counter of each tensor (None: an inference tensor has none,
     and cannot be changed in place outside inference mode)."""
     try:
@@ -157,18 +157,18 @@ class AdapterSite:
         return self.runtime.adapted_input(self, u)
 
     # ------------------------------------------------------------------ low-rank path
-    def lowrank_hooks(self) -> list[tuple[nn.Linear, _LowrankHook]]:
+    def lowrank_hooks(self) -> list[tuple[nn.Linear, LowrankHook]]:
         """The low-rank path of the frozen state: one forward hook per target, with its
         factors ``F`` built (:func:`~eas_kernels.ops.lowrank_factors`); nothing installed."""
         assert self.state is not None
         hooks = []
         with torch.no_grad():
             basis, mix = self.pia.up_basis(), self.pia.state_mix(self.state)
-            projection = _DownProjection(self.pia.down1.weight)
+            projection = DownProjection(self.pia.down1.weight)
             for linear in self.targets:
                 factor = lowrank_factors(linear.weight, basis)
                 mix = mix.to(torch.promote_types(factor.dtype, torch.float32)).contiguous()
-                hooks.append((linear, _LowrankHook(projection, LowrankAdd(mix, factor))))
+                hooks.append((linear, LowrankHook(projection, LowrankAdd(mix, factor))))
         return hooks
 
     def install_lowrank(self) -> None:
@@ -225,7 +225,7 @@ def _merge_arguments(sites: list[AdapterSite]) -> list[SiteMerge]:
     return [argument for argument in arguments if argument is not None]
 
 
-class _DownProjection:
+class DownProjection:
     """``u W_d1ᵀ`` of the input a target receives, computed once for the targets of a
     site that read the same tensor in one call (wq/wk/wv read one ``u``): the last input
     is remembered by identity and version counter, so a target never uses another
@@ -237,7 +237,7 @@ class _DownProjection:
         self._projected: torch.Tensor | None = None
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
-        key = (u, _versions([u]))  # holding u: its identity cannot be reused meanwhile
+        key = (u, tensor_versions([u]))  # holding u: its identity cannot be reused meanwhile
         if self._key is None or self._key[0] is not u or self._key[1] != key[1]:
             self._projected = F.linear(u, self.weight)
             self._key = key
@@ -245,11 +245,11 @@ class _DownProjection:
         return self._projected
 
 
-class _LowrankHook:
+class LowrankHook:
     """Forward hook of a low-rank target: ``output + κ F`` (:class:`LowrankAdd`), with
     ``κ`` built from the projection of the target's own input ``u``."""
 
-    def __init__(self, projection: _DownProjection, add: LowrankAdd) -> None:
+    def __init__(self, projection: DownProjection, add: LowrankAdd) -> None:
         self.projection, self.add = projection, add
 
     def __call__(
@@ -352,7 +352,7 @@ class EASRuntime:
             for site in self.active_sites
             for name, parameter in site.pia.named_parameters()
         ]
-        key = _versions([parameter for _, parameter in named])
+        key = tensor_versions([parameter for _, parameter in named])
         if key is not None and key == self._finite_key:
             return
         bad = first_non_finite(named)

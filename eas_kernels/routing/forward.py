@@ -42,7 +42,7 @@ from torch import nn
 from ..layout import BlockLayout
 from ..ops import LowrankAdd, lowrank_factors, merged_linear
 from ..pia import PIA, PIAState, masked_token_mean
-from ..runtime import MergeRecord, _DownProjection, _LowrankHook, _versions
+from ..runtime import DownProjection, LowrankHook, MergeRecord, tensor_versions
 from .control import RouteControl
 
 
@@ -233,7 +233,7 @@ class RoutedForward:
         :meth:`PIA.forward` computes it. Without gradients (decoding) the state's
         ``(W_u, β)`` is built once per route and adapter, while the adapter's weights are
         unchanged, instead of at every step; with gradients it is :meth:`PIA.forward`."""
-        key = _versions(list(pia.parameters()))
+        key = tensor_versions(list(pia.parameters()))
         if torch.is_grad_enabled() or key is None:
             return pia(u, state=state)
         cached = self._mixed.get(id(pia))
@@ -276,12 +276,12 @@ class RoutedForward:
     ) -> list[_LowrankLinear]:
         assert self.pia is not None
         pia, linears = self.pia, self.ffn_linears
-        key = _versions([linear.weight for linear in linears] + list(pia.parameters()))
+        key = tensor_versions([linear.weight for linear in linears] + list(pia.parameters()))
         with torch.no_grad():
             if key is None or self._factors is None or self._factors[0] != key:
                 basis = pia.up_basis()
                 self._factors = (key, [lowrank_factors(linear.weight, basis) for linear in linears])
-            projection = _DownProjection(pia.down1.weight)
+            projection = DownProjection(pia.down1.weight)
             mix = pia.state_mix(state)
             if len(rows) != batch:
                 full = mix.new_zeros(batch, mix.shape[1])
@@ -289,7 +289,7 @@ class RoutedForward:
             forwards = []
             for linear, factor in zip(linears, self._factors[1], strict=True):
                 bound = mix.to(torch.promote_types(factor.dtype, torch.float32)).contiguous()
-                add = _LowrankHook(projection, LowrankAdd(bound, factor))
+                add = LowrankHook(projection, LowrankAdd(bound, factor))
                 forwards.append(_LowrankLinear(linear, add))
         return forwards
 
@@ -548,9 +548,9 @@ class RoutedForward:
 
 class _LowrankLinear:
     """The ``forward`` of ``W1`` or ``W3`` while a low-rank path is on: ``z Wᵀ + b + κ F``
-    (``add``: :class:`~eas_kernels.runtime._LowrankHook` of the skipped examples)."""
+    (``add``: :class:`~eas_kernels.runtime.LowrankHook` of the skipped examples)."""
 
-    def __init__(self, linear: nn.Linear, add: _LowrankHook) -> None:
+    def __init__(self, linear: nn.Linear, add: LowrankHook) -> None:
         self.linear, self.add = linear, add
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
