@@ -200,19 +200,44 @@ def key_padding_mask(attention_mask: object, tokens: int) -> torch.Tensor | None
     return last_query if last_query.dtype == torch.bool else last_query == 0
 
 
+def named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict | None:
+    """A call's arguments by name, its ``**kwargs`` flattened in; None when they do not
+    bind to ``signature`` (the forward itself then reports the bad call)."""
+    try:
+        arguments = dict(signature.bind(*args, **kwargs).arguments)
+    except TypeError:
+        return None
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, None) or {})
+    return arguments
+
+
+def call_inputs(arguments: Mapping[str, Any]) -> torch.Tensor | None:
+    """The ``input_ids`` (else ``inputs_embeds``) of a model call, None unless a tensor of at
+    least 2 dimensions (the forward itself then reports the bad call)."""
+    inputs = arguments.get("input_ids")
+    if inputs is None:
+        inputs = arguments.get("inputs_embeds")
+    return inputs if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 else None
+
+
+def fresh_prompt_mask(arguments: Mapping[str, Any], tokens: int) -> torch.Tensor | None:
+    """The checked prompt mask of a fresh call of ``tokens`` tokens: with ``labels``,
+    :func:`prompt_mask_from_labels`; otherwise the ``attention_mask``'s real tokens
+    (:func:`key_padding_mask`); otherwise None (all tokens)."""
+    mask = key_padding_mask(arguments.get("attention_mask"), tokens)
+    labels = arguments.get("labels")
+    if isinstance(labels, torch.Tensor):
+        mask = prompt_mask_from_labels(labels, mask)
+    return None if mask is None else check_prompt_mask(mask)
+
+
 class _HFCallHook:
     """Root pre-hook: phase, batch size and prompt mask of each call of the patched model."""
 
     def __init__(self, model: nn.Module) -> None:
         self.signature = inspect.signature(model.forward)
-        self.var_keyword = next(
-            (
-                p.name
-                for p in self.signature.parameters.values()
-                if p.kind is inspect.Parameter.VAR_KEYWORD
-            ),
-            None,
-        )
         self.cache_class, self.dummy_class = _transformers_classes()
         self.last_cache: weakref.ref | None = None
         self.generate_calls: int | None = None  # model calls so far in a generate(), else None
@@ -229,16 +254,9 @@ class _HFCallHook:
 
     # ------------------------------------------------------------------ the root call
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        try:
-            bound = self.signature.bind(*args, **kwargs).arguments
-        except TypeError:
-            return  # the forward itself reports the bad call
-        arguments = dict(bound)
-        arguments.update(arguments.pop(self.var_keyword, None) or {})
-        inputs = arguments.get("input_ids")
-        if inputs is None:
-            inputs = arguments.get("inputs_embeds")
-        if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
+        arguments = named_arguments(self.signature, args, kwargs)
+        inputs = None if arguments is None else call_inputs(arguments)
+        if arguments is None or inputs is None:
             return  # the forward itself reports the bad call
         cache = self.find_cache(arguments.values())
         if cache is not None:
@@ -255,11 +273,7 @@ class _HFCallHook:
                 )
             self.runtime.enter(False, inputs.shape[0])
             return
-        labels = arguments.get("labels")
-        mask = key_padding_mask(arguments.get("attention_mask"), inputs.shape[1])
-        if isinstance(labels, torch.Tensor):
-            mask = prompt_mask_from_labels(labels, mask)
-        self.runtime.state_mask = None if mask is None else check_prompt_mask(mask)
+        self.runtime.state_mask = fresh_prompt_mask(arguments, inputs.shape[1])
         self.last_cache = None if cache is None else weakref.ref(cache)
         self.runtime.enter(True, inputs.shape[0])
 

@@ -38,11 +38,11 @@ from torch import nn
 
 from ..hf import (
     _transformers_classes,
+    call_inputs,
     check_generate_options,
-    key_padding_mask,
-    prompt_mask_from_labels,
+    fresh_prompt_mask,
+    named_arguments,
 )
-from ..patch import check_prompt_mask
 from .control import RouteControl
 from .forward import RoutedForward
 
@@ -150,13 +150,9 @@ class HFRoutedForward(RoutedForward):
         self.cache_index = int(getattr(self.attention, "layer_idx", self.layer))
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        try:
-            bound = dict(self.signature.bind(self.block, hidden_states, *args, **kwargs).arguments)
-        except TypeError:
+        bound = named_arguments(self.signature, (self.block, hidden_states, *args), kwargs)
+        if bound is None:
             return self._block(hidden_states, None, args, kwargs)  # the layer reports it
-        for name, parameter in self.signature.parameters.items():
-            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-                bound.update(bound.pop(name, None) or {})
         named = {k: v for k, v in bound.items() if k not in ("self", "hidden_states")}
         x = hidden_states
         cache_name = next((k for k, v in named.items() if isinstance(v, self.cache_class)), None)
@@ -236,26 +232,14 @@ class PromptMaskHook:
         self.cache_class = _transformers_classes()[0]
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        try:
-            arguments = dict(self.signature.bind(*args, **kwargs).arguments)
-        except TypeError:
+        arguments = named_arguments(self.signature, args, kwargs)
+        inputs = None if arguments is None else call_inputs(arguments)
+        if arguments is None or inputs is None:
             return  # the forward itself reports the bad call
-        for name, parameter in self.signature.parameters.items():
-            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-                arguments.update(arguments.pop(name, None) or {})
-        inputs = arguments.get("input_ids")
-        if inputs is None:
-            inputs = arguments.get("inputs_embeds")
-        if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
-            return
         cache = next((v for v in arguments.values() if isinstance(v, self.cache_class)), None)
         if cache is not None and _holds_tokens(cache):
             return
-        mask = key_padding_mask(arguments.get("attention_mask"), inputs.shape[1])
-        labels = arguments.get("labels")
-        if isinstance(labels, torch.Tensor):
-            mask = prompt_mask_from_labels(labels, mask)
-        self.control.state_mask = None if mask is None else check_prompt_mask(mask)
+        self.control.state_mask = fresh_prompt_mask(arguments, inputs.shape[1])
 
 
 def _holds_tokens(cache: Any) -> bool:
