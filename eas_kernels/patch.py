@@ -379,27 +379,39 @@ def start_pos_index(block: nn.Module) -> int | None:
 
 
 class _StartPosHook:
-    """Block pre-hook: ``start_pos`` None or 0 is a fresh call, > 0 a decode call; the first
-    block's hook starts the model call (:meth:`EASRuntime.enter`'s ``new_call``)."""
+    """Pre-hook of the first block: its ``start_pos`` None or 0 starts a fresh call, > 0 a
+    decode call (:meth:`EASRuntime.enter`). The other blocks of the call carry no hook: a
+    LaVIN-style model call runs its blocks in order from the first, whose hook speaks for
+    the call (a hooked module costs ~15 µs per call inside a decode step, that is ~2 % of
+    a d = 512 step for 31 blocks)."""
 
-    def __init__(self, runtime: EASRuntime, position: int | None, first: bool) -> None:
-        self.runtime, self.position, self.first = runtime, position, first
+    def __init__(self, runtime: EASRuntime, position: int | None) -> None:
+        self.runtime, self.position = runtime, position
 
     def __call__(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
         start_pos = kwargs.get("start_pos")
         if start_pos is None and self.position is not None and len(args) > self.position:
             start_pos = args[self.position]
         batch_size = (args[0] if args else next(iter(kwargs.values()))).shape[0]
-        self.runtime.enter(start_pos is None or start_pos == 0, batch_size, new_call=self.first)
+        self.runtime.enter(start_pos is None or start_pos == 0, batch_size)
+
+
+_MASK_NAMES = frozenset({"prompt_mask", "attention_mask"})
 
 
 class _MaskHook:
-    """Model pre-hook: ``prompt_mask`` (else ``attention_mask``) of a call → the runtime."""
+    """Model pre-hook: ``prompt_mask`` (else ``attention_mask``) of a call → the runtime.
+    A call whose arguments reach neither (a decode step) is read without binding them."""
 
     def __init__(self, runtime: EASRuntime, signature: inspect.Signature) -> None:
         self.runtime, self.signature = runtime, signature
+        names = list(signature.parameters)
+        self.first_mask = min(names.index(name) for name in _MASK_NAMES if name in names)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if len(args) <= self.first_mask and _MASK_NAMES.isdisjoint(kwargs):
+            self.runtime.state_mask = None
+            return
         try:
             bound = self.signature.bind(*args, **kwargs).arguments
         except TypeError:
@@ -413,7 +425,7 @@ class _MaskHook:
 def _install_mask_hook(patch: EASPatch) -> None:
     """Feed ``prompt_mask`` / ``attention_mask`` of the model's forward to the runtime."""
     signature = inspect.signature(patch.model.forward)
-    if {"prompt_mask", "attention_mask"} & set(signature.parameters):
+    if _MASK_NAMES & set(signature.parameters):
         hook = _MaskHook(patch.runtime, signature)
         patch.keep(patch.model.register_forward_pre_hook(hook, with_kwargs=True))
 
@@ -457,9 +469,9 @@ def patch_lavin(
     candidates = check_patch_arguments(model, plan, search)
     with all_or_nothing(model):
         patch = EASPatch(model, plan, candidates, LAVIN)
-        for index, block in enumerate(patch.blocks):
-            hook = _StartPosHook(patch.runtime, start_pos_index(block), first=index == 0)
-            patch.keep(block.register_forward_pre_hook(hook, with_kwargs=True))
+        first = patch.blocks[0]
+        hook = _StartPosHook(patch.runtime, start_pos_index(first))
+        patch.keep(first.register_forward_pre_hook(hook, with_kwargs=True))
         _install_mask_hook(patch)
     return model
 

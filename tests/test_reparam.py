@@ -14,7 +14,14 @@ from eas_kernels.ops import (
 )
 from eas_kernels.patch import runtime_of
 from eas_kernels.pia import PIAState
-from tests.helpers import assert_bitwise, patched, random_sequences, tiny_model, weights_snapshot
+from tests.helpers import (
+    assert_bitwise,
+    patched,
+    random_sequences,
+    randomize_pias,
+    tiny_model,
+    weights_snapshot,
+)
 from tests.reference import merged_weight_reference, pia_reference
 
 
@@ -386,3 +393,68 @@ def test_an_interrupt_while_swapping_the_merge_in_puts_back_what_was_swapped(mon
     generated = greedy_generate(model, prompt, 3)
     assert generated.tokens == expected.tokens
     torch.testing.assert_close(generated.logits, expected.logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- hooks per decode step
+def hooked_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The norms that carry their site's hook now."""
+    return [
+        site.norm_hook.module
+        for site in runtime_of(model).sites
+        if site._on_norm_output in site.norm_hook.module._forward_hooks.values()
+    ]
+
+
+@pytest.mark.parametrize("mode", ["merge", "lowrank", "eager"])
+def test_merged_and_lowrank_decoding_leave_the_norms_unhooked(mode):
+    """The targets carry the PIAs once merged or low-rank: the sites' norm hooks leave
+    their norms for the decode steps (and come back for the next prompt); an eager decode
+    keeps them. Only the first block carries the runtime's pre-hook."""
+    model = patched([1, 2])
+    reparameterize(model, mode)
+    sites = runtime_of(model).sites
+    norms = {id(site.norm_hook.module) for site in sites}
+    assert [bool(block._forward_pre_hooks) for block in model.layers] == [True, False, False, False]
+    tokens = torch.tensor(random_sequences([6], 97, seed=3))
+    with torch.no_grad():
+        for _ in range(2):  # two prompts
+            model(tokens, start_pos=0)
+            assert {id(norm) for norm in hooked_norms(model)} == norms
+            model(tokens[:, :1], start_pos=6)
+            model(tokens[:, :1], start_pos=7)
+            assert len(hooked_norms(model)) == (len(sites) if mode == "eager" else 0)
+        restore(model)
+        assert {id(norm) for norm in hooked_norms(model)} == norms
+
+
+def test_a_suspended_norm_hook_comes_back_to_its_place_among_the_user_hooks():
+    """A user's forward hooks on a site's norm run in the same order around the site's at
+    every prompt: one registered before patching sees ``u``, one after sees ``u + PIA(u)``
+    in every prefill; a hook registered during a merged decode runs after the site's."""
+    from eas_kernels import SkipPlan, patch_lavin
+
+    model = tiny_model()
+    norm = model.layers[1].ffn_norm
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def recorder(name: str):
+        return lambda module, inputs, output: seen.append((name, output.clone()))
+
+    norm.register_forward_hook(recorder("before"))
+    patch_lavin(model, SkipPlan(4, [1], skip_rank=6, adapter_rank=3))
+    randomize_pias(model)
+    norm.register_forward_hook(recorder("after"))
+    reparameterize(model, "merge")
+    tokens = torch.tensor(random_sequences([5], 97, seed=4))
+    with torch.no_grad():
+        for prompt in range(3):
+            seen.clear()
+            model(tokens, start_pos=0)
+            expected = ["before", "after"] + (["late"] if prompt == 2 else [])
+            assert [name for name, _ in seen] == expected, prompt
+            assert not torch.equal(seen[0][1], seen[1][1])  # the site's PIA in between
+            assert torch.equal(seen[1][1], seen[-1][1])
+            model(tokens[:, :1], start_pos=5)
+            assert hooked_norms(model) == []  # merged: the site's hook is away
+            if prompt == 1:
+                norm.register_forward_hook(recorder("late"))
