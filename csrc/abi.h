@@ -12,7 +12,7 @@
 namespace eas {
 
 // Bumped whenever a struct below or a binding's arguments change.
-constexpr int kAbiVersion = 5;
+constexpr int kAbiVersion = 6;
 
 // Storage dtype of a weight (and of the activations of the low-rank path).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -28,11 +28,13 @@ struct MergeTarget {
   const void* bias;      // b (out,), or nullptr for a layer without bias (zero)
   void* new_bias;        // (out,) receives b + W βᵀ, rounded once to the storage dtype
   int64_t site;          // index of the target's PIA in MergeArgs::sites
+  const float* products; // (out, r + 1) contiguous fp32 [W W_uᵀ | W βᵀ] given by the caller
+                         // (the runtime's cached factors), or nullptr: computed from W
 };
 
 // A MergeTarget's fields in the order Python passes them (binding.h's MergeTargetTuple).
 inline constexpr const char* kMergeTargetFields[] = {
-    "weight", "out", "ld", "merged", "bias", "new_bias", "site"};
+    "weight", "out", "ld", "merged", "bias", "new_bias", "site", "products"};
 
 // One PIA (one adapter site): what its targets are merged with.
 struct MergeSite {
@@ -44,7 +46,8 @@ struct MergeSite {
 // A MergeSite's fields in the order Python passes them (binding.h's MergeSiteTuple).
 inline constexpr const char* kMergeSiteFields[] = {"up", "down", "rank"};
 
-// Floats of MergeArgs::scratch: Q (q_floats = Σ over targets of out x (rank + 1)), the row
+// Floats of MergeArgs::scratch: Q (q_floats = Σ over targets of out x (rank + 1), products
+// given or not), the row
 // maxima (rows = Σ out), the down projections' row maxima (ranks = Σ over sites of rank)
 // and one refusal flag per target.
 constexpr int64_t merge_scratch_floats(int64_t q_floats, int64_t rows, int64_t ranks,

@@ -31,7 +31,7 @@ inline void positive(int64_t value, const char* name) {
 
 // A MergeTarget as Python passes it: the fields of kMergeTargetFields, in that order.
 using MergeTargetTuple =
-    std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t, int64_t>;
+    std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t, int64_t, uintptr_t>;
 // A MergeSite as Python passes it: the fields of kMergeSiteFields, in that order.
 using MergeSiteTuple = std::tuple<uintptr_t, uintptr_t, int64_t>;
 
@@ -50,14 +50,15 @@ inline std::vector<MergeTarget> merge_targets(const std::vector<MergeTargetTuple
                                               int64_t d, int64_t num_sites) {
   if (targets.empty()) throw std::invalid_argument("no merge target");
   std::vector<MergeTarget> converted;
-  for (const auto& [weight, out, ld, merged, bias, new_bias, site] : targets) {
+  for (const auto& [weight, out, ld, merged, bias, new_bias, site, products] : targets) {
     positive(out, "out");
     if (ld < d) throw std::invalid_argument("row stride ld must be >= d");
     if (site < 0 || site >= num_sites) throw std::invalid_argument("site index out of range");
     converted.push_back(MergeTarget{pointer<const void>(weight, "weight"), out, ld,
                                     pointer<void>(merged, "merged"),
                                     reinterpret_cast<const void*>(bias),
-                                    pointer<void>(new_bias, "new_bias"), site});
+                                    pointer<void>(new_bias, "new_bias"), site,
+                                    reinterpret_cast<const float*>(products)});
   }
   return converted;
 }

@@ -43,6 +43,7 @@ from torch import nn
 
 from ._checks import first_non_finite
 from .auto import AutoChoice, ModeCosts, choose_mode, measure_costs
+from .merge_products import MergeProducts
 from .ops import (
     LowrankAdd,
     MergedTarget,
@@ -225,24 +226,30 @@ class AdapterSite:
         ]
 
 
-def _merge_arguments(sites: list[AdapterSite]) -> list[SiteMerge]:
+def _merge_arguments(sites: list[AdapterSite], products: MergeProducts) -> list[SiteMerge]:
     """Each site's PIA and targets as :func:`~eas_kernels.ops.merge_sites` takes them, with
-    ``(W_u, β)`` of its frozen state (batch 1) computed for all the sites of one rank, dtype
-    and device at once (:func:`~eas_kernels.pia.mix_up` on their stacked up projections),
-    as fp32 rows ``[W_u; β]`` that the merge reads in place."""
+    ``(W_u, β)`` of its frozen state (batch 1) computed for all the sites of one rank, dtype,
+    device and target shapes at once (:func:`~eas_kernels.pia.mix_up` on their stacked up
+    projections), as fp32 rows ``[W_u; β]`` that the merge reads in place, and the targets'
+    products ``Q`` from the factors ``products`` keeps (:mod:`eas_kernels.merge_products`)."""
     groups: dict[tuple, list[int]] = {}
     for index, site in enumerate(sites):
         weight = site.pia.up1.weight
-        groups.setdefault((site.pia.rank, weight.dtype, weight.device), []).append(index)
+        outs = tuple(linear.weight.shape[0] for linear in site.targets)
+        groups.setdefault((site.pia.rank, weight.dtype, weight.device, outs), []).append(index)
+    products.keep_only([[sites[index] for index in indices] for indices in groups.values()])
     arguments: list[SiteMerge | None] = [None] * len(sites)
     for indices in groups.values():
         group = [sites[index] for index in indices]
         states = [site.state for site in group]
         assert all(isinstance(state, PIAState) for state in states)
         pias = [site.pia for site in group]
+        alpha = torch.cat([state.alpha[:1] for state in states])
+        c = torch.cat([state.c[:1] for state in states])
+        group_products = products.products(group, alpha, c)
         w_u, beta = mix_up(
-            torch.cat([state.alpha[:1] for state in states]),
-            torch.cat([state.c[:1] for state in states]),
+            alpha,
+            c,
             torch.stack([pia.up1.weight.t() for pia in pias]),
             torch.stack([pia.up2.weight.t() for pia in pias]),
             torch.stack([pia.up1.bias for pia in pias]),
@@ -256,6 +263,7 @@ def _merge_arguments(sites: list[AdapterSite]) -> list[SiteMerge]:
                 site.pia.down1.weight,
                 rows[position, :-1],
                 rows[position, -1],
+                None if group_products is None else group_products[position],
             )
     return [argument for argument in arguments if argument is not None]
 
@@ -335,6 +343,7 @@ class EASRuntime:
         self.auto_choice: AutoChoice | None = None  # what "auto" chose for this prompt
         self._costs: dict[int, ModeCosts] = {}  # measured per batch size, for "auto"
         self._merged: list[MergeRecord] = []
+        self._products = MergeProducts()  # factors kept across prompts for the merge
         self._finite_key: tuple | None = None  # the weights' versions at the last check
 
     @property
@@ -519,7 +528,7 @@ class EASRuntime:
             return
         with torch.no_grad():
             try:
-                merged = merge_sites(_merge_arguments(sites))
+                merged = merge_sites(_merge_arguments(sites, self._products))
             except MergeRefused as error:
                 raise ValueError(f"{sites[error.site].name}: {error}") from None
         computed = [
@@ -587,6 +596,7 @@ class EASRuntime:
         """Drop every frozen state (the skip set changed): the next call must be fresh."""
         self.unrealize()
         self._costs.clear()  # another skip set costs otherwise
+        self._products.clear()
         self._move(Phase.NO_STATES)
         for site in self.sites:
             site.state = None

@@ -1,7 +1,7 @@
 """Run every native kernel once on small odd shapes, for ``compute-sanitizer`` (GPU check).
 
 ``python scripts/gpu_kernels_once.py --device cuda`` calls the merge (one site, then two
-sites of different ranks in one call), the
+sites of different ranks in one call, the second time with the products given), the
 low-rank factors and the low-rank add through their native backend, in fp32, fp16 and
 bf16, and checks each result against the PyTorch reference (loosely: this is a memory and
 race check, the precise comparisons are the tests'). Two shapes reach every launch
@@ -32,6 +32,12 @@ from eas_kernels.ops import (
 SHAPES = ((45, 3, 40), (64, 5, 70))  # (d, rank, the other site's and the factors' rank)
 
 
+def exact_products(site: SiteMerge) -> list[torch.Tensor]:
+    """``[W W_uᵀ | W βᵀ]`` of each target, float32 (what the runtime's factors give)."""
+    up = torch.cat([site.up_mix, site.beta[None]]).double()
+    return [(weight.double() @ up.t()).float().contiguous() for weight in site.weights]
+
+
 def run(device: torch.device, dtype: torch.dtype, d: int, rank: int, wide: int) -> None:
     generator = torch.Generator().manual_seed(d)
 
@@ -56,12 +62,18 @@ def run(device: torch.device, dtype: torch.dtype, d: int, rank: int, wide: int) 
         [randn(out - 4, d)], [randn(out - 4)], randn(wide, d), randn(wide, d), randn(d)
     )
     first = SiteMerge(weights, biases, down, up, beta)
-    together = merge_sites([first, other], backend="native")
-    for site, targets in zip((first, other), together, strict=True):
-        for weight, bias, target in zip(site.weights, site.biases, targets, strict=True):
-            new_weight, new_bias = merged_linear_reference(weight, bias, *site[2:])
-            torch.testing.assert_close(target.merged, new_weight, rtol=2e-2, atol=2e-2)
-            torch.testing.assert_close(target.bias, new_bias, rtol=2e-2, atol=2e-2)
+    for given in (False, True):  # Q computed by the kernels, then read from `products`
+        sites = [first, other]
+        if given:
+            sites = [site._replace(products=exact_products(site)) for site in sites]
+        together = merge_sites(sites, backend="native")
+        for site, targets in zip(sites, together, strict=True):
+            for weight, bias, target in zip(site.weights, site.biases, targets, strict=True):
+                new_weight, new_bias = merged_linear_reference(
+                    weight, bias, site.down_weight, site.up_mix, site.beta
+                )
+                torch.testing.assert_close(target.merged, new_weight, rtol=2e-2, atol=2e-2)
+                torch.testing.assert_close(target.bias, new_bias, rtol=2e-2, atol=2e-2)
 
     compute = torch.promote_types(dtype, torch.float32)
     for r in (rank, wide):

@@ -397,3 +397,79 @@ def test_up_rows_are_read_in_place_only_when_beta_follows_w_u_in_float32():
         copied = merge_module._up_rows(up_mix, beta)
         assert copied.data_ptr() != up_mix.data_ptr()
         assert torch.equal(copied, torch.cat([up_mix, beta[None]]).float())
+
+
+# ---------------------------------------------------------------------- given products
+def given_products(s: dict, seed: int) -> list[torch.Tensor]:
+    """Random non-zero products ``Q`` ``(out, r + 1)`` float32 — not ``W [W_u; β]ᵀ``, so a
+    kernel that computed its own instead of reading them would be caught."""
+    generator = torch.Generator().manual_seed(seed)
+    rank = s["down_weight"].shape[0]
+    return [
+        (torch.randn(w.shape[0], rank + 1, generator=generator) * 0.5).to(w.device)
+        for w in s["weights"]
+    ]
+
+
+def merged_from_products(
+    weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor, q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W + Q[:, :r] W_d1`` and ``b + Q[:, r]`` in ``weight``'s dtype (float32 accumulation;
+    float64 in, float64 out)."""
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    rank = down.shape[0]
+    new_weight = torch.addmm(weight.to(compute), q[:, :rank].to(compute), down.to(compute))
+    new_bias = q[:, rank].to(compute) + (0 if bias is None else bias.to(compute))
+    return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
+
+
+@pytest.mark.parametrize("outs, dim, rank", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_given_products_are_read_instead_of_computed(kernels, monkeypatch, outs, dim, rank, dtype):
+    """With ``products``, W' = W + Q[:, :r] W_d1 and b' = b + Q[:, r] for the Q given."""
+    with on_kernels(kernels) as device:
+        s = site(outs, dim, rank, dtype, seed=dim + 2 * rank, device=device)
+        products = given_products(s, seed=dim)
+        monkeypatch.setattr(merge_module, "torch", PoisonedTorch())
+        merged = merged_linear(s["weights"], s["biases"], *pia_args(s), products, backend="native")
+        down = s["down_weight"]
+        targets = zip(s["weights"], s["biases"], products, strict=True)
+        for i, (weight, bias, q) in enumerate(targets):
+            reference = merged_from_products(weight, bias, down, q)
+            exact = merged_from_products(*in_float64(weight, bias, down, q))
+            magnitude = merged_from_products(*in_float64(weight, bias, down, q, absolute=True))
+            for name, ours, torch_own, exact_, magnitude_, roundings in zip(
+                ("weight", "bias"), merged[i], reference, exact, magnitude, (rank + 1, 1),
+                strict=True,
+            ):  # fmt: skip
+                assert_float32_accumulation(ours, torch_own, exact_, magnitude_, roundings, name)
+
+
+@pytest.mark.parametrize("where", ["products", "weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_non_finite_products_or_weights_are_refused_with_products_given(kernels, where, value):
+    with on_kernels(kernels) as device:
+        s = site([40, 24], 24, 5, torch.float32, seed=7, device=device)
+        products = given_products(s, seed=8)
+        (products if where == "products" else s["weights"])[1][3, 2] = value
+        before = [w.clone() for w in s["weights"]]
+        with pytest.raises(ValueError, match=r"\(24, 24\) weight gives NaN or Inf"):
+            merged_linear(s["weights"], s["biases"], *pia_args(s), products, backend="native")
+        assert all(same_bits(w, b) for w, b in zip(s["weights"], before, strict=True))
+
+
+def test_bad_products_are_refused_with_a_clear_error():
+    s = site([40, 24], 24, 5, torch.float32, seed=9)
+    good = given_products(s, seed=10)
+    cases = [
+        (good[0], TypeError, "products must be a sequence"),
+        (good[:1], ValueError, "got 2 weights but 1 products"),
+        ([good[0], good[1][:, :5]], ValueError, r"products\[1\] must have shape \(24, 6\)"),
+        ([good[0], good[1].double()], TypeError, r"products\[1\]"),
+        ([good[0], good[1].t().contiguous().t()], ValueError, r"products\[1\] must"),
+    ]
+    for products, error, message in cases:
+        with pytest.raises(error, match=message):
+            merged_linear(s["weights"], s["biases"], *pia_args(s), products, backend="native")

@@ -219,7 +219,8 @@ def test_every_mode_refuses_a_non_finite_state_at_the_first_decode(mode):
 def test_a_merge_refused_for_one_site_installs_nothing(monkeypatch):
     """Every site of the model is merged in one call; the refusal of layer 1's site comes
     from the merge itself (native kernel or reference), which sees an Inf in layer 1's
-    mixed up projection, as an fp16 overflow would produce. The error names the site, and
+    mixed up projection and in the products of its targets, as an fp16 overflow would
+    produce. The error names the site, and
     no weight of any layer is changed — layer 0's, merged into buffers before the refusal
     was known, included."""
     import eas_kernels.runtime as runtime_module
@@ -237,7 +238,10 @@ def test_a_merge_refused_for_one_site_installs_nothing(monkeypatch):
             if any(weight is failing for weight in site.weights):
                 up_mix = site.up_mix.clone()
                 up_mix[0, 0] = float("inf")
-                sites[index] = site._replace(up_mix=up_mix)
+                assert site.products is not None  # the native kernel reads them
+                products = [product.clone() for product in site.products]
+                products[1][0, 0] = float("inf")
+                sites[index] = site._replace(up_mix=up_mix, products=products)
         return real_merge(sites, **kwargs)
 
     monkeypatch.setattr(runtime_module, "merge_sites", overflowing_merge)

@@ -3,15 +3,16 @@
 // For every target W (out x d, storage type T), with W_u (r x d), β (d) and W_d1 (r x d)
 // of its site (MergeTarget::site) in fp32:
 //
-//   Q  = W [W_u; β]ᵀ                 (out x (r+1)): P = Q[:, :r] = W W_uᵀ, Q[:, r] = W βᵀ
+//   Q  = W [W_u; β]ᵀ                 (out x (r+1)): P = Q[:, :r] = W W_uᵀ, Q[:, r] = W βᵀ,
+//                                    or MergeTarget::products when the caller gives Q
 //   W' = round(W + P W_d1)           into `merged`; fp32 accumulation, one rounding
 //   b' = round(b + W βᵀ)             into new_bias
 //
 // in one pass over blocks of rows (of all targets of all sites, in parallel): Q of the block
 // by register-tiled dot products, then W' of the block while its rows of W are still in
 // cache, and b'. Every entry of Q, b' and W' is checked finite as it is produced; W itself
-// is never written (the caller swaps `merged` in). 4·out·d·r flops; W read once from
-// memory, `merged` written once.
+// is never written (the caller swaps `merged` in). 4·out·d·r flops (2·out·d·r with Q
+// given); W read once from memory, `merged` written once.
 #pragma once
 
 #include <cstdint>
@@ -45,16 +46,20 @@ inline bool row_finite(const T* row, int64_t d) {
   return finite;
 }
 
-// Rows [row0, row1) of one target: Q (into q, the target's (out, r + 1) scratch), b' and
-// W'; whether all of them are finite.
+// Rows [row0, row1) of one target: Q (its products, or computed into `scratch`, the
+// target's (out, r + 1) floats), b' and W'; whether all of them are finite.
 template <class S, class T>
 inline bool merge_rows(const MergeArgs& a, const MergeTarget& tg, int64_t row0, int64_t row1,
-                       float* q) {
+                       float* scratch) {
   const MergeSite& site = a.sites[tg.site];
   const int64_t d = a.d, r = site.rank, ldq = r + 1;
   const T* w = static_cast<const T*>(tg.weight);
   T* merged = static_cast<T*>(tg.merged);
-  dot_block<S, T>(w, tg.ld, row0, row1, site.up, r + 1, d, q, ldq, 1);
+  const float* q = tg.products;
+  if (q == nullptr) {
+    dot_block<S, T>(w, tg.ld, row0, row1, site.up, r + 1, d, scratch, ldq, 1);
+    q = scratch;
+  }
   bool finite = true;
   for (int64_t o = row0; o < row1; ++o) {
     const float* q_row = q + o * ldq;

@@ -4,12 +4,14 @@
 // (MergeTarget::site) in fp32 — the same math and order of operations as csrc/cpu/merge.h:
 //
 //   Q  = W [W_u; β]ᵀ          (out x (r+1)), dots_kernel: P = Q[:, :r], W βᵀ = Q[:, r]
+//                             (or MergeTarget::products, given by the caller)
 //   W' = round(W + Δ),  Δ = Σ_k P[:, k] W_d1[k, :] summed from zero, k ascending, fmaf
 //   b' = round(b + W βᵀ)
 //
 // W is only read, twice (steps 1 and 3); W' goes to the target's `merged` buffer
 // (MergeTarget).
-// 1. dots_kernel: Q and the row maxima max_j |W[o, j]| in one read of W;
+// 1. dots_kernel: Q and the row maxima max_j |W[o, j]| in one read of W (row_max_kernel:
+//    the maxima alone, Inf for a row that is not finite, when the target gives Q);
 //    down_max_kernel: max_j |W_d1[k, j]|, Inf if row k is not finite;
 // 2. check_kernel, one warp per row: finite Q row and b', and W' finite — cleared by the
 //    bound max|W_o| + Σ_k |P_ok| max|W_d1[k, :]| < max_finite(T) / 2, else computed and
@@ -52,6 +54,26 @@ __global__ void down_max_kernel(const float* __restrict__ down, int64_t d, float
     for (int i = 1; i < kThreads / 32; ++i) m = fmaxf(m, partial[i]);
     out[blockIdx.x] = bad ? INFINITY : m;
   }
+}
+
+// maxima[o] = max_j |W[o, j]|, Inf if row o is not finite; one warp per row.
+template <class T>
+__global__ void row_max_kernel(const T* __restrict__ w, int64_t ld, int64_t out, int64_t d,
+                               float* __restrict__ maxima) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  if (row >= out) return;
+  const T* wr = w + row * ld;
+  float m = 0.0f;
+  bool finite = true;
+  for (int64_t c = lane; c < d; c += 32) {
+    const float v = to_float(wr[c]);
+    finite = finite && isfinite(v);
+    m = fmaxf(m, fabsf(v));
+  }
+  for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+  finite = __all_sync(0xffffffffu, finite);
+  if (lane == 0) maxima[row] = finite ? m : INFINITY;
 }
 
 template <class T>
@@ -177,6 +199,7 @@ int merge_typed(const MergeArgs& a, const MergeGrids& grids, cudaStream_t stream
   // that no launch of phase 3 fails after an earlier target was computed.
   preload(down_max_kernel, kThreads, "merge: loading down_max_kernel");
   preload_dots<T>("merge: loading dots_kernel");
+  preload(row_max_kernel<T>, kThreads, "merge: loading row_max_kernel");
   preload(check_kernel<T>, kThreads, "merge: loading check_kernel");
   preload(update_kernel<T>, kThreads, "merge: loading update_kernel");
 
@@ -205,14 +228,22 @@ int merge_typed(const MergeArgs& a, const MergeGrids& grids, cudaStream_t stream
                                                                  down_max + down_of[s]);
     check(cudaGetLastError(), "merge: launching down_max_kernel");
   }
+  std::vector<const float*> q_used(a.num_targets);  // each target's Q: given or computed
   for (int t = 0; t < a.num_targets; ++t) {
     const MergeTarget& tg = a.targets[t];
     const MergeSite& site = a.sites[tg.site];
     const int64_t r = site.rank;
     const T* w = static_cast<const T*>(tg.weight);
-    float* q_t = q + q_of[t];
-    launch_dots<T>(grids.dots[t], w, tg.ld, tg.out, site.up, r + 1, d, q_t, r + 1, 1,
-                   maxima + row_of[t], stream);
+    const float* q_t = tg.products;
+    if (q_t == nullptr) {
+      launch_dots<T>(grids.dots[t], w, tg.ld, tg.out, site.up, r + 1, d, q + q_of[t], r + 1, 1,
+                     maxima + row_of[t], stream);
+      q_t = q + q_of[t];
+    } else {
+      row_max_kernel<T><<<grids.check[t], kThreads, 0, stream>>>(w, tg.ld, tg.out, d,
+                                                                  maxima + row_of[t]);
+    }
+    q_used[t] = q_t;
     check_kernel<T><<<grids.check[t], kThreads, 0, stream>>>(
         w, tg.ld, tg.out, d, r, static_cast<const T*>(tg.bias), static_cast<T*>(tg.new_bias), q_t,
         maxima + row_of[t], site.down, down_max + down_of[tg.site], refused + t);
@@ -231,7 +262,7 @@ int merge_typed(const MergeArgs& a, const MergeGrids& grids, cudaStream_t stream
     const MergeSite& site = a.sites[tg.site];
     update_kernel<T><<<grids.update[t], kThreads, 0, stream>>>(
         static_cast<const T*>(tg.weight), tg.ld, static_cast<T*>(tg.merged), tg.out, d, site.rank,
-        q + q_of[t], site.down);
+        q_used[t], site.down);
     if (const cudaError_t status = cudaGetLastError(); status != cudaSuccess)
       check(status, ("merge: launching phase 3 of " + target_shape(t, tg, d, site.rank) +
                      " (no weight was written: they are only read)")

@@ -84,10 +84,16 @@ def _rounded_factors(factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def lowrank_factors(
-    weight: torch.Tensor, up_basis: torch.Tensor, *, backend: str | None = None
+    weight: torch.Tensor,
+    up_basis: torch.Tensor,
+    *,
+    backend: str | None = None,
+    rounded: bool = True,
 ) -> torch.Tensor:
     """``F = U Wᵀ`` accumulated in float32, contiguous, in the factor dtype: the weight's
     dtype for float16/bfloat16, else float32 (float64 for a float64 weight).
+    ``rounded=False`` returns the float32 (float64) accumulation itself, for every weight
+    dtype (what a merge's products are built from, :mod:`eas_kernels.merge_products`).
 
     Args:
         weight: ``W`` ``(out, d)``, unit stride along ``d``.
@@ -112,7 +118,7 @@ def lowrank_factors(
     if not _native.use_native("lowrank_factors", backend, device, weight.dtype, grad):
         compute = _compute_dtype(weight.dtype)
         factor = lowrank_factors_reference(weight.to(compute), up_basis.to(compute))
-        return _rounded_factors(factor, weight.dtype)
+        return _rounded_factors(factor, weight.dtype) if rounded else factor.contiguous()
     _native.check_matrix_rows(weight, "weight", device=device)
     up = _native.fp32_rows(up_basis)
     dst = torch.empty(rows, out, dtype=torch.float32, device=device)
@@ -128,7 +134,7 @@ def lowrank_factors(
     )
     kernels = _native.module(device)
     kernels.lowrank_factors(*args, *_native.launch_args(device))
-    return _rounded_factors(dst, weight.dtype)
+    return _rounded_factors(dst, weight.dtype) if rounded else dst
 
 
 def add_lowrank(

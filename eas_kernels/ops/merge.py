@@ -63,13 +63,22 @@ def merged_linear_reference(
 
 class SiteMerge(NamedTuple):
     """One PIA and the layers that read it, as :func:`merge_sites` takes them: the
-    arguments of :func:`merged_linear`."""
+    arguments of :func:`merged_linear`, and optionally each target's products.
+
+    ``products``: per weight, ``Q = [W W_uᵀ | W βᵀ]`` ``(out, r + 1)`` contiguous float32
+    when the caller has them (the runtime builds them from factors it keeps across
+    prompts, :mod:`eas_kernels.merge_products`): the native kernels then read
+    ``Q`` instead of computing it from ``W`` (``2·out·d·r`` flops instead of ``4·out·d·r``)
+    and still check every entry of ``Q``, ``W'`` and ``b'`` finite. They must equal
+    ``W [W_u; β]ᵀ`` up to float32 rounding; the torch backend computes its own.
+    """
 
     weights: Sequence[torch.Tensor]
     biases: Sequence[torch.Tensor | None]
     down_weight: torch.Tensor
     up_mix: torch.Tensor
     beta: torch.Tensor
+    products: Sequence[torch.Tensor] | None = None
 
 
 class MergeRefused(ValueError):
@@ -146,6 +155,7 @@ def _check_site(
     down_weight: torch.Tensor,
     up_mix: torch.Tensor,
     beta: torch.Tensor,
+    products: Sequence[torch.Tensor] | None = None,
 ) -> tuple[int, int]:
     """Validate a site's arguments; return ``(d, r)``."""
     if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence) or not weights:
@@ -184,6 +194,20 @@ def _check_site(
     check_tensor(beta, "beta", ndim=1, device=device, floating=True)
     if tuple(beta.shape) != (d,):
         raise ValueError(f"beta must have shape ({d},), got {tuple(beta.shape)}")
+    if products is not None:
+        if isinstance(products, torch.Tensor) or not isinstance(products, Sequence):
+            raise TypeError("products must be a sequence of (out, r + 1) tensors or None")
+        if len(products) != len(weights):
+            raise ValueError(f"got {len(weights)} weights but {len(products)} products")
+        for index, (weight, product) in enumerate(zip(weights, products, strict=True)):
+            shape = (weight.shape[0], rank + 1)
+            _native.check_rows(
+                product, f"products[{index}]", dtype=torch.float32, device=device, shape=shape
+            )
+            if not product.is_contiguous():
+                raise ValueError(
+                    f"products[{index}] must be contiguous, got strides {product.stride()}"
+                )
     return d, rank
 
 
@@ -201,6 +225,7 @@ def merged_linear(
     down_weight: torch.Tensor,
     up_mix: torch.Tensor,
     beta: torch.Tensor,
+    products: Sequence[torch.Tensor] | None = None,
     *,
     backend: str | None = None,
 ) -> list[MergedTarget]:
@@ -212,6 +237,8 @@ def merged_linear(
         biases: per weight, ``b`` ``(out_i,)`` or None (zero); read only.
         down_weight: ``W_d1`` ``(r, d)``; ``up_mix``: ``W_u`` ``(r, d)``; ``beta``: ``β``
             ``(d,)`` — any floating dtype, same device.
+        products: per weight, ``[W W_uᵀ | W βᵀ]`` ``(out_i, r + 1)`` float32 when the
+            caller has them (:class:`SiteMerge`), else None.
         backend: ``"auto"``, ``"native"`` or ``"torch"`` (None: ``EAS_BACKEND`` or auto).
 
     Returns, per weight, ``W' = W + (W W_uᵀ) W_d1`` in the weight's merged buffer (kept
@@ -221,7 +248,7 @@ def merged_linear(
     Raises ValueError (:class:`MergeRefused`), naming the weight's shape, when a ``W'`` or
     ``b'`` would hold NaN or Inf in the weight's dtype; no weight is ever written.
     """
-    site = SiteMerge(weights, biases, down_weight, up_mix, beta)
+    site = SiteMerge(weights, biases, down_weight, up_mix, beta, products)
     return merge_sites([site], backend=backend)[0]
 
 
@@ -285,6 +312,7 @@ def merge_sites(
                     bias=0 if bias is None else bias.data_ptr(),
                     new_bias=new_bias.data_ptr(),
                     site=index,
+                    products=0 if site.products is None else site.products[position].data_ptr(),
                 )
             )
             merged_targets.append(MergedTarget(merged, new_bias))
@@ -322,11 +350,14 @@ def _up_rows(up_mix: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
 
 
 def _tensors_of(site: SiteMerge) -> list[torch.Tensor | None]:
-    return [*site.weights, *site.biases, site.down_weight, site.up_mix, site.beta]
+    return [
+        *site.weights, *site.biases, site.down_weight, site.up_mix, site.beta,
+        *(site.products or ()),
+    ]  # fmt: skip
 
 
 def _merge_with_torch(index: int, site: SiteMerge) -> list[MergedTarget]:
-    merged = [
+    merged = [  # the reference computes its own products
         merged_linear_reference(w, b, site.down_weight, site.up_mix, site.beta)
         for w, b in zip(site.weights, site.biases, strict=True)
     ]

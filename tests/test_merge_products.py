@@ -1,0 +1,121 @@
+"""The merge's products from kept factors (eas_kernels.merge_products, EAS_SPEC §4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import eas_kernels.merge_products as products_module
+from eas_kernels import PIA, reparameterize, set_skipped
+from eas_kernels.merge_products import MergeProducts, products_matrix
+from eas_kernels.patch import runtime_of
+from eas_kernels.pia import PIAState
+from tests.helpers import patched, random_sequences
+
+
+@pytest.mark.parametrize("rank, outs", [(1, [7]), (5, [33, 17, 40]), (8, [64, 64])])
+def test_q_from_the_factors_is_w_times_the_mixed_up_projection(rank, outs):
+    """Q = Fᵀ M = [W W_uᵀ | W βᵀ], W_u and β mixed from the state (float64, exact)."""
+    torch.manual_seed(rank)
+    dim = 24
+    pia = PIA(dim, rank).double()
+    with torch.no_grad():
+        for parameter in pia.parameters():
+            parameter.normal_(0, 0.5)
+    weights = [torch.randn(out, dim, dtype=torch.float64) for out in outs]
+    state = PIAState(torch.randn(1, rank).double(), torch.softmax(torch.randn(1, 2), -1).double())
+    w_u, beta = pia.mixed_up_projection(state)
+    basis = pia.up_basis()
+    matrix = products_matrix(state.alpha, state.c)[0]
+    for weight in weights:
+        q = (basis @ weight.t()).t() @ matrix
+        expected = weight @ torch.cat([w_u[0], beta]).t()
+        torch.testing.assert_close(q, expected, rtol=1e-12, atol=1e-12)
+
+
+def merged_model(**options: object) -> torch.nn.Module:
+    model = patched([1, 2], **options)
+    reparameterize(model, "merge")
+    return model
+
+
+def decode(model: torch.nn.Module, tokens: torch.Tensor, steps: int = 3) -> torch.Tensor:
+    """Logits of a prefill and ``steps`` greedy decode steps (each prompt merges anew)."""
+    logits = []
+    with torch.no_grad():
+        last = model(tokens, start_pos=0)[:, -1]
+        for step in range(steps):
+            logits.append(last)
+            last = model(last.argmax(-1, keepdim=True), start_pos=tokens.shape[1] + step)[:, -1]
+    return torch.stack(logits)
+
+
+def test_the_factors_are_built_once_and_every_prompt_decodes_alike(monkeypatch):
+    """F is built at the first merge and read by every later one; the first prompt and
+    the later ones merge with the same arithmetic: the same logits, bitwise."""
+    built = []
+    real_build = MergeProducts._build
+    monkeypatch.setattr(
+        MergeProducts, "_build", staticmethod(lambda group: built.append(1) or real_build(group))
+    )
+    model = merged_model()
+    tokens = torch.tensor(random_sequences([6], 97, seed=3))
+    first = decode(model, tokens)
+    groups = len(built)
+    assert groups == 2  # the kept layers' wq/wk/wv, the skipped layers' w1/w3
+    for _ in range(3):
+        assert torch.equal(decode(model, tokens), first)
+    assert len(built) == groups
+    assert runtime_of(model)._products.nbytes > 0
+
+
+def test_the_factors_follow_the_weights_and_the_skip_set():
+    """A change of a PIA's up projection or of a target's weight rebuilds F (the merge
+    then matches the eager decode of the new weights); a new skip set drops them."""
+    model = merged_model(search=True)
+    set_skipped(model, [1, 2])
+    tokens = torch.tensor(random_sequences([5], 97, seed=4))
+    decode(model, tokens)
+    runtime = runtime_of(model)
+    kept = dict(runtime._products._factors)
+    with torch.no_grad():
+        model.layers[1].skip_pia.up1.weight.add_(0.25)  # an optimizer step would do this
+    merged = decode(model, tokens)
+    assert runtime._products._factors.keys() == kept.keys()
+    assert any(runtime._products._factors[k][1] is not kept[k][1] for k in kept)
+    reparameterize(model, "eager")
+    torch.testing.assert_close(decode(model, tokens), merged, rtol=1e-4, atol=1e-4)
+    reparameterize(model, "merge")
+    set_skipped(model, [2])
+    assert runtime._products.nbytes == 0
+    decode(model, tokens)
+    assert set(runtime._products._factors) != set(kept)
+
+
+def test_float64_targets_merge_without_products():
+    """The native merge takes float32/16/bf16; float64 goes to the reference, which
+    computes its own products: none are built."""
+    model = merged_model(dtype=torch.float64)
+    decode(model, torch.tensor(random_sequences([4], 97, seed=5)))
+    assert runtime_of(model)._products.nbytes == 0
+
+
+def test_products_of_a_group_are_contiguous_float32_per_target(monkeypatch):
+    captured = []
+    real = products_module.MergeProducts.products
+
+    def spy(self, group, alpha, c):
+        result = real(self, group, alpha, c)
+        captured.append((group, result))
+        return result
+
+    monkeypatch.setattr(products_module.MergeProducts, "products", spy)
+    model = merged_model(dtype=torch.bfloat16)
+    decode(model, torch.tensor(random_sequences([4], 97, seed=6)), steps=2)
+    assert captured
+    for group, result in captured:
+        assert len(result) == len(group)
+        for site, per_target in zip(group, result, strict=True):
+            for linear, q in zip(site.targets, per_target, strict=True):
+                assert q.dtype == torch.float32 and q.is_contiguous()
+                assert tuple(q.shape) == (linear.weight.shape[0], site.pia.rank + 1)
