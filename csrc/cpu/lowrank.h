@@ -85,8 +85,9 @@ void lowrank_add(const LowrankAddArgs& a) {
       for (int64_t i0 = 0; i0 < run_rows; i0 += S::kAxpyRows) {
         const int mr = static_cast<int>(run_rows - i0 < S::kAxpyRows ? run_rows - i0 : S::kAxpyRows);
         T* rows_at = y_run + i0 * stride;
-        axpy_rows_any<S, T>(mr, rows_at, stride, rows_at, stride, kappa_run + i0 * width, width,
-                            factor + c0, a.out, n, width);
+        axpy_rows_any<S, T, AxpyStore::kInPlace>(mr, rows_at, stride, rows_at, stride,
+                                                 kappa_run + i0 * width, width, factor + c0,
+                                                 a.out, n, width);
       }
     }
   }

@@ -10,8 +10,9 @@
 //
 // in one pass over blocks of rows (of all targets of all sites, in parallel): Q of the block
 // by register-tiled dot products, then W' of the block while its rows of W are still in
-// cache, and b'. Every entry of Q, b' and W' is checked finite as it is produced; W itself
-// is never written (the caller swaps `merged` in). 4·out·d·r flops (2·out·d·r with Q
+// cache (with non-temporal stores where aligned: W' is not read again here), and b'.
+// Every entry of Q, b' and W' is checked finite as it is produced; W itself is never
+// written (the caller swaps `merged` in). 4·out·d·r flops (2·out·d·r with Q
 // given); W read once from memory, `merged` written once.
 #pragma once
 
@@ -31,19 +32,6 @@ inline int64_t block_rows(int64_t d) {
   constexpr int64_t unit = S::kDotRows * S::kAxpyRows;
   const int64_t units = (256 * 1024) / (unit * d * static_cast<int64_t>(sizeof(T)));
   return unit * (units > 1 ? units : 1);
-}
-
-// Whether every entry of a row is finite: x·0 + acc stays 0 for finite x, and turns NaN for
-// an infinite or NaN one (IEEE arithmetic; the build does not use -ffast-math).
-template <class S, class T>
-inline bool row_finite(const T* row, int64_t d) {
-  const typename S::V zero = S::zero();
-  typename S::V acc = zero;
-  int64_t k = 0;
-  for (; k + S::kWidth <= d; k += S::kWidth) acc = S::fma(S::load(row + k), zero, acc);
-  bool finite = is_finite(S::sum(acc));
-  for (; k < d; ++k) finite = finite && is_finite(to_float(row[k]));
-  return finite;
 }
 
 // Rows [row0, row1) of one target: Q (its products, or computed into `scratch`, the
@@ -71,10 +59,12 @@ inline bool merge_rows(const MergeArgs& a, const MergeTarget& tg, int64_t row0, 
   }
   for (int64_t i0 = row0; i0 < row1; i0 += S::kAxpyRows) {
     const int mr = static_cast<int>(row1 - i0 < S::kAxpyRows ? row1 - i0 : S::kAxpyRows);
-    axpy_rows_any<S, T>(mr, w + i0 * tg.ld, tg.ld, merged + i0 * d, d, q + i0 * ldq, ldq,
-                        site.down, d, d, r);
+    finite = axpy_rows_any<S, T, AxpyStore::kStreamChecked>(mr, w + i0 * tg.ld, tg.ld,
+                                                            merged + i0 * d, d, q + i0 * ldq,
+                                                            ldq, site.down, d, d, r) &&
+             finite;
   }
-  for (int64_t o = row0; o < row1 && finite; ++o) finite = row_finite<S, T>(merged + o * d, d);
+  S::fence();  // the non-temporal stores of W' are visible before the kernel returns
   return finite;
 }
 

@@ -44,11 +44,40 @@ struct Avx2 {
   }
 
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static void store(Half* p, V v) {
-    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
-  }
+  static void store(Half* p, V v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), half_bits(v)); }
   static void store(BFloat16* p, V v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bfloat16_bits(v));
+  }
+
+  // As store(), with a non-temporal store where p is aligned to the store's width (a result
+  // this kernel does not read again: no read-for-ownership of its cache lines); returns the
+  // values stored, rounded to the storage type, as fp32 (for the finiteness check).
+  static V stream(float* p, V v) {
+    if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+      _mm256_stream_ps(p, v);
+    } else {
+      _mm256_storeu_ps(p, v);
+    }
+    return v;
+  }
+  static V stream(Half* p, V v) {
+    const __m128i h = half_bits(v);
+    stream_bits(p, h);
+    return _mm256_cvtph_ps(h);
+  }
+  static V stream(BFloat16* p, V v) {
+    const __m128i h = bfloat16_bits(v);
+    stream_bits(p, h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static void fence() { _mm_sfence(); }
+
+ private:
+  static __m128i half_bits(V v) {
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // Round to nearest even; NaN becomes 0x7FC0 (scalar.h's from_float<BFloat16>).
+  static __m128i bfloat16_bits(V v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
@@ -57,26 +86,15 @@ struct Avx2 {
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
     // pack 8 x u32 (each <= 0xFFFF) to 8 x u16: packus works per 128-bit lane
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    return _mm256_castsi256_si128(packed);
   }
-
-  static void copy_stream(void* dst, const void* src, int64_t bytes) {
-    auto* d = static_cast<unsigned char*>(dst);
-    const auto* s = static_cast<const unsigned char*>(src);
-    const int64_t head = (32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31;
-    if (bytes < head + 32) {
-      std::memcpy(d, s, static_cast<size_t>(bytes));
-      return;
+  static void stream_bits(void* p, __m128i h) {
+    if ((reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+      _mm_stream_si128(static_cast<__m128i*>(p), h);
+    } else {
+      _mm_storeu_si128(static_cast<__m128i*>(p), h);
     }
-    std::memcpy(d, s, static_cast<size_t>(head));
-    int64_t i = head;
-    for (; i + 32 <= bytes; i += 32) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
-                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
-    }
-    std::memcpy(d + i, s + i, static_cast<size_t>(bytes - i));
   }
-  static void fence() { _mm_sfence(); }
 };
 
 }  // namespace eas::cpu

@@ -34,39 +34,55 @@ struct Avx512 {
   }
 
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static void store(Half* p, V v) {
-    const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  static void store(Half* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), half_bits(v)); }
+  static void store(BFloat16* p, V v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bfloat16_bits(v));
+  }
+
+  // As store(), with a non-temporal store where p is aligned to the store's width (a result
+  // this kernel does not read again: no read-for-ownership of its cache lines); returns the
+  // values stored, rounded to the storage type, as fp32 (for the finiteness check).
+  static V stream(float* p, V v) {
+    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+      _mm512_stream_ps(p, v);
+    } else {
+      _mm512_storeu_ps(p, v);
+    }
+    return v;
+  }
+  static V stream(Half* p, V v) {
+    const __m256i h = half_bits(v);
+    stream_bits(p, h);
+    return _mm512_cvtph_ps(h);
+  }
+  static V stream(BFloat16* p, V v) {
+    const __m256i h = bfloat16_bits(v);
+    stream_bits(p, h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static void fence() { _mm_sfence(); }
+
+ private:
+  static __m256i half_bits(V v) {
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
   // Round to nearest even; NaN becomes 0x7FC0 (scalar.h's from_float<BFloat16>).
-  static void store(BFloat16* p, V v) {
+  static __m256i bfloat16_bits(V v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
     r = _mm512_srli_epi32(r, 16);
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    return _mm512_cvtepi32_epi16(r);
   }
-
-  // Copy `bytes` from src to dst with non-temporal stores (no read-for-ownership of dst).
-  static void copy_stream(void* dst, const void* src, int64_t bytes) {
-    auto* d = static_cast<unsigned char*>(dst);
-    const auto* s = static_cast<const unsigned char*>(src);
-    const int64_t head = (64 - (reinterpret_cast<uintptr_t>(d) & 63)) & 63;
-    if (bytes < head + 64) {
-      std::memcpy(d, s, static_cast<size_t>(bytes));
-      return;
+  static void stream_bits(void* p, __m256i h) {
+    if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+      _mm256_stream_si256(static_cast<__m256i*>(p), h);
+    } else {
+      _mm256_storeu_si256(static_cast<__m256i*>(p), h);
     }
-    std::memcpy(d, s, static_cast<size_t>(head));
-    int64_t i = head;
-    for (; i + 64 <= bytes; i += 64) {
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i),
-                          _mm512_loadu_si512(reinterpret_cast<const void*>(s + i)));
-    }
-    std::memcpy(d + i, s + i, static_cast<size_t>(bytes - i));
   }
-  static void fence() { _mm_sfence(); }
 };
 
 }  // namespace eas::cpu

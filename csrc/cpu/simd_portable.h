@@ -56,8 +56,11 @@ struct Portable {
     for (int i = 0; i < 4; ++i) p[i] = from_float<T>(v.x[i]);
   }
 
-  static void copy_stream(void* dst, const void* src, int64_t bytes) {
-    std::memcpy(dst, src, static_cast<size_t>(bytes));
+  // As store(); returns the values stored, rounded to T, as fp32 (the finiteness check).
+  template <class T>
+  static V stream(T* p, V v) {
+    store(p, v);
+    return load(p);
   }
   static void fence() {}
 };

@@ -3,7 +3,8 @@
 // as float or as T). All arithmetic is fp32.
 //
 //   dot_tile:  dst[i, j] = Σ_k W[i, k] U[j, k]             (MR rows of W x NR rows of U)
-//   axpy_tile: W[i, c]   = round(W[i, c] + Σ_k P[i, k] D[k, c])   (MR rows x NV vectors)
+//   axpy_tile: W[i, c]   = round(W[i, c] + Σ_k P[i, k] D[k, c])   (MR rows x NV vectors),
+//              stored in place or streamed and checked finite (AxpyStore)
 //
 // axpy_tile sums Δ = Σ_k P[i, k] D[k, c] from zero (k = 0, 1, ..., r-1, one fused
 // multiply-add per term), then adds W once: a single rounding at the magnitude of W, and
@@ -123,10 +124,17 @@ inline void dot_block(const T* w, int64_t ldw, int64_t row0, int64_t row1, const
   }
 }
 
+// How axpy stores its results: kInPlace (plain stores, the low-rank add, whose output is
+// read next) or kStreamChecked (the merge's W', which this kernel does not read again:
+// non-temporal stores where aligned, no read-for-ownership of the destination's lines, and
+// every stored value, rounded to T, checked finite as it is stored).
+enum class AxpyStore { kInPlace, kStreamChecked };
+
 // MR rows x NV vectors starting at column c (NV * width columns, all inside the row):
 // src rows at `src` (stride lds), results rounded once into dst rows (stride ldd_out).
-template <class S, class T, int MR, int NV, class D>
-inline void axpy_tile(const T* src, int64_t lds, T* dst, int64_t ldo, const float* p,
+// Returns whether every stored value is finite (always true for kInPlace).
+template <class S, class T, int MR, int NV, AxpyStore kStore, class D>
+inline bool axpy_tile(const T* src, int64_t lds, T* dst, int64_t ldo, const float* p,
                       int64_t ldp, const D* dmat, int64_t ldd, int64_t rank) {
   using V = typename S::V;
   V acc[MR][NV];
@@ -145,52 +153,69 @@ inline void axpy_tile(const T* src, int64_t lds, T* dst, int64_t ldo, const floa
       for (int c = 0; c < NV; ++c) acc[i][c] = S::fma(pk, dv[c], acc[i][c]);
     }
   }
+  // x·0 + check stays 0 for finite stored values and turns NaN for an Inf or NaN one
+  V check = S::zero();
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
     for (int c = 0; c < NV; ++c) {
       const V sum = S::add(S::load(src + i * lds + c * S::kWidth), acc[i][c]);
-      S::store(dst + i * ldo + c * S::kWidth, sum);
+      T* out = dst + i * ldo + c * S::kWidth;
+      if constexpr (kStore == AxpyStore::kStreamChecked) {
+        check = S::fma(S::stream(out, sum), S::zero(), check);
+      } else {
+        S::store(out, sum);
+      }
     }
+  return kStore == AxpyStore::kInPlace || is_finite(S::sum(check));
 }
 
-// One row, columns [c, c + n) with n < width (the tail of a row).
-template <class S, class T, class D>
-inline void axpy_tail(const T* src, T* dst, const float* p, const D* dmat, int64_t ldd,
+// One row, columns [c, c + n) with n < width (the tail of a row); whether the stored values
+// are finite (always true for kInPlace).
+template <class S, class T, AxpyStore kStore, class D>
+inline bool axpy_tail(const T* src, T* dst, const float* p, const D* dmat, int64_t ldd,
                       int64_t rank, int64_t n) {
   using V = typename S::V;
   V acc = S::zero();
   for (int64_t k = 0; k < rank; ++k) acc = S::fma(S::set1(p[k]), load_n<S>(dmat + k * ldd, n), acc);
   store_n<S>(dst, S::add(load_n<S>(src, n), acc), n);
+  bool finite = true;
+  if constexpr (kStore == AxpyStore::kStreamChecked)
+    for (int64_t j = 0; j < n; ++j) finite = finite && is_finite(to_float(dst[j]));
+  return finite;
 }
 
 // Rows [0, mr) of a block (mr <= kAxpyRows), columns [0, n): dst = round(src + P D), with
-// D's rows `ldd` floats apart.
-template <class S, class T, int MR, class D>
-inline void axpy_rows(const T* src, int64_t lds, T* dst, int64_t ldo, const float* p,
+// D's rows `ldd` floats apart; whether every stored value is finite (kStreamChecked).
+template <class S, class T, int MR, AxpyStore kStore, class D>
+inline bool axpy_rows(const T* src, int64_t lds, T* dst, int64_t ldo, const float* p,
                       int64_t ldp, const D* dmat, int64_t ldd, int64_t n, int64_t rank) {
   constexpr int64_t kStep = S::kAxpyVecs * S::kWidth;
+  bool finite = true;
   int64_t c = 0;
   for (; c + kStep <= n; c += kStep)
-    axpy_tile<S, T, MR, S::kAxpyVecs>(src + c, lds, dst + c, ldo, p, ldp, dmat + c, ldd, rank);
+    finite = axpy_tile<S, T, MR, S::kAxpyVecs, kStore>(src + c, lds, dst + c, ldo, p, ldp,
+                                                        dmat + c, ldd, rank) && finite;
   for (; c + S::kWidth <= n; c += S::kWidth)
-    axpy_tile<S, T, MR, 1>(src + c, lds, dst + c, ldo, p, ldp, dmat + c, ldd, rank);
+    finite = axpy_tile<S, T, MR, 1, kStore>(src + c, lds, dst + c, ldo, p, ldp, dmat + c, ldd,
+                                            rank) && finite;
   if (c < n)
     for (int i = 0; i < MR; ++i)
-      axpy_tail<S, T>(src + i * lds + c, dst + i * ldo + c, p + i * ldp, dmat + c, ldd, rank,
-                      n - c);
+      finite = axpy_tail<S, T, kStore>(src + i * lds + c, dst + i * ldo + c, p + i * ldp,
+                                       dmat + c, ldd, rank, n - c) && finite;
+  return finite;
 }
 
-template <class S, class T, class D>
-inline void axpy_rows_any(int mr, const T* src, int64_t lds, T* dst, int64_t ldo,
+template <class S, class T, AxpyStore kStore, class D>
+inline bool axpy_rows_any(int mr, const T* src, int64_t lds, T* dst, int64_t ldo,
                           const float* p, int64_t ldp, const D* dmat, int64_t ldd,
                           int64_t n, int64_t rank) {
   static_assert(S::kAxpyRows <= 12, "axpy tiles have at most 12 rows");
   switch (mr) {
-#define EAS_AXPY_ROWS(M)                                                       \
-  case M:                                                                      \
-    if constexpr (M <= S::kAxpyRows)                                           \
-      axpy_rows<S, T, M>(src, lds, dst, ldo, p, ldp, dmat, ldd, n, rank);      \
+#define EAS_AXPY_ROWS(M)                                                              \
+  case M:                                                                             \
+    if constexpr (M <= S::kAxpyRows)                                                  \
+      return axpy_rows<S, T, M, kStore>(src, lds, dst, ldo, p, ldp, dmat, ldd, n, rank); \
     break;
     EAS_AXPY_ROWS(1)
     EAS_AXPY_ROWS(2)
@@ -206,6 +231,7 @@ inline void axpy_rows_any(int mr, const T* src, int64_t lds, T* dst, int64_t ldo
     EAS_AXPY_ROWS(12)
 #undef EAS_AXPY_ROWS
   }
+  return true;
 }
 
 }  // namespace eas::cpu
