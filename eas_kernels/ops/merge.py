@@ -121,16 +121,14 @@ def install_merged(weight: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
     ``weight.data = merged``, the Parameter object unchanged. Returns the pristine storage,
     for :func:`restore_merged`."""
     pristine = weight.data
-    with torch.no_grad():
-        weight.data = merged
+    weight.data = merged  # not recorded by autograd: no grad mode needed
     return pristine
 
 
 def restore_merged(weight: torch.Tensor, pristine: torch.Tensor) -> None:
     """Put a merged weight back, bitwise and in O(1): swap in the storage
     :func:`install_merged` returned (the merge never wrote it)."""
-    with torch.no_grad():
-        weight.data = pristine
+    weight.data = pristine
 
 
 def merge_buffer_bytes() -> int:
