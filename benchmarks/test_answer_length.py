@@ -16,7 +16,9 @@ MHAs, nothing added), ``lavin_style`` (rank-8 adapters before every MHA, eager, 
 deploys them) and EAS in ``eager``, ``merge``, ``lowrank`` and ``auto``. Adapters carry
 random non-zero weights.
 
-``extra_info`` per model: ``total_ms[config][n]``; ``vs_floor[config][n]``;
+``extra_info`` per model: ``total_ms[config][n]``; ``vs_floor[config][n]`` (of the
+medians); ``paired_vs_floor[config][n]`` (the median over rounds of each round's time over
+the floor's in the same round, timed next to it: robust to a host whose speed drifts);
 ``auto_vs_best_fixed[n]`` (``auto`` over the fastest of EAS eager, merge, lowrank);
 ``auto_choice[n]`` and ``auto_regret[n]`` (the chosen mode's median over the fastest fixed
 mode's, both from the fixed configurations: auto's choice without the noise of timing a
@@ -131,6 +133,15 @@ def test_generation_time_per_answer_length(benchmark, model_name):
         vs_floor={
             name: {n: round(t / total["floor"][n], 3) for n, t in row.items()}
             for name, row in total.items()
+        },
+        paired_vs_floor={
+            name: {
+                n: round(statistics.median(
+                    ours / floor for ours, floor in zip(runs, times["floor"][n], strict=True)
+                ), 3)
+                for n, runs in per_length.items()
+            }
+            for name, per_length in times.items()
         },
         auto_vs_best_fixed={
             n: round(total["eas_auto"][n] / min(total[f][n] for f in fixed), 3) for n in LENGTHS

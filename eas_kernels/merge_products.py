@@ -8,12 +8,15 @@ lowrank_factors`, ``U`` = :meth:`eas_kernels.PIA.up_basis`)::
 
     Q = Fᵀ M,   M = [[α₁ I, α₁ cᵀ], [α₂ I, α₂ cᵀ], [0, α₁], [0, α₂]]   ((2r + 2) × (r + 1))
 
-so ``Q[:, :r] = (α₁ A + α₂ C)ᵀ = W W_uᵀ`` and ``Q[:, r] = W W_uᵀ cᵀ + α₁ a₁ + α₂ a₂ = W βᵀ``.
+that is ``P = Q[:, :r] = (α₁ A + α₂ C)ᵀ = W W_uᵀ`` and ``Q[:, r] = P cᵀ + α₁ a₁ + α₂ a₂ =
+W βᵀ``, which is how it is computed: two scaled adds and a matrix-vector product on ``Fᵀ``
+(kept transposed, ``Σ out × (2r + 2)``, so that every target's rows of ``Q`` come out
+contiguous).
 
 ``F`` depends on the weights only, so :class:`MergeProducts` keeps it (float32) for every
 group of sites that merge alike (same rank, dtype, device and total rows of targets) and a
-merge then computes ``Q`` with one batched product of ``O(Σ out · r²)`` flops per group
-instead of ``2·out·d·r`` per target: the native merge reads ``Q``
+merge then computes ``Q`` in ``O(Σ out · r)`` flops per site instead of ``2·out·d·r`` per
+target: the native merge reads ``Q``
 (:attr:`eas_kernels.ops.SiteMerge.products`) and does the rank-r update alone, half the
 flops. ``F`` is built by the first merge that finds new weights (the targets' and the
 PIAs' up projections, by identity, version counter and storage): that merge costs about
@@ -49,19 +52,22 @@ def _weights_key(sites: Sequence[AdapterSite]) -> tuple:
     return tuple((id(t), t._version, t.data_ptr()) for t in tensors)
 
 
-def products_matrix(alpha: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``M`` ``(S, 2r + 2, r + 1)`` of the states ``alpha`` ``(S, 2)`` and ``c`` ``(S, r)``
-    (one example per site), in their dtype: ``Q = Fᵀ M``."""
-    sites, rank = c.shape
-    matrix = c.new_zeros(sites, 2 * rank + 2, rank + 1)
-    diagonal = torch.arange(rank, device=c.device)
-    for k in range(2):
-        weight = alpha[:, k : k + 1]  # (S, 1)
-        block = slice(k * rank, (k + 1) * rank)
-        matrix[:, k * rank + diagonal, diagonal] = weight
-        matrix[:, block, rank] = weight * c
-        matrix[:, 2 * rank + k, rank] = alpha[:, k]
-    return matrix
+def products_of(factors_t: torch.Tensor, alpha: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``Q = Fᵀ M`` ``(S, Σ out, r + 1)`` from ``Fᵀ`` ``(S, Σ out, 2r + 2)`` and the states
+    ``alpha`` ``(S, 2)``, ``c`` ``(S, r)`` (one example per site), all float32:
+    ``Q[..., :r] = α₁ Aᵀ + α₂ Cᵀ`` and ``Q[..., r] = Q[..., :r] cᵀ + α₁ a₁ + α₂ a₂``."""
+    sites, total, width = factors_t.shape
+    rank = (width - 2) // 2
+    q = factors_t.new_empty(sites, total, rank + 1)
+    p = q[..., :rank]
+    a1, a2 = alpha[:, 0, None, None], alpha[:, 1, None, None]
+    torch.mul(factors_t[..., :rank], a1, out=p)
+    p.addcmul_(factors_t[..., rank : 2 * rank], a2)
+    bias = torch.bmm(p, c.unsqueeze(-1))  # (S, Σ out, 1)
+    bias.addcmul_(factors_t[..., 2 * rank : 2 * rank + 1], a1)
+    bias.addcmul_(factors_t[..., 2 * rank + 1 :], a2)
+    q[..., rank:] = bias
+    return q
 
 
 class MergeProducts:
@@ -93,8 +99,7 @@ class MergeProducts:
         kept = self._factors.get(name)
         if kept is None or kept[0] != key:
             kept = self._factors[name] = (key, self._build(group))
-        factors = kept[1]
-        q = torch.bmm(factors.transpose(1, 2), products_matrix(alpha.float(), c.float()))
+        q = products_of(kept[1], alpha.float(), c.float())
         result, rows = [], [linear.weight.shape[0] for linear in group[0].targets]
         for index in range(len(group)):
             result.append(list(q[index].split(rows)))
@@ -109,8 +114,8 @@ class MergeProducts:
     @staticmethod
     @torch.no_grad()
     def _build(group: Sequence[AdapterSite]) -> torch.Tensor:
-        """``F`` of every site of ``group``: ``(S, 2r + 2, Σ out)`` float32."""
-        return torch.stack(
+        """``Fᵀ`` of every site of ``group``: ``(S, Σ out, 2r + 2)`` float32, contiguous."""
+        factors = torch.stack(
             [
                 torch.cat(
                     [
@@ -122,3 +127,4 @@ class MergeProducts:
                 for site in group
             ]
         )
+        return factors.transpose(1, 2).contiguous()

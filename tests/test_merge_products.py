@@ -7,7 +7,7 @@ import torch
 
 import eas_kernels.merge_products as products_module
 from eas_kernels import PIA, reparameterize, set_skipped
-from eas_kernels.merge_products import MergeProducts, products_matrix
+from eas_kernels.merge_products import MergeProducts, products_of
 from eas_kernels.patch import runtime_of
 from eas_kernels.pia import PIAState
 from tests.helpers import patched, random_sequences
@@ -26,11 +26,11 @@ def test_q_from_the_factors_is_w_times_the_mixed_up_projection(rank, outs):
     state = PIAState(torch.randn(1, rank).double(), torch.softmax(torch.randn(1, 2), -1).double())
     w_u, beta = pia.mixed_up_projection(state)
     basis = pia.up_basis()
-    matrix = products_matrix(state.alpha, state.c)[0]
-    for weight in weights:
-        q = (basis @ weight.t()).t() @ matrix
-        expected = weight @ torch.cat([w_u[0], beta]).t()
-        torch.testing.assert_close(q, expected, rtol=1e-12, atol=1e-12)
+    factors_t = torch.cat([(basis @ weight.t()).t() for weight in weights])[None]
+    with torch.no_grad():
+        q = products_of(factors_t, state.alpha, state.c)[0]
+    expected = torch.cat([weight @ torch.cat([w_u[0], beta[0, None]]).t() for weight in weights])
+    torch.testing.assert_close(q, expected, rtol=1e-12, atol=1e-12)
 
 
 def merged_model(**options: object) -> torch.nn.Module:
