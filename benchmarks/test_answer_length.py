@@ -181,3 +181,49 @@ def calibrate(model: torch.nn.Module, prompts: list[list[int]]) -> dict[str, obj
         seconds=seconds,
         costs={k: round(1e3 * v, 3) for k, v in dataclasses.asdict(costs).items()},
     )
+
+
+PAIRED_ROUNDS, PAIRED_LENGTH = 15, 32
+
+
+def test_paired_total_of_a_32_token_answer(benchmark):
+    """Issue 20's target on ``lavin512``: EAS-12's total time for a 32-token generation
+    against its floor's, as the median over ``PAIRED_ROUNDS`` rounds of each round's
+    ratio (every configuration timed once per round, next to the floor), with quartiles:
+    a host whose speed drifts moves both sides of a ratio alike."""
+    base = base_model("lavin512")
+    models = configurations(base, SKIPPED["lavin512"])
+    models = {name: models[name] for name in ("floor", "lavin_style", "eas_merge", "eas_auto")}
+    vocab = base.tok_embeddings.weight.shape[0]
+    prompt = torch.randint(1, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+    prompts = prompt.tolist()
+
+    def generate(model: torch.nn.Module) -> None:
+        eas_kernels.greedy_generate(model, prompts, PAIRED_LENGTH)
+
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_index in range(PAIRED_ROUNDS + 1):  # the first round warms up
+        for name, model in models.items():
+            seconds = timed(functools.partial(generate, model))
+            if round_index:
+                times[name].append(seconds)
+    ratios = {
+        name: [ours / floor for ours, floor in zip(runs, times["floor"], strict=True)]
+        for name, runs in times.items()
+    }
+    benchmark.extra_info.update(
+        model="lavin512",
+        skipped_mhas=SKIPPED["lavin512"],
+        prompt_tokens=PROMPT,
+        new_tokens=PAIRED_LENGTH,
+        rounds=PAIRED_ROUNDS,
+        total_ms={name: round(1e3 * statistics.median(runs), 1) for name, runs in times.items()},
+        paired_vs_floor={name: round(statistics.median(r), 3) for name, r in ratios.items()},
+        paired_quartiles={
+            name: [round(q, 3) for q in statistics.quantiles(r, n=4)[::2]]
+            for name, r in ratios.items()
+        },
+        auto_choice=runtime_of(models["eas_auto"]).auto_choice.mode,
+        **machine(),
+    )
+    benchmark.pedantic(functools.partial(generate, models["eas_auto"]), rounds=1)
