@@ -38,7 +38,8 @@ inline constexpr const char* kMergeTargetFields[] = {
 
 // One PIA (one adapter site): what its targets are merged with.
 struct MergeSite {
-  const float* up;       // (rank + 1, d) contiguous fp32: W_u (r rows), then β
+  const float* up;       // (rank + 1, d) contiguous fp32: W_u (r rows), then β; nullptr
+                         // when every target of the site gives its products
   const float* down;     // (rank, d) contiguous fp32: W_d1
   int64_t rank;          // r
 };

@@ -40,20 +40,24 @@ inline std::vector<MergeSite> merge_sites(const std::vector<MergeSiteTuple>& sit
   std::vector<MergeSite> converted;
   for (const auto& [up, down, rank] : sites) {
     positive(rank, "rank");
-    converted.push_back(
-        MergeSite{pointer<const float>(up, "up"), pointer<const float>(down, "down"), rank});
+    // up may be null: then every target of the site gives its products (merge_targets)
+    converted.push_back(MergeSite{reinterpret_cast<const float*>(up),
+                                  pointer<const float>(down, "down"), rank});
   }
   return converted;
 }
 
 inline std::vector<MergeTarget> merge_targets(const std::vector<MergeTargetTuple>& targets,
-                                              int64_t d, int64_t num_sites) {
+                                              int64_t d, const std::vector<MergeSite>& sites) {
   if (targets.empty()) throw std::invalid_argument("no merge target");
+  const auto num_sites = static_cast<int64_t>(sites.size());
   std::vector<MergeTarget> converted;
   for (const auto& [weight, out, ld, merged, bias, new_bias, site, products] : targets) {
     positive(out, "out");
     if (ld < d) throw std::invalid_argument("row stride ld must be >= d");
     if (site < 0 || site >= num_sites) throw std::invalid_argument("site index out of range");
+    if (products == 0 && sites[site].up == nullptr)
+      throw std::invalid_argument("a target without products needs its site's up rows");
     converted.push_back(MergeTarget{pointer<const void>(weight, "weight"), out, ld,
                                     pointer<void>(merged, "merged"),
                                     reinterpret_cast<const void*>(bias),

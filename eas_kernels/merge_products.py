@@ -33,23 +33,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .factors import factor_sources, weights_key
 from .ops import lowrank_factors
 
 if TYPE_CHECKING:
     from .runtime import AdapterSite
-
-
-def _weights_key(sites: Sequence[AdapterSite]) -> tuple:
-    """Identity, version counter and storage of what ``F`` is built from."""
-    tensors = [
-        tensor
-        for site in sites
-        for tensor in (
-            *(linear.weight for linear in site.targets),
-            site.pia.up1.weight, site.pia.up2.weight, site.pia.up1.bias, site.pia.up2.bias,
-        )
-    ]  # fmt: skip
-    return tuple((id(t), t._version, t.data_ptr()) for t in tensors)
 
 
 def products_of(factors_t: torch.Tensor, alpha: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -74,7 +62,7 @@ class MergeProducts:
     """``F`` of each group of sites, kept while their weights stay, and ``Q`` from it."""
 
     def __init__(self) -> None:
-        self._factors: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+        self._factors: dict[tuple, tuple[tuple | None, torch.Tensor]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -95,9 +83,9 @@ class MergeProducts:
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return None
         name = tuple(id(site) for site in group)
-        key = _weights_key(group)
+        key = weights_key([t for site in group for t in factor_sources(site.pia, site.targets)])
         kept = self._factors.get(name)
-        if kept is None or kept[0] != key:
+        if key is None or kept is None or kept[0] != key:
             kept = self._factors[name] = (key, self._build(group))
         q = products_of(kept[1], alpha.float(), c.float())
         result, rows = [], [linear.weight.shape[0] for linear in group[0].targets]

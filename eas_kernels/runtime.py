@@ -43,6 +43,7 @@ from torch import nn
 
 from ._checks import first_non_finite
 from .auto import AutoChoice, ModeCosts, choose_mode, measure_costs
+from .factors import KeptFactors, tensor_versions
 from .merge_products import MergeProducts
 from .ops import (
     LowrankAdd,
@@ -50,7 +51,6 @@ from .ops import (
     MergeRefused,
     SiteMerge,
     install_merged,
-    lowrank_factors,
     merge_sites,
     restore_merged,
 )
@@ -71,15 +71,6 @@ def _prompt_and_after(mask: torch.Tensor | None) -> torch.Tensor | None:
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = torch.where(mask, positions, -1).amax(dim=1, keepdim=True)
     return mask | (positions > last)
-
-
-def tensor_versions(tensors: list[torch.Tensor]) -> tuple | None:
-    """Identity and version counter of each tensor (None: an inference tensor has none,
-    and cannot be changed in place outside inference mode)."""
-    try:
-        return tuple((id(tensor), tensor._version) for tensor in tensors)
-    except RuntimeError:
-        return None
 
 
 @dataclass
@@ -168,6 +159,7 @@ class AdapterSite:
         self.active = False
         self.state: PIAState | RunningSums | None = None
         self._lowrank_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.factors = KeptFactors()  # F of the targets, kept across prompts
         self.norm_hook = None if norm is None else SuspendableHook(norm, self._on_norm_output)
 
     @property
@@ -195,14 +187,16 @@ class AdapterSite:
     # ------------------------------------------------------------------ low-rank path
     def lowrank_hooks(self) -> list[tuple[nn.Linear, LowrankHook]]:
         """The low-rank path of the frozen state: one forward hook per target, with its
-        factors ``F`` built (:func:`~eas_kernels.ops.lowrank_factors`); nothing installed."""
+        factors ``F`` (:func:`~eas_kernels.ops.lowrank_factors`, kept across prompts while
+        the weights stay: :class:`~eas_kernels.factors.KeptFactors`); nothing installed."""
         assert self.state is not None
         hooks = []
         with torch.no_grad():
-            basis, mix = self.pia.up_basis(), self.pia.state_mix(self.state)
+            mix = self.pia.state_mix(self.state)
             projection = DownProjection(self.pia.down1.weight)
-            for linear in self.targets:
-                factor = lowrank_factors(linear.weight, basis)
+            for linear, factor in zip(
+                self.targets, self.factors.of(self.pia, self.targets), strict=True
+            ):
                 mix = mix.to(torch.promote_types(factor.dtype, torch.float32)).contiguous()
                 hooks.append((linear, LowrankHook(projection, LowrankAdd(mix, factor))))
         return hooks
@@ -227,11 +221,12 @@ class AdapterSite:
 
 
 def _merge_arguments(sites: list[AdapterSite], products: MergeProducts) -> list[SiteMerge]:
-    """Each site's PIA and targets as :func:`~eas_kernels.ops.merge_sites` takes them, with
-    ``(W_u, β)`` of its frozen state (batch 1) computed for all the sites of one rank, dtype,
-    device and target shapes at once (:func:`~eas_kernels.pia.mix_up` on their stacked up
-    projections), as fp32 rows ``[W_u; β]`` that the merge reads in place, and the targets'
-    products ``Q`` from the factors ``products`` keeps (:mod:`eas_kernels.merge_products`)."""
+    """Each site's PIA and targets as :func:`~eas_kernels.ops.merge_sites` takes them, for
+    all the sites of one rank, dtype, device and target shapes at once, with their frozen
+    states (batch 1): the targets' products ``Q`` from the factors ``products`` keeps
+    (:mod:`eas_kernels.merge_products`), or, for weights the native merge does not take,
+    ``(W_u, β)`` (:func:`~eas_kernels.pia.mix_up` on the stacked up projections) as fp32
+    rows ``[W_u; β]`` that the merge reads in place."""
     groups: dict[tuple, list[int]] = {}
     for index, site in enumerate(sites):
         weight = site.pia.up1.weight
@@ -247,22 +242,24 @@ def _merge_arguments(sites: list[AdapterSite], products: MergeProducts) -> list[
         alpha = torch.cat([state.alpha[:1] for state in states])
         c = torch.cat([state.c[:1] for state in states])
         group_products = products.products(group, alpha, c)
-        w_u, beta = mix_up(
-            alpha,
-            c,
-            torch.stack([pia.up1.weight.t() for pia in pias]),
-            torch.stack([pia.up2.weight.t() for pia in pias]),
-            torch.stack([pia.up1.bias for pia in pias]),
-            torch.stack([pia.up2.bias for pia in pias]),
-        )
-        rows = torch.cat([w_u, beta.unsqueeze(1)], dim=1).float()  # (sites, r + 1, d)
+        rows = None
+        if group_products is None:
+            w_u, beta = mix_up(
+                alpha,
+                c,
+                torch.stack([pia.up1.weight.t() for pia in pias]),
+                torch.stack([pia.up2.weight.t() for pia in pias]),
+                torch.stack([pia.up1.bias for pia in pias]),
+                torch.stack([pia.up2.bias for pia in pias]),
+            )
+            rows = torch.cat([w_u, beta.unsqueeze(1)], dim=1).float()  # (sites, r + 1, d)
         for position, (index, site) in enumerate(zip(indices, group, strict=True)):
             arguments[index] = SiteMerge(
                 [linear.weight for linear in site.targets],
                 [linear.bias for linear in site.targets],
                 site.pia.down1.weight,
-                rows[position, :-1],
-                rows[position, -1],
+                None if rows is None else rows[position, :-1],
+                None if rows is None else rows[position, -1],
                 None if group_products is None else group_products[position],
             )
     return [argument for argument in arguments if argument is not None]

@@ -1,7 +1,8 @@
 """Run every native kernel once on small odd shapes, for ``compute-sanitizer`` (GPU check).
 
 ``python scripts/gpu_kernels_once.py --device cuda`` calls the merge (one site, then two
-sites of different ranks in one call, the second time with the products given), the
+sites of different ranks in one call, the second time with the products given instead of
+``(W_u, β)``), the
 low-rank factors and the low-rank add through their native backend, in fp32, fp16 and
 bf16, and checks each result against the PyTorch reference (loosely: this is a memory and
 race check, the precise comparisons are the tests'). Two shapes reach every launch
@@ -64,9 +65,13 @@ def run(device: torch.device, dtype: torch.dtype, d: int, rank: int, wide: int) 
     first = SiteMerge(weights, biases, down, up, beta)
     for given in (False, True):  # Q computed by the kernels, then read from `products`
         sites = [first, other]
+        merged_sites = sites
         if given:
-            sites = [site._replace(products=exact_products(site)) for site in sites]
-        together = merge_sites(sites, backend="native")
+            merged_sites = [
+                site._replace(products=exact_products(site), up_mix=None, beta=None)
+                for site in sites
+            ]
+        together = merge_sites(merged_sites, backend="native")
         for site, targets in zip(sites, together, strict=True):
             for weight, bias, target in zip(site.weights, site.biases, targets, strict=True):
                 new_weight, new_bias = merged_linear_reference(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -473,3 +475,31 @@ def test_bad_products_are_refused_with_a_clear_error():
     for products, error, message in cases:
         with pytest.raises(error, match=message):
             merged_linear(s["weights"], s["biases"], *pia_args(s), products, backend="native")
+
+
+@pytest.mark.parametrize("kernels", [*KERNELS, None])  # None: the torch backend, on the CPU
+def test_with_products_the_mixed_up_projection_may_be_left_out(kernels):
+    """Nothing reads ``(W_u, β)`` when every target gives its products: the same merge
+    without them; without either, a clear error."""
+    backend = "torch" if kernels is None else "native"
+    place = contextlib.nullcontext(torch.device("cpu")) if kernels is None else on_kernels(kernels)
+    with place as device:
+        s = site([40, 24], 24, 5, torch.float32, seed=11, device=device)
+        products = given_products(s, seed=12)
+        args = (s["weights"], s["biases"], s["down_weight"])
+        with_rows = [
+            (t.merged.clone(), t.bias.clone())
+            for t in merged_linear(*args, s["up_mix"], s["beta"], products, backend=backend)
+        ]
+        free_merge_buffers()
+        without = merged_linear(*args, None, None, products, backend=backend)
+        for (weight, bias), target in zip(with_rows, without, strict=True):
+            if backend == "native":  # both read the products
+                assert same_bits(target.merged, weight) and same_bits(target.bias, bias)
+        for w, b, q, target in zip(s["weights"], s["biases"], products, without, strict=True):
+            expected = merged_from_products(w, b, s["down_weight"], q)
+            torch.testing.assert_close(target.merged, expected[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(target.bias, expected[1], rtol=1e-5, atol=1e-5)
+        for up_mix, beta, given in [(None, None, None), (s["up_mix"], None, products)]:
+            with pytest.raises(ValueError, match="up_mix and beta are both needed"):
+                merged_linear(*args, up_mix, beta, given, backend=backend)

@@ -512,9 +512,9 @@ def test_batched_skipped_mhas_take_the_low_rank_path_equal_to_eager(dtype: torch
     torch.testing.assert_close(lowrank.float(), eager.float(), rtol=tolerance, atol=tolerance)
     forwards = routes_of(model).forwards
     assert all(f._lowrank is not None for f in forwards)  # every layer has skipped examples
-    factors = [f._factors[1] for f in forwards]
+    factors = [f._factors.kept for f in forwards]
     _decode_batch(model, prompts, real, answer)  # a new prompt: the same state-free factors
-    assert all(f._factors[1] is kept for f, kept in zip(forwards, factors, strict=True))
+    assert all(f._factors.kept is kept for f, kept in zip(forwards, factors, strict=True))
     with torch.no_grad():  # the adapters change: the factors are built again
         for forward in forwards:
             forward.pia.up1.weight.mul_(1.5)
@@ -522,7 +522,7 @@ def test_batched_skipped_mhas_take_the_low_rank_path_equal_to_eager(dtype: torch
     control.lowrank = False
     eager = _decode_batch(model, prompts, real, answer)
     torch.testing.assert_close(lowrank.float(), eager.float(), rtol=tolerance, atol=tolerance)
-    assert all(f._factors[1] is not kept for f, kept in zip(forwards, factors, strict=True))
+    assert all(f._factors.kept is not kept for f, kept in zip(forwards, factors, strict=True))
 
 
 @pytest.mark.parametrize("unit", UNITS)

@@ -41,7 +41,7 @@ int merge(const std::vector<MergeTargetTuple>& targets, const std::vector<MergeS
   positive(num_threads, "num_threads");
   std::vector<MergeSite> merge_sites = binding::merge_sites(sites);
   std::vector<MergeTarget> converted =
-      binding::merge_targets(targets, d, static_cast<int64_t>(merge_sites.size()));
+      binding::merge_targets(targets, d, merge_sites);
   const MergeArgs args{converted.data(),    static_cast<int>(converted.size()),
                        merge_sites.data(),  static_cast<int>(merge_sites.size()),
                        checked_dtype(dtype), d,

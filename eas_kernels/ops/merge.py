@@ -70,14 +70,16 @@ class SiteMerge(NamedTuple):
     prompts, :mod:`eas_kernels.merge_products`): the native kernels then read
     ``Q`` instead of computing it from ``W`` (``2·out·d·r`` flops instead of ``4·out·d·r``)
     and still check every entry of ``Q``, ``W'`` and ``b'`` finite. They must equal
-    ``W [W_u; β]ᵀ`` up to float32 rounding; the torch backend computes its own.
+    ``W [W_u; β]ᵀ`` up to float32 rounding. With products, ``up_mix`` and ``beta`` may be
+    None (nothing reads them then); the torch backend computes its own ``Q`` from them
+    when they are given, else uses the products.
     """
 
     weights: Sequence[torch.Tensor]
     biases: Sequence[torch.Tensor | None]
     down_weight: torch.Tensor
-    up_mix: torch.Tensor
-    beta: torch.Tensor
+    up_mix: torch.Tensor | None
+    beta: torch.Tensor | None
     products: Sequence[torch.Tensor] | None = None
 
 
@@ -151,8 +153,8 @@ def _check_site(
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor | None],
     down_weight: torch.Tensor,
-    up_mix: torch.Tensor,
-    beta: torch.Tensor,
+    up_mix: torch.Tensor | None,
+    beta: torch.Tensor | None,
     products: Sequence[torch.Tensor] | None = None,
 ) -> tuple[int, int]:
     """Validate a site's arguments; return ``(d, r)``."""
@@ -186,12 +188,16 @@ def _check_site(
         raise ValueError(
             f"down_weight must have shape (r >= 1, {d}), got {tuple(down_weight.shape)}"
         )
-    check_tensor(up_mix, "up_mix", ndim=2, device=device, floating=True)
-    if tuple(up_mix.shape) != (rank, d):
-        raise ValueError(f"up_mix must have shape ({rank}, {d}), got {tuple(up_mix.shape)}")
-    check_tensor(beta, "beta", ndim=1, device=device, floating=True)
-    if tuple(beta.shape) != (d,):
-        raise ValueError(f"beta must have shape ({d},), got {tuple(beta.shape)}")
+    if up_mix is None or beta is None:
+        if up_mix is not None or beta is not None or products is None:
+            raise ValueError("up_mix and beta are both needed, unless products are given")
+    else:
+        check_tensor(up_mix, "up_mix", ndim=2, device=device, floating=True)
+        if tuple(up_mix.shape) != (rank, d):
+            raise ValueError(f"up_mix must have shape ({rank}, {d}), got {tuple(up_mix.shape)}")
+        check_tensor(beta, "beta", ndim=1, device=device, floating=True)
+        if tuple(beta.shape) != (d,):
+            raise ValueError(f"beta must have shape ({d},), got {tuple(beta.shape)}")
     if products is not None:
         if isinstance(products, torch.Tensor) or not isinstance(products, Sequence):
             raise TypeError("products must be a sequence of (out, r + 1) tensors or None")
@@ -221,8 +227,8 @@ def merged_linear(
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor | None],
     down_weight: torch.Tensor,
-    up_mix: torch.Tensor,
-    beta: torch.Tensor,
+    up_mix: torch.Tensor | None,
+    beta: torch.Tensor | None,
     products: Sequence[torch.Tensor] | None = None,
     *,
     backend: str | None = None,
@@ -236,7 +242,8 @@ def merged_linear(
         down_weight: ``W_d1`` ``(r, d)``; ``up_mix``: ``W_u`` ``(r, d)``; ``beta``: ``β``
             ``(d,)`` — any floating dtype, same device.
         products: per weight, ``[W W_uᵀ | W βᵀ]`` ``(out_i, r + 1)`` float32 when the
-            caller has them (:class:`SiteMerge`), else None.
+            caller has them (:class:`SiteMerge`; ``up_mix`` and ``beta`` may then be
+            None), else None.
         backend: ``"auto"``, ``"native"`` or ``"torch"`` (None: ``EAS_BACKEND`` or auto).
 
     Returns, per weight, ``W' = W + (W W_uᵀ) W_d1`` in the weight's merged buffer (kept
@@ -290,10 +297,14 @@ def merge_sites(
     owners: list[tuple[int, int]] = []  # (site, position in it) of each target
     q_floats = rows = ranks = 0
     for index, (site, (_, rank)) in enumerate(zip(sites, shapes, strict=True)):
-        up = _up_rows(site.up_mix, site.beta)  # (r + 1, d) fp32
         down = _native.fp32_rows(site.down_weight)
-        keep_alive += [up, down]
-        site_args.append(_native.merge_site(up=up.data_ptr(), down=down.data_ptr(), rank=rank))
+        keep_alive.append(down)
+        up_address = 0  # no rows: every target gives its products
+        if site.up_mix is not None and site.beta is not None:
+            up = _up_rows(site.up_mix, site.beta)  # (r + 1, d) fp32
+            keep_alive.append(up)
+            up_address = up.data_ptr()
+        site_args.append(_native.merge_site(up=up_address, down=down.data_ptr(), rank=rank))
         ranks += rank
         merged_targets = []
         for position, (weight, bias) in enumerate(zip(site.weights, site.biases, strict=True)):
@@ -347,7 +358,20 @@ def _up_rows(up_mix: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return _native.fp32_rows(torch.cat([up_mix, beta.unsqueeze(0)]))
 
 
-def _tensors_of(site: SiteMerge) -> list[torch.Tensor | None]:
+def _merged_from_products(
+    weight: torch.Tensor, bias: torch.Tensor | None, down_weight: torch.Tensor, q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W + Q[:, :r] W_d1`` and ``b + Q[:, r]`` with float32 accumulation, one rounding."""
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    rank = down_weight.shape[0]
+    new_weight = torch.addmm(weight.to(compute), q[:, :rank].to(compute), down_weight.to(compute))
+    new_bias = q[:, rank].to(compute)
+    if bias is not None:
+        new_bias = new_bias + bias.to(compute)
+    return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
+
+
+def _tensors_of(site: SiteMerge) -> list[torch.Tensor | None]:  # None where absent
     return [
         *site.weights, *site.biases, site.down_weight, site.up_mix, site.beta,
         *(site.products or ()),
@@ -355,10 +379,17 @@ def _tensors_of(site: SiteMerge) -> list[torch.Tensor | None]:
 
 
 def _merge_with_torch(index: int, site: SiteMerge) -> list[MergedTarget]:
-    merged = [  # the reference computes its own products
-        merged_linear_reference(w, b, site.down_weight, site.up_mix, site.beta)
-        for w, b in zip(site.weights, site.biases, strict=True)
-    ]
+    if site.up_mix is not None and site.beta is not None:  # the reference's own products
+        merged = [
+            merged_linear_reference(w, b, site.down_weight, site.up_mix, site.beta)
+            for w, b in zip(site.weights, site.biases, strict=True)
+        ]
+    else:
+        assert site.products is not None
+        merged = [
+            _merged_from_products(w, b, site.down_weight, q)
+            for w, b, q in zip(site.weights, site.biases, site.products, strict=True)
+        ]
     for weight, (new_weight, new_bias) in zip(site.weights, merged, strict=True):
         if not (bool(torch.isfinite(new_weight).all()) and bool(torch.isfinite(new_bias).all())):
             raise _refusal(weight, index)

@@ -39,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..factors import KeptFactors, tensor_versions
 from ..layout import BlockLayout
-from ..ops import LowrankAdd, lowrank_factors, merged_linear
+from ..ops import LowrankAdd, merged_linear
 from ..pia import PIA, PIAState, masked_token_mean
-from ..runtime import DownProjection, LowrankHook, MergeRecord, tensor_versions
+from ..runtime import DownProjection, LowrankHook, MergeRecord
 from .control import RouteControl
 
 
@@ -144,9 +145,9 @@ class RoutedForward:
         # per adapter (by id): (frozen state, parameter versions, W_u, β) of the route
         self._mixed: dict[int, tuple] = {}
         # the low-rank path of the shortcut: (frozen state, a forward per W1/W3), and the
-        # cached factors (parameter versions, F per W1/W3)
+        # factors F per W1/W3, kept while the weights stay
         self._lowrank: tuple[PIAState, list[_LowrankLinear]] | None = None
-        self._factors: tuple[tuple | None, list[torch.Tensor]] | None = None
+        self._factors = KeptFactors()
 
     @property
     def routed(self) -> bool:
@@ -276,18 +277,15 @@ class RoutedForward:
     ) -> list[_LowrankLinear]:
         assert self.pia is not None
         pia, linears = self.pia, self.ffn_linears
-        key = tensor_versions([linear.weight for linear in linears] + list(pia.parameters()))
+        factors = self._factors.of(pia, linears)
         with torch.no_grad():
-            if key is None or self._factors is None or self._factors[0] != key:
-                basis = pia.up_basis()
-                self._factors = (key, [lowrank_factors(linear.weight, basis) for linear in linears])
             projection = DownProjection(pia.down1.weight)
             mix = pia.state_mix(state)
             if len(rows) != batch:
                 full = mix.new_zeros(batch, mix.shape[1])
                 mix = full.index_copy(0, rows.to(mix.device), mix)
             forwards = []
-            for linear, factor in zip(linears, self._factors[1], strict=True):
+            for linear, factor in zip(linears, factors, strict=True):
                 bound = mix.to(torch.promote_types(factor.dtype, torch.float32)).contiguous()
                 add = LowrankHook(projection, LowrankAdd(bound, factor))
                 forwards.append(_LowrankLinear(linear, add))
