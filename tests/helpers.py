@@ -167,3 +167,15 @@ def assert_all_or_nothing(monkeypatch, make_model, patch, unpatch, points) -> No
         assert_bitwise(model, weights)
         unpatch(patch(model))
         assert structure(model) == before, (name, at)
+
+
+def decode_logits(model: nn.Module, tokens: torch.Tensor, steps: int = 3) -> torch.Tensor:
+    """Logits ``(steps, B, vocab)`` of a prefill of ``tokens`` and ``steps - 1`` greedy
+    decode steps (LaVIN call protocol); each call of it is a new prompt."""
+    logits = []
+    with torch.no_grad():
+        last = model(tokens, start_pos=0)[:, -1]
+        for step in range(steps):
+            logits.append(last)
+            last = model(last.argmax(-1, keepdim=True), start_pos=tokens.shape[1] + step)[:, -1]
+    return torch.stack(logits)

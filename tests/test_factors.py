@@ -8,17 +8,7 @@ import eas_kernels.factors as factors_module
 from eas_kernels import reparameterize
 from eas_kernels.factors import tensor_versions, weights_key
 from eas_kernels.patch import runtime_of
-from tests.helpers import patched, random_sequences
-
-
-def decode(model: torch.nn.Module, tokens: torch.Tensor, steps: int = 2) -> torch.Tensor:
-    logits = []
-    with torch.no_grad():
-        last = model(tokens, start_pos=0)[:, -1]
-        for step in range(steps):
-            logits.append(last)
-            last = model(last.argmax(-1, keepdim=True), start_pos=tokens.shape[1] + step)[:, -1]
-    return torch.stack(logits)
+from tests.helpers import decode_logits, patched, random_sequences
 
 
 def test_the_lowrank_path_builds_its_factors_once_while_the_weights_stay(monkeypatch):
@@ -32,19 +22,19 @@ def test_the_lowrank_path_builds_its_factors_once_while_the_weights_stay(monkeyp
     model = patched([1, 2])
     reparameterize(model, "lowrank")
     tokens = torch.tensor(random_sequences([5, 5], 97, seed=7))
-    first = decode(model, tokens)
+    first = decode_logits(model, tokens)
     built = len(calls)
     assert built == sum(len(site.targets) for site in runtime_of(model).reparameterizable_sites)
     for _ in range(2):
-        assert torch.equal(decode(model, tokens), first)
+        assert torch.equal(decode_logits(model, tokens), first)
     assert len(calls) == built
     with torch.no_grad():
         model.layers[2].skip_pia.up2.bias.add_(0.5)
         model.layers[0].attention.wk.weight.mul_(1.5)
-    changed = decode(model, tokens)
+    changed = decode_logits(model, tokens)
     assert len(calls) == built + 5  # w1, w3 of layer 2; wq, wk, wv of layer 0
     reparameterize(model, "eager")
-    torch.testing.assert_close(decode(model, tokens), changed, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode_logits(model, tokens), changed, rtol=1e-4, atol=1e-4)
 
 
 def test_an_inference_tensor_has_no_key_and_is_built_again():
@@ -68,8 +58,8 @@ def test_weights_made_in_inference_mode_decode_and_are_never_kept():
     tokens = torch.tensor(random_sequences([4], 97, seed=8))
     with torch.inference_mode():
         reparameterize(model, "eager")
-        eager = decode(model, tokens)
+        eager = decode_logits(model, tokens)
         reparameterize(model, "lowrank")
         for _ in range(2):
-            torch.testing.assert_close(decode(model, tokens), eager, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(decode_logits(model, tokens), eager, rtol=1e-4, atol=1e-4)
     assert all(site.factors._key is None for site in runtime_of(model).sites)

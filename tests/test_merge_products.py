@@ -10,7 +10,7 @@ from eas_kernels import PIA, reparameterize, set_skipped
 from eas_kernels.merge_products import MergeProducts, products_of
 from eas_kernels.patch import runtime_of
 from eas_kernels.pia import PIAState
-from tests.helpers import patched, random_sequences
+from tests.helpers import decode_logits, patched, random_sequences
 
 
 @pytest.mark.parametrize("rank, outs", [(1, [7]), (5, [33, 17, 40]), (8, [64, 64])])
@@ -39,17 +39,6 @@ def merged_model(**options: object) -> torch.nn.Module:
     return model
 
 
-def decode(model: torch.nn.Module, tokens: torch.Tensor, steps: int = 3) -> torch.Tensor:
-    """Logits of a prefill and ``steps`` greedy decode steps (each prompt merges anew)."""
-    logits = []
-    with torch.no_grad():
-        last = model(tokens, start_pos=0)[:, -1]
-        for step in range(steps):
-            logits.append(last)
-            last = model(last.argmax(-1, keepdim=True), start_pos=tokens.shape[1] + step)[:, -1]
-    return torch.stack(logits)
-
-
 def test_the_factors_are_built_once_and_every_prompt_decodes_alike(monkeypatch):
     """F is built at the first merge and read by every later one; the first prompt and
     the later ones merge with the same arithmetic: the same logits, bitwise."""
@@ -60,11 +49,11 @@ def test_the_factors_are_built_once_and_every_prompt_decodes_alike(monkeypatch):
     )
     model = merged_model()
     tokens = torch.tensor(random_sequences([6], 97, seed=3))
-    first = decode(model, tokens)
+    first = decode_logits(model, tokens)
     groups = len(built)
     assert groups == 2  # the kept layers' wq/wk/wv, the skipped layers' w1/w3
     for _ in range(3):
-        assert torch.equal(decode(model, tokens), first)
+        assert torch.equal(decode_logits(model, tokens), first)
     assert len(built) == groups
     assert runtime_of(model)._products.nbytes > 0
 
@@ -75,20 +64,20 @@ def test_the_factors_follow_the_weights_and_the_skip_set():
     model = merged_model(search=True)
     set_skipped(model, [1, 2])
     tokens = torch.tensor(random_sequences([5], 97, seed=4))
-    decode(model, tokens)
+    decode_logits(model, tokens)
     runtime = runtime_of(model)
     kept = dict(runtime._products._factors)
     with torch.no_grad():
         model.layers[1].skip_pia.up1.weight.add_(0.25)  # an optimizer step would do this
-    merged = decode(model, tokens)
+    merged = decode_logits(model, tokens)
     assert runtime._products._factors.keys() == kept.keys()
     assert any(runtime._products._factors[k][1] is not kept[k][1] for k in kept)
     reparameterize(model, "eager")
-    torch.testing.assert_close(decode(model, tokens), merged, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode_logits(model, tokens), merged, rtol=1e-4, atol=1e-4)
     reparameterize(model, "merge")
     set_skipped(model, [2])
     assert runtime._products.nbytes == 0
-    decode(model, tokens)
+    decode_logits(model, tokens)
     assert set(runtime._products._factors) != set(kept)
 
 
@@ -96,7 +85,7 @@ def test_float64_targets_merge_without_products():
     """The native merge takes float32/16/bf16; float64 goes to the reference, which
     computes its own products: none are built."""
     model = merged_model(dtype=torch.float64)
-    decode(model, torch.tensor(random_sequences([4], 97, seed=5)))
+    decode_logits(model, torch.tensor(random_sequences([4], 97, seed=5)))
     assert runtime_of(model)._products.nbytes == 0
 
 
@@ -111,7 +100,7 @@ def test_products_of_a_group_are_contiguous_float32_per_target(monkeypatch):
 
     monkeypatch.setattr(products_module.MergeProducts, "products", spy)
     model = merged_model(dtype=torch.bfloat16)
-    decode(model, torch.tensor(random_sequences([4], 97, seed=6)), steps=2)
+    decode_logits(model, torch.tensor(random_sequences([4], 97, seed=6)), steps=2)
     assert captured
     for group, result in captured:
         assert len(result) == len(group)
