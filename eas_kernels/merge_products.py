@@ -14,16 +14,16 @@ W βᵀ``, which is how it is computed: two scaled adds and a matrix-vector prod
 contiguous).
 
 ``F`` depends on the weights only, so :class:`MergeProducts` keeps it (float32) for every
-group of sites that merge alike (same rank, dtype, device and total rows of targets) and a
+group of sites that merge alike (same rank, dtype, device and target shapes) and a
 merge then computes ``Q`` in ``O(Σ out · r)`` flops per site instead of ``2·out·d·r`` per
 target: the native merge reads ``Q``
 (:attr:`eas_kernels.ops.SiteMerge.products`) and does the rank-r update alone, half the
 flops. ``F`` is built by the first merge that finds new weights (the targets' and the
 PIAs' up projections, by identity, version counter and storage): that merge costs about
-twice a merge that computes ``Q`` from ``W``, and every later one half, so a prompt merges
-with the same arithmetic whichever prompt it is (the same logits, bitwise). ``F`` takes
-``(2r + 2)·Σ out`` floats per site (about 1.5 % of the targets' bytes at LLaMA-7B shapes in
-bf16).
+2.3 times a later one (47 against 20 ms for 32 sites at d = 512 on a 2-core CPU), and a
+prompt merges with the same arithmetic whichever prompt it is (the same logits, bitwise).
+``F`` takes ``(2r + 2)·Σ out`` float32 per site: about 2 % of the targets' bytes for EAS-12
+at LLaMA-7B shapes in bf16 (87 MB).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class MergeProducts:
     def products(
         self, group: Sequence[AdapterSite], alpha: torch.Tensor, c: torch.Tensor
     ) -> list[list[torch.Tensor]] | None:
-        """Per site of ``group`` (one rank, dtype, device and total target rows), per
+        """Per site of ``group`` (one rank, dtype, device and target shapes), per
         target, ``Q`` ``(out, r + 1)`` contiguous float32 for the states ``alpha``
         ``(S, 2)`` and ``c`` ``(S, r)``; None for a dtype the native merge does not take
         (it computes its own)."""
