@@ -58,10 +58,6 @@ class KeptFactors:
         """The factors kept now (empty before the first build)."""
         return self._factors
 
-    @property
-    def nbytes(self) -> int:
-        return sum(factor.nbytes for factor in self._factors)
-
     @torch.no_grad()
     def of(self, pia: nn.Module, linears: Sequence[nn.Linear]) -> list[torch.Tensor]:
         """``F`` ``(2r + 2, out)`` of each of ``linears`` for ``pia``, built if needed."""

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import _native
 from .factors import factor_sources, weights_key
 from .ops import lowrank_factors
 
@@ -70,6 +71,7 @@ class MergeProducts:
         return sum(factors.nbytes for _, factors in self._factors.values())
 
     def clear(self) -> None:
+        """Forget every factor (the skip set changed: other sites, other groups)."""
         self._factors.clear()
 
     def products(
@@ -80,7 +82,7 @@ class MergeProducts:
         ``(S, 2)`` and ``c`` ``(S, r)``; None for a dtype the native merge does not take
         (it computes its own)."""
         weight = group[0].targets[0].weight
-        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if weight.dtype not in _native.DTYPE_CODES:
             return None
         name = tuple(id(site) for site in group)
         key = weights_key([t for site in group for t in factor_sources(site.pia, site.targets)])
@@ -92,12 +94,6 @@ class MergeProducts:
         for index in range(len(group)):
             result.append(list(q[index].split(rows)))
         return result
-
-    def keep_only(self, groups: Sequence[Sequence[AdapterSite]]) -> None:
-        """Forget the factors of groups other than ``groups`` (another skip set)."""
-        names = {tuple(id(site) for site in group) for group in groups}
-        for name in [name for name in self._factors if name not in names]:
-            del self._factors[name]
 
     @staticmethod
     @torch.no_grad()

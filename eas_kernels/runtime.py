@@ -190,16 +190,10 @@ class AdapterSite:
         factors ``F`` (:func:`~eas_kernels.ops.lowrank_factors`, kept across prompts while
         the weights stay: :class:`~eas_kernels.factors.KeptFactors`); nothing installed."""
         assert self.state is not None
-        hooks = []
         with torch.no_grad():
-            mix = self.pia.state_mix(self.state)
-            projection = DownProjection(self.pia.down1.weight)
-            for linear, factor in zip(
-                self.targets, self.factors.of(self.pia, self.targets), strict=True
-            ):
-                mix = mix.to(torch.promote_types(factor.dtype, torch.float32)).contiguous()
-                hooks.append((linear, LowrankHook(projection, LowrankAdd(mix, factor))))
-        return hooks
+            factors = self.factors.of(self.pia, self.targets)
+            hooks = lowrank_hooks_of(self.pia, factors, self.pia.state_mix(self.state))
+        return list(zip(self.targets, hooks, strict=True))
 
     def install_lowrank(self) -> None:
         for linear, hook in self.lowrank_hooks():
@@ -232,7 +226,6 @@ def _merge_arguments(sites: list[AdapterSite], products: MergeProducts) -> list[
         weight = site.pia.up1.weight
         outs = tuple(linear.weight.shape[0] for linear in site.targets)
         groups.setdefault((site.pia.rank, weight.dtype, weight.device, outs), []).append(index)
-    products.keep_only([[sites[index] for index in indices] for indices in groups.values()])
     arguments: list[SiteMerge | None] = [None] * len(sites)
     for indices in groups.values():
         group = [sites[index] for index in indices]
@@ -296,6 +289,20 @@ class LowrankHook:
         self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
     ) -> torch.Tensor:
         return self.add(output, self.projection(inputs[0]))
+
+
+def lowrank_hooks_of(pia: PIA, factors: list[torch.Tensor], mix: torch.Tensor) -> list[LowrankHook]:
+    """A :class:`LowrankHook` per target of ``pia`` whose factor ``F`` is in ``factors``,
+    for the examples' states ``mix`` (``[α₁, α₂, c]`` per row,
+    :meth:`~eas_kernels.PIA.state_mix`); the hooks share one :class:`DownProjection`."""
+    projection = DownProjection(pia.down1.weight)
+    return [
+        LowrankHook(
+            projection,
+            LowrankAdd(mix.to(torch.promote_types(f.dtype, torch.float32)).contiguous(), f),
+        )
+        for f in factors
+    ]
 
 
 class Phase(enum.Enum):

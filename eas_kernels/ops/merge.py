@@ -54,11 +54,8 @@ def merged_linear_reference(
     compute = torch.promote_types(weight.dtype, torch.float32)
     w = weight.to(compute)
     projected = w @ up_mix.to(compute).t()  # (out, r) = W W_uᵀ
-    new_weight = torch.addmm(w, projected, down_weight.to(compute))
-    new_bias = w @ beta.to(compute)
-    if bias is not None:
-        new_bias = new_bias + bias.to(compute)
-    return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
+    products = torch.cat([projected, (w @ beta.to(compute)).unsqueeze(1)], dim=1)
+    return _merged_from_products(weight, bias, down_weight, products)
 
 
 class SiteMerge(NamedTuple):
@@ -361,7 +358,9 @@ def _up_rows(up_mix: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
 def _merged_from_products(
     weight: torch.Tensor, bias: torch.Tensor | None, down_weight: torch.Tensor, q: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``W + Q[:, :r] W_d1`` and ``b + Q[:, r]`` with float32 accumulation, one rounding."""
+    """``W + Q[:, :r] W_d1`` and ``b + Q[:, r]`` with float32 accumulation (float64 stays
+    float64), one rounding: the second half of :func:`merged_linear_reference`, and what
+    the torch backend computes from given products."""
     compute = torch.promote_types(weight.dtype, torch.float32)
     rank = down_weight.shape[0]
     new_weight = torch.addmm(weight.to(compute), q[:, :rank].to(compute), down_weight.to(compute))

@@ -41,9 +41,9 @@ from torch import nn
 
 from ..factors import KeptFactors, tensor_versions
 from ..layout import BlockLayout
-from ..ops import LowrankAdd, merged_linear
+from ..ops import merged_linear
 from ..pia import PIA, PIAState, masked_token_mean
-from ..runtime import DownProjection, LowrankHook, MergeRecord
+from ..runtime import LowrankHook, MergeRecord, lowrank_hooks_of
 from .control import RouteControl
 
 
@@ -279,17 +279,12 @@ class RoutedForward:
         pia, linears = self.pia, self.ffn_linears
         factors = self._factors.of(pia, linears)
         with torch.no_grad():
-            projection = DownProjection(pia.down1.weight)
             mix = pia.state_mix(state)
             if len(rows) != batch:
                 full = mix.new_zeros(batch, mix.shape[1])
                 mix = full.index_copy(0, rows.to(mix.device), mix)
-            forwards = []
-            for linear, factor in zip(linears, factors, strict=True):
-                bound = mix.to(torch.promote_types(factor.dtype, torch.float32)).contiguous()
-                add = LowrankHook(projection, LowrankAdd(bound, factor))
-                forwards.append(_LowrankLinear(linear, add))
-        return forwards
+            hooks = lowrank_hooks_of(pia, factors, mix)
+        return [_LowrankLinear(linear, hook) for linear, hook in zip(linears, hooks, strict=True)]
 
     def route_logits(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``g = router(ū)`` ``(B, 2)`` in at least float32, ``ū`` over the prompt tokens of
