@@ -388,6 +388,34 @@ def test_route_trainer_runs_roes_stages_and_trains_only_routes(tmp_path) -> None
         RouteTrainer(model=tiny_llama(), args=arguments, train_dataset=[])
 
 
+@pytest.mark.parametrize("mode", ["random", "soft", "hard"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_is_refused_before_anything_runs(tmp_path, mode, reentrant):
+    """A checkpointed layer runs again in the backward pass: a random route would be
+    drawn anew (transformers < 5.24: CheckpointError, or another route's gradients), and
+    from 5.24 on a routed layer would silently not be checkpointed. Refused at the first
+    forward in training mode (a reentrant checkpoint runs it under no_grad), with the route
+    state and the weights unchanged, and by RouteTrainer at construction; evaluation and the
+    model without checkpointing still run."""
+    model = routed_llama("mha", seed=12).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    set_routing(model, mode)
+    snapshot = weights_snapshot(model)
+    inputs = prompts()
+    with pytest.raises(ValueError, match="does not train under gradient checkpointing"):
+        model(**inputs, labels=inputs["input_ids"])
+    assert route_control(model).skip_weights == {}
+    assert_bitwise(model, snapshot)
+    with torch.no_grad():
+        model.eval()(**inputs)
+    model.train().gradient_checkpointing_disable()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    arguments = cpu_training(tmp_path, 2, 1)
+    arguments.gradient_checkpointing = True
+    with pytest.raises(ValueError, match="gradient_checkpointing off"):
+        RouteTrainer(model=model, args=arguments, train_dataset=reversal_rows())
+
+
 # ---------------------------------------------------------------------- entry points
 def test_patch_hf_and_patch_lavin_take_a_route_plan() -> None:
     import eas_kernels as E

@@ -26,6 +26,13 @@ beam carries the route of the beam it continues, which is its example's: the bea
 example are copies of its prompt. ``batch_select_indices`` and ``batch_repeat_interleave``
 do the same. ``generate()`` refuses, before anything runs, what cannot give the prompt's
 routes: soft routes, ``use_cache=False``, ``prefill_chunk_size`` and assisted generation.
+
+Gradient checkpointing (``model.gradient_checkpointing_enable()``) is refused at the first
+forward in training mode (:data:`CHECKPOINTING_REFUSED`): ``transformers`` runs a checkpointed
+layer again in the backward pass, where a random route (training stage 1) is drawn anew
+(before 5.24 this fails with a ``CheckpointError``, or with reentrant checkpointing gives
+gradients of another route), a reentrant recompute leaves the sparsity term without the
+routers' gradients, and from 5.24 on a routed layer's forward is not checkpointed at all.
 """
 
 from __future__ import annotations
@@ -47,6 +54,12 @@ from .control import RouteControl
 from .forward import RoutedForward
 
 _SUBJECT = "a routed model"
+CHECKPOINTING_REFUSED = (
+    "per-example routing does not train under gradient checkpointing: a checkpointed layer "
+    "runs again in the backward pass, with another random route, and its sparsity term can "
+    "lose its gradient; call model.gradient_checkpointing_disable() (or leave "
+    "TrainingArguments.gradient_checkpointing off)"
+)
 
 
 def _dynamic_layer() -> type:
@@ -150,6 +163,9 @@ class HFRoutedForward(RoutedForward):
         self.cache_index = int(getattr(self.attention, "layer_idx", self.layer))
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # whatever the grad mode: a reentrant checkpoint runs the layer under no_grad
+        if getattr(self.block, "gradient_checkpointing", False) and self.block.training:
+            raise ValueError(CHECKPOINTING_REFUSED)
         bound = named_arguments(self.signature, (self.block, hidden_states, *args), kwargs)
         if bound is None:
             return self._block(hidden_states, None, args, kwargs)  # the layer reports it

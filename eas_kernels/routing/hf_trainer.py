@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from .hf import CHECKPOINTING_REFUSED
 from .patch import routes_of
 from .schedule import RouteSchedule, RouteStage, route_loss
 
@@ -38,6 +39,8 @@ class RouteTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         routes_of(self.model)
+        if self.args.gradient_checkpointing:
+            raise ValueError(CHECKPOINTING_REFUSED)
         if route_schedule is not None and not isinstance(route_schedule, RouteSchedule):
             raise TypeError(
                 "route_schedule must be an eas_kernels.routing.RouteSchedule or None, got "
