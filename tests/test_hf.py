@@ -327,6 +327,38 @@ def cpu_training(folder, steps: int, logging_steps: int) -> TrainingArguments:
     )
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_eas_trains_under_gradient_checkpointing(monkeypatch, reentrant):
+    """transformers' gradient checkpointing re-runs each layer in the backward pass; the
+    PIAs' states are recomputed from the same prompt: the same loss and gradients, bitwise,
+    as without checkpointing (and the layers were recomputed: more PIA calls)."""
+    from eas_kernels.runtime import EASRuntime
+
+    calls = []
+    real = EASRuntime.adapted_input
+    monkeypatch.setattr(
+        EASRuntime, "adapted_input", lambda self, *a: calls.append(1) or real(self, *a)
+    )
+    results = []
+    for checkpointing in (False, True):
+        model = E.patch_hf(tiny_llama(0), E.SkipPlan(4, [1, 2]))
+        randomize_pias(model, seed=3)
+        model.train()
+        if checkpointing:
+            kwargs = {"use_reentrant": reentrant}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        calls.clear()
+        ids = torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(4))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, len(calls)))
+    (loss, grads, plain_calls), (loss_ck, grads_ck, ck_calls) = results
+    assert ck_calls > plain_calls > 0  # the layers that have a backward ran twice
+    assert same_bits(loss[None], loss_ck[None]) and grads.keys() == grads_ck.keys() and grads
+    assert all(same_bits(grads[name], grads_ck[name]) for name in grads)
+
+
 def test_trainer_trains_pias_with_the_label_prompt_mask(tmp_path):
     model = tiny_llama()
     E.patch_hf(model, E.SkipPlan(4, [2], skip_rank=8, adapter_rank=4))
