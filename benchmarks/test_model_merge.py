@@ -10,7 +10,7 @@ MHAs skipped, batch 1, PIAs random and non-zero.
 Recorded in ``extra_info``, all from the same run:
 
 * ``merge_ms`` / ``restore_ms``: medians over the rounds (the merge reads the products
-  ``Q`` from the factors the runtime keeps, :mod:`eas_kernels.merge_products`);
+  ``Q`` from the factors the runtime keeps, :mod:`eas_kernels.merge_factors`);
   ``first_merge_ms``: a merge that builds the factors (the first after new weights);
 * ``kernel_ms``: the time inside the compiled merge calls during one merge (the rest of
   ``merge_ms`` is Python: states → ``(W_u, β)`` and ``Q``, checks, swaps, biases);
@@ -122,7 +122,7 @@ def test_whole_model_merge_and_restore(benchmark, monkeypatch):
         monkeypatch.undo()
         first_merges = []
         for _ in range(5):
-            runtime._products.clear()
+            runtime._factors.clear()
             first_merges.append(timed(merge))
             runtime.unrealize()
         merge()
@@ -143,7 +143,7 @@ def test_whole_model_merge_and_restore(benchmark, monkeypatch):
         merge_gflop=round(flops / 1e9, 3),
         merge_gflop_with_factors=round(with_factors / 1e9, 3),
         target_megabytes=round(weight_bytes / 1e6, 1),
-        factor_megabytes=round(runtime._products.nbytes / 1e6, 1),
+        factor_megabytes=round(runtime._factors.nbytes / 1e6, 1),
         merge_roofline_ms=round(1e3 * merge_floor, 2),
         merge_roofline_with_factors_ms=round(1e3 * factors_floor, 2),
         restore_roofline_ms=round(1e3 * restore_floor, 2),

@@ -12,7 +12,7 @@
 namespace eas {
 
 // Bumped whenever a struct below or a binding's arguments change.
-constexpr int kAbiVersion = 6;
+constexpr int kAbiVersion = 7;
 
 // Storage dtype of a weight (and of the activations of the low-rank path).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -28,27 +28,31 @@ struct MergeTarget {
   const void* bias;      // b (out,), or nullptr for a layer without bias (zero)
   void* new_bias;        // (out,) receives b + W βᵀ, rounded once to the storage dtype
   int64_t site;          // index of the target's PIA in MergeArgs::sites
-  const float* products; // (out, r + 1) contiguous fp32 [W W_uᵀ | W βᵀ] given by the caller
-                         // (the runtime's cached factors), or nullptr: computed from W
+  const float* factors;  // (out, 2r + 2) contiguous fp32: Fᵀ = W Uᵀ, the transpose of the
+                         // low-rank path's F = [A; C; a₁; a₂] (FactorArgs), kept by the runtime
+                         // across prompts: Q = [α₁ A + α₂ C | (α₁ A + α₂ C) cᵀ + α₁ a₁ + α₂ a₂]
+                         // with the site's mix; or nullptr: Q = W [W_u; β]ᵀ from the site's up
 };
 
 // A MergeTarget's fields in the order Python passes them (binding.h's MergeTargetTuple).
 inline constexpr const char* kMergeTargetFields[] = {
-    "weight", "out", "ld", "merged", "bias", "new_bias", "site", "products"};
+    "weight", "out", "ld", "merged", "bias", "new_bias", "site", "factors"};
 
 // One PIA (one adapter site): what its targets are merged with.
 struct MergeSite {
   const float* up;       // (rank + 1, d) contiguous fp32: W_u (r rows), then β; nullptr
-                         // when every target of the site gives its products
+                         // when every target of the site gives its factors
   const float* down;     // (rank, d) contiguous fp32: W_d1
   int64_t rank;          // r
+  const float* mix;      // (rank + 2) fp32: α₁, α₂, c of the frozen state, which turn a
+                         // target's factors into Q; nullptr when no target gives factors
 };
 
 // A MergeSite's fields in the order Python passes them (binding.h's MergeSiteTuple).
-inline constexpr const char* kMergeSiteFields[] = {"up", "down", "rank"};
+inline constexpr const char* kMergeSiteFields[] = {"up", "down", "rank", "mix"};
 
-// Floats of MergeArgs::scratch: Q (q_floats = Σ over targets of out x (rank + 1), products
-// given or not), the row
+// Floats of MergeArgs::scratch: Q (q_floats = Σ over targets of out x (rank + 1), from W or
+// from the factors), the row
 // maxima (rows = Σ out), the down projections' row maxima (ranks = Σ over sites of rank)
 // and one refusal flag per target.
 constexpr int64_t merge_scratch_floats(int64_t q_floats, int64_t rows, int64_t ranks,

@@ -33,16 +33,17 @@ inline void positive(int64_t value, const char* name) {
 using MergeTargetTuple =
     std::tuple<uintptr_t, int64_t, int64_t, uintptr_t, uintptr_t, uintptr_t, int64_t, uintptr_t>;
 // A MergeSite as Python passes it: the fields of kMergeSiteFields, in that order.
-using MergeSiteTuple = std::tuple<uintptr_t, uintptr_t, int64_t>;
+using MergeSiteTuple = std::tuple<uintptr_t, uintptr_t, int64_t, uintptr_t>;
 
 inline std::vector<MergeSite> merge_sites(const std::vector<MergeSiteTuple>& sites) {
   if (sites.empty()) throw std::invalid_argument("no merge site");
   std::vector<MergeSite> converted;
-  for (const auto& [up, down, rank] : sites) {
+  for (const auto& [up, down, rank, mix] : sites) {
     positive(rank, "rank");
-    // up may be null: then every target of the site gives its products (merge_targets)
+    // up and mix may be null: merge_targets checks that each target has what it reads
     converted.push_back(MergeSite{reinterpret_cast<const float*>(up),
-                                  pointer<const float>(down, "down"), rank});
+                                  pointer<const float>(down, "down"), rank,
+                                  reinterpret_cast<const float*>(mix)});
   }
   return converted;
 }
@@ -52,17 +53,19 @@ inline std::vector<MergeTarget> merge_targets(const std::vector<MergeTargetTuple
   if (targets.empty()) throw std::invalid_argument("no merge target");
   const auto num_sites = static_cast<int64_t>(sites.size());
   std::vector<MergeTarget> converted;
-  for (const auto& [weight, out, ld, merged, bias, new_bias, site, products] : targets) {
+  for (const auto& [weight, out, ld, merged, bias, new_bias, site, factors] : targets) {
     positive(out, "out");
     if (ld < d) throw std::invalid_argument("row stride ld must be >= d");
     if (site < 0 || site >= num_sites) throw std::invalid_argument("site index out of range");
-    if (products == 0 && sites[site].up == nullptr)
-      throw std::invalid_argument("a target without products needs its site's up rows");
+    if (factors == 0 && sites[site].up == nullptr)
+      throw std::invalid_argument("a target without factors needs its site's up rows");
+    if (factors != 0 && sites[site].mix == nullptr)
+      throw std::invalid_argument("a target with factors needs its site's mix");
     converted.push_back(MergeTarget{pointer<const void>(weight, "weight"), out, ld,
                                     pointer<void>(merged, "merged"),
                                     reinterpret_cast<const void*>(bias),
                                     pointer<void>(new_bias, "new_bias"), site,
-                                    reinterpret_cast<const float*>(products)});
+                                    reinterpret_cast<const float*>(factors)});
   }
   return converted;
 }

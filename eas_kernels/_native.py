@@ -32,10 +32,10 @@ from ._checks import check_tensor
 
 # What this module speaks of the ABI (csrc/abi.h): a compiled module whose build_info()
 # reports another version, other dtype codes or other merge-target fields is not used.
-ABI_VERSION = 6
+ABI_VERSION = 7
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-MERGE_TARGET_FIELDS = ("weight", "out", "ld", "merged", "bias", "new_bias", "site", "products")
-MERGE_SITE_FIELDS = ("up", "down", "rank")
+MERGE_TARGET_FIELDS = ("weight", "out", "ld", "merged", "bias", "new_bias", "site", "factors")
+MERGE_SITE_FIELDS = ("up", "down", "rank", "mix")
 BACKENDS = ("auto", "native", "torch")
 OPS = ("merged_linear", "lowrank_factors", "add_lowrank")
 

@@ -44,7 +44,7 @@ from torch import nn
 from ._checks import first_non_finite
 from .auto import AutoChoice, ModeCosts, choose_mode, measure_costs
 from .factors import KeptFactors, tensor_versions
-from .merge_products import MergeProducts
+from .merge_factors import MergeFactors
 from .ops import (
     LowrankAdd,
     MergedTarget,
@@ -214,13 +214,13 @@ class AdapterSite:
         ]
 
 
-def _merge_arguments(sites: list[AdapterSite], products: MergeProducts) -> list[SiteMerge]:
+def _merge_arguments(sites: list[AdapterSite], kept: MergeFactors) -> list[SiteMerge]:
     """Each site's PIA and targets as :func:`~eas_kernels.ops.merge_sites` takes them, for
     all the sites of one rank, dtype, device and target shapes at once, with their frozen
-    states (batch 1): the targets' products ``Q`` from the factors ``products`` keeps
-    (:mod:`eas_kernels.merge_products`), or, for weights the native merge does not take,
-    ``(W_u, β)`` (:func:`~eas_kernels.pia.mix_up` on the stacked up projections) as fp32
-    rows ``[W_u; β]`` that the merge reads in place."""
+    states (batch 1): the targets' factors that ``kept`` keeps
+    (:mod:`eas_kernels.merge_factors`) and the state as ``mix`` ``(α₁, α₂, c)``, or, for
+    weights the native merge does not take, ``(W_u, β)`` (:func:`~eas_kernels.pia.mix_up`
+    on the stacked up projections)."""
     groups: dict[tuple, list[int]] = {}
     for index, site in enumerate(sites):
         weight = site.pia.up1.weight
@@ -231,29 +231,38 @@ def _merge_arguments(sites: list[AdapterSite], products: MergeProducts) -> list[
         group = [sites[index] for index in indices]
         states = [site.state for site in group]
         assert all(isinstance(state, PIAState) for state in states)
-        pias = [site.pia for site in group]
         alpha = torch.cat([state.alpha[:1] for state in states])
         c = torch.cat([state.c[:1] for state in states])
-        group_products = products.products(group, alpha, c)
-        rows = None
-        if group_products is None:
-            w_u, beta = mix_up(
-                alpha,
-                c,
-                torch.stack([pia.up1.weight.t() for pia in pias]),
-                torch.stack([pia.up2.weight.t() for pia in pias]),
-                torch.stack([pia.up1.bias for pia in pias]),
-                torch.stack([pia.up2.bias for pia in pias]),
-            )
-            rows = torch.cat([w_u, beta.unsqueeze(1)], dim=1).float()  # (sites, r + 1, d)
+        factors = kept.factors(group)
+        if factors is not None:
+            mix = torch.cat([alpha, c], dim=1).float()  # (sites, r + 2), rows contiguous
+            for position, (index, site) in enumerate(zip(indices, group, strict=True)):
+                arguments[index] = SiteMerge(
+                    [linear.weight for linear in site.targets],
+                    [linear.bias for linear in site.targets],
+                    site.pia.down1.weight,
+                    None,
+                    None,
+                    factors[position],
+                    mix[position],
+                )
+            continue
+        pias = [site.pia for site in group]
+        w_u, beta = mix_up(
+            alpha,
+            c,
+            torch.stack([pia.up1.weight.t() for pia in pias]),
+            torch.stack([pia.up2.weight.t() for pia in pias]),
+            torch.stack([pia.up1.bias for pia in pias]),
+            torch.stack([pia.up2.bias for pia in pias]),
+        )
         for position, (index, site) in enumerate(zip(indices, group, strict=True)):
             arguments[index] = SiteMerge(
                 [linear.weight for linear in site.targets],
                 [linear.bias for linear in site.targets],
                 site.pia.down1.weight,
-                None if rows is None else rows[position, :-1],
-                None if rows is None else rows[position, -1],
-                None if group_products is None else group_products[position],
+                w_u[position],
+                beta[position],
             )
     return [argument for argument in arguments if argument is not None]
 
@@ -347,7 +356,7 @@ class EASRuntime:
         self.auto_choice: AutoChoice | None = None  # what "auto" chose for this prompt
         self._costs: dict[int, ModeCosts] = {}  # measured per batch size, for "auto"
         self._merged: list[MergeRecord] = []
-        self._products = MergeProducts()  # factors kept across prompts for the merge
+        self._factors = MergeFactors()  # kept across prompts for the merge
         self._finite_key: tuple | None = None  # the weights' versions at the last check
 
     @property
@@ -532,7 +541,7 @@ class EASRuntime:
             return
         with torch.no_grad():
             try:
-                merged = merge_sites(_merge_arguments(sites, self._products))
+                merged = merge_sites(_merge_arguments(sites, self._factors))
             except MergeRefused as error:
                 raise ValueError(f"{sites[error.site].name}: {error}") from None
         computed = [
@@ -600,7 +609,7 @@ class EASRuntime:
         """Drop every frozen state (the skip set changed): the next call must be fresh."""
         self.unrealize()
         self._costs.clear()  # another skip set costs otherwise
-        self._products.clear()
+        self._factors.clear()
         self._move(Phase.NO_STATES)
         for site in self.sites:
             site.state = None

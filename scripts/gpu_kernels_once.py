@@ -1,8 +1,8 @@
 """Run every native kernel once on small odd shapes, for ``compute-sanitizer`` (GPU check).
 
 ``python scripts/gpu_kernels_once.py --device cuda`` calls the merge (one site, then two
-sites of different ranks in one call, the second time with the products given instead of
-``(W_u, β)``), the
+sites of different ranks in one call, the second time with the factors and the state given
+instead of ``(W_u, β)``), the
 low-rank factors and the low-rank add through their native backend, in fp32, fp16 and
 bf16, and checks each result against the PyTorch reference (loosely: this is a memory and
 race check, the precise comparisons are the tests'). Two shapes reach every launch
@@ -33,10 +33,24 @@ from eas_kernels.ops import (
 SHAPES = ((45, 3, 40), (64, 5, 70))  # (d, rank, the other site's and the factors' rank)
 
 
-def exact_products(site: SiteMerge) -> list[torch.Tensor]:
-    """``[W W_uᵀ | W βᵀ]`` of each target, float32 (what the runtime's factors give)."""
-    up = torch.cat([site.up_mix, site.beta[None]]).double()
-    return [(weight.double() @ up.t()).float().contiguous() for weight in site.weights]
+def with_factors(site: SiteMerge, generator: torch.Generator) -> tuple[SiteMerge, SiteMerge]:
+    """``site`` with ``(W_u, β)`` mixed from a random up basis ``U`` and state
+    ``(α₁, α₂, c)`` as a PIA mixes them, and the same merge given as the factors
+    ``Fᵀ = W Uᵀ`` and the state (what the runtime passes)."""
+    weight = site.weights[0]
+    rank, d = site.down_weight.shape
+    basis = torch.randn(2 * rank + 2, d, generator=generator) * 0.3
+    alpha = torch.softmax(torch.randn(2, generator=generator), dim=0)
+    c = torch.randn(rank, generator=generator) * 0.3
+    up_mix = alpha[0] * basis[:rank] + alpha[1] * basis[rank : 2 * rank]
+    beta = c @ up_mix + alpha[0] * basis[2 * rank] + alpha[1] * basis[2 * rank + 1]
+    basis = basis.to(weight.device)
+    mixed = site._replace(
+        up_mix=up_mix.to(weight.device, weight.dtype), beta=beta.to(weight.device, weight.dtype)
+    )
+    factors = [(w.double() @ basis.double().t()).float().contiguous() for w in site.weights]
+    mix = torch.cat([alpha, c]).to(weight.device)
+    return mixed, site._replace(up_mix=None, beta=None, factors=factors, mix=mix)
 
 
 def run(device: torch.device, dtype: torch.dtype, d: int, rank: int, wide: int) -> None:
@@ -63,14 +77,11 @@ def run(device: torch.device, dtype: torch.dtype, d: int, rank: int, wide: int) 
         [randn(out - 4, d)], [randn(out - 4)], randn(wide, d), randn(wide, d), randn(d)
     )
     first = SiteMerge(weights, biases, down, up, beta)
-    for given in (False, True):  # Q computed by the kernels, then read from `products`
-        sites = [first, other]
-        merged_sites = sites
+    for given in (False, True):  # Q from W and (W_u, β), then from the factors and states
+        sites = merged_sites = [first, other]
         if given:
-            merged_sites = [
-                site._replace(products=exact_products(site), up_mix=None, beta=None)
-                for site in sites
-            ]
+            pairs = [with_factors(site, generator) for site in sites]
+            sites, merged_sites = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
         together = merge_sites(merged_sites, backend="native")
         for site, targets in zip(sites, together, strict=True):
             for weight, bias, target in zip(site.weights, site.biases, targets, strict=True):

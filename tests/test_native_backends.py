@@ -101,9 +101,9 @@ def test_both_modules_report_the_abi_this_package_speaks():
         assert tuple(info["merge_site_fields"]) == _native.MERGE_SITE_FIELDS
         floats = module.merge_scratch_floats(q_floats=40, rows=10, ranks=3, targets=2)
         assert floats == 40 + 10 + 3 + 2
-    fields = dict(weight=1, out=2, ld=3, merged=4, bias=0, new_bias=5, site=0, products=6)
+    fields = dict(weight=1, out=2, ld=3, merged=4, bias=0, new_bias=5, site=0, factors=6)
     assert _native.merge_target(**fields) == (1, 2, 3, 4, 0, 5, 0, 6)
-    assert _native.merge_site(up=7, down=8, rank=3) == (7, 8, 3)
+    assert _native.merge_site(up=7, down=8, rank=3, mix=9) == (7, 8, 3, 9)
     with pytest.raises(TypeError, match="a merge target has the fields"):
         _native.merge_target(weight=1)
     with pytest.raises(TypeError, match="a merge site has the fields"):

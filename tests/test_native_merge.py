@@ -8,12 +8,14 @@ import pytest
 import torch
 
 import eas_kernels.ops.merge as merge_module
+from eas_kernels import _native
 from eas_kernels.ops import (
     free_merge_buffers,
     install_merged,
     merge_buffer_bytes,
     merged_linear,
     merged_linear_reference,
+    products_from_factors,
     restore_merged,
 )
 from tests.helpers import same_bits
@@ -401,105 +403,155 @@ def test_up_rows_are_read_in_place_only_when_beta_follows_w_u_in_float32():
         assert torch.equal(copied, torch.cat([up_mix, beta[None]]).float())
 
 
-# ---------------------------------------------------------------------- given products
-def given_products(s: dict, seed: int) -> list[torch.Tensor]:
-    """Random non-zero products ``Q`` ``(out, r + 1)`` float32 — not ``W [W_u; β]ᵀ``, so a
-    kernel that computed its own instead of reading them would be caught."""
+# ---------------------------------------------------------------------- given factors
+def given_factors(s: dict, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Random non-zero factors ``Fᵀ`` ``(out, 2r + 2)`` per target and a random state
+    ``mix = (α₁, α₂, c)`` ``(r + 2,)``, float32 — not ``W Uᵀ`` for the site's ``(W_u, β)``,
+    so a kernel that computed ``Q`` from ``W`` instead of reading them would be caught."""
     generator = torch.Generator().manual_seed(seed)
     rank = s["down_weight"].shape[0]
-    return [
-        (torch.randn(w.shape[0], rank + 1, generator=generator) * 0.5).to(w.device)
+    device = s["weights"][0].device
+    factors = [
+        (torch.randn(w.shape[0], 2 * rank + 2, generator=generator) * 0.5).to(device)
         for w in s["weights"]
     ]
+    alpha = torch.softmax(torch.randn(2, generator=generator), dim=0)
+    mix = torch.cat([alpha, torch.randn(rank, generator=generator) * 0.5]).to(device)
+    return factors, mix
 
 
-def merged_from_products(
-    weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor, q: torch.Tensor
+def merged_from_factors(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    down: torch.Tensor,
+    factors: torch.Tensor,
+    mix: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``W + Q[:, :r] W_d1`` and ``b + Q[:, r]`` in ``weight``'s dtype (float32 accumulation;
-    float64 in, float64 out)."""
+    """``W + P W_d1`` and ``b + Q[:, r]`` for ``Q = [P | ·]`` from the factors and the mix
+    (:func:`products_from_factors`), in ``weight``'s dtype; float32 accumulation, float64
+    in, float64 out."""
     compute = torch.promote_types(weight.dtype, torch.float32)
     rank = down.shape[0]
-    new_weight = torch.addmm(weight.to(compute), q[:, :rank].to(compute), down.to(compute))
-    new_bias = q[:, rank].to(compute) + (0 if bias is None else bias.to(compute))
+    q = products_from_factors(factors.to(compute), mix.to(compute))
+    new_weight = torch.addmm(weight.to(compute), q[:, :rank], down.to(compute))
+    new_bias = q[:, rank] + (0 if bias is None else bias.to(compute))
     return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
 
 
 @pytest.mark.parametrize("outs, dim, rank", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kernels", KERNELS)
-def test_given_products_are_read_instead_of_computed(kernels, monkeypatch, outs, dim, rank, dtype):
-    """With ``products``, W' = W + Q[:, :r] W_d1 and b' = b + Q[:, r] for the Q given."""
+def test_given_factors_are_read_instead_of_computing_q_from_w(
+    kernels, monkeypatch, outs, dim, rank, dtype
+):
+    """With ``factors`` and ``mix``, W' = W + P W_d1 and b' = b + Q[:, r] for
+    ``Q = [P | P cᵀ + α₁ a₁ + α₂ a₂]``, ``P = α₁ A + α₂ C`` of the factors given."""
     with on_kernels(kernels) as device:
         s = site(outs, dim, rank, dtype, seed=dim + 2 * rank, device=device)
-        products = given_products(s, seed=dim)
+        factors, mix = given_factors(s, seed=dim)
         monkeypatch.setattr(merge_module, "torch", PoisonedTorch())
-        merged = merged_linear(s["weights"], s["biases"], *pia_args(s), products, backend="native")
+        merged = merged_linear(
+            s["weights"], s["biases"], *pia_args(s), factors, mix, backend="native"
+        )
         down = s["down_weight"]
-        targets = zip(s["weights"], s["biases"], products, strict=True)
-        for i, (weight, bias, q) in enumerate(targets):
-            reference = merged_from_products(weight, bias, down, q)
-            exact = merged_from_products(*in_float64(weight, bias, down, q))
-            magnitude = merged_from_products(*in_float64(weight, bias, down, q, absolute=True))
+        targets = zip(s["weights"], s["biases"], factors, strict=True)
+        for i, (weight, bias, f) in enumerate(targets):
+            reference = merged_from_factors(weight, bias, down, f, mix)
+            exact = merged_from_factors(*in_float64(weight, bias, down, f, mix))
+            magnitude = merged_from_factors(*in_float64(weight, bias, down, f, mix, absolute=True))
+            # P: 2 roundings; W': r terms and W; b': r terms, α₁ a₁, α₂ a₂ and b
             for name, ours, torch_own, exact_, magnitude_, roundings in zip(
-                ("weight", "bias"), merged[i], reference, exact, magnitude, (rank + 1, 1),
+                ("weight", "bias"), merged[i], reference, exact, magnitude, (rank + 3, rank + 5),
                 strict=True,
             ):  # fmt: skip
                 assert_float32_accumulation(ours, torch_own, exact_, magnitude_, roundings, name)
 
 
-@pytest.mark.parametrize("where", ["products", "weight"])
+@pytest.mark.parametrize(
+    "where, refused", [("factors", "24, 24"), ("mix", "40, 24"), ("weight", "24, 24")]
+)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("kernels", KERNELS)
-def test_non_finite_products_or_weights_are_refused_with_products_given(kernels, where, value):
+def test_non_finite_factors_or_weights_are_refused_with_factors_given(
+    kernels, where, refused, value
+):
     with on_kernels(kernels) as device:
         s = site([40, 24], 24, 5, torch.float32, seed=7, device=device)
-        products = given_products(s, seed=8)
-        (products if where == "products" else s["weights"])[1][3, 2] = value
+        factors, mix = given_factors(s, seed=8)
+        if where == "mix":
+            mix[0] = value
+        else:
+            (factors if where == "factors" else s["weights"])[1][3, 2] = value
         before = [w.clone() for w in s["weights"]]
-        with pytest.raises(ValueError, match=r"\(24, 24\) weight gives NaN or Inf"):
-            merged_linear(s["weights"], s["biases"], *pia_args(s), products, backend="native")
+        with pytest.raises(ValueError, match=rf"\({refused}\) weight gives NaN or Inf"):
+            merged_linear(s["weights"], s["biases"], *pia_args(s), factors, mix, backend="native")
         assert all(same_bits(w, b) for w, b in zip(s["weights"], before, strict=True))
 
 
-def test_bad_products_are_refused_with_a_clear_error():
+def test_bad_factors_are_refused_with_a_clear_error():
     s = site([40, 24], 24, 5, torch.float32, seed=9)
-    good = given_products(s, seed=10)
+    good, mix = given_factors(s, seed=10)
     cases = [
-        (good[0], TypeError, "products must be a sequence"),
-        (good[:1], ValueError, "got 2 weights but 1 products"),
-        ([good[0], good[1][:, :5]], ValueError, r"products\[1\] must have shape \(24, 6\)"),
-        ([good[0], good[1].double()], TypeError, r"products\[1\]"),
-        ([good[0], good[1].t().contiguous().t()], ValueError, r"products\[1\] must"),
+        (good[0], mix, TypeError, "factors must be a sequence"),
+        (good[:1], mix, ValueError, "got 2 weights but 1 factors"),
+        ([good[0], good[1][:, :5]], mix, ValueError, r"factors\[1\] must have shape \(24, 12\)"),
+        ([good[0], good[1].double()], mix, TypeError, r"factors\[1\]"),
+        ([good[0], good[1].t().contiguous().t()], mix, ValueError, r"factors\[1\] must"),
+        (good, None, ValueError, r"mix is needed with factors: the state \(α₁, α₂, c\)"),
+        (good, mix[:-1], ValueError, r"mix must have shape \(7,\)"),
+        (good, mix.double(), TypeError, "mix"),
+        (None, mix, ValueError, "mix is given without factors"),
     ]
-    for products, error, message in cases:
+    for factors, state, error, message in cases:
         with pytest.raises(error, match=message):
-            merged_linear(s["weights"], s["biases"], *pia_args(s), products, backend="native")
+            merged_linear(s["weights"], s["biases"], *pia_args(s), factors, state, backend="native")
 
 
 @pytest.mark.parametrize("kernels", [*KERNELS, None])  # None: the torch backend, on the CPU
-def test_with_products_the_mixed_up_projection_may_be_left_out(kernels):
-    """Nothing reads ``(W_u, β)`` when every target gives its products: the same merge
+def test_with_factors_the_mixed_up_projection_may_be_left_out(kernels):
+    """Nothing reads ``(W_u, β)`` when every target gives its factors: the same merge
     without them; without either, a clear error."""
     backend = "torch" if kernels is None else "native"
     place = contextlib.nullcontext(torch.device("cpu")) if kernels is None else on_kernels(kernels)
     with place as device:
         s = site([40, 24], 24, 5, torch.float32, seed=11, device=device)
-        products = given_products(s, seed=12)
+        factors, mix = given_factors(s, seed=12)
         args = (s["weights"], s["biases"], s["down_weight"])
         with_rows = [
             (t.merged.clone(), t.bias.clone())
-            for t in merged_linear(*args, s["up_mix"], s["beta"], products, backend=backend)
+            for t in merged_linear(*args, s["up_mix"], s["beta"], factors, mix, backend=backend)
         ]
         free_merge_buffers()
-        without = merged_linear(*args, None, None, products, backend=backend)
+        without = merged_linear(*args, None, None, factors, mix, backend=backend)
         for (weight, bias), target in zip(with_rows, without, strict=True):
-            if backend == "native":  # both read the products
+            if backend == "native":  # both read the factors
                 assert same_bits(target.merged, weight) and same_bits(target.bias, bias)
-        for w, b, q, target in zip(s["weights"], s["biases"], products, without, strict=True):
-            expected = merged_from_products(w, b, s["down_weight"], q)
+        for w, b, f, target in zip(s["weights"], s["biases"], factors, without, strict=True):
+            expected = merged_from_factors(w, b, s["down_weight"], f, mix)
             torch.testing.assert_close(target.merged, expected[0], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(target.bias, expected[1], rtol=1e-5, atol=1e-5)
-        for up_mix, beta, given in [(None, None, None), (s["up_mix"], None, products)]:
+        for up_mix, beta, given in [(None, None, None), (s["up_mix"], None, factors)]:
             with pytest.raises(ValueError, match="up_mix and beta are both needed"):
-                merged_linear(*args, up_mix, beta, given, backend=backend)
+                merged_linear(*args, up_mix, beta, given, mix if given else None, backend=backend)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_the_binding_refuses_a_target_without_what_it_reads(kernels):
+    """Below the Python checks, the modules' bindings (csrc/binding.h) refuse a target
+    with factors whose site has no mix, and one without factors whose site has no up rows."""
+    with on_kernels(kernels) as device:
+        s = site([4], 8, 2, torch.float32, seed=13, bias=False, device=device)
+        weight = s["weights"][0]
+        merged, new_bias = torch.empty_like(weight), torch.empty(4, device=device)
+        factors, scratch = torch.randn(4, 6, device=device), torch.empty(64, device=device)
+        down = s["down_weight"].data_ptr()
+        for given, message in [(factors.data_ptr(), "needs its site's mix"), (0, "up rows")]:
+            target = _native.merge_target(
+                weight=weight.data_ptr(), out=4, ld=8, merged=merged.data_ptr(), bias=0,
+                new_bias=new_bias.data_ptr(), site=0, factors=given,
+            )  # fmt: skip
+            no_rows = _native.merge_site(up=0, down=down, rank=2, mix=0)
+            with pytest.raises(ValueError, match=message):
+                _native.module(device).merge(
+                    [target], [no_rows], 0, 8, scratch.data_ptr(), *_native.launch_args(device)
+                )

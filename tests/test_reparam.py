@@ -218,7 +218,7 @@ def test_every_mode_refuses_a_non_finite_state_at_the_first_decode(mode):
 
 def test_a_merge_refused_for_one_site_installs_nothing(monkeypatch):
     """Every site of the model is merged in one call; the refusal of layer 1's site comes
-    from the merge itself, which sees an Inf in the products of layer 1's targets, as an
+    from the merge itself, which sees an Inf in the factors of layer 1's targets, as an
     fp16 overflow would produce. The error names the site, and
     no weight of any layer is changed — layer 0's, merged into buffers before the refusal
     was known, included."""
@@ -235,10 +235,10 @@ def test_a_merge_refused_for_one_site_installs_nothing(monkeypatch):
         sites = list(sites)
         for index, site in enumerate(sites):
             if any(weight is failing for weight in site.weights):
-                assert site.products is not None and site.up_mix is None  # kept factors
-                products = [product.clone() for product in site.products]
-                products[1][0, 0] = float("inf")
-                sites[index] = site._replace(products=products)
+                assert site.factors is not None and site.up_mix is None  # kept factors
+                factors = [factor.clone() for factor in site.factors]
+                factors[1][0, 0] = float("inf")
+                sites[index] = site._replace(factors=factors)
         return real_merge(sites, **kwargs)
 
     monkeypatch.setattr(runtime_module, "merge_sites", overflowing_merge)

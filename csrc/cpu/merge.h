@@ -4,18 +4,21 @@
 // of its site (MergeTarget::site) in fp32:
 //
 //   Q  = W [W_u; β]ᵀ                 (out x (r+1)): P = Q[:, :r] = W W_uᵀ, Q[:, r] = W βᵀ,
-//                                    or MergeTarget::products when the caller gives Q
+//                                    or from the target's factors Fᵀ = [A | C | a₁ | a₂]
+//                                    (out x (2r+2)) and the site's mix (α₁, α₂, c):
+//                                    P = α₁ A + α₂ C, Q[:, r] = P cᵀ + α₁ a₁ + α₂ a₂
 //   W' = round(W + P W_d1)           into `merged`; fp32 accumulation, one rounding
 //   b' = round(b + W βᵀ)             into new_bias
 //
 // in one pass over blocks of rows (of all targets of all sites, in parallel): Q of the block
-// by register-tiled dot products, then W' of the block while its rows of W are still in
-// cache (with non-temporal stores where aligned: W' is not read again here), and b'.
-// Every entry of Q, b' and W' is checked finite as it is produced; W itself is never
-// written (the caller swaps `merged` in). 4·out·d·r flops (2·out·d·r with Q
-// given); W read once from memory, `merged` written once.
+// by register-tiled dot products (or from the factors' rows), then W' of the block while
+// its rows of W are still in cache (with non-temporal stores where aligned: W' is not read
+// again here), and b'. Every entry of Q, b' and W' is checked finite as it is produced; W
+// itself is never written (the caller swaps `merged` in). 4·out·d·r flops (2·out·d·r from
+// factors); W read once from memory, `merged` written once.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "../abi.h"
@@ -34,8 +37,26 @@ inline int64_t block_rows(int64_t d) {
   return unit * (units > 1 ? units : 1);
 }
 
-// Rows [row0, row1) of one target: Q (its products, or computed into `scratch`, the
-// target's (out, r + 1) floats), b' and W'; whether all of them are finite.
+// Rows [row0, row1) of Q (ldq = r + 1) from the factors' rows Fᵀ (2r + 2 each) and the
+// mix (α₁, α₂, c), in the order of operations csrc/cuda/merge.cu's factors_kernel uses.
+inline void q_from_factors(const float* factors, const float* mix, int64_t r, int64_t row0,
+                           int64_t row1, float* q) {
+  const float a1 = mix[0], a2 = mix[1];
+  const float* c = mix + 2;
+  for (int64_t o = row0; o < row1; ++o) {
+    const float* f = factors + o * (2 * r + 2);
+    float* q_row = q + o * (r + 1);
+    float bias = 0.0f;
+    for (int64_t k = 0; k < r; ++k) {
+      q_row[k] = std::fma(a2, f[r + k], a1 * f[k]);
+      bias = std::fma(q_row[k], c[k], bias);
+    }
+    q_row[r] = std::fma(a2, f[2 * r + 1], std::fma(a1, f[2 * r], bias));
+  }
+}
+
+// Rows [row0, row1) of one target: Q (computed into `scratch`, the target's (out, r + 1)
+// floats, from W or from its factors), b' and W'; whether all of them are finite.
 template <class S, class T>
 inline bool merge_rows(const MergeArgs& a, const MergeTarget& tg, int64_t row0, int64_t row1,
                        float* scratch) {
@@ -43,11 +64,12 @@ inline bool merge_rows(const MergeArgs& a, const MergeTarget& tg, int64_t row0, 
   const int64_t d = a.d, r = site.rank, ldq = r + 1;
   const T* w = static_cast<const T*>(tg.weight);
   T* merged = static_cast<T*>(tg.merged);
-  const float* q = tg.products;
-  if (q == nullptr) {
+  if (tg.factors != nullptr) {
+    q_from_factors(tg.factors, site.mix, r, row0, row1, scratch);
+  } else {
     dot_block<S, T>(w, tg.ld, row0, row1, site.up, r + 1, d, scratch, ldq, 1);
-    q = scratch;
   }
+  const float* q = scratch;
   bool finite = true;
   for (int64_t o = row0; o < row1; ++o) {
     const float* q_row = q + o * ldq;

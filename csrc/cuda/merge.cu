@@ -4,14 +4,16 @@
 // (MergeTarget::site) in fp32 — the same math and order of operations as csrc/cpu/merge.h:
 //
 //   Q  = W [W_u; β]ᵀ          (out x (r+1)), dots_kernel: P = Q[:, :r], W βᵀ = Q[:, r]
-//                             (or MergeTarget::products, given by the caller)
+//                             (or factors_kernel, from the target's factors and the site's
+//                             mix: P = α₁ A + α₂ C, Q[:, r] = P cᵀ + α₁ a₁ + α₂ a₂)
 //   W' = round(W + Δ),  Δ = Σ_k P[:, k] W_d1[k, :] summed from zero, k ascending, fmaf
 //   b' = round(b + W βᵀ)
 //
 // W is only read, twice (steps 1 and 3); W' goes to the target's `merged` buffer
 // (MergeTarget).
-// 1. dots_kernel: Q and the row maxima max_j |W[o, j]| in one read of W (row_max_kernel:
-//    the maxima alone, Inf for a row that is not finite, when the target gives Q);
+// 1. dots_kernel: Q and the row maxima max_j |W[o, j]| in one read of W (for a target with
+//    factors: factors_kernel for Q, and row_max_kernel for the maxima alone, Inf for a row
+//    that is not finite);
 //    down_max_kernel: max_j |W_d1[k, j]|, Inf if row k is not finite;
 // 2. check_kernel, one warp per row: finite Q row and b', and W' finite — cleared by the
 //    bound max|W_o| + Σ_k |P_ok| max|W_d1[k, :]| < max_finite(T) / 2, else computed and
@@ -54,6 +56,24 @@ __global__ void down_max_kernel(const float* __restrict__ down, int64_t d, float
     for (int i = 1; i < kThreads / 32; ++i) m = fmaxf(m, partial[i]);
     out[blockIdx.x] = bad ? INFINITY : m;
   }
+}
+
+// Q (out x (r + 1)) from the factors Fᵀ (out x (2r + 2)) and mix = (α₁, α₂, c), one thread
+// per row, in the order of operations of csrc/cpu/merge.h's q_from_factors.
+__global__ void factors_kernel(const float* __restrict__ factors, const float* __restrict__ mix,
+                               int64_t out, int64_t r, float* __restrict__ q) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (row >= out) return;
+  const float a1 = mix[0], a2 = mix[1];
+  const float* f = factors + row * (2 * r + 2);
+  float* qr = q + row * (r + 1);
+  float bias = 0.0f;
+  for (int64_t k = 0; k < r; ++k) {
+    const float p = fmaf(a2, f[r + k], a1 * f[k]);
+    qr[k] = p;
+    bias = fmaf(p, mix[2 + k], bias);
+  }
+  qr[r] = fmaf(a2, f[2 * r + 1], fmaf(a1, f[2 * r], bias));
 }
 
 // maxima[o] = max_j |W[o, j]|, Inf if row o is not finite; one warp per row.
@@ -165,7 +185,7 @@ std::string target_shape(int t, const MergeTarget& tg, int64_t d, int64_t r) {
 struct MergeGrids {
   std::vector<dim3> down_max;            // per site
   std::vector<DotsLaunch> dots;          // per target
-  std::vector<dim3> check, update;       // per target
+  std::vector<dim3> factors, check, update;  // per target
 };
 
 MergeGrids merge_grids(const MergeArgs& a) {
@@ -183,6 +203,7 @@ MergeGrids merge_grids(const MergeArgs& a) {
     const int64_t r = a.sites[tg.site].rank;
     const std::string shape = target_shape(t, tg, d, r);
     g.dots.push_back(dots_launch(tg.weight, tg.ld, element, tg.out, r + 1, "merge", shape));
+    g.factors.push_back(grid_of(blocks(tg.out, kThreads), 1, 1, "merge", "factors_kernel", shape));
     g.check.push_back(
         grid_of(blocks(tg.out, kThreads / 32), 1, 1, "merge", "check_kernel", shape));
     // row tiles along y: out <= 65535 * kRows = 2,097,120
@@ -199,6 +220,7 @@ int merge_typed(const MergeArgs& a, const MergeGrids& grids, cudaStream_t stream
   // that no launch of phase 3 fails after an earlier target was computed.
   preload(down_max_kernel, kThreads, "merge: loading down_max_kernel");
   preload_dots<T>("merge: loading dots_kernel");
+  preload(factors_kernel, kThreads, "merge: loading factors_kernel");
   preload(row_max_kernel<T>, kThreads, "merge: loading row_max_kernel");
   preload(check_kernel<T>, kThreads, "merge: loading check_kernel");
   preload(update_kernel<T>, kThreads, "merge: loading update_kernel");
@@ -228,22 +250,21 @@ int merge_typed(const MergeArgs& a, const MergeGrids& grids, cudaStream_t stream
                                                                  down_max + down_of[s]);
     check(cudaGetLastError(), "merge: launching down_max_kernel");
   }
-  std::vector<const float*> q_used(a.num_targets);  // each target's Q: given or computed
   for (int t = 0; t < a.num_targets; ++t) {
     const MergeTarget& tg = a.targets[t];
     const MergeSite& site = a.sites[tg.site];
     const int64_t r = site.rank;
     const T* w = static_cast<const T*>(tg.weight);
-    const float* q_t = tg.products;
-    if (q_t == nullptr) {
-      launch_dots<T>(grids.dots[t], w, tg.ld, tg.out, site.up, r + 1, d, q + q_of[t], r + 1, 1,
+    float* q_t = q + q_of[t];
+    if (tg.factors == nullptr) {
+      launch_dots<T>(grids.dots[t], w, tg.ld, tg.out, site.up, r + 1, d, q_t, r + 1, 1,
                      maxima + row_of[t], stream);
-      q_t = q + q_of[t];
     } else {
+      factors_kernel<<<grids.factors[t], kThreads, 0, stream>>>(tg.factors, site.mix, tg.out, r,
+                                                                 q_t);
       row_max_kernel<T><<<grids.check[t], kThreads, 0, stream>>>(w, tg.ld, tg.out, d,
                                                                   maxima + row_of[t]);
     }
-    q_used[t] = q_t;
     check_kernel<T><<<grids.check[t], kThreads, 0, stream>>>(
         w, tg.ld, tg.out, d, r, static_cast<const T*>(tg.bias), static_cast<T*>(tg.new_bias), q_t,
         maxima + row_of[t], site.down, down_max + down_of[tg.site], refused + t);
@@ -262,7 +283,7 @@ int merge_typed(const MergeArgs& a, const MergeGrids& grids, cudaStream_t stream
     const MergeSite& site = a.sites[tg.site];
     update_kernel<T><<<grids.update[t], kThreads, 0, stream>>>(
         static_cast<const T*>(tg.weight), tg.ld, static_cast<T*>(tg.merged), tg.out, d, site.rank,
-        q_used[t], site.down);
+        q + q_of[t], site.down);
     if (const cudaError_t status = cudaGetLastError(); status != cudaSuccess)
       check(status, ("merge: launching phase 3 of " + target_shape(t, tg, d, site.rank) +
                      " (no weight was written: they are only read)")

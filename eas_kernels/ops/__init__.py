@@ -30,6 +30,7 @@ from .merge import (
     merge_sites,
     merged_linear,
     merged_linear_reference,
+    products_from_factors,
     restore_merged,
 )
 
@@ -87,5 +88,6 @@ __all__ = [
     "pia_backend",
     "merge_buffer_bytes",
     "merge_sites",
+    "products_from_factors",
     "restore_merged",
 ]

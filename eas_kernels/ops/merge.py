@@ -60,16 +60,18 @@ def merged_linear_reference(
 
 class SiteMerge(NamedTuple):
     """One PIA and the layers that read it, as :func:`merge_sites` takes them: the
-    arguments of :func:`merged_linear`, and optionally each target's products.
+    arguments of :func:`merged_linear`, optionally with each target's factors.
 
-    ``products``: per weight, ``Q = [W W_uᵀ | W βᵀ]`` ``(out, r + 1)`` contiguous float32
-    when the caller has them (the runtime builds them from factors it keeps across
-    prompts, :mod:`eas_kernels.merge_products`): the native kernels then read
-    ``Q`` instead of computing it from ``W`` (``2·out·d·r`` flops instead of ``4·out·d·r``)
-    and still check every entry of ``Q``, ``W'`` and ``b'`` finite. They must equal
-    ``W [W_u; β]ᵀ`` up to float32 rounding. With products, ``up_mix`` and ``beta`` may be
-    None (nothing reads them then); the torch backend computes its own ``Q`` from them
-    when they are given, else uses the products.
+    ``factors``: per weight, ``Fᵀ = W Uᵀ`` ``(out, 2r + 2)`` contiguous float32, with
+    ``U = [W_u1ᵀ; W_u2ᵀ; b_u1; b_u2]`` the PIA's up basis (:meth:`eas_kernels.PIA.up_basis`)
+    — independent of the state, so the runtime keeps them across prompts
+    (:mod:`eas_kernels.merge_factors`) — and ``mix``: the frozen state ``(α₁, α₂, c)``
+    ``(r + 2,)`` contiguous float32. The kernels then take ``Q = [W W_uᵀ | W βᵀ]`` from them
+    (:func:`products_from_factors`, ``O(out · r)``) instead of from ``W``
+    (``2·out·d·r`` flops instead of ``4·out·d·r``), and still check every entry of ``Q``,
+    ``W'`` and ``b'`` finite. With factors, ``up_mix`` and ``beta`` may be None (nothing
+    reads them then); the torch backend computes its own ``Q`` from them when they are
+    given, else from the factors.
     """
 
     weights: Sequence[torch.Tensor]
@@ -77,7 +79,21 @@ class SiteMerge(NamedTuple):
     down_weight: torch.Tensor
     up_mix: torch.Tensor | None
     beta: torch.Tensor | None
-    products: Sequence[torch.Tensor] | None = None
+    factors: Sequence[torch.Tensor] | None = None
+    mix: torch.Tensor | None = None
+
+
+def products_from_factors(factors: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """``Q = [P | P cᵀ + α₁ a₁ + α₂ a₂]`` ``(out, r + 1)`` with ``P = α₁ A + α₂ C``, from
+    the factors ``Fᵀ = [A | C | a₁ | a₂]`` ``(out, 2r + 2)`` and ``mix = (α₁, α₂, c)``
+    ``(r + 2,)``: equal to ``W [W_u; β]ᵀ`` for ``W_u`` and ``β`` mixed from that state
+    (:func:`eas_kernels.pia.mix_up`), since ``W_u = α₁ W_u1ᵀ + α₂ W_u2ᵀ`` and
+    ``β = c W_u + α₁ b_u1 + α₂ b_u2``. In the inputs' dtype."""
+    rank = mix.shape[0] - 2
+    a1, a2, c = mix[0], mix[1], mix[2:]
+    p = a1 * factors[:, :rank] + a2 * factors[:, rank : 2 * rank]
+    bias = p @ c + a1 * factors[:, 2 * rank] + a2 * factors[:, 2 * rank + 1]
+    return torch.cat([p, bias.unsqueeze(1)], dim=1)
 
 
 class MergeRefused(ValueError):
@@ -152,7 +168,8 @@ def _check_site(
     down_weight: torch.Tensor,
     up_mix: torch.Tensor | None,
     beta: torch.Tensor | None,
-    products: Sequence[torch.Tensor] | None = None,
+    factors: Sequence[torch.Tensor] | None = None,
+    mix: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """Validate a site's arguments; return ``(d, r)``."""
     if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence) or not weights:
@@ -186,8 +203,8 @@ def _check_site(
             f"down_weight must have shape (r >= 1, {d}), got {tuple(down_weight.shape)}"
         )
     if up_mix is None or beta is None:
-        if up_mix is not None or beta is not None or products is None:
-            raise ValueError("up_mix and beta are both needed, unless products are given")
+        if up_mix is not None or beta is not None or factors is None:
+            raise ValueError("up_mix and beta are both needed, unless factors are given")
     else:
         check_tensor(up_mix, "up_mix", ndim=2, device=device, floating=True)
         if tuple(up_mix.shape) != (rank, d):
@@ -195,20 +212,24 @@ def _check_site(
         check_tensor(beta, "beta", ndim=1, device=device, floating=True)
         if tuple(beta.shape) != (d,):
             raise ValueError(f"beta must have shape ({d},), got {tuple(beta.shape)}")
-    if products is not None:
-        if isinstance(products, torch.Tensor) or not isinstance(products, Sequence):
-            raise TypeError("products must be a sequence of (out, r + 1) tensors or None")
-        if len(products) != len(weights):
-            raise ValueError(f"got {len(weights)} weights but {len(products)} products")
-        for index, (weight, product) in enumerate(zip(weights, products, strict=True)):
-            shape = (weight.shape[0], rank + 1)
-            _native.check_rows(
-                product, f"products[{index}]", dtype=torch.float32, device=device, shape=shape
-            )
-            if not product.is_contiguous():
-                raise ValueError(
-                    f"products[{index}] must be contiguous, got strides {product.stride()}"
-                )
+    if factors is None:
+        if mix is not None:
+            raise ValueError("mix is given without factors")
+        return d, rank
+    if isinstance(factors, torch.Tensor) or not isinstance(factors, Sequence):
+        raise TypeError("factors must be a sequence of (out, 2r + 2) tensors or None")
+    if len(factors) != len(weights):
+        raise ValueError(f"got {len(weights)} weights but {len(factors)} factors")
+    checks = [
+        (f"factors[{index}]", factor, (weight.shape[0], 2 * rank + 2))
+        for index, (weight, factor) in enumerate(zip(weights, factors, strict=True))
+    ]
+    for name, tensor, shape in [*checks, ("mix", mix, (rank + 2,))]:
+        if tensor is None:
+            raise ValueError(f"{name} is needed with factors: the state (α₁, α₂, c)")
+        _native.check_rows(tensor, name, dtype=torch.float32, device=device, shape=shape)
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {tensor.stride()}")
     return d, rank
 
 
@@ -226,7 +247,8 @@ def merged_linear(
     down_weight: torch.Tensor,
     up_mix: torch.Tensor | None,
     beta: torch.Tensor | None,
-    products: Sequence[torch.Tensor] | None = None,
+    factors: Sequence[torch.Tensor] | None = None,
+    mix: torch.Tensor | None = None,
     *,
     backend: str | None = None,
 ) -> list[MergedTarget]:
@@ -238,9 +260,9 @@ def merged_linear(
         biases: per weight, ``b`` ``(out_i,)`` or None (zero); read only.
         down_weight: ``W_d1`` ``(r, d)``; ``up_mix``: ``W_u`` ``(r, d)``; ``beta``: ``β``
             ``(d,)`` — any floating dtype, same device.
-        products: per weight, ``[W W_uᵀ | W βᵀ]`` ``(out_i, r + 1)`` float32 when the
-            caller has them (:class:`SiteMerge`; ``up_mix`` and ``beta`` may then be
-            None), else None.
+        factors, mix: per weight, ``Fᵀ = W Uᵀ`` ``(out_i, 2r + 2)`` float32, and the
+            state ``(α₁, α₂, c)`` ``(r + 2,)`` float32, when the caller keeps them
+            (:class:`SiteMerge`; ``up_mix`` and ``beta`` may then be None), else None.
         backend: ``"auto"``, ``"native"`` or ``"torch"`` (None: ``EAS_BACKEND`` or auto).
 
     Returns, per weight, ``W' = W + (W W_uᵀ) W_d1`` in the weight's merged buffer (kept
@@ -250,7 +272,7 @@ def merged_linear(
     Raises ValueError (:class:`MergeRefused`), naming the weight's shape, when a ``W'`` or
     ``b'`` would hold NaN or Inf in the weight's dtype; no weight is ever written.
     """
-    site = SiteMerge(weights, biases, down_weight, up_mix, beta, products)
+    site = SiteMerge(weights, biases, down_weight, up_mix, beta, factors, mix)
     return merge_sites([site], backend=backend)[0]
 
 
@@ -296,12 +318,15 @@ def merge_sites(
     for index, (site, (_, rank)) in enumerate(zip(sites, shapes, strict=True)):
         down = _native.fp32_rows(site.down_weight)
         keep_alive.append(down)
-        up_address = 0  # no rows: every target gives its products
+        up_address = 0  # no rows: every target gives its factors
         if site.up_mix is not None and site.beta is not None:
             up = _up_rows(site.up_mix, site.beta)  # (r + 1, d) fp32
             keep_alive.append(up)
             up_address = up.data_ptr()
-        site_args.append(_native.merge_site(up=up_address, down=down.data_ptr(), rank=rank))
+        mix = 0 if site.mix is None else site.mix.data_ptr()
+        site_args.append(
+            _native.merge_site(up=up_address, down=down.data_ptr(), rank=rank, mix=mix)
+        )
         ranks += rank
         merged_targets = []
         for position, (weight, bias) in enumerate(zip(site.weights, site.biases, strict=True)):
@@ -318,7 +343,7 @@ def merge_sites(
                     bias=0 if bias is None else bias.data_ptr(),
                     new_bias=new_bias.data_ptr(),
                     site=index,
-                    products=0 if site.products is None else site.products[position].data_ptr(),
+                    factors=0 if site.factors is None else site.factors[position].data_ptr(),
                 )
             )
             merged_targets.append(MergedTarget(merged, new_bias))
@@ -360,7 +385,7 @@ def _merged_from_products(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``W + Q[:, :r] W_d1`` and ``b + Q[:, r]`` with float32 accumulation (float64 stays
     float64), one rounding: the second half of :func:`merged_linear_reference`, and what
-    the torch backend computes from given products."""
+    the torch backend computes from the products of given factors."""
     compute = torch.promote_types(weight.dtype, torch.float32)
     rank = down_weight.shape[0]
     new_weight = torch.addmm(weight.to(compute), q[:, :rank].to(compute), down_weight.to(compute))
@@ -373,7 +398,7 @@ def _merged_from_products(
 def _tensors_of(site: SiteMerge) -> list[torch.Tensor | None]:  # None where absent
     return [
         *site.weights, *site.biases, site.down_weight, site.up_mix, site.beta,
-        *(site.products or ()),
+        *(site.factors or ()), site.mix,
     ]  # fmt: skip
 
 
@@ -384,10 +409,10 @@ def _merge_with_torch(index: int, site: SiteMerge) -> list[MergedTarget]:
             for w, b in zip(site.weights, site.biases, strict=True)
         ]
     else:
-        assert site.products is not None
+        assert site.factors is not None and site.mix is not None
         merged = [
-            _merged_from_products(w, b, site.down_weight, q)
-            for w, b, q in zip(site.weights, site.biases, site.products, strict=True)
+            _merged_from_products(w, b, site.down_weight, products_from_factors(f, site.mix))
+            for w, b, f in zip(site.weights, site.biases, site.factors, strict=True)
         ]
     for weight, (new_weight, new_bias) in zip(site.weights, merged, strict=True):
         if not (bool(torch.isfinite(new_weight).all()) and bool(torch.isfinite(new_bias).all())):
