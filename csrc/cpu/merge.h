@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "../abi.h"
 #include "parallel.h"
@@ -37,13 +38,14 @@ inline int64_t block_rows(int64_t d) {
   return unit * (units > 1 ? units : 1);
 }
 
-// Rows [row0, row1) of Q (ldq = r + 1) from the factors' rows Fᵀ (2r + 2 each) and the
-// mix (α₁, α₂, c), in the order of operations csrc/cuda/merge.cu's factors_kernel uses.
-inline void q_from_factors(const float* factors, const float* mix, int64_t r, int64_t row0,
-                           int64_t row1, float* q) {
+// `rows` rows of Q (r + 1 floats each) into `q` from as many rows of the factors Fᵀ
+// (2r + 2 floats each) and the mix (α₁, α₂, c), in the order of operations of
+// csrc/cuda/merge.cu's factors_kernel.
+inline void q_from_factors(const float* factors, const float* mix, int64_t r, int64_t rows,
+                           float* q) {
   const float a1 = mix[0], a2 = mix[1];
   const float* c = mix + 2;
-  for (int64_t o = row0; o < row1; ++o) {
+  for (int64_t o = 0; o < rows; ++o) {
     const float* f = factors + o * (2 * r + 2);
     float* q_row = q + o * (r + 1);
     float bias = 0.0f;
@@ -55,8 +57,9 @@ inline void q_from_factors(const float* factors, const float* mix, int64_t r, in
   }
 }
 
-// Rows [row0, row1) of one target: Q (computed into `scratch`, the target's (out, r + 1)
-// floats, from W or from its factors), b' and W'; whether all of them are finite.
+// Rows [row0, row1) of one target: Q (from W into `scratch`, the target's (out, r + 1)
+// floats; from its factors into a buffer of the thread's, which stays in cache), b' and
+// W'; whether all of them are finite.
 template <class S, class T>
 inline bool merge_rows(const MergeArgs& a, const MergeTarget& tg, int64_t row0, int64_t row1,
                        float* scratch) {
@@ -64,15 +67,19 @@ inline bool merge_rows(const MergeArgs& a, const MergeTarget& tg, int64_t row0, 
   const int64_t d = a.d, r = site.rank, ldq = r + 1;
   const T* w = static_cast<const T*>(tg.weight);
   T* merged = static_cast<T*>(tg.merged);
+  const float* q0;  // Q's row row0; row o at q0 + (o - row0) * ldq
   if (tg.factors != nullptr) {
-    q_from_factors(tg.factors, site.mix, r, row0, row1, scratch);
+    thread_local std::vector<float> block_q;
+    block_q.resize(static_cast<size_t>((row1 - row0) * ldq));
+    q_from_factors(tg.factors + row0 * (2 * r + 2), site.mix, r, row1 - row0, block_q.data());
+    q0 = block_q.data();
   } else {
     dot_block<S, T>(w, tg.ld, row0, row1, site.up, r + 1, d, scratch, ldq, 1);
+    q0 = scratch + row0 * ldq;
   }
-  const float* q = scratch;
   bool finite = true;
   for (int64_t o = row0; o < row1; ++o) {
-    const float* q_row = q + o * ldq;
+    const float* q_row = q0 + (o - row0) * ldq;
     for (int64_t k = 0; k <= r; ++k) finite = finite && is_finite(q_row[k]);
     const float bias = tg.bias != nullptr ? to_float(static_cast<const T*>(tg.bias)[o]) : 0.0f;
     const T new_bias = from_float<T>(bias + q_row[r]);
@@ -81,9 +88,9 @@ inline bool merge_rows(const MergeArgs& a, const MergeTarget& tg, int64_t row0, 
   }
   for (int64_t i0 = row0; i0 < row1; i0 += S::kAxpyRows) {
     const int mr = static_cast<int>(row1 - i0 < S::kAxpyRows ? row1 - i0 : S::kAxpyRows);
-    finite = axpy_rows_any<S, T, AxpyStore::kStreamChecked>(mr, w + i0 * tg.ld, tg.ld,
-                                                            merged + i0 * d, d, q + i0 * ldq,
-                                                            ldq, site.down, d, d, r) &&
+    finite = axpy_rows_any<S, T, AxpyStore::kStreamChecked>(
+                 mr, w + i0 * tg.ld, tg.ld, merged + i0 * d, d, q0 + (i0 - row0) * ldq, ldq,
+                 site.down, d, d, r) &&
              finite;
   }
   S::fence();  // the non-temporal stores of W' are visible before the kernel returns
@@ -93,7 +100,7 @@ inline bool merge_rows(const MergeArgs& a, const MergeTarget& tg, int64_t row0, 
 }  // namespace merge_detail
 
 // Merge every site (see the top of this file); `a.scratch` starts with Σ out·(r + 1)
-// floats, the targets' Q in order. Returns -1 when every target's W' and b' are finite,
+// floats, the targets' Q in order (written for the targets without factors). Returns -1 when every target's W' and b' are finite,
 // else the index of the first target with a NaN/Inf entry (its `merged` and `new_bias` are
 // then incomplete; W is untouched).
 template <class S, class T>
