@@ -16,9 +16,11 @@ from eas_kernels.patch import runtime_of
 from eas_kernels.pia import PIAState
 from tests.helpers import (
     assert_bitwise,
+    decode_logits,
     patched,
     random_sequences,
     randomize_pias,
+    same_bits,
     tiny_model,
     weights_snapshot,
 )
@@ -459,3 +461,28 @@ def test_a_suspended_norm_hook_comes_back_to_its_place_among_the_user_hooks():
             assert hooked_norms(model) == []  # merged: the site's hook is away
             if prompt == 1:
                 norm.register_forward_hook(recorder("late"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # native merge, torch merge
+def test_a_model_built_under_inference_mode_merges_and_restores(dtype):
+    """Weights created under ``torch.inference_mode`` are inference tensors: the merged
+    buffers and biases are inference tensors too, so that they can be swapped into those
+    Parameters (before, the first merged decode step failed with torch's "Inference
+    tensors do not track version counter"). Merged decoding equals eager decoding, every
+    prompt alike, and the weights come back bitwise."""
+    with torch.inference_mode():
+        model = patched([1, 2], dtype=dtype)
+    assert model.layers[1].feed_forward.w1.weight.is_inference()
+    snapshot = weights_snapshot(model)
+    tokens = torch.tensor(random_sequences([5], 97, seed=7))
+    reparameterize(model, "eager")
+    with torch.inference_mode():
+        eager = decode_logits(model, tokens)
+    reparameterize(model, "merge")
+    with torch.inference_mode():
+        merged = [decode_logits(model, tokens) for _ in range(2)]
+    assert runtime_of(model).realized == "merge"
+    torch.testing.assert_close(merged[0], eager, rtol=1e-4, atol=1e-4)
+    assert same_bits(merged[0], merged[1])
+    restore(model)
+    assert_bitwise(model, snapshot)

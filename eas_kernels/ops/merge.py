@@ -116,8 +116,9 @@ _buffers: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> its merged bu
 
 def _merge_buffer(weight: torch.Tensor) -> torch.Tensor:
     """The buffer that receives ``weight``'s merged values: the one kept for it, unless it
-    does not fit or is swapped in (then ``weight`` itself holds it), else a new one —
-    never an inference tensor, so that it can be swapped into a Parameter."""
+    does not fit or is swapped in (then ``weight`` itself holds it), else a new one — an
+    inference tensor exactly when ``weight`` is one, so that it can be swapped into the
+    weight's Parameter whatever the grad mode of the call."""
     buffer = _buffers.get(weight)
     layout = (weight.shape, weight.dtype, weight.device)
     if (
@@ -125,7 +126,7 @@ def _merge_buffer(weight: torch.Tensor) -> torch.Tensor:
         or (buffer.shape, buffer.dtype, buffer.device) != layout
         or buffer.data_ptr() == weight.data_ptr()
     ):
-        with torch.inference_mode(False):
+        with torch.inference_mode(weight.is_inference()):
             buffer = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         _buffers[weight] = buffer
     return buffer
@@ -332,7 +333,7 @@ def merge_sites(
         for position, (weight, bias) in enumerate(zip(site.weights, site.biases, strict=True)):
             owners.append((index, position))
             merged = _merge_buffer(weight)
-            with torch.inference_mode(False):  # swappable into a Parameter
+            with torch.inference_mode(weight.is_inference()):  # swappable into the Parameter
                 new_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=device)
             target_args.append(
                 _native.merge_target(
@@ -420,7 +421,7 @@ def _merge_with_torch(index: int, site: SiteMerge) -> list[MergedTarget]:
     results = []
     for weight, (new_weight, new_bias) in zip(site.weights, merged, strict=True):
         buffer = _merge_buffer(weight)
-        with torch.inference_mode(False), torch.no_grad():  # swappable into a Parameter
+        with torch.inference_mode(weight.is_inference()), torch.no_grad():  # as the weight
             buffer.copy_(new_weight)
             results.append(MergedTarget(buffer, new_bias.clone()))
     return results
