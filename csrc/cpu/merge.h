@@ -40,20 +40,32 @@ inline int64_t block_rows(int64_t d) {
 
 // `rows` rows of Q (r + 1 floats each) into `q` from as many rows of the factors Fᵀ
 // (2r + 2 floats each) and the mix (α₁, α₂, c), in the order of operations of
-// csrc/cuda/merge.cu's factors_kernel.
+// csrc/cuda/merge.cu's factors_kernel. A template on the SIMD layer, as every kernel here,
+// so that each ISA's file compiles its own copy with its own instructions (fused
+// multiply-adds in hardware).
+template <class S>
 inline void q_from_factors(const float* factors, const float* mix, int64_t r, int64_t rows,
                            float* q) {
   const float a1 = mix[0], a2 = mix[1];
   const float* c = mix + 2;
+  const int64_t ldf = 2 * r + 2, ldq = r + 1;
   for (int64_t o = 0; o < rows; ++o) {
-    const float* f = factors + o * (2 * r + 2);
-    float* q_row = q + o * (r + 1);
-    float bias = 0.0f;
-    for (int64_t k = 0; k < r; ++k) {
-      q_row[k] = std::fma(a2, f[r + k], a1 * f[k]);
-      bias = std::fma(q_row[k], c[k], bias);
+    const float* f = factors + o * ldf;
+    float* q_row = q + o * ldq;
+    for (int64_t k = 0; k < r; ++k) q_row[k] = std::fma(a2, f[r + k], a1 * f[k]);
+  }
+  // Q[:, r] = P cᵀ + α₁ a₁ + α₂ a₂, k ascending from zero; 8 rows at a time, so that their
+  // chains of dependent multiply-adds overlap
+  constexpr int64_t kRows = 8;
+  for (int64_t o0 = 0; o0 < rows; o0 += kRows) {
+    const int64_t m = rows - o0 < kRows ? rows - o0 : kRows;
+    float acc[kRows] = {};
+    for (int64_t k = 0; k < r; ++k)
+      for (int64_t i = 0; i < m; ++i) acc[i] = std::fma(q[(o0 + i) * ldq + k], c[k], acc[i]);
+    for (int64_t i = 0; i < m; ++i) {
+      const float* f = factors + (o0 + i) * ldf;
+      q[(o0 + i) * ldq + r] = std::fma(a2, f[2 * r + 1], std::fma(a1, f[2 * r], acc[i]));
     }
-    q_row[r] = std::fma(a2, f[2 * r + 1], std::fma(a1, f[2 * r], bias));
   }
 }
 
@@ -71,7 +83,7 @@ inline bool merge_rows(const MergeArgs& a, const MergeTarget& tg, int64_t row0, 
   if (tg.factors != nullptr) {
     thread_local std::vector<float> block_q;
     block_q.resize(static_cast<size_t>((row1 - row0) * ldq));
-    q_from_factors(tg.factors + row0 * (2 * r + 2), site.mix, r, row1 - row0, block_q.data());
+    q_from_factors<S>(tg.factors + row0 * (2 * r + 2), site.mix, r, row1 - row0, block_q.data());
     q0 = block_q.data();
   } else {
     dot_block<S, T>(w, tg.ld, row0, row1, site.up, r + 1, d, scratch, ldq, 1);
