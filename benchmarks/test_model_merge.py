@@ -9,11 +9,11 @@ MHAs skipped, batch 1, PIAs random and non-zero.
 
 Recorded in ``extra_info``, all from the same run:
 
-* ``merge_ms`` / ``restore_ms``: medians over the rounds (the merge reads the products
+* ``merge_ms`` / ``restore_ms``: medians over the rounds (the kernels form the products
   ``Q`` from the factors the runtime keeps, :mod:`eas_kernels.merge_factors`);
   ``first_merge_ms``: a merge that builds the factors (the first after new weights);
 * ``kernel_ms``: the time inside the compiled merge calls during one merge (the rest of
-  ``merge_ms`` is Python: states → ``(W_u, β)`` and ``Q``, checks, swaps, biases);
+  ``merge_ms`` is Python: the states' mixes, checks, argument tuples, swaps, biases);
 * the roofline of a merge from ``W``: ``flops`` = Σ over targets of ``4·out·d·r + 2·out·d``
   (``Q = W [W_u; β]ᵀ``, then ``W + Q W_d1``); it moves at least ``2·bytes(W)`` (read W,
   write W'); with kept factors the work of a prompt is ``2·out·d·r`` flops (``Q`` from

@@ -234,35 +234,28 @@ def _merge_arguments(sites: list[AdapterSite], kept: MergeFactors) -> list[SiteM
         alpha = torch.cat([state.alpha[:1] for state in states])
         c = torch.cat([state.c[:1] for state in states])
         factors = kept.factors(group)
-        if factors is not None:
-            mix = torch.cat([alpha, c], dim=1).float()  # (sites, r + 2), rows contiguous
-            for position, (index, site) in enumerate(zip(indices, group, strict=True)):
-                arguments[index] = SiteMerge(
-                    [linear.weight for linear in site.targets],
-                    [linear.bias for linear in site.targets],
-                    site.pia.down1.weight,
-                    None,
-                    None,
-                    factors[position],
-                    mix[position],
-                )
-            continue
-        pias = [site.pia for site in group]
-        w_u, beta = mix_up(
-            alpha,
-            c,
-            torch.stack([pia.up1.weight.t() for pia in pias]),
-            torch.stack([pia.up2.weight.t() for pia in pias]),
-            torch.stack([pia.up1.bias for pia in pias]),
-            torch.stack([pia.up2.bias for pia in pias]),
-        )
+        w_u = beta = mix = None
+        if factors is not None:  # (sites, r + 2) float32, rows contiguous
+            mix = group[0].pia.state_mix(PIAState(c, alpha)).float()
+        else:
+            pias = [site.pia for site in group]
+            w_u, beta = mix_up(
+                alpha,
+                c,
+                torch.stack([pia.up1.weight.t() for pia in pias]),
+                torch.stack([pia.up2.weight.t() for pia in pias]),
+                torch.stack([pia.up1.bias for pia in pias]),
+                torch.stack([pia.up2.bias for pia in pias]),
+            )
         for position, (index, site) in enumerate(zip(indices, group, strict=True)):
             arguments[index] = SiteMerge(
                 [linear.weight for linear in site.targets],
                 [linear.bias for linear in site.targets],
                 site.pia.down1.weight,
-                w_u[position],
-                beta[position],
+                None if w_u is None else w_u[position],
+                None if beta is None else beta[position],
+                None if factors is None else factors[position],
+                None if mix is None else mix[position],
             )
     return [argument for argument in arguments if argument is not None]
 

@@ -366,7 +366,8 @@ def merge_sites(
 
 def _up_rows(up_mix: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """``[W_u; β]`` ``(r + 1, d)``, contiguous float32: read in place when ``β`` is the row
-    that follows ``W_u`` in one float32 buffer (as the runtime lays them out), else copied."""
+    that follows ``W_u`` in one float32 buffer (a caller's layout; the runtime now passes
+    factors instead), else copied."""
     rank, dim = up_mix.shape
     storage = up_mix.untyped_storage()
     adjacent = (
