@@ -10,10 +10,10 @@ MHAs skipped, batch 1, PIAs random and non-zero.
 Recorded in ``extra_info``, all from the same run:
 
 * ``merge_ms`` / ``restore_ms``: medians over the rounds (the kernels form the products
-  ``Q`` from the factors the runtime keeps, :mod:`eas_kernels.merge_factors`);
+  ``Q`` from the factors the runtime keeps, :mod:`eas_kernels.kept_merge`);
   ``first_merge_ms``: a merge that builds the factors (the first after new weights);
 * ``kernel_ms``: the time inside the compiled merge calls during one merge (the rest of
-  ``merge_ms`` is Python: the states' mixes, checks, argument tuples, swaps, biases);
+  ``merge_ms`` is Python: the key of the kept merge, the states' copies, the swaps);
 * the roofline of a merge from ``W``: ``flops`` = Σ over targets of ``4·out·d·r + 2·out·d``
   (``Q = W [W_u; β]ᵀ``, then ``W + Q W_d1``); it moves at least ``2·bytes(W)`` (read W,
   write W'); with kept factors the work of a prompt is ``2·out·d·r`` flops (``Q`` from
@@ -122,7 +122,7 @@ def test_whole_model_merge_and_restore(benchmark, monkeypatch):
         monkeypatch.undo()
         first_merges = []
         for _ in range(5):
-            runtime._factors.clear()
+            runtime._kept.clear()
             first_merges.append(timed(merge))
             runtime.unrealize()
         merge()
@@ -143,7 +143,7 @@ def test_whole_model_merge_and_restore(benchmark, monkeypatch):
         merge_gflop=round(flops / 1e9, 3),
         merge_gflop_with_factors=round(with_factors / 1e9, 3),
         target_megabytes=round(weight_bytes / 1e6, 1),
-        factor_megabytes=round(runtime._factors.nbytes / 1e6, 1),
+        factor_megabytes=round(runtime._kept.nbytes / 1e6, 1),
         merge_roofline_ms=round(1e3 * merge_floor, 2),
         merge_roofline_with_factors_ms=round(1e3 * factors_floor, 2),
         restore_roofline_ms=round(1e3 * restore_floor, 2),

@@ -5,7 +5,7 @@ tensors, and the low-rank factors ``F = U Wᵀ`` of a PIA's targets (EAS_SPEC §
 examples' states, so a model decoding prompt after prompt with fixed weights needs it once:
 :class:`KeptFactors` builds it at the first low-rank set-up and again only when one of
 those tensors changes (an optimizer step, a load, a new storage). The merge keeps its own
-float32 layout of the same factors (:mod:`eas_kernels.merge_factors`).
+float32 layout of the same factors (:mod:`eas_kernels.kept_merge`).
 """
 
 from __future__ import annotations

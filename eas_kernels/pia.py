@@ -59,10 +59,10 @@ def mix_up(
     up2_bias: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``W_u = α₁ W_u1ᵀ + α₂ W_u2ᵀ`` and ``β = c W_u + α₁ b_u1 + α₂ b_u2`` (EAS_SPEC §4) of
-    ``N`` states: ``alpha`` ``(N, 2)``, ``c`` ``(N, r)``; the up weights transposed
-    ``(r, d)`` (one PIA) or ``(N, r, d)`` (one PIA per state), biases ``(d,)`` or ``(N, d)``.
-    Returns ``(N, r, d)`` and ``(N, d)``: the one implementation of the mixed up projection
-    (:meth:`PIA.mixed_up_projection`, and the runtime's merge of many PIAs at once)."""
+    ``N`` states of one PIA: ``alpha`` ``(N, 2)``, ``c`` ``(N, r)``; its up weights
+    transposed ``(r, d)`` and up biases ``(d,)``. Returns ``(N, r, d)`` and ``(N, d)``: the
+    PyTorch form of the mixed up projection (:meth:`PIA.mixed_up_projection`; the merge
+    takes the same sums from the factors, :func:`eas_kernels.ops.products_from_factors`)."""
     a1, a2 = alpha[:, 0, None], alpha[:, 1, None]
     w_u = a1[..., None] * up1_t + a2[..., None] * up2_t
     beta = torch.bmm(c.unsqueeze(1), w_u).squeeze(1) + (a1 * up1_bias + a2 * up2_bias)

@@ -44,17 +44,9 @@ from torch import nn
 from ._checks import first_non_finite
 from .auto import AutoChoice, ModeCosts, choose_mode, measure_costs
 from .factors import KeptFactors, tensor_versions
-from .merge_factors import MergeFactors
-from .ops import (
-    LowrankAdd,
-    MergedTarget,
-    MergeRefused,
-    SiteMerge,
-    install_merged,
-    merge_sites,
-    restore_merged,
-)
-from .pia import PIA, PIAState, RunningSums, mix_up
+from .kept_merge import KeptMerge
+from .ops import LowrankAdd, MergedTarget, MergeRefused, install_merged, restore_merged
+from .pia import PIA, PIAState, RunningSums
 
 if TYPE_CHECKING:
     from .roles import Role
@@ -214,52 +206,6 @@ class AdapterSite:
         ]
 
 
-def _merge_arguments(sites: list[AdapterSite], kept: MergeFactors) -> list[SiteMerge]:
-    """Each site's PIA and targets as :func:`~eas_kernels.ops.merge_sites` takes them, for
-    all the sites of one rank, dtype, device and target shapes at once, with their frozen
-    states (batch 1): the targets' factors that ``kept`` keeps
-    (:mod:`eas_kernels.merge_factors`) and the state as ``mix`` ``(α₁, α₂, c)``, or, for
-    weights the native merge does not take, ``(W_u, β)`` (:func:`~eas_kernels.pia.mix_up`
-    on the stacked up projections)."""
-    groups: dict[tuple, list[int]] = {}
-    for index, site in enumerate(sites):
-        weight = site.pia.up1.weight
-        outs = tuple(linear.weight.shape[0] for linear in site.targets)
-        groups.setdefault((site.pia.rank, weight.dtype, weight.device, outs), []).append(index)
-    arguments: list[SiteMerge | None] = [None] * len(sites)
-    for indices in groups.values():
-        group = [sites[index] for index in indices]
-        states = [site.state for site in group]
-        assert all(isinstance(state, PIAState) for state in states)
-        alpha = torch.cat([state.alpha[:1] for state in states])
-        c = torch.cat([state.c[:1] for state in states])
-        factors = kept.factors(group)
-        w_u = beta = mix = None
-        if factors is not None:  # (sites, r + 2) float32, rows contiguous
-            mix = group[0].pia.state_mix(PIAState(c, alpha)).float()
-        else:
-            pias = [site.pia for site in group]
-            w_u, beta = mix_up(
-                alpha,
-                c,
-                torch.stack([pia.up1.weight.t() for pia in pias]),
-                torch.stack([pia.up2.weight.t() for pia in pias]),
-                torch.stack([pia.up1.bias for pia in pias]),
-                torch.stack([pia.up2.bias for pia in pias]),
-            )
-        for position, (index, site) in enumerate(zip(indices, group, strict=True)):
-            arguments[index] = SiteMerge(
-                [linear.weight for linear in site.targets],
-                [linear.bias for linear in site.targets],
-                site.pia.down1.weight,
-                None if w_u is None else w_u[position],
-                None if beta is None else beta[position],
-                None if factors is None else factors[position],
-                None if mix is None else mix[position],
-            )
-    return [argument for argument in arguments if argument is not None]
-
-
 class DownProjection:
     """``u W_d1ᵀ`` of the input a target receives, computed once for the targets of a
     site that read the same tensor in one call (wq/wk/wv read one ``u``): the last input
@@ -349,7 +295,7 @@ class EASRuntime:
         self.auto_choice: AutoChoice | None = None  # what "auto" chose for this prompt
         self._costs: dict[int, ModeCosts] = {}  # measured per batch size, for "auto"
         self._merged: list[MergeRecord] = []
-        self._factors = MergeFactors()  # kept across prompts for the merge
+        self._kept = KeptMerge()  # factors and prepared call, kept across prompts
         self._finite_key: tuple | None = None  # the weights' versions at the last check
 
     @property
@@ -525,7 +471,8 @@ class EASRuntime:
         return mode
 
     def _merge_all(self) -> None:
-        """Every site's merged weights computed first, in one native call (a refusal,
+        """Every site's merged weights computed first, in one native call prepared once per
+        skip set and weights (:class:`~eas_kernels.kept_merge.KeptMerge`; a refusal,
         ValueError naming the site, leaves the model as it is: no weight is ever written),
         then all swapped in."""
         sites = self.reparameterizable_sites
@@ -534,7 +481,7 @@ class EASRuntime:
             return
         with torch.no_grad():
             try:
-                merged = merge_sites(_merge_arguments(sites, self._factors))
+                merged = self._kept.merge(sites)
             except MergeRefused as error:
                 raise ValueError(f"{sites[error.site].name}: {error}") from None
         computed = [
@@ -602,7 +549,7 @@ class EASRuntime:
         """Drop every frozen state (the skip set changed): the next call must be fresh."""
         self.unrealize()
         self._costs.clear()  # another skip set costs otherwise
-        self._factors.clear()
+        self._kept.clear()
         self._move(Phase.NO_STATES)
         for site in self.sites:
             site.state = None

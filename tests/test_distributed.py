@@ -249,7 +249,8 @@ def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path, failing):
     assert results[failing].returncode != 0 and results[other].returncode != 0
     assert "RuntimeError: injected failure in the third forward" in results[failing].stderr
     expected = f"rank {failing} of 2 failed: RuntimeError: injected failure in the third forward"
-    assert expected in results[other].stderr, results[other].stderr[-3000:]
+    both = f"rank {other}:\n{results[other].stderr[-3000:]}\nrank {failing}:\n"
+    assert expected in results[other].stderr, both + results[failing].stderr[-3000:]
 
 
 TRAINER_SCRIPT = """
@@ -303,3 +304,24 @@ def test_an_hf_trainer_on_two_processes_trains_pias_that_load_back(tmp_path):
     assert set(weights) == set(trained["weights"])
     for name, value in trained["weights"].items():
         assert torch.equal(weights[name], value), name
+
+
+def test_a_rank_that_finds_the_store_gone_says_so_with_its_own_error(monkeypatch):
+    """Rank 0 failed and ended before rank 1 read its message (rank 0 hosts the store):
+    rank 1 ends with RankFailed saying so, not with the store's network error."""
+    from eas_kernels.tuning import distributed as module
+
+    class GoneStore:
+        def __getattr__(self, name):
+            def gone(*args, **kwargs):
+                raise torch.distributed.DistNetworkError("Broken pipe")
+
+            return gone
+
+    monkeypatch.setattr(module, "_default_store", GoneStore)
+    with pytest.raises(module.RankFailed) as caught:
+        with module.Distributed(rank=1, world_size=2).failures_shared():
+            raise RuntimeError("Connection closed by peer")
+    message = str(caught.value)
+    assert message.startswith("rank 0 of 2 ended before this rank (rank 1) could read why")
+    assert "Broken pipe" in message and "RuntimeError: Connection closed by peer" in message

@@ -555,3 +555,46 @@ def test_the_binding_refuses_a_target_without_what_it_reads(kernels):
                 _native.module(device).merge(
                     [target], [no_rows], 0, 8, scratch.data_ptr(), *_native.launch_args(device)
                 )
+
+
+@pytest.mark.parametrize("kernels", [*KERNELS, None])  # None: the torch backend, on the CPU
+def test_a_prepared_merge_reads_each_runs_values_into_the_same_buffers(kernels):
+    """``PreparedMerge.run`` merges the current values of the weights, biases, factors and
+    mix (written in place between runs) into the buffers of its first run: each run equals,
+    bitwise, a fresh merge of the same values."""
+    backend = "torch" if kernels is None else "native"
+    place = contextlib.nullcontext(torch.device("cpu")) if kernels is None else on_kernels(kernels)
+    with place as device:
+        sites = []
+        for index, (outs, rank) in enumerate([([40, 24], 5), ([16], 3)]):
+            s = site(outs, 24, rank, torch.float32, seed=20 + index, device=device)
+            factors, mix = given_factors(s, seed=30 + index)
+            sites.append(merge_module.SiteMerge(*s.values(), factors, mix))
+        free_merge_buffers()
+        elsewhere = merge_buffer_bytes()  # swapped into weights that other tests keep
+        prepared = merge_module.PreparedMerge(sites, backend=backend)
+        first = prepared.run()
+        generator = torch.Generator().manual_seed(40)
+        for _ in range(3):
+            for s in sites:  # new values, same storages
+                for tensor in [*s.weights, *(b for b in s.biases if b is not None), *s.factors]:
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator))
+                s.mix.copy_(torch.randn(s.mix.shape, generator=generator))
+            merged = prepared.run()
+            if backend == "native":
+                assert [[t.merged.data_ptr() for t in r] for r in merged] == [
+                    [t.merged.data_ptr() for t in r] for r in first
+                ]
+            ours = [[(t.merged.clone(), t.bias.clone()) for t in r] for r in merged]
+            fresh = merge_module.merge_sites(sites, backend=backend)
+            for ours_site, fresh_site in zip(ours, fresh, strict=True):
+                for (weight, bias), target in zip(ours_site, fresh_site, strict=True):
+                    assert same_bits(weight, target.merged) and same_bits(bias, target.bias)
+        held = sum(t.merged.nbytes for r in first for t in r)
+        assert free_merge_buffers() == held and merge_buffer_bytes() == elsewhere
+        again = prepared.run()  # buffers made again, the same values merged
+        assert merge_buffer_bytes() == elsewhere + held
+        for ours_site, fresh_site in zip(again, fresh, strict=True):
+            for ours_target, target in zip(ours_site, fresh_site, strict=True):
+                assert same_bits(ours_target.merged, target.merged)
+                assert same_bits(ours_target.bias, target.bias)

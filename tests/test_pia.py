@@ -174,30 +174,3 @@ def test_forward_refuses_bad_inputs():
         pia(good, state=(state.c, state.alpha))
     with pytest.raises(ValueError, match="state.alpha"):
         pia(good, state=PIAState(state.c, torch.ones(2, 3)))
-
-
-def test_mix_up_of_stacked_pias_equals_each_pias_mixed_up_projection():
-    """The runtime's merge mixes the up projections of many PIAs at once (pia.mix_up on
-    stacked weights): each equals the PIA's own mixed_up_projection."""
-    from eas_kernels.pia import mix_up
-
-    torch.manual_seed(3)
-    pias = [PIA(24, 5) for _ in range(3)]
-    for pia in pias:
-        for layer in (pia.up1, pia.up2):
-            torch.nn.init.normal_(layer.weight)
-            torch.nn.init.normal_(layer.bias)
-    states = [PIAState(torch.randn(1, 5), torch.softmax(torch.randn(1, 2), -1)) for _ in pias]
-    with torch.no_grad():
-        w_u, beta = mix_up(
-            torch.cat([s.alpha for s in states]),
-            torch.cat([s.c for s in states]),
-            torch.stack([p.up1.weight.t() for p in pias]),
-            torch.stack([p.up2.weight.t() for p in pias]),
-            torch.stack([p.up1.bias for p in pias]),
-            torch.stack([p.up2.bias for p in pias]),
-        )
-        for index, (pia, state) in enumerate(zip(pias, states, strict=True)):
-            one_w_u, one_beta = pia.mixed_up_projection(state)
-            torch.testing.assert_close(w_u[index], one_w_u[0], rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(beta[index], one_beta[0], rtol=1e-6, atol=1e-6)

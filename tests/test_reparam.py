@@ -224,15 +224,15 @@ def test_a_merge_refused_for_one_site_installs_nothing(monkeypatch):
     fp16 overflow would produce. The error names the site, and
     no weight of any layer is changed — layer 0's, merged into buffers before the refusal
     was known, included."""
-    import eas_kernels.runtime as runtime_module
+    import eas_kernels.kept_merge as kept_module
 
     model = patched([1], seed=38, dtype=torch.float16)
     reparameterize(model, "merge")
     failing = model.layers[1].feed_forward.w3.weight
-    real_merge = runtime_module.merge_sites
+    real_init = kept_module.PreparedMerge.__init__
     calls = []
 
-    def overflowing_merge(sites, **kwargs):
+    def overflowing_merge(self, sites, **kwargs):
         calls.append([len(site.weights) for site in sites])
         sites = list(sites)
         for index, site in enumerate(sites):
@@ -241,9 +241,9 @@ def test_a_merge_refused_for_one_site_installs_nothing(monkeypatch):
                 factors = [factor.clone() for factor in site.factors]
                 factors[1][0, 0] = float("inf")
                 sites[index] = site._replace(factors=factors)
-        return real_merge(sites, **kwargs)
+        real_init(self, sites, **kwargs)
 
-    monkeypatch.setattr(runtime_module, "merge_sites", overflowing_merge)
+    monkeypatch.setattr(kept_module.PreparedMerge, "__init__", overflowing_merge)
     snapshot = weights_snapshot(model)
     with torch.no_grad():
         model(torch.tensor([[1, 2]]), start_pos=0)

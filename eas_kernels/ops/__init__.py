@@ -23,6 +23,7 @@ from .lowrank import (
 from .merge import (
     MergedTarget,
     MergeRefused,
+    PreparedMerge,
     SiteMerge,
     free_merge_buffers,
     install_merged,
@@ -76,6 +77,7 @@ __all__ = [
     "LowrankAdd",
     "MergeRefused",
     "MergedTarget",
+    "PreparedMerge",
     "SiteMerge",
     "add_lowrank",
     "add_lowrank_reference",

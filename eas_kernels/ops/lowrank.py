@@ -93,7 +93,7 @@ def lowrank_factors(
     """``F = U Wᵀ`` accumulated in float32, contiguous, in the factor dtype: the weight's
     dtype for float16/bfloat16, else float32 (float64 for a float64 weight).
     ``rounded=False`` returns the float32 (float64) accumulation itself, for every weight
-    dtype (the factors a merge reads, :mod:`eas_kernels.merge_factors`).
+    dtype (the factors a merge reads, :mod:`eas_kernels.kept_merge`).
 
     Args:
         weight: ``W`` ``(out, d)``, unit stride along ``d``.

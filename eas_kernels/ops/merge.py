@@ -28,6 +28,7 @@ those not swapped in.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -65,7 +66,7 @@ class SiteMerge(NamedTuple):
     ``factors``: per weight, ``Fᵀ = W Uᵀ`` ``(out, 2r + 2)`` contiguous float32, with
     ``U = [W_u1ᵀ; W_u2ᵀ; b_u1; b_u2]`` the PIA's up basis (:meth:`eas_kernels.PIA.up_basis`)
     — independent of the state, so the runtime keeps them across prompts
-    (:mod:`eas_kernels.merge_factors`) — and ``mix``: the frozen state ``(α₁, α₂, c)``
+    (:mod:`eas_kernels.kept_merge`) — and ``mix``: the frozen state ``(α₁, α₂, c)``
     ``(r + 2,)`` contiguous float32. The kernels then take ``Q = [W W_uᵀ | W βᵀ]`` from them
     (:func:`products_from_factors`, ``O(out · r)``) instead of from ``W``
     (``2·out·d·r`` flops instead of ``4·out·d·r``), and still check every entry of ``Q``,
@@ -112,6 +113,7 @@ class MergedTarget(NamedTuple):
 
 
 _buffers: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> its merged buffer
+_prepared_merges: weakref.WeakSet[PreparedMerge] = weakref.WeakSet()  # they hold buffers too
 
 
 def _merge_buffer(weight: torch.Tensor) -> torch.Tensor:
@@ -154,12 +156,16 @@ def merge_buffer_bytes() -> int:
 
 
 def free_merge_buffers() -> int:
-    """Release the merged buffers that no weight holds now; return the bytes freed."""
+    """Release the merged buffers that no weight holds now; return the bytes freed. Each
+    :class:`PreparedMerge` lets go of its buffers too and allocates them again at its
+    next run."""
     freed = 0
     for weight, buffer in list(_buffers.items()):
         if buffer.data_ptr() != weight.data_ptr():
             freed += buffer.nbytes
             del _buffers[weight]
+    for prepared in list(_prepared_merges):
+        prepared.release()
     return freed
 
 
@@ -221,6 +227,7 @@ def _check_site(
         raise TypeError("factors must be a sequence of (out, 2r + 2) tensors or None")
     if len(factors) != len(weights):
         raise ValueError(f"got {len(weights)} weights but {len(factors)} factors")
+    compute = torch.promote_types(dtype, torch.float32)  # float64 stays float64
     checks = [
         (f"factors[{index}]", factor, (weight.shape[0], 2 * rank + 2))
         for index, (weight, factor) in enumerate(zip(weights, factors, strict=True))
@@ -228,7 +235,7 @@ def _check_site(
     for name, tensor, shape in [*checks, ("mix", mix, (rank + 2,))]:
         if tensor is None:
             raise ValueError(f"{name} is needed with factors: the state (α₁, α₂, c)")
-        _native.check_rows(tensor, name, dtype=torch.float32, device=device, shape=shape)
+        _native.check_rows(tensor, name, dtype=compute, device=device, shape=shape)
         if not tensor.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got strides {tensor.stride()}")
     return d, rank
@@ -287,81 +294,139 @@ def merge_sites(
     refusal raises :class:`MergeRefused` whose ``site`` is the index of the first refused
     site; nothing is written to any weight, whatever the outcome.
     """
-    if isinstance(sites, SiteMerge) or not isinstance(sites, Sequence) or not sites:
-        raise TypeError("sites must be a non-empty sequence of SiteMerge")
-    shapes = [_check_site(*site) for site in sites]
-    weight0 = sites[0].weights[0]
-    layout = (weight0.shape[1], weight0.dtype, weight0.device)
-    seen: dict[int, tuple[int, int]] = {}
-    for index, site in enumerate(sites):
-        first = site.weights[0]
-        if (first.shape[1], first.dtype, first.device) != layout:
-            raise ValueError(
-                f"sites[{index}] has weights of width, dtype and device "
-                f"{(first.shape[1], first.dtype, first.device)}, sites[0] {layout}: one call "
-                "merges weights that share them"
-            )
-        for position, weight in enumerate(site.weights):
-            earlier = seen.setdefault(id(weight), (index, position))
-            if earlier != (index, position):
+    return PreparedMerge(sites, backend=backend).run()
+
+
+class PreparedMerge:
+    """A checked :func:`merge_sites` call that can run again: the argument checks, the
+    native argument records, the merged buffers, the new biases and the scratch are made
+    once, and each :meth:`run` writes the same buffers.
+
+    Each run reads the current *values* of ``weights``, ``biases``, ``factors`` and ``mix``
+    (the runtime writes each prompt's state into the same ``mix`` rows,
+    :mod:`eas_kernels.kept_merge`); ``down_weight``, ``up_mix`` and ``beta`` may be read
+    only once, when prepared (the native path takes float32 copies of them). No tensor may
+    change its storage, shape or strides between runs: the native records hold their
+    addresses.
+    Whoever keeps a prepared merge keys it on the tensors' identities, version counters and
+    storages (:func:`eas_kernels.factors.weights_key`). A run returns the same
+    :class:`MergedTarget` objects every time (until :func:`free_merge_buffers` releases
+    them); swap them out (:func:`restore_merged`) before the next run.
+    """
+
+    def __init__(self, sites: Sequence[SiteMerge], *, backend: str | None = None) -> None:
+        if isinstance(sites, SiteMerge) or not isinstance(sites, Sequence) or not sites:
+            raise TypeError("sites must be a non-empty sequence of SiteMerge")
+        shapes = [_check_site(*site) for site in sites]
+        weight0 = sites[0].weights[0]
+        layout = (weight0.shape[1], weight0.dtype, weight0.device)
+        seen: dict[int, tuple[int, int]] = {}
+        for index, site in enumerate(sites):
+            first = site.weights[0]
+            if (first.shape[1], first.dtype, first.device) != layout:
                 raise ValueError(
-                    f"sites[{earlier[0]}].weights[{earlier[1]}] and sites[{index}].weights"
-                    f"[{position}] are the same tensor: each target gets its own merged buffer"
+                    f"sites[{index}] has weights of width, dtype and device "
+                    f"{(first.shape[1], first.dtype, first.device)}, sites[0] {layout}: one "
+                    "call merges weights that share them"
                 )
-    grad = _native.needs_grad(*(t for site in sites for t in _tensors_of(site)))
-    if not _native.use_native("merged_linear", backend, weight0.device, weight0.dtype, grad):
-        return [_merge_with_torch(index, site) for index, site in enumerate(sites)]
-    device, d = weight0.device, weight0.shape[1]
-    results: list[list[MergedTarget]] = []
-    site_args, target_args, keep_alive = [], [], []
-    owners: list[tuple[int, int]] = []  # (site, position in it) of each target
-    q_floats = rows = ranks = 0
-    for index, (site, (_, rank)) in enumerate(zip(sites, shapes, strict=True)):
-        down = _native.fp32_rows(site.down_weight)
-        keep_alive.append(down)
-        up_address = 0  # no rows: every target gives its factors
-        if site.up_mix is not None and site.beta is not None:
-            up = _up_rows(site.up_mix, site.beta)  # (r + 1, d) fp32
-            keep_alive.append(up)
-            up_address = up.data_ptr()
-        mix = 0 if site.mix is None else site.mix.data_ptr()
-        site_args.append(
-            _native.merge_site(up=up_address, down=down.data_ptr(), rank=rank, mix=mix)
+            for position, weight in enumerate(site.weights):
+                earlier = seen.setdefault(id(weight), (index, position))
+                if earlier != (index, position):
+                    raise ValueError(
+                        f"sites[{earlier[0]}].weights[{earlier[1]}] and sites[{index}]."
+                        f"weights[{position}] are the same tensor: each target gets its own "
+                        "merged buffer"
+                    )
+        self._sites = list(sites)
+        self._tensors = [t for site in sites for t in _tensors_of(site) if t is not None]
+        grad = _native.needs_grad(*self._tensors)
+        self._native = _native.use_native(
+            "merged_linear", backend, weight0.device, weight0.dtype, grad
         )
-        ranks += rank
-        merged_targets = []
-        for position, (weight, bias) in enumerate(zip(site.weights, site.biases, strict=True)):
-            owners.append((index, position))
-            merged = _merge_buffer(weight)
-            with torch.inference_mode(weight.is_inference()):  # swappable into the Parameter
-                new_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=device)
-            target_args.append(
-                _native.merge_target(
-                    weight=weight.data_ptr(),
-                    out=weight.shape[0],
-                    ld=_native.row_stride(weight),
-                    merged=merged.data_ptr(),
-                    bias=0 if bias is None else bias.data_ptr(),
-                    new_bias=new_bias.data_ptr(),
-                    site=index,
-                    factors=0 if site.factors is None else site.factors[position].data_ptr(),
-                )
+        self._shapes = shapes
+        self._prepared = False
+        if self._native:
+            self._prepare_native()
+            _prepared_merges.add(self)
+
+    def release(self) -> None:
+        """Let go of the merged buffers, new biases and scratch (:func:`free_merge_buffers`
+        calls it); the next run makes them again. Results already returned stay valid."""
+        self._results, self._keep_alive = [], []
+        self._site_args, self._target_args, self._scratch = [], [], None
+        self._prepared = False
+
+    def _prepare_native(self) -> None:
+        weight0 = self._sites[0].weights[0]
+        device, d = weight0.device, weight0.shape[1]
+        self._results: list[list[MergedTarget]] = []
+        self._site_args, self._target_args, self._keep_alive = [], [], []
+        self._owners: list[tuple[int, int]] = []  # (site, position in it) of each target
+        q_floats = rows = ranks = 0
+        for index, (site, (_, rank)) in enumerate(zip(self._sites, self._shapes, strict=True)):
+            down = _native.fp32_rows(site.down_weight)
+            self._keep_alive.append(down)
+            up_address = 0  # no rows: every target gives its factors
+            if site.up_mix is not None and site.beta is not None:
+                up = _up_rows(site.up_mix, site.beta)  # (r + 1, d) fp32
+                self._keep_alive.append(up)
+                up_address = up.data_ptr()
+            mix = 0 if site.mix is None else site.mix.data_ptr()
+            self._site_args.append(
+                _native.merge_site(up=up_address, down=down.data_ptr(), rank=rank, mix=mix)
             )
-            merged_targets.append(MergedTarget(merged, new_bias))
-            q_floats += weight.shape[0] * (rank + 1)
-            rows += weight.shape[0]
-        results.append(merged_targets)
-    kernels = _native.module(device)
-    scratch_size = kernels.merge_scratch_floats(q_floats, rows, ranks, len(target_args))
-    scratch = torch.empty(scratch_size, dtype=torch.float32, device=device)
-    code = _native.DTYPE_CODES[weight0.dtype]
-    refused = kernels.merge(
-        target_args, site_args, code, d, scratch.data_ptr(), *_native.launch_args(device)
-    )
-    if refused >= 0:
-        index, position = owners[refused]
-        raise _refusal(sites[index].weights[position], index)
-    return results
+            ranks += rank
+            merged_targets = []
+            for position, (weight, bias) in enumerate(zip(site.weights, site.biases, strict=True)):
+                self._owners.append((index, position))
+                merged = _merge_buffer(weight)
+                with torch.inference_mode(weight.is_inference()):  # swappable into a Parameter
+                    new_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=device)
+                factors = site.factors
+                self._target_args.append(
+                    _native.merge_target(
+                        weight=weight.data_ptr(),
+                        out=weight.shape[0],
+                        ld=_native.row_stride(weight),
+                        merged=merged.data_ptr(),
+                        bias=0 if bias is None else bias.data_ptr(),
+                        new_bias=new_bias.data_ptr(),
+                        site=index,
+                        factors=0 if factors is None else factors[position].data_ptr(),
+                    )
+                )
+                merged_targets.append(MergedTarget(merged, new_bias))
+                q_floats += weight.shape[0] * (rank + 1)
+                rows += weight.shape[0]
+            self._results.append(merged_targets)
+        self._kernels = _native.module(device)
+        size = self._kernels.merge_scratch_floats(q_floats, rows, ranks, len(self._target_args))
+        self._scratch = torch.empty(size, dtype=torch.float32, device=device)
+        self._call = (_native.DTYPE_CODES[weight0.dtype], d, self._scratch.data_ptr())
+        self._prepared = True
+
+    def run(self) -> list[list[MergedTarget]]:
+        """Merge every site now: per site, its targets' merged buffers and new biases.
+
+        Raises :class:`MergeRefused` (the first refused site) with no weight written.
+        """
+        if not self._native:
+            return [_merge_with_torch(index, site) for index, site in enumerate(self._sites)]
+        if _native.needs_grad(*self._tensors):
+            raise RuntimeError(
+                "merged_linear: the native kernels do not record gradients; run the merge "
+                "under torch.no_grad()"
+            )
+        if not self._prepared:
+            self._prepare_native()
+        device = self._sites[0].weights[0].device
+        refused = self._kernels.merge(
+            self._target_args, self._site_args, *self._call, *_native.launch_args(device)
+        )
+        if refused >= 0:
+            index, position = self._owners[refused]
+            raise _refusal(self._sites[index].weights[position], index)
+        return self._results
 
 
 def _up_rows(up_mix: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,9 @@ Item = TypeVar("Item")
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 FAILURE_KEY = "eas_kernels/failure/"  # + rank: the message of a rank that failed
 SEEN_KEY = "eas_kernels/failure_seen"  # how many ranks read a failure
-FAILURE_GRACE_SECONDS = 10.0  # how long a failed rank waits for the others to read it
+# How long a failed rank waits for the others to read its message (the wait ends as soon
+# as they have): long enough for a rank that is busy outside a collective on a loaded host.
+FAILURE_GRACE_SECONDS = 60.0
 
 
 class RankFailed(RuntimeError):
@@ -168,8 +170,9 @@ class Distributed:
         its process group, which ends the collectives the others wait in; a rank whose
         collective fails reads the message and raises ``RankFailed("rank r of N failed:
         ...")``. The failing rank waits (at most ``FAILURE_GRACE_SECONDS``) until the
-        others have read it, since rank 0 hosts the store (:class:`RankFailed` on the
-        others). Interrupts pass through: a
+        others have read it, since rank 0 hosts the store. A rank that finds the store
+        gone (rank 0 failed and ended before this rank read its message) raises
+        :class:`RankFailed` saying so, with its own error. Interrupts pass through: a
         SIGINT stop is taken by every rank at the same step.
         """
         if not self.active:
@@ -187,7 +190,14 @@ class Distributed:
                     store.add(SEEN_KEY, 1)
                 rank, message = peer
                 raise RankFailed(f"rank {rank} of {self.world_size} failed: {message}") from error
-            store.set(f"{FAILURE_KEY}{self.rank}", f"{type(error).__name__}: {error}")
+            try:
+                store.set(f"{FAILURE_KEY}{self.rank}", f"{type(error).__name__}: {error}")
+            except dist.DistError as lost:  # rank 0, which hosts the store, has ended
+                raise RankFailed(
+                    f"rank 0 of {self.world_size} ended before this rank (rank {self.rank}) "
+                    f"could read why: the run's store is gone ({lost}); this rank's error: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
             dist.destroy_process_group()  # the others' collectives fail now
             deadline = time.monotonic() + FAILURE_GRACE_SECONDS
             while time.monotonic() < deadline and store.add(SEEN_KEY, 0) < self.world_size - 1:
