@@ -154,6 +154,31 @@ def test_ten_thousand_merge_restore_cycles_leave_weights_bitwise_identical(dtype
         assert same_bits(weight, original)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ten_thousand_prepared_merge_restore_cycles_leave_weights_bitwise_identical(dtype):
+    """The runtime's path: one :class:`PreparedMerge` from kept factors, a new state
+    written into its ``mix`` each cycle, the buffers swapped in and back."""
+    s = site([24, 40, 8], 32, 6, dtype, seed=13)
+    weights = [torch.nn.Parameter(w, requires_grad=False) for w in s["weights"]]
+    snapshot = [w.clone() for w in weights]
+    factors, mix = given_factors(s, seed=14)
+    prepared = merge_module.PreparedMerge(
+        [merge_module.SiteMerge(weights, s["biases"], s["down_weight"], None, None, factors, mix)]
+    )
+    generator = torch.Generator().manual_seed(15)
+    changed = 0
+    for _ in range(10_000):
+        mix.copy_(torch.randn(mix.shape, generator=generator))
+        (merged,) = prepared.run()
+        pristine = [install_merged(w, t.merged) for w, t in zip(weights, merged, strict=True)]
+        changed += not torch.equal(weights[0], snapshot[0])
+        for weight, storage in zip(weights, pristine, strict=True):
+            restore_merged(weight, storage)
+    assert changed == 10_000
+    for weight, original in zip(weights, snapshot, strict=True):
+        assert same_bits(weight, original)
+
+
 # ---------------------------------------------------------------------- refusals
 def refused(s: dict, match: str) -> None:
     before = [w.clone() for w in s["weights"]]
