@@ -64,9 +64,7 @@ Item = TypeVar("Item")
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 FAILURE_KEY = "eas_kernels/failure/"  # + rank: the message of a rank that failed
 SEEN_KEY = "eas_kernels/failure_seen"  # how many ranks read a failure
-# How long a failed rank waits for the others to read its message (the wait ends as soon
-# as they have): long enough for a rank that is busy outside a collective on a loaded host.
-FAILURE_GRACE_SECONDS = 60.0
+FAILURE_GRACE_SECONDS = 10.0  # how long a failed rank waits for the others to read it
 
 
 class RankFailed(RuntimeError):
@@ -170,9 +168,12 @@ class Distributed:
         its process group, which ends the collectives the others wait in; a rank whose
         collective fails reads the message and raises ``RankFailed("rank r of N failed:
         ...")``. The failing rank waits (at most ``FAILURE_GRACE_SECONDS``) until the
-        others have read it, since rank 0 hosts the store. A rank that finds the store
-        gone (rank 0 failed and ended before this rank read its message) raises
-        :class:`RankFailed` saying so, with its own error. Interrupts pass through: a
+        others have read it, since rank 0 hosts the store. Known limit (torch 2.13, gloo):
+        while a DDP wrapper holds the group, destroying (or aborting) it leaves its
+        connections open, so the others' collectives end only when the failing process
+        exits; when that process is rank 0, its store goes with it, and a rank that then
+        finds the store gone raises :class:`RankFailed` saying so, with its own error,
+        instead of rank 0's message. Interrupts pass through: a
         SIGINT stop is taken by every rank at the same step.
         """
         if not self.active:
