@@ -243,14 +243,18 @@ def test_a_rank_patched_differently_is_refused_on_every_rank(tmp_path):
 def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path, failing):
     """Rank ``failing`` raises in its third forward: it ends with its own error, the other
     rank with ``rank <failing> of 2 failed: <its message>`` (here: in seconds, not after
-    the collectives' 10-minute timeout)."""
+    the collectives' 10-minute timeout). When rank 0 fails, its store may leave with it
+    before rank 1 reads the message (the known limit under gloo in
+    ``Distributed.failures_shared``): rank 1 then ends with the RankFailed that says so."""
     results = launch(2, {"config": SETTINGS["paper"], "fail_rank": failing}, tmp_path)
     other = 1 - failing
     assert results[failing].returncode != 0 and results[other].returncode != 0
     assert "RuntimeError: injected failure in the third forward" in results[failing].stderr
-    expected = f"rank {failing} of 2 failed: RuntimeError: injected failure in the third forward"
+    expected = [f"rank {failing} of 2 failed: RuntimeError: injected failure in the third forward"]
+    if failing == 0:
+        expected.append("RankFailed: rank 0 of 2 ended before this rank (rank 1) could read why")
     both = f"rank {other}:\n{results[other].stderr[-3000:]}\nrank {failing}:\n"
-    assert expected in results[other].stderr, both + results[failing].stderr[-3000:]
+    assert any(e in results[other].stderr for e in expected), both + results[failing].stderr[-3000:]
 
 
 TRAINER_SCRIPT = """
