@@ -24,8 +24,8 @@ states into the group buffers (one copy per group), and runs the prepared call: 
 native kernels form each block's rows of ``Q`` from the factors' rows, ``O(out · r)``
 flops, and do the rank-r update alone, half the flops of a merge from ``W``. A changed key
 (an optimizer step, a load, a new storage, a replaced parameter; inference tensors, which
-have no version counter, every time) builds everything again: that merge costs about 2.3
-times a later one (47 against 20 ms for 32 sites at d = 512 on a 2-core CPU), and a
+have no version counter, every time) builds everything again: that merge costs about 3.3
+times a later one (53–61 against 17 ms for 32 sites at d = 512 on a 2-core CPU), and a
 prompt merges with the same arithmetic whichever prompt it is (the same logits,
 bitwise). ``F`` takes ``(2r + 2)·Σ out`` float32 per site: about 2 % of the targets' bytes
 for EAS-12 at LLaMA-7B shapes in bf16 (87 MB).
@@ -87,7 +87,7 @@ class KeptMerge:
         written to any weight)."""
         versions = weights_key([t for site in sites for t in merge_sources(site)])
         key = None if versions is None else (tuple(map(id, sites)), versions)
-        if key is None or key != self._key or self._prepared is None:
+        if key is None or key != self._key:
             self.clear()
             self._prepare(sites)
             self._key = key

@@ -138,13 +138,23 @@ def test_ten_thousand_merge_restore_cycles_leave_weights_bitwise_identical(dtype
     (``install_merged``, ``restore_merged``)."""
     s = site([24, 40, 8], 32, 6, dtype, seed=11)
     weights = [torch.nn.Parameter(w, requires_grad=False) for w in s["weights"]]
-    snapshot = [w.clone() for w in weights]
     generator = torch.Generator().manual_seed(12)
-    changed = 0
-    for _ in range(10_000):
+
+    def merge() -> list:
         up_mix = (torch.randn(6, 32, generator=generator) * 0.3).to(dtype)
         beta = torch.randn(32, generator=generator).to(dtype)
-        merged = merged_linear(weights, s["biases"], s["down_weight"], up_mix, beta)
+        return merged_linear(weights, s["biases"], s["down_weight"], up_mix, beta)
+
+    assert_cycles_restore_bitwise(weights, merge)
+
+
+def assert_cycles_restore_bitwise(weights: list, merge) -> None:
+    """10,000 cycles of ``merge()`` (a new state each time), its buffers swapped into
+    ``weights`` and back: every cycle changes the weights, and they end bitwise."""
+    snapshot = [w.clone() for w in weights]
+    changed = 0
+    for _ in range(10_000):
+        merged = merge()
         pristine = [install_merged(w, t.merged) for w, t in zip(weights, merged, strict=True)]
         changed += not torch.equal(weights[0], snapshot[0])
         for weight, storage in zip(weights, pristine, strict=True):
@@ -160,23 +170,17 @@ def test_ten_thousand_prepared_merge_restore_cycles_leave_weights_bitwise_identi
     written into its ``mix`` each cycle, the buffers swapped in and back."""
     s = site([24, 40, 8], 32, 6, dtype, seed=13)
     weights = [torch.nn.Parameter(w, requires_grad=False) for w in s["weights"]]
-    snapshot = [w.clone() for w in weights]
     factors, mix = given_factors(s, seed=14)
     prepared = merge_module.PreparedMerge(
         [merge_module.SiteMerge(weights, s["biases"], s["down_weight"], None, None, factors, mix)]
     )
     generator = torch.Generator().manual_seed(15)
-    changed = 0
-    for _ in range(10_000):
+
+    def merge() -> list:
         mix.copy_(torch.randn(mix.shape, generator=generator))
-        (merged,) = prepared.run()
-        pristine = [install_merged(w, t.merged) for w, t in zip(weights, merged, strict=True)]
-        changed += not torch.equal(weights[0], snapshot[0])
-        for weight, storage in zip(weights, pristine, strict=True):
-            restore_merged(weight, storage)
-    assert changed == 10_000
-    for weight, original in zip(weights, snapshot, strict=True):
-        assert same_bits(weight, original)
+        return prepared.run()[0]
+
+    assert_cycles_restore_bitwise(weights, merge)
 
 
 # ---------------------------------------------------------------------- refusals

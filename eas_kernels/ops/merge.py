@@ -344,7 +344,7 @@ class PreparedMerge:
             "merged_linear", backend, weight0.device, weight0.dtype, grad
         )
         self._shapes = shapes
-        self._prepared = False
+        self._scratch: torch.Tensor | None = None  # None: not prepared (or released)
         if self._native:
             self._prepare_native()
             _prepared_merges.add(self)
@@ -354,7 +354,6 @@ class PreparedMerge:
         calls it); the next run makes them again. Results already returned stay valid."""
         self._results, self._keep_alive = [], []
         self._site_args, self._target_args, self._scratch = [], [], None
-        self._prepared = False
 
     def _prepare_native(self) -> None:
         weight0 = self._sites[0].weights[0]
@@ -403,7 +402,6 @@ class PreparedMerge:
         size = self._kernels.merge_scratch_floats(q_floats, rows, ranks, len(self._target_args))
         self._scratch = torch.empty(size, dtype=torch.float32, device=device)
         self._call = (_native.DTYPE_CODES[weight0.dtype], d, self._scratch.data_ptr())
-        self._prepared = True
 
     def run(self) -> list[list[MergedTarget]]:
         """Merge every site now: per site, its targets' merged buffers and new biases.
@@ -417,7 +415,7 @@ class PreparedMerge:
                 "merged_linear: the native kernels do not record gradients; run the merge "
                 "under torch.no_grad()"
             )
-        if not self._prepared:
+        if self._scratch is None:
             self._prepare_native()
         device = self._sites[0].weights[0].device
         refused = self._kernels.merge(
