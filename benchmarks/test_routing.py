@@ -32,6 +32,7 @@ import copy
 import datetime
 import statistics
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -198,4 +199,76 @@ def test_batch_eight_per_example_against_any_keeps(benchmark, unit, shape):
             ms_per_step={k: round(1e3 * v, 3) for k, v in medians.items()},
             **ratios,
         )
+    )
+
+
+def saved_activation_bytes(step: Callable[[], object]) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward pass of ``step``
+    outside any checkpoint (a checkpoint's own hooks take the tensors saved inside it)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(storages.values())
+
+
+def test_training_step_under_gradient_checkpointing(benchmark):
+    """RoE's joint stage (soft routes, τ = 1) on a Hugging Face LLaMA at SmolLM2-135M's
+    shape (random weights, ``mha`` routed on all 30 layers), a batch of 4 × 128 tokens:
+    forward, backward and AdamW with and without gradient checkpointing (non-reentrant,
+    transformers' default), interleaved; and the activations each keeps for the backward
+    pass. Expected: the saved activations fall from every layer's intermediates to the
+    layer inputs (≈ 10× less), for one more forward of each layer (a step ≈ 1.3× slower)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from eas_kernels.routing import route_loss
+    from eas_kernels.routing.hf import checkpointing_refusal
+
+    if checkpointing_refusal() is not None:
+        pytest.skip("transformers < 5.23 checkpoints a layer's whole call (refused)")
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    models = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = patch_routes(LlamaForCausalLM(config), RoutePlan(30, unit="mha", ratio=0.3))
+        randomize_trainables(model, seed=1)
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        set_routing(model.train(), "soft", temperature=1.0)
+        models["checkpointed" if checkpointing else "plain"] = model
+    ids = torch.randint(3, 49000, (4, 128), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[:, :96] = -100  # a 96-token prompt and 32 answer tokens
+
+    def step(model: torch.nn.Module) -> Callable[[], None]:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+        def run() -> None:
+            loss, _ = route_loss(model(input_ids=ids, labels=labels).loss, model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return run
+
+    variants = {name: step(model) for name, model in models.items()}
+    saved = {name: saved_activation_bytes(run) for name, run in variants.items()}
+    medians = benchmark.pedantic(lambda: paired_medians(variants, rounds=5), rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        info(
+            dict(config.to_diff_dict(), layers=30),
+            128,
+            median_step_ms={k: round(1e3 * v, 1) for k, v in medians.items()},
+            checkpointed_over_plain=medians["checkpointed"] / medians["plain"],
+            saved_activation_mb={k: round(v / 2**20, 1) for k, v in saved.items()},
+            saved_plain_over_checkpointed=saved["plain"] / saved["checkpointed"],
+        )  # fmt: skip
     )

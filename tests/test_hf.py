@@ -313,9 +313,10 @@ def reversal_rows(count: int = 32) -> list[dict[str, torch.Tensor]]:
     return rows
 
 
-def cpu_training(folder, steps: int, logging_steps: int) -> TrainingArguments:
+def cpu_training(folder, steps: int, logging_steps: int, **more: object) -> TrainingArguments:
     """Trainer arguments of the tiny-model tests: CPU, batches of 8, lr 1e-2, no saving."""
     return TrainingArguments(
+        **more,
         output_dir=str(folder),
         max_steps=steps,
         per_device_train_batch_size=8,

@@ -4,6 +4,7 @@ search, left padding), per-layer KV rows, the batch-1 merge, refusals, Trainer."
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     StaticCache,
+    TrainingArguments,
 )
 
 from eas_kernels.routing import (
@@ -22,10 +24,12 @@ from eas_kernels.routing import (
     force_routes,
     patch_routes,
     route_control,
+    route_loss,
     routes_of,
     set_routing,
     unpatch_routes,
 )
+from eas_kernels.routing.hf import checkpointing_refusal
 from eas_kernels.routing.hf_trainer import RouteTrainer
 from tests.helpers import assert_bitwise, same_bits, structure, weights_snapshot
 from tests.test_hf import CACHE_ARGUMENT, cpu_training, reversal_rows, tiny_llama
@@ -388,21 +392,128 @@ def test_route_trainer_runs_roes_stages_and_trains_only_routes(tmp_path) -> None
         RouteTrainer(model=tiny_llama(), args=arguments, train_dataset=[])
 
 
+CHECKPOINTING_REFUSED = checkpointing_refusal() is not None
+ACTIVATION_CHECKPOINTING = next(
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if hasattr(TrainingArguments, name)
+)
+NEEDS_LAYER_FORWARD_CHECKPOINTING = pytest.mark.skipif(
+    CHECKPOINTING_REFUSED, reason="transformers < 5.23 checkpoints a layer's whole call"
+)
+
+
+def checkpointed_step(
+    checkpointing: bool, mode: str, reentrant: bool, unit: str = "mha"
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor, int]:
+    """One routed training step, ``CE + exp(−5·CE)·max(0, ρ − ρ̂)``: the loss, ``ρ̂``, the
+    gradients, the routes and how many times the routed layers ran their branches."""
+    model = routed_llama(unit, seed=12).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+        )
+    set_routing(model, mode, **({"temperature": 0.7, "keep_bias": 0.3} if mode == "soft" else {}))
+    route_control(model).generator = torch.Generator().manual_seed(5)
+    branch_runs = []
+    for forward in routes_of(model).forwards:
+        for name in ("_run", "_soft"):
+            real = getattr(forward, name)
+
+            def counted(*a: object, _real=real, **k: object) -> torch.Tensor:
+                branch_runs.append(1)
+                return _real(*a, **k)
+
+            setattr(forward, name, counted)
+    inputs = prompts()
+    loss, realized = route_loss(model(**inputs, labels=inputs["input_ids"]).loss, model)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), realized.detach(), grads, route_control(model).routes(), len(branch_runs)
+
+
+@NEEDS_LAYER_FORWARD_CHECKPOINTING
+@pytest.mark.parametrize(
+    ("mode", "unit"), [("random", "mha"), ("soft", "mha"), ("hard", "mha"), ("soft", "block")]
+)
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_step_bitwise(mode, unit, reentrant):
+    """Under gradient checkpointing each routed layer decides its route outside the
+    checkpoint and checkpoints its branches: the backward pass re-runs them (more branch
+    runs) on the same route, so the loss with the sparsity term, ``ρ̂``, the routes and every
+    gradient (routers' included, under soft routes, reentrant or not) equal an unchecked
+    step's, bitwise."""
+    loss, realized, grads, routes, runs = checkpointed_step(False, mode, reentrant, unit)
+    loss_c, realized_c, grads_c, routes_c, runs_c = checkpointed_step(True, mode, reentrant, unit)
+    assert runs_c > runs > 0  # the checkpointed branches ran again in the backward pass
+    assert same_bits(loss[None], loss_c[None]) and same_bits(realized[None], realized_c[None])
+    assert torch.equal(routes, routes_c) and routes.any() and not routes.all()
+    assert grads.keys() == grads_c.keys() and all(same_bits(grads[n], grads_c[n]) for n in grads)
+    assert all(any(f".{part}." in n for n in grads) for part in ("route_pia", "kept_adapter"))
+    routers = [n for n in grads if re.search(r"layers\.\d+\.router\.", n)]
+    assert (len(routers) > 0) == (mode == "soft")
+
+
+@NEEDS_LAYER_FORWARD_CHECKPOINTING
+def test_a_checkpointed_layer_call_caches_nothing() -> None:
+    """A routed layer called with a cache under gradient checkpointing drops it, as
+    transformers' own layers do (the backward pass's re-run would write it twice): the
+    cache stays empty and the call trains."""
+    model = routed_llama("mha", seed=12).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_routing(model, "hard")
+    x = torch.randn(4, 9, 64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    positions = torch.arange(9)[None].expand(4, 9)
+    rotary = model.model.rotary_emb(x, positions)
+    cache = DynamicCache()
+    layer = model.model.layers[1]
+    arguments = {CACHE_ARGUMENT: cache, "use_cache": True, "position_ids": positions}
+    out = layer(x, position_embeddings=rotary, **arguments)
+    out.sum().backward()
+    assert cache.get_seq_length() == 0 and x.grad is not None and x.grad.abs().sum() > 0
+
+
+@NEEDS_LAYER_FORWARD_CHECKPOINTING
+def test_route_trainer_trains_the_same_under_gradient_checkpointing(tmp_path) -> None:
+    """RouteTrainer with ``gradient_checkpointing=True`` runs RoE's stages (random routes
+    from the seeded RNG, then soft routes) to the same losses and weights, bitwise."""
+    results = []
+    for checkpointing in (False, True):
+        model = routed_llama("mha", seed=10)
+        flag = {ACTIVATION_CHECKPOINTING: checkpointing}  # its name since transformers 5.24
+        arguments = cpu_training(tmp_path / str(checkpointing), 12, 3, **flag)
+        trainer = RouteTrainer(model=model, args=arguments, train_dataset=reversal_rows())
+        trainer.train()
+        layers = model.model.layers
+        assert all(layer.gradient_checkpointing == checkpointing for layer in layers)
+        history = trainer.state.log_history
+        losses = [(e["loss"], e["realized_ratio"]) for e in history if "loss" in e]
+        results.append((losses, weights_snapshot(model)))
+    (losses, weights), (losses_c, weights_c) = results
+    assert len(losses) == 4 and losses == losses_c
+    assert weights.keys() == weights_c.keys()
+    assert all(same_bits(weights[k], weights_c[k]) for k in weights)
+
+
+@pytest.mark.skipif(not CHECKPOINTING_REFUSED, reason="transformers >= 5.23 trains it")
 @pytest.mark.parametrize("mode", ["random", "soft", "hard"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_is_refused_before_anything_runs(tmp_path, mode, reentrant):
-    """A checkpointed layer runs again in the backward pass: a random route would be
-    drawn anew (transformers < 5.24: CheckpointError, or another route's gradients), and
-    from 5.24 on a routed layer would silently not be checkpointed. Refused at the first
-    forward in training mode (a reentrant checkpoint runs it under no_grad), with the route
-    state and the weights unchanged, and by RouteTrainer at construction; evaluation and the
-    model without checkpointing still run."""
+def test_gradient_checkpointing_before_5_23_is_refused_before_anything_runs(
+    tmp_path, mode, reentrant
+):
+    """Before 5.23 transformers checkpoints a layer's whole call, route decision included:
+    a random route would be drawn anew in the backward pass (CheckpointError, or another
+    route's gradients) and a reentrant re-run leaves ρ̂ without the routers' gradient.
+    Refused at the first forward in training mode (a reentrant checkpoint runs it under
+    no_grad), naming the release that trains it, with the route state and the weights
+    unchanged, and by RouteTrainer at construction; evaluation and the model without
+    checkpointing still run."""
     model = routed_llama("mha", seed=12).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     set_routing(model, mode)
     snapshot = weights_snapshot(model)
     inputs = prompts()
-    with pytest.raises(ValueError, match="does not train under gradient checkpointing"):
+    with pytest.raises(ValueError, match=r"transformers >= 5\.23; this is 5\."):
         model(**inputs, labels=inputs["input_ids"])
     assert route_control(model).skip_weights == {}
     assert_bitwise(model, snapshot)

@@ -32,7 +32,7 @@ call; at batch > 1 the skipped rows' ``PIA_s`` goes through the per-example low-
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -344,15 +344,31 @@ class RoutedForward:
         mask = self._mask(x)
         skip, weights = self._decide(x, start_pos, mask)
         if weights is not None:
-            return self._soft(x, args, kwargs, mask, weights)
+            return self._recomputable(
+                lambda x, weights: self._soft(x, args, kwargs, mask, weights), x, weights
+            )
         runs = ~skip
         if self.control.batch_rule == "any_keeps" and self.routed and bool(runs.any()):
             runs = torch.ones_like(skip)  # RoE's release: the whole batch runs the unit
         route = LayerRoute.of(skip, runs)
-        out = self._run(x, start_pos, args, kwargs, route, mask)
+
+        def branches(x: torch.Tensor) -> torch.Tensor:
+            route.kept_state = route.skip_state = None  # a re-run computes them afresh too
+            return self._run(x, start_pos, args, kwargs, route, mask)
+
+        out = self._recomputable(branches, x)
         if start_pos == 0:
             self.route = route
         return out
+
+    def _recomputable(
+        self, branches: Callable[..., torch.Tensor], *inputs: torch.Tensor
+    ) -> torch.Tensor:
+        """``branches(*inputs)``: the branches of a fresh call, on a route already decided.
+        :class:`~eas_kernels.routing.hf.HFRoutedForward` runs them under gradient
+        checkpointing when the model trains with it; the decision stays outside, so the
+        backward pass's re-run takes the same route and ``ρ̂`` keeps its gradient."""
+        return branches(*inputs)
 
     def _soft(
         self,

@@ -27,17 +27,25 @@ example are copies of its prompt. ``batch_select_indices`` and ``batch_repeat_in
 do the same. ``generate()`` refuses, before anything runs, what cannot give the prompt's
 routes: soft routes, ``use_cache=False``, ``prefill_chunk_size`` and assisted generation.
 
-Gradient checkpointing (``model.gradient_checkpointing_enable()``) is refused at the first
-forward in training mode (:data:`CHECKPOINTING_REFUSED`): ``transformers`` runs a checkpointed
-layer again in the backward pass, where a random route (training stage 1) is drawn anew
-(before 5.24 this fails with a ``CheckpointError``, or with reentrant checkpointing gives
-gradients of another route), a reentrant recompute leaves the sparsity term without the
-routers' gradients, and from 5.24 on a routed layer's forward is not checkpointed at all.
+Gradient checkpointing (``model.gradient_checkpointing_enable()``, ``TrainingArguments(
+activation_checkpointing=True)``, ``gradient_checkpointing`` before 5.24) trains a routed
+model from transformers 5.23 on, reentrant or not. A checkpointed layer runs again in the
+backward pass, so a routed layer decides its route (a random draw, the routers' soft
+weights) *outside* the checkpoint and checkpoints its branches alone
+(:meth:`HFRoutedForward._recomputable`, with the model's own checkpointing function): the
+re-run takes the same route, and ``ρ̂`` keeps the routers' gradient. A checkpointed call
+caches nothing, as ``transformers``' own layers do. Since 5.23 ``transformers``
+checkpoints a layer's class ``forward``, which a routed layer replaces and calls without
+that wrapper. Earlier releases checkpoint the layer's whole call, the decision included,
+where a random route would be drawn anew and a reentrant re-run would leave ``ρ̂`` without
+gradient: there checkpointing is refused at the first forward in training mode and by
+``RouteTrainer`` at construction (:func:`checkpointing_refusal`).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,12 +62,38 @@ from .control import RouteControl
 from .forward import RoutedForward
 
 _SUBJECT = "a routed model"
-CHECKPOINTING_REFUSED = (
-    "per-example routing does not train under gradient checkpointing: a checkpointed layer "
-    "runs again in the backward pass, with another random route, and its sparsity term can "
-    "lose its gradient; call model.gradient_checkpointing_disable() (or leave "
-    "TrainingArguments.gradient_checkpointing off)"
-)
+CHECKPOINTING_RELEASE = (5, 23)  # the first release that checkpoints a layer's class forward
+
+
+def checkpointing_refusal() -> str | None:
+    """Why this ``transformers`` release cannot train a routed model under gradient
+    checkpointing (it checkpoints a layer's whole call, before 5.23), or None."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if "__call__" not in vars(GradientCheckpointingLayer):
+        return None
+    import transformers
+
+    wanted = ".".join(map(str, CHECKPOINTING_RELEASE))
+    return (
+        f"per-example routing trains under gradient checkpointing with transformers >= "
+        f"{wanted}; this is {transformers.__version__}, which checkpoints a layer's whole "
+        "call: the backward pass would draw a random route anew and, reentrant, leave the "
+        "sparsity term without the routers' gradient. Upgrade transformers, or call "
+        "model.gradient_checkpointing_disable() (or leave TrainingArguments."
+        "gradient_checkpointing off)"
+    )
+
+
+def _without_checkpointing(forward: Any) -> Any:
+    """A layer class's ``forward`` without the wrapper that checkpoints it (transformers
+    >= 5.23, ``GradientCheckpointingLayer.__init_subclass__``): a routed layer checkpoints
+    its branches itself, and must not checkpoint the kept branch again inside."""
+    while getattr(forward, "__code__", None) is not None:
+        if forward.__code__.co_name != "forward_with_checkpointing":
+            break
+        forward = forward.__wrapped__
+    return forward
 
 
 def _dynamic_layer() -> type:
@@ -159,19 +193,27 @@ class HFRoutedForward(RoutedForward):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.signature = inspect.signature(type(self.block).forward)
+        self.class_forward = _without_checkpointing(type(self.block).forward)
+        self.refusal = checkpointing_refusal()
         self.cache_class = _transformers_classes()[0]
         self.cache_index = int(getattr(self.attention, "layer_idx", self.layer))
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # whatever the grad mode: a reentrant checkpoint runs the layer under no_grad
-        if getattr(self.block, "gradient_checkpointing", False) and self.block.training:
-            raise ValueError(CHECKPOINTING_REFUSED)
+        if self.refusal is not None and self._checkpointed_model():
+            raise ValueError(self.refusal)
         bound = named_arguments(self.signature, (self.block, hidden_states, *args), kwargs)
         if bound is None:
             return self._block(hidden_states, None, args, kwargs)  # the layer reports it
         named = {k: v for k, v in bound.items() if k not in ("self", "hidden_states")}
         x = hidden_states
         cache_name = next((k for k, v in named.items() if isinstance(v, self.cache_class)), None)
+        if cache_name is not None and self._checkpointing():
+            # as transformers' layers do: a call the backward pass runs again caches nothing
+            named = {**named, cache_name: None}
+            if named.get("use_cache"):
+                named["use_cache"] = False
+            cache_name = None
         if cache_name is None:
             return self._fresh(x, None, (), named)
         cache = named[cache_name]
@@ -229,8 +271,24 @@ class HFRoutedForward(RoutedForward):
             layers.append(make())
         return layers[self.cache_index]
 
+    def _checkpointed_model(self) -> bool:
+        """Whether the model trains under gradient checkpointing (a training-mode call)."""
+        return bool(getattr(self.block, "gradient_checkpointing", False)) and self.block.training
+
+    def _checkpointing(self) -> bool:
+        """Whether this call's branches run under gradient checkpointing: a training-mode
+        call with gradients, on a release that checkpoints a layer's class forward."""
+        return self.refusal is None and self._checkpointed_model() and torch.is_grad_enabled()
+
+    def _recomputable(
+        self, branches: Callable[..., torch.Tensor], *inputs: torch.Tensor
+    ) -> torch.Tensor:
+        if self._checkpointing():
+            return self.block._gradient_checkpointing_func(branches, *inputs)
+        return branches(*inputs)
+
     def _block(self, x: torch.Tensor, start_pos: int | None, args: tuple, kwargs: dict):
-        return type(self.block).forward(self.block, x, *args, **kwargs)
+        return self.class_forward(self.block, x, *args, **kwargs)
 
     def _attend(self, z: torch.Tensor, start_pos: int | None, args: tuple, kwargs: dict):
         return self.attention(z, *args, **kwargs)[0]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .hf import CHECKPOINTING_REFUSED
+from .hf import checkpointing_refusal
 from .patch import routes_of
 from .schedule import RouteSchedule, RouteStage, route_loss
 
@@ -39,8 +39,9 @@ class RouteTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         routes_of(self.model)
-        if self.args.gradient_checkpointing:
-            raise ValueError(CHECKPOINTING_REFUSED)
+        refusal = checkpointing_refusal()
+        if self.args.gradient_checkpointing and refusal is not None:
+            raise ValueError(refusal)
         if route_schedule is not None and not isinstance(route_schedule, RouteSchedule):
             raise TypeError(
                 "route_schedule must be an eas_kernels.routing.RouteSchedule or None, got "
