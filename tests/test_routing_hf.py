@@ -4,6 +4,7 @@ search, left padding), per-layer KV rows, the batch-1 merge, refusals, Trainer."
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 
 import pytest
@@ -404,14 +405,14 @@ NEEDS_LAYER_FORWARD_CHECKPOINTING = pytest.mark.skipif(
 
 
 def checkpointed_step(
-    checkpointing: bool, mode: str, reentrant: bool, unit: str = "mha"
+    checkpointing: bool, mode: str, reentrant: bool, unit: str = "mha", **options: object
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor, int]:
     """One routed training step, ``CE + exp(−5·CE)·max(0, ρ − ρ̂)``: the loss, ``ρ̂``, the
     gradients, the routes and how many times the routed layers ran their branches."""
     model = routed_llama(unit, seed=12).train()
     if checkpointing:
         model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant}, **options
         )
     set_routing(model, mode, **({"temperature": 0.7, "keep_bias": 0.3} if mode == "soft" else {}))
     route_control(model).generator = torch.Generator().manual_seed(5)
@@ -452,6 +453,23 @@ def test_gradient_checkpointing_gives_the_same_step_bitwise(mode, unit, reentran
     assert all(any(f".{part}." in n for n in grads) for part in ("route_pia", "kept_adapter"))
     routers = [n for n in grads if re.search(r"layers\.\d+\.router\.", n)]
     assert (len(routers) > 0) == (mode == "soft")
+
+
+@NEEDS_LAYER_FORWARD_CHECKPOINTING
+def test_checkpointing_every_other_layer_gives_the_same_step_bitwise():
+    """``every_n_layers=2`` (transformers >= 5.24) checkpoints layers 0 and 2 only: the
+    other routed layers run as without checkpointing, and the step is the same, bitwise."""
+    enable = getattr(type(tiny_llama()), "activation_checkpointing_enable", None)
+    if enable is None or "every_n_layers" not in inspect.signature(enable).parameters:
+        pytest.skip("this transformers release checkpoints every layer")
+    loss, realized, grads, routes, runs = checkpointed_step(False, "soft", False)
+    loss_c, realized_c, grads_c, routes_c, runs_c = checkpointed_step(
+        True, "soft", False, every_n_layers=2
+    )
+    assert runs < runs_c < 2 * runs  # half of the layers ran their branches again
+    assert same_bits(loss[None], loss_c[None]) and same_bits(realized[None], realized_c[None])
+    assert torch.equal(routes, routes_c)
+    assert grads.keys() == grads_c.keys() and all(same_bits(grads[n], grads_c[n]) for n in grads)
 
 
 @NEEDS_LAYER_FORWARD_CHECKPOINTING
