@@ -154,6 +154,11 @@ def test_generation_time_per_answer_length(benchmark, model_name):
         },
         calibration_ms=round(1e3 * calibration["seconds"], 1),
         measured_costs_ms=calibration["costs"],
+        # what the auto model measured for itself and chose by (its first prompt)
+        auto_costs_ms={
+            k: round(1e3 * v, 3)
+            for k, v in dataclasses.asdict(runtime_of(models["eas_auto"]).auto_choice.costs).items()
+        },
         breakdown_ms={
             name: dict(
                 prefill=round(1e3 * row[1], 2),

@@ -18,8 +18,9 @@ give the first token), so :func:`choose_mode` takes the cheapest of
     merge     merge                                (batch 1 only)
     lowrank   lowrank_setup + (n - 1) · lowrank_step
 
-The costs are measured on this machine by :func:`measure_costs` — the PIAs of one step,
-one merge and restore, one low-rank set-up and its adds, each the best of two runs — the
+The costs are measured on this machine by :func:`measure_costs` — the PIAs of one step
+and the low-rank adds of one step, each between the targets' own matrix products as in a
+decode step; one merge and restore; one low-rank set-up; each the best of two runs — the
 first time ``auto`` decides for a batch size and skip set, and kept by the runtime
 (tens of milliseconds, once). The answer length comes from :func:`eas_kernels.greedy_generate`
 and ``generate()`` of a :func:`~eas_kernels.patch_hf` model (``max_new_tokens``), or from
@@ -32,6 +33,7 @@ The choice is visible as :attr:`EASRuntime.auto_choice
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 # Ties go to the first: a merge costs nothing per step, and the low-rank path does not
 # touch the weights.
 _ORDER = ("merge", "lowrank", "eager")
+PASS_ROUNDS = 5  # rounds of paired passes behind the per-step costs (measure_costs)
 
 
 @dataclass(frozen=True)
@@ -101,27 +104,41 @@ def choose_mode(decode_steps: int | None, batch_size: int, costs: ModeCosts | No
     return min(modes, key=lambda mode: costs.of(mode, decode_steps))
 
 
+def _timed(run: Callable[[], object], device: torch.device) -> float:
+    """Seconds one run of ``run`` takes (the device synchronised around it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def _best_of_two(run: Callable[[], object], device: torch.device) -> float:
     """The shorter of two timed runs of ``run`` (after one untimed), in seconds."""
-    times = []
-    for attempt in range(3):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if attempt:
-            times.append(time.perf_counter() - start)
-    return min(times)
+    _timed(run, device)
+    return min(_timed(run, device), _timed(run, device))
 
 
 @torch.no_grad()
 def measure_costs(runtime: EASRuntime, batch_size: int) -> ModeCosts:
     """Time each mode's work on the runtime's frozen states (it must hold states of
     ``batch_size`` examples, and no mode realised): nothing is left changed — a merge is
-    restored, low-rank factors are dropped. A merge that would hold NaN/Inf raises
-    ``ValueError``, as it would in ``merge`` mode."""
+    restored, low-rank hooks are removed. A merge that would hold NaN/Inf raises
+    ``ValueError``, as it would in ``merge`` mode.
+
+    A per-step cost is measured where a decode step pays it: between the targets' own
+    matrix products, which stream the layers' weights through the caches (and evict the
+    adapters' small tensors). One *pass* runs every site's targets once, in layer order, on
+    a one-token input: plain (``u``), eager (``u + PIA(u)`` first) and with the low-rank
+    hooks installed, back to back; ``eager_step`` and ``lowrank_step`` are the median over
+    :data:`PASS_ROUNDS` rounds of the eager and low-rank passes minus the plain one, and
+    never less than the same work timed alone with warm caches (a lower bound, which also
+    keeps a cost positive where the difference is within noise).
+    Timed alone, the adapters' work underestimates what a decode step pays by 2.6–4.5×
+    (``benchmarks/RESULTS.md``, answer length).
+    """
     sites = runtime.reparameterizable_sites
     if not sites:
         return ModeCosts(0.0, 0.0, 0.0, 0.0)
@@ -135,7 +152,16 @@ def measure_costs(runtime: EASRuntime, batch_size: int) -> ModeCosts:
         for site in sites
     ]  # fmt: skip
 
-    def eager() -> None:
+    def targets_pass(adapt: bool) -> Callable[[], None]:
+        def run() -> None:
+            for site, u in zip(sites, inputs, strict=True):
+                z = u + site.pia(u, state=site.state) if adapt else u
+                for linear in site.targets:
+                    linear(z)
+
+        return run
+
+    def eager_alone() -> None:
         for site, u in zip(sites, inputs, strict=True):
             site.pia(u, state=site.state)
 
@@ -150,19 +176,50 @@ def measure_costs(runtime: EASRuntime, batch_size: int) -> ModeCosts:
 
     outputs = {}
 
-    def lowrank_step() -> None:
+    def lowrank_alone() -> None:
         for (linear, hook), u in zip(hooks, _inputs_of_targets(sites, inputs), strict=True):
             hook(linear, (u,), outputs[id(linear)])
 
-    eager_step = _best_of_two(eager, device)
     merge = _best_of_two(merge_and_restore, device) if batch_size == 1 else math.inf
     setup = _best_of_two(lowrank_setup, device)
     for linear, _ in hooks:
         outputs[id(linear)] = torch.zeros(
             batch_size, 1, linear.out_features, dtype=linear.weight.dtype, device=device
         )
-    step = _best_of_two(lowrank_step, device)
+    eager_passes, lowrank_passes = _paired_differences(
+        targets_pass(False), targets_pass(True), sites, device
+    )
+    eager_step = max(eager_passes, _best_of_two(eager_alone, device))
+    step = max(lowrank_passes, _best_of_two(lowrank_alone, device))
     return ModeCosts(eager_step, merge, setup, step)
+
+
+def _paired_differences(
+    plain: Callable[[], None],
+    eager: Callable[[], None],
+    sites: list,
+    device: torch.device,
+    rounds: int = PASS_ROUNDS,
+) -> tuple[float, float]:
+    """Seconds the eager pass and the pass with low-rank hooks take over the plain pass:
+    the median over ``rounds`` rounds (after one untimed) of each round's differences, the
+    three passes run back to back in every round, so that a host whose speed drifts moves
+    all three alike. The low-rank hooks are installed for their pass only."""
+    eager_over, lowrank_over = [], []
+    for attempt in range(rounds + 1):
+        base = _timed(plain, device)
+        with_eager = _timed(eager, device)
+        try:
+            for site in sites:
+                site.install_lowrank()
+            with_lowrank = _timed(plain, device)
+        finally:
+            for site in sites:
+                site.remove_lowrank()
+        if attempt:
+            eager_over.append(with_eager - base)
+            lowrank_over.append(with_lowrank - base)
+    return statistics.median(eager_over), statistics.median(lowrank_over)
 
 
 def _inputs_of_targets(sites: list, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
