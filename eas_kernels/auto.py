@@ -18,12 +18,13 @@ give the first token), so :func:`choose_mode` takes the cheapest of
     merge     merge                                (batch 1 only)
     lowrank   lowrank_setup + (n - 1) · lowrank_step
 
-The costs are measured on this machine by :func:`measure_costs` — the PIAs of one step
-and the low-rank adds of one step, each between the targets' own matrix products as in a
-decode step; one merge and restore; one low-rank set-up; each the best of two runs — the
-first time ``auto`` decides for a batch size and skip set, and kept by the runtime
-(tens of milliseconds, once). The answer length comes from :func:`eas_kernels.greedy_generate`
-and ``generate()`` of a :func:`~eas_kernels.patch_hf` model (``max_new_tokens``), or from
+The costs are measured on this machine by :func:`measure_costs` — the PIAs and the
+low-rank adds of one step, each between the targets' own matrix products as in a decode
+step (the median of paired rounds); one merge and restore and one low-rank set-up (each
+the best of two runs) — the first time ``auto`` decides for a batch size and skip set,
+and kept by the runtime (a few hundred milliseconds on a 2-core CPU, once). The answer
+length comes from :func:`eas_kernels.greedy_generate` and ``generate()`` of a
+:func:`~eas_kernels.patch_hf` model (``max_new_tokens``), or from
 :func:`eas_kernels.expected_new_tokens` around a decode loop of one's own. When it is
 unknown, ``auto`` assumes a long answer: ``merge`` for batch 1, ``lowrank`` otherwise.
 The choice is visible as :attr:`EASRuntime.auto_choice
