@@ -200,6 +200,9 @@ def one_setting(
     """One (seed, k, ramp) cell: its row, the warmed-up model and its trainable state."""
     layers = work.layers
     validation = collate(work.validation, work.pad_id)
+    # the PIAs' initialisation draws from the global stream: seeded per cell, so that a
+    # cell's supernet does not depend on the cells the command ran before it
+    torch.manual_seed(20_000 + seed * 1_000 + k * 2 + ramp)
     model = patch_lavin(copy.deepcopy(work.model), SkipPlan(layers, []), search="mha")
     if hasattr(model, "projector"):  # easy-vqa: the projector trains with the PIAs
         model.projector.requires_grad_(True)

@@ -123,6 +123,26 @@ def test_search_quality_recipe_compares_every_estimator_with_the_baselines(tmp_p
     assert recipe.spearman([1, 2, 3], [3, 2, 1]) == -1 and recipe.jaccard([1, 2], [2, 3]) == 1 / 3
 
 
+def test_search_quality_cells_do_not_depend_on_the_cells_run_before(tmp_path):
+    """A (seed, k) cell warms up the same supernet and finds the same plans whether the
+    command runs it alone or after another k (each cell seeds the PIAs' initialisation)."""
+    recipe = importlib.import_module("search_quality")
+    common = ["--model", "tiny", "--train", "16", "--test", "4", "--search-batch", "6"]
+    common += ["--validation", "6", "--seeds", "1", "--budget", "10", "--random", "3"]
+    common += ["--estimators", "greedy", "loo"]
+    alone = recipe.main(common + ["--ks", "2", "--out", str(tmp_path / "alone")])
+    after = recipe.main(common + ["--ks", "3", "2", "--out", str(tmp_path / "after")])
+    (cell,) = alone["rows"]
+    (same,) = [row for row in after["rows"] if row["k"] == 2]
+    assert cell["warmup_loss"] == same["warmup_loss"]
+    assert cell["random"]["validation_losses"] == same["random"]["validation_losses"]
+    for name in ("greedy", "loo"):
+        ours, theirs = cell["estimators"][name], same["estimators"][name]
+        assert {k: v for k, v in ours.items() if k != "seconds"} == {
+            k: v for k, v in theirs.items() if k != "seconds"
+        }
+
+
 def test_search_quality_recipe_runs_on_the_iris_text_task(tmp_path):
     recipe = importlib.import_module("search_quality")
     with pytest.raises(SystemExit):  # the text task runs on SmolLM2 only
