@@ -32,7 +32,9 @@ and, with one shared workload, *plan transfer*: every seed's plan judged on ever
 warmed-up supernet (is a plan good only for the warm-up that found it?).
 By default every seed tunes the same workload (``--workload-seed 0``: one vision tower,
 projector and data split), so that the seeds vary the warm-up and the search only;
-``--workload-seed -1`` gives each seed its own workload, as the runs recorded on 2026-11-30 did.
+``--workload-seed -1`` gives each seed its own workload, as the runs recorded on 2026-11-30
+did. Each (seed, k) cell seeds the PIAs' initialisation from its seed and k, so that it is
+the same whatever else the command runs.
 Writes ``<out>/search_quality.json`` and ``search_quality.png``.
 """
 
