@@ -16,7 +16,8 @@
 #              compute-sanitizer over each CUDA kernel once (scripts/gpu_kernels_once.py)
 #   bench      the benchmarks at LLaMA-7B shapes (bf16, batch 1, ~600-token prompts):
 #              every variant against its floor, eager and under CUDA graphs; the merge
-#              against its roofline; the batched low-rank path; the fused PIA kernels
+#              against its roofline; the whole model's merge in decode steps (issue 20:
+#              <= 0.3); the batched low-rank path; the fused PIA kernels
 #   report     summary.json: every step's status and time, the environment, the test
 #              counts and the figures (scripts/gpu_check_report.py)
 #
@@ -90,7 +91,7 @@ if [[ $dry -eq 1 ]]; then
     step kernels-once 120 "$python" scripts/gpu_kernels_once.py --device cpu
     step bench 300 "$python" -m pytest -q -p no:cacheprovider --collect-only \
         benchmarks/test_end_to_end.py benchmarks/test_merge.py benchmarks/test_lowrank.py \
-        benchmarks/test_pia_fused.py
+        benchmarks/test_pia_fused.py benchmarks/test_model_merge.py
 else
     step tests 240 "$python" -m pytest -q -p no:cacheprovider -m cuda \
         --junitxml="$out/tests.xml" tests/
@@ -101,11 +102,12 @@ else
     done
     selection="lavin32 or graphed or batched or merge or lowrank or pia_fused"
     if [[ $quick -eq 1 ]]; then
-        selection="(lavin32 or graphed) and (unpatched or lavin_style or eas_12)"
+        selection="((lavin32 or graphed) and (unpatched or lavin_style or eas_12)) or whole_model"
     fi
     step bench 360 env EAS_BENCH_PROMPT=600 "$python" -m pytest -q -p no:cacheprovider \
         benchmarks/test_end_to_end.py benchmarks/test_merge.py benchmarks/test_lowrank.py \
-        benchmarks/test_pia_fused.py --benchmark-only -k "$selection" \
+        benchmarks/test_pia_fused.py benchmarks/test_model_merge.py --benchmark-only \
+        -k "$selection" \
         --benchmark-json="$out/benchmarks.json"
 fi
 
