@@ -320,6 +320,29 @@ def test_state_dict_while_merged_holds_the_pretrained_weights_and_decoding_goes_
     assert runtime_of(model).realized == "merge"
 
 
+@pytest.mark.parametrize("convert", ["double", "bfloat16"])
+def test_a_model_converted_while_merged_restores_the_converted_pretrained_weights(convert):
+    """``model.double()`` (or ``.to(dtype)``) between decode steps converts the merged
+    weights; the next prompt's restore gives the pretrained weights converted the same
+    way, bitwise, and that prompt decodes as the model converted before any merge does."""
+    prompts = random_sequences([6], 97, seed=3)
+    second = random_sequences([5], 97, seed=4)
+    converted_first = patched([1, 2])
+    merged_first = patched([1, 2])
+    for model in (converted_first, merged_first):
+        reparameterize(model, "merge")
+    greedy_generate(merged_first, prompts, 3)  # merged now, then converted
+    assert runtime_of(merged_first).realized == "merge"
+    for model in (merged_first, converted_first):
+        getattr(model, convert)()
+    expected = greedy_generate(converted_first, second, 3)
+    got = greedy_generate(merged_first, second, 3)
+    assert got.tokens == expected.tokens and same_bits(got.logits, expected.logits)
+    for model in (merged_first, converted_first):
+        restore(model)
+    assert_bitwise(merged_first, weights_snapshot(converted_first))
+
+
 def test_the_runtime_moves_through_its_phases():
     """NO_STATES -> FRESH (prefill) -> DECODING (first decode: mode realised) -> FRESH (next
     prompt: weights back) ...; a new skip set drops the states; decoding needs a prefill."""

@@ -145,7 +145,12 @@ def install_merged(weight: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
 
 def restore_merged(weight: torch.Tensor, pristine: torch.Tensor) -> None:
     """Put a merged weight back, bitwise and in O(1): swap in the storage
-    :func:`install_merged` returned (the merge never wrote it)."""
+    :func:`install_merged` returned (the merge never wrote it). A model converted while
+    merged (``.to(dtype)``, ``.double()``, ``.to(device)``) converted the merged values
+    only: the pristine values take the same element-wise conversion here, which is what
+    the weight would hold had it been converted unmerged."""
+    if (pristine.dtype, pristine.device) != (weight.dtype, weight.device):
+        pristine = pristine.to(dtype=weight.dtype, device=weight.device)
     weight.data = pristine
 
 
