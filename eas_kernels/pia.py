@@ -192,16 +192,35 @@ class PIA(nn.Module):
         """Validate a frozen state against this PIA and a batch size."""
         if not isinstance(state, PIAState):
             raise TypeError(f"state must be a PIAState, got {type(state).__name__}")
-        weight = self.down1.weight
-        for field, width in (("c", self.rank), ("alpha", 2)):
+        fields = (("c", self.rank), ("alpha", 2))
+        for field, _ in fields:
+            check_tensor(getattr(state, field), f"state.{field}", ndim=2)
+        self.check_state_placement(state)
+        for field, width in fields:
             value = getattr(state, field)
-            check_tensor(value, f"state.{field}", ndim=2, dtype=weight.dtype, device=weight.device)
             if tuple(value.shape) != (batch_size, width):
                 raise ValueError(
                     f"state.{field} must have shape ({batch_size}, {width}), "
                     f"got {tuple(value.shape)}"
                 )
         return state
+
+    def check_state_placement(self, state: PIAState) -> None:
+        """Refuse (``TypeError``) a state whose dtype or device is not the weights': a
+        frozen state belongs to the prefill that computed it, so a model converted
+        (``.to``, ``.double()``, ``.half()``) in the middle of a prompt must start a new
+        one. A merged model decodes on (its weights carry the state); the eager and
+        low-rank paths read the state and stop here."""
+        weight = self.down1.weight
+        for held in ((state.c.dtype, state.c.device), (state.alpha.dtype, state.alpha.device)):
+            if held == (weight.dtype, weight.device):
+                continue
+            raise TypeError(
+                f"state is {held[0]} on {held[1]} but the PIA's weights are {weight.dtype} "
+                f"on {weight.device}: a frozen state keeps the dtype and device of the "
+                "prefill that computed it, so after converting a model (.to, .double(), "
+                ".half()) start a new prompt (a prefill, start_pos=0)"
+            )
 
     # ------------------------------------------------------------------ math
     def compute_state(

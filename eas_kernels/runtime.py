@@ -340,6 +340,18 @@ class EASRuntime:
             self._move(Phase.DECODING)
         if self.realized is None:
             self.realize(self.mode, batch_size)
+        elif self.realized != "merge":
+            self._check_state_placement()
+
+    def _check_state_placement(self) -> None:
+        """Eager and low-rank decoding read the frozen states (the low-rank hooks hold
+        their mixes): a model converted in the middle of a prompt (``.to``, ``.double()``)
+        is refused here, before the call computes anything, with
+        :meth:`PIA.check_state_placement`'s message (merged weights convert with the model
+        and decode on). One site tells: a conversion converts every PIA."""
+        site = next((s for s in self.sites if s.active), None)
+        if site is not None and isinstance(site.state, PIAState):
+            site.pia.check_state_placement(site.state)
 
     def _check_finite_weights(self) -> None:
         named = [

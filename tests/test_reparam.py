@@ -343,6 +343,48 @@ def test_a_model_converted_while_merged_restores_the_converted_pretrained_weight
     assert_bitwise(merged_first, weights_snapshot(converted_first))
 
 
+@pytest.mark.parametrize("mode", ["eager", "lowrank"])
+def test_a_model_converted_mid_prompt_outside_merge_asks_for_a_new_prompt(mode):
+    """Eager and low-rank decoding read the prefill's frozen states, which a conversion
+    (``model.double()``) leaves in the old dtype: the next decode call is refused with a
+    ``TypeError`` that says to start a new prompt, before it writes anything (the KV cache
+    and the frozen states stay as they were), and the new prompt decodes as the model
+    converted before its first prompt does."""
+    converted_first, converted_mid = patched([1, 2]), patched([1, 2])
+    for model in (converted_first, converted_mid):
+        reparameterize(model, mode)
+    converted_first.double()
+    greedy_generate(converted_mid, random_sequences([6], 97, seed=3), 3)
+    converted_mid.double()
+    runtime = runtime_of(converted_mid)
+    states = [(site.state.c, site.state.alpha) for site in runtime.active_sites]
+    caches = [
+        [m.cache_k.clone(), m.cache_v.clone()]
+        for m in converted_mid.modules()
+        if getattr(m, "cache_k", None) is not None
+    ]
+    assert caches  # the LaVIN layout's KV caches
+    with torch.no_grad(), pytest.raises(TypeError, match=r"float32 .*float64.*new prompt"):
+        converted_mid(torch.tensor([[3]]), start_pos=6)
+    assert all(
+        site.state.c is c and site.state.alpha is alpha
+        for site, (c, alpha) in zip(runtime.active_sites, states, strict=True)
+    )
+    after = [
+        [m.cache_k, m.cache_v]
+        for m in converted_mid.modules()
+        if getattr(m, "cache_k", None) is not None
+    ]
+    assert all(
+        same_bits(a, b) for pair, kept in zip(after, caches, strict=True)
+        for a, b in zip(pair, kept, strict=True)
+    )  # fmt: skip
+    second = random_sequences([5], 97, seed=4)
+    expected = greedy_generate(converted_first, second, 3)
+    got = greedy_generate(converted_mid, second, 3)
+    assert got.tokens == expected.tokens and same_bits(got.logits, expected.logits)
+
+
 def test_the_runtime_moves_through_its_phases():
     """NO_STATES -> FRESH (prefill) -> DECODING (first decode: mode realised) -> FRESH (next
     prompt: weights back) ...; a new skip set drops the states; decoding needs a prefill."""

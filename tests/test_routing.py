@@ -545,3 +545,31 @@ def test_frozen_adapters_follow_a_change_of_their_weights_between_steps(unit: st
         got = model(step, start_pos=prompts.shape[1] + 1)
         expected = twin(step, start_pos=prompts.shape[1] + 1)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("unit", UNITS)
+@pytest.mark.parametrize("lowrank", [True, False])
+def test_a_model_converted_mid_prompt_asks_for_a_new_prompt(unit: str, lowrank: bool) -> None:
+    """A batch decodes its skipped rows on frozen states (eager or low-rank) that a
+    conversion (``model.double()``) leaves in the old dtype: the next decode call is
+    refused with a ``TypeError`` that says to start a new prompt, and the new prompt
+    decodes as the model converted before its first prompt does."""
+    converted_first, converted_mid = routed(unit, seed=8), routed(unit, seed=8)
+    routes = torch.tensor([[True, False, True, False]] * 2 + [[False] * 4])
+    for model in (converted_first, converted_mid):
+        force_routes(model, routes)
+        route_control(model).lowrank = lowrank
+    converted_first.double()
+    prompts, real = _prompt_batch([5, 7, 4], seed=9)
+    step = torch.full((3, 1), 5)
+    with torch.no_grad():
+        converted_mid(prompts, start_pos=0, prompt_mask=real)
+        converted_mid(step, start_pos=prompts.shape[1])
+        converted_mid.double()
+        with pytest.raises(TypeError, match=r"float32 .*float64.*new prompt"):
+            converted_mid(step, start_pos=prompts.shape[1] + 1)
+        outputs = []
+        for model in (converted_first, converted_mid):
+            model(prompts, start_pos=0, prompt_mask=real)
+            outputs.append(model(step, start_pos=prompts.shape[1]))
+    assert same_bits(outputs[0], outputs[1])

@@ -424,6 +424,9 @@ class RoutedForward:
             )
         if x.shape[0] == 1 and self.control.merge and self.merged_adapter is None:
             self.merge()
+        for adapter, state in ((self.adapter, route.kept_state), (self.pia, route.skip_state)):
+            if state is not None and adapter is not None and adapter is not self.merged_adapter:
+                adapter.check_state_placement(state)  # a model converted mid-prompt
         return self._run(x, start_pos, args, kwargs, route, None)
 
     def _run(
