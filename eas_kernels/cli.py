@@ -654,8 +654,9 @@ def _accuracy(
     """Test accuracy, overall and per question type (:func:`evaluate_accuracy`)."""
     result = evaluate_accuracy(model, workload, mode)
     parts = ", ".join(f"{kind} {value:.3f}" for kind, value in result["accuracy_by_type"].items())
+    decode = "" if result["decode"] is None else f"{result['decode']}, "  # None: routed
     console.log(
-        f"{name}: test accuracy {result['accuracy']:.3f} ({parts}; {result['decode']}, "
+        f"{name}: test accuracy {result['accuracy']:.3f} ({parts}; {decode}"
         f"batch {result['batch_size']})"
     )
     return result

@@ -27,7 +27,6 @@ from eas_kernels.search import (
 )
 
 NAMES = sorted(ESTIMATORS)
-LOSS_BASED = ["bandit", "greedy", "loo", "paper"]
 
 
 class Problem:
@@ -93,7 +92,7 @@ def test_additive_costs_with_noise_are_recovered(name, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("name", ["bandit", "greedy", "paper"])
+@pytest.mark.parametrize("name", ["bandit", "greedy", "paper", "portfolio"])
 def test_interactions_between_adjacent_arms_are_recovered(name, seed):
     # Arms 3 and 4 are the cheapest alone but cost 1.5 more together: the best set of
     # 3 takes arm 3 and the next cheapest arms after 4.
@@ -136,6 +135,7 @@ def test_default_budgets():
     assert ESTIMATORS["paper"](30, 8, settings=settings).budget == 75  # today's demo
     assert ESTIMATORS["bandit"](30, 8, settings=settings).budget == 1 + 25 * 8
     assert ESTIMATORS["loo"](30, 8).budget == 30
+    assert ESTIMATORS["portfolio"](30, 8).budget == ESTIMATORS["greedy"](30, 8).budget == 60
     assert ESTIMATORS["cosine"](30, 8).budget == 1
     four = SearchSettings(num_subnets=4, scheduled_rounds=5)
     assert ESTIMATORS["paper"](30, 8, settings=four).budget == 20
@@ -335,3 +335,74 @@ def test_a_real_model_with_redundant_mhas_by_construction(name):
     result = EASTuner(model, data[:8], data[8:], config, pad_id=0, loss_fn=distance).run()
     assert result.plan.skipped == (1, 4)
     assert 0 < result.search_passes <= (budget or 10**9)
+
+
+class Trap(Problem):
+    """Arm 0 is the cheapest alone but costs 2 more with any other arm skipped; the
+    cosine probe (``cosines``) points at arms 1–3 instead."""
+
+    def __init__(self, cosines: list[float]) -> None:
+        super().__init__([0.0, 0.1, 0.1, 0.1, 0.5, 0.6, 0.7, 0.8])
+        self.cosines = torch.tensor(cosines, dtype=torch.float64)
+
+    def expected(self, arms: tuple[int, ...]) -> float:
+        return super().expected(arms) + (2.0 if 0 in arms and len(arms) > 1 else 0.0)
+
+    def measure(self, measurement: Measurement) -> float | torch.Tensor:
+        if measurement.kind == COSINE:
+            self.passes += 1
+            return self.cosines
+        return super().measure(measurement)
+
+
+PROBE_POINTS_AT_1_2_3 = [0.5, 0.99, 0.98, 0.97, 0.6, 0.5, 0.4, 0.3]
+
+
+def test_portfolio_keeps_a_rival_plan_that_beats_greedys_on_the_held_out_batch():
+    """Greedy (and leave-one-out) take the trap arm 0 first and end at {0, 1, 2}; the
+    prior's plan {1, 2, 3} scores lower, and the portfolio's check keeps it."""
+    assert run(make("greedy", 8, 3), Trap(PROBE_POINTS_AT_1_2_3)) == (0, 1, 2)
+    assert run(make("loo", 8, 3), Trap(PROBE_POINTS_AT_1_2_3)) == (0, 1, 2)
+    problem = Trap(PROBE_POINTS_AT_1_2_3)
+    estimator = make("portfolio", 8, 3)
+    rounds = []
+    while round := estimator.ask():
+        rounds.append(round)
+        estimator.tell(round, [problem.measure(m) for m in round])
+    assert estimator.plan() == (1, 2, 3) == problem.answer(3)
+    assert Measurement(COSINE) in rounds[0] and len(rounds[0]) == 8 + 1
+    # the check scored the prior's plan: greedy's was scored by its last round, and
+    # leave-one-out's is the same set
+    assert rounds[-1] == [Measurement(LOSS, (1, 2, 3))]
+    assert estimator.passes == problem.passes <= estimator.budget == 2 * 8
+    assert estimator.ask() == []
+    assert set(estimator.importance().argsort()[:3].tolist()) == {1, 2, 3}
+
+
+def test_portfolio_keeps_greedys_plan_when_it_is_the_best():
+    problem = Trap([0.99, 0.5, 0.5, 0.5, 0.98, 0.97, 0.4, 0.3])  # the probe points at 0, 4, 5
+    estimator = make("portfolio", 8, 3)
+    plan = run(estimator, problem)
+    assert plan == (0, 1, 2)
+    assert estimator.scored_plans[(0, 4, 5)] > estimator.scored_plans[(0, 1, 2)]
+
+
+def test_portfolio_resumed_before_its_check_gives_the_same_plan():
+    problem = Trap(PROBE_POINTS_AT_1_2_3)
+    estimator = make("portfolio", 8, 3, seed=4)
+    while len(estimator.chosen) < 3:
+        round = estimator.ask()
+        estimator.tell(round, [problem.measure(m) for m in round])
+    resumed = make("portfolio", 8, 3, seed=99)
+    resumed.load_state_dict(copy.deepcopy(estimator.state_dict()))
+    assert run(resumed, copy.deepcopy(problem)) == run(estimator, problem) == (1, 2, 3)
+    state = estimator.state_dict()
+    for entry, message in (
+        ({"scored_plans": [[[0, 1], 1.0]]}, "not k arms"),
+        ({"scored_plans": [[[0, 1, 2], float("nan")]]}, "finite"),
+        ({"scored_plans": "x"}, "list of"),
+        ({"checked": 1}, "checked"),
+        ({"singles": torch.zeros(3)}, "singles"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make("portfolio", 8, 3).load_state_dict({**state, **entry})

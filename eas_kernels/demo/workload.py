@@ -349,12 +349,13 @@ def build_workload(
     return Workload(model, encode, decode, pad_id, train, held_out, test, info)
 
 
-def evaluate_accuracy(model: nn.Module, workload: Workload, mode: str) -> dict[str, Any]:
+def evaluate_accuracy(model: nn.Module, workload: Workload, mode: str | None) -> dict[str, Any]:
     """``model``'s accuracy on ``workload.test``, overall and per question type.
 
     Greedy decoding in batches of ``max_batch_size`` examples of equal answer length
     (:func:`~eas_kernels.tuning.evaluate.answer_correct`); ``merge``, which decodes one
-    prompt at a time, is decoded with the low-rank path, tested equal to it.
+    prompt at a time, is decoded with the low-rank path, tested equal to it. ``mode``
+    None: the model decodes as it is (a routed model, or one without EAS).
     """
     batched = "lowrank" if mode == "merge" else mode
     size = workload.model.llm.params.max_batch_size

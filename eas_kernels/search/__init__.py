@@ -5,6 +5,7 @@
 * :mod:`.bandit`    — ``paper``: the bandit of Eq. 14–16 (:class:`BanditSearch`);
 * :mod:`.vr_bandit` — ``bandit``: variance-reduced, warm-started from the cosine prior;
 * :mod:`.greedy`    — ``greedy`` removal and ``loo`` (leave-one-out);
+* :mod:`.portfolio` — ``portfolio``: greedy's plan checked against loo's and the prior's;
 * :mod:`.prior`     — ``cosine``: the one-pass prior, and the probe that measures it;
 * :mod:`.candidates` — what the arms stand for;
 * :mod:`.scorer`    — the model side: measurements on a held-out batch, ``run_search``.
@@ -23,6 +24,7 @@ from .estimator import (
     register_estimator,
 )
 from .greedy import GreedyRemoval, LeaveOneOut
+from .portfolio import GreedyPortfolio
 from .prior import CosinePrior, residual_cosines
 from .scorer import HeldOutScorer, run_search
 from .vr_bandit import VarianceReducedBandit
@@ -35,6 +37,7 @@ __all__ = [
     "Candidates",
     "CosinePrior",
     "Estimator",
+    "GreedyPortfolio",
     "GreedyRemoval",
     "HeldOutScorer",
     "LeaveOneOut",

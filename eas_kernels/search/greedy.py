@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .estimator import Estimator, Measurement, register_estimator
+from .estimator import LOSS, Estimator, Measurement, register_estimator
 
 
 @register_estimator
@@ -62,21 +62,27 @@ class GreedyRemoval(Estimator):
             return 0
         return min(rest, remaining // (self.k - len(self.chosen)))
 
+    def _held_back(self) -> int:
+        """Passes the greedy rounds leave unused (for a subclass's own rounds)."""
+        return 0
+
     def _propose(self, remaining: int) -> list[Measurement]:
         if len(self.chosen) >= self.k:
             return []
-        width = self._width(self.rounds, remaining)
+        width = self._width(self.rounds, remaining - self._held_back())
         return [self.loss_set([*self.chosen, arm]) for arm in self._ranking()[:width]]
 
     def _observe(self, round: Sequence[Measurement], results: Sequence[Any]) -> None:
         scored = []
         for measurement, loss in zip(round, results, strict=True):
+            if measurement.kind != LOSS:  # a subclass's own measurement
+                continue
             (arm,) = set(measurement.arms) - set(self.chosen)
             self.latest[arm] = loss
             self.scored_in[arm] = self.rounds
             scored.append((loss, arm))
         self.chosen.append(min(scored)[1])
-        left = self.budget - self.passes - len(round)
+        left = self.budget - self.passes - len(round) - self._held_back()
         while len(self.chosen) < self.k and self._width(self.rounds + 1, left) < 2:
             self.chosen.append(self._ranking()[0])
 
