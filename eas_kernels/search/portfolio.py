@@ -19,7 +19,10 @@ lower (measured in ``benchmarks/RESULTS.md``: easy-vqa k = 4, seed 1; iris, seed
 
 So its plan is never worse on the held-out batch than greedy's, leave-one-out's or the
 prior's (those that were scored), for at most 1 + :data:`CHECK_PASSES` passes of the
-greedy rounds' budget. Default budget: greedy's.
+greedy rounds' budget. Default budget: greedy's. The comparison is exact when the rounds
+run back to back on one supernet (the default schedule, no search epochs); rounds that
+search epochs interleave with training steps score the plans on a supernet that moves
+between them.
 """
 
 from __future__ import annotations
