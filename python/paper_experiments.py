@@ -17,9 +17,10 @@ Tuning (``eas_kernels.tuning.EASTuner``, AdamW, batch 8, lr 1e-3, as ``eas-kerne
 demo``):
 
 * a method that searches: warm-up 1 epoch (random skip sets growing from 1 to k arms),
-  search 1 epoch with the default estimator (greedy removal; one round every T = 2 steps
-  on the held-out batch, within its default budget), then fine-tuning of the chosen plan
-  for 2 epochs (4 epochs in all);
+  then the default estimator's rounds back to back on the held-out batch (within its
+  default budget; the tables in ``benchmarks/RESULTS.md`` were searched with ``greedy``,
+  the default until 2026-12-02, now ``portfolio``), then fine-tuning of the chosen plan
+  for 3 epochs (4 epochs in all);
 * a method with a fixed plan (LaVIN-style, the ablations): 4 epochs of fine-tuning.
 
 Accuracy (:func:`~eas_kernels.demo.workload.evaluate_accuracy`): greedy generation of

@@ -9,8 +9,9 @@ trains):
   target ratio ``--ratio``: ``RouteTuner`` (``--pretune-epochs`` with every unit kept,
   then RoE's three stages in the rest); the routes of the test
   prompts give the realised ratio (mean, spread of skipped units per example, per layer);
-* ``static <unit>``: EAS's default schedule (greedy search) with ``k`` = the RoE run's
-  mean skipped units per example, rounded: the same mean skip count for every example;
+* ``static <unit>``: EAS's default schedule and search (``greedy`` until 2026-12-02) with
+  ``k`` = the RoE run's mean skipped units per example, rounded: the same mean skip count
+  for every example;
 * ``LaVIN-style``: adapters before every MHA, nothing skipped.
 
 Accuracy: greedy answers on the test questions (batches of 8; the routed model's batches

@@ -52,9 +52,15 @@ def test_search_writes_plan_report_plots_and_pias(searched):
     assert plan.num_layers == 6 and len(plan.skipped) == 2
     report = json.loads((searched / "search_report.json").read_text())
     assert report["command"] == "search" and report["plan"]["skipped"] == list(plan.skipped)
-    # greedy over 6 arms, k = 2, default budget min(2 * 6, 6 + 5): a round of 6, one of 5
-    assert report["estimator"] == "greedy" and report["search_passes"] == 11
-    assert len(report["updates"]) == 2 and len(report["scores"]) == 6
+    # portfolio over 6 arms, k = 2, greedy's default budget min(2 * 6, 6 + 5) = 11: a round
+    # of 6 arms alone and the cosine probe; 3 passes held back leave 1, too few for a
+    # second greedy round, so greedy's plan is the 2 cheapest arms alone (leave-one-out's);
+    # then the check scores it and the prior's plan (one set if they coincide)
+    assert report["estimator"] == "portfolio" and len(report["updates"]) == 2
+    first, check = (update["measurements"] for update in report["updates"])
+    assert len(first) == 7 and {"kind": "cosine", "arms": []} in first
+    assert 1 <= len(check) <= 2 and all(len(m["arms"]) == 2 for m in check)
+    assert report["search_passes"] == 7 + len(check) and len(report["scores"]) == 6
     assert report["environment"]["torch"] and report["workload"]["train_questions"] == 16
     for name in ("preferences.png", "plan.png"):
         assert (searched / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -115,7 +115,11 @@ def test_subnet_losses_are_scored_on_the_held_out_batch_in_eval_mode():
 @pytest.mark.parametrize(
     ("estimator", "stop_at"),
     [("paper", 2), ("paper", 7), ("paper", 13)]
-    + [(name, stop) for name in ("bandit", "greedy", "loo", "cosine") for stop in (5, 13)],
+    + [
+        (name, stop)
+        for name in ("bandit", "greedy", "loo", "cosine", "portfolio")
+        for stop in (5, 13)
+    ],
 )
 def test_an_interrupted_run_resumes_to_the_same_plan_and_weights(tmp_path, estimator, stop_at):
     reference_model = searching_model()
@@ -215,7 +219,7 @@ def test_bad_models_and_data_are_refused(tmp_path):
         other.run()
 
 
-@pytest.mark.parametrize("estimator", ["paper", "bandit", "greedy", "loo", "cosine"])
+@pytest.mark.parametrize("estimator", ["paper", "bandit", "greedy", "loo", "cosine", "portfolio"])
 @pytest.mark.parametrize("candidates", ["mha", "ffn", "mha_or_ffn", "block"])
 def test_every_estimator_searches_every_candidate_set(candidates, estimator):
     model = searching_model(candidates)

@@ -105,16 +105,18 @@ Progress = Callable[[dict[str, Any]], None]
 class TuningConfig:
     """Sizes of one tuning run (paper, LaVIN: warm-up 5, search 5 epochs, m=3, T=10).
 
-    The defaults (warm-up 1, no search epoch, fine-tune 3) suit ``greedy``, whose rounds
-    score the warmed-up supernet back to back: on the demo's workload the final plan then
-    gets 3 of the 4 training epochs (EAS-8 0.892 against 0.518 with 1 search epoch and 2
-    of fine-tuning, one seed; ``benchmarks/RESULTS.md``). The bandits (``paper``,
-    ``bandit``) update between training steps and need ``search_epochs`` (or a
-    ``search_budget``).
+    The defaults (warm-up 1, no search epoch, fine-tune 3) suit ``portfolio`` and
+    ``greedy``, whose rounds score the warmed-up supernet back to back: on the demo's
+    workload the final plan then gets 3 of the 4 training epochs (EAS-8 0.892 against
+    0.518 with 1 search epoch and 2 of fine-tuning, one seed; ``benchmarks/RESULTS.md``).
+    The bandits (``paper``, ``bandit``) update between training steps and need
+    ``search_epochs`` (or a ``search_budget``).
 
-    ``estimator`` picks the search (:data:`eas_kernels.search.ESTIMATORS`);
-    ``search_budget`` caps its held-out passes (None: the estimator's default, e.g. the
-    search phase's rounds for ``paper``, ``min(2 · arms, the full greedy)`` for ``greedy``);
+    ``estimator`` picks the search (:data:`eas_kernels.search.ESTIMATORS`; the default,
+    ``portfolio``, had the best held-out plans on both tasks measured, "Search quality" in
+    ``benchmarks/RESULTS.md``); ``search_budget`` caps its held-out passes (None: the
+    estimator's default, e.g. the search phase's rounds for ``paper``, ``min(2 · arms,
+    the full greedy)`` for ``greedy`` and ``portfolio``);
     ``num_subnets`` is the bandits' subnets per round (None: 3 for ``paper``, 8 for
     ``bandit``); ``policy_lr``/``policy_temperature`` are their ``η`` and ``τ``.
     ``max_grad_norm`` clips the trainable parameters' gradient norm before each step
@@ -126,7 +128,7 @@ class TuningConfig:
 
     k: int | None = None
     candidates: str = DEFAULT_CANDIDATES
-    estimator: str = "greedy"
+    estimator: str = "portfolio"
     search_budget: int | None = None
     warmup_ramp: bool = True
     warmup_epochs: int = 1
