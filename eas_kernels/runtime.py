@@ -33,7 +33,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -68,11 +69,12 @@ def _prompt_and_after(mask: torch.Tensor | None) -> torch.Tensor | None:
 @dataclass
 class MergeRecord:
     """A linear layer whose weight and bias hold a merged PIA (swapped in), with the
-    pristine storage swapped out."""
+    pristine storage swapped out, and the merged parameters' version counters."""
 
     linear: nn.Linear
     weight: torch.Tensor
     bias: torch.Tensor | None  # None: the layer had no bias before the merge
+    versions: tuple | None = None  # tensor_versions of the merged weight and bias
 
     @classmethod
     def install(cls, linear: nn.Linear, merged: MergedTarget) -> MergeRecord:
@@ -81,16 +83,51 @@ class MergeRecord:
         parameters = linear._parameters  # "bias" is registered, as None, on a bias-less layer
         if parameters.get("bias") is None:  # (set directly: Module.__setattr__ costs ~20 µs)
             parameters["bias"] = nn.Parameter(merged.bias, requires_grad=False)
-            return cls(linear, weight, None)
-        return cls(linear, weight, install_merged(parameters["bias"], merged.bias))
+            record = cls(linear, weight, None)
+        else:
+            record = cls(linear, weight, install_merged(parameters["bias"], merged.bias))
+        record.versions = record._merged_versions()
+        return record
 
-    def restore(self) -> None:
-        """The pristine weight and bias back, bitwise (they were never written)."""
+    @torch.compiler.disable  # a merge or restore step may break the graph (not a decode)
+    def _merged_versions(self) -> tuple | None:
+        """None for inference tensors: they track no version (and cannot be changed in
+        place outside inference mode)."""
+        return tensor_versions([self.linear.weight, self.linear._parameters["bias"]])
+
+    def restore(self) -> bool:
+        """The pristine weight and bias back, bitwise (they were never written). Returns
+        whether the merged weight or bias was changed in place meanwhile (an edit the
+        restore discards; one through ``.data`` goes unseen)."""
+        versions = self._merged_versions()
+        edited = versions is not None and versions != self.versions
         restore_merged(self.linear.weight, self.weight)
         if self.bias is None:
             self.linear._parameters["bias"] = None
         else:
             restore_merged(self.linear._parameters["bias"], self.bias)
+        return edited
+
+
+def restore_records(records: Sequence[MergeRecord]) -> list[MergeRecord]:
+    """Restore every record, last first (bitwise pretrained weights); returns those whose
+    merged weight or bias was changed in place meanwhile (for :func:`warn_discarded`,
+    once the caller's state is consistent)."""
+    return [record for record in reversed(records) if record.restore()]
+
+
+def warn_discarded(edited: Sequence[MergeRecord]) -> None:
+    """``RuntimeWarning`` for weights changed in place while merged: the restore put the
+    pretrained values back, so the change is gone."""
+    if edited:
+        shapes = ", ".join(str(tuple(r.linear.weight.shape)) for r in edited)
+        warnings.warn(
+            f"{len(edited)} linear layer(s) of shape {shapes} were changed in place while "
+            "a PIA was merged into them; their pretrained values are back and the change "
+            "is discarded (change weights between prompts, or after eas_kernels.restore)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 class SuspendableHook:
@@ -513,14 +550,14 @@ class EASRuntime:
 
     def unrealize(self) -> None:
         """Put every merged weight back bitwise and drop low-rank hooks."""
-        for record in reversed(self._merged):
-            record.restore()
-        self._merged = []
+        merged, self._merged = self._merged, []
+        edited = restore_records(merged)
         for site in self.sites:
             site.remove_lowrank()
             if site.norm_hook is not None:
                 site.norm_hook.resume()
         self.realized = None
+        warn_discarded(edited)
 
     def restore_weights(self) -> None:
         """Put merged weights back (bitwise) now; the next decode call merges again."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -341,6 +343,37 @@ def test_a_model_converted_while_merged_restores_the_converted_pretrained_weight
     for model in (merged_first, converted_first):
         restore(model)
     assert_bitwise(merged_first, weights_snapshot(converted_first))
+
+
+def test_a_weight_changed_in_place_while_merged_is_restored_with_a_warning():
+    """The restore puts the pretrained values back bitwise, so an in-place change of a
+    merged weight (a ``mul_`` under ``no_grad``, an optimizer step) is discarded: the
+    restore says so with a ``RuntimeWarning`` naming the layer's shape. Prompts in turn
+    and a dtype conversion while merged warn nothing."""
+    model = patched([1, 2])
+    reparameterize(model, "merge")
+    pristine = weights_snapshot(model)
+    prompts = random_sequences([6], 97, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            greedy_generate(model, prompts, 3)
+        model.double()
+        greedy_generate(model, prompts, 3)
+        model.float()
+        greedy_generate(model, prompts, 3)
+    assert runtime_of(model).realized == "merge"
+    w1 = model.layers[1].feed_forward.w1.weight
+    with torch.no_grad():
+        w1.mul_(2.0)
+    match = rf"1 linear layer\(s\) of shape \({w1.shape[0]}, {w1.shape[1]}\) were changed"
+    with pytest.warns(RuntimeWarning, match=match):
+        restore(model)
+    assert_bitwise(model, pristine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        greedy_generate(model, prompts, 3)  # the next prompt merges and restores cleanly
+        restore(model)
 
 
 @pytest.mark.parametrize("mode", ["eager", "lowrank"])

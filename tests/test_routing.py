@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -348,6 +349,27 @@ def test_batch_one_merges_the_skipped_mhas_and_restores_them_bitwise() -> None:
         force_routes(model, torch.tensor([[cycle % 2 == 0, True, cycle % 3 == 0, False]]))
         _decode_batch(model, prompts, real, answer[:, :2])
     model(prompts, start_pos=0, prompt_mask=real)  # a fresh call restores
+    assert_bitwise(model, weights | {k: v for k, v in model.state_dict().items() if "route" in k})
+
+
+def test_batch_one_merge_changed_in_place_is_restored_with_a_warning() -> None:
+    """A routed batch-1 merge put back at the next prefill discards an in-place change of
+    a merged weight, with a ``RuntimeWarning``; the weights return bitwise."""
+    model = routed("mha", seed=3)
+    weights = weights_snapshot(model)
+    force_routes(model, torch.tensor([[True, False, True, False]]))
+    prompts, real = _prompt_batch([7], seed=8)
+    answer = torch.randint(1, 97, (1, 3), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _decode_batch(model, prompts, real, answer)
+        _decode_batch(model, prompts, real, answer)  # restored and merged again, silently
+    w1 = model.layers[0].feed_forward.w1.weight  # layer 0 skips: PIA_s merged into W1
+    assert not same_bits(w1.detach(), weights["layers.0.feed_forward.w1.weight"])
+    with torch.no_grad():
+        w1.add_(1.0)
+    with pytest.warns(RuntimeWarning, match="changed in place while a PIA was merged"):
+        model(prompts, start_pos=0, prompt_mask=real)
     assert_bitwise(model, weights | {k: v for k, v in model.state_dict().items() if "route" in k})
 
 

@@ -43,7 +43,13 @@ from ..factors import KeptFactors, tensor_versions
 from ..layout import BlockLayout
 from ..ops import merged_linear
 from ..pia import PIA, PIAState, masked_token_mean
-from ..runtime import LowrankHook, MergeRecord, lowrank_hooks_of
+from ..runtime import (
+    LowrankHook,
+    MergeRecord,
+    lowrank_hooks_of,
+    restore_records,
+    warn_discarded,
+)
 from .control import RouteControl
 
 
@@ -552,10 +558,10 @@ class RoutedForward:
         self._mixed.clear()
 
     def unmerge(self) -> None:
-        """Put the weights a :meth:`merge` changed back, bitwise."""
-        for record in reversed(self.merged):
-            record.restore()
-        self.merged, self.merged_adapter = [], None
+        """Put the weights a :meth:`merge` changed back, bitwise (a ``RuntimeWarning`` when
+        one was changed in place meanwhile: that change is discarded)."""
+        merged, self.merged, self.merged_adapter = self.merged, [], None
+        warn_discarded(restore_records(merged))
 
 
 class _LowrankLinear:
