@@ -99,14 +99,22 @@ class MergeRecord:
         """The pristine weight and bias back, bitwise (they were never written). Returns
         whether the merged weight or bias was changed in place meanwhile (an edit the
         restore discards; one through ``.data`` goes unseen)."""
-        versions = self._merged_versions()
-        edited = versions is not None and versions != self.versions
+        edited = _changed(self.versions, self._merged_versions())
         restore_merged(self.linear.weight, self.weight)
         if self.bias is None:
             self.linear._parameters["bias"] = None
         else:
             restore_merged(self.linear._parameters["bias"], self.bias)
         return edited
+
+
+def _changed(before: tuple | None, now: tuple | None) -> bool:
+    """Whether a tensor of :func:`tensor_versions` ``before`` moved its version counter by
+    ``now``; a tensor that is another object now (a deep copy or an unpickled model, whose
+    counters start afresh) or untracked (None: inference tensors) cannot tell."""
+    if before is None or now is None:
+        return False
+    return any(a == b and va != vb for (a, va), (b, vb) in zip(before, now, strict=True))
 
 
 def restore_records(records: Sequence[MergeRecord]) -> list[MergeRecord]:

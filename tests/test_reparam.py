@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -363,6 +364,11 @@ def test_a_weight_changed_in_place_while_merged_is_restored_with_a_warning():
         model.float()
         greedy_generate(model, prompts, 3)
     assert runtime_of(model).realized == "merge"
+    twin = copy.deepcopy(model)  # merged too; its parameters' version counters start afresh
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restore(twin)
+    assert_bitwise(twin, pristine)
     w1 = model.layers[1].feed_forward.w1.weight
     with torch.no_grad():
         w1.mul_(2.0)
