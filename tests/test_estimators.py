@@ -401,7 +401,6 @@ def test_portfolio_resumed_before_its_check_gives_the_same_plan():
         ({"scored_plans": [[[0, 1], 1.0]]}, "not k arms"),
         ({"scored_plans": [[[0, 1, 2], float("nan")]]}, "finite"),
         ({"scored_plans": "x"}, "list of"),
-        ({"checked": 1}, "checked"),
         ({"singles": torch.zeros(3)}, "singles"),
     ):
         with pytest.raises(ValueError, match=message):

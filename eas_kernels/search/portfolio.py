@@ -50,10 +50,9 @@ class GreedyPortfolio(GreedyRemoval):
         self.singles: torch.Tensor | None = None  # (num_arms,) loss of each arm alone
         self.cosines: torch.Tensor | None = None  # (num_arms,) the prior's probe
         self.scored_plans: dict[tuple[int, ...], float] = {}  # every k-arm set scored
-        self.checked = False
 
     def _held_back(self) -> int:
-        return 0 if self.checked else CHECK_PASSES
+        return CHECK_PASSES  # asked only by greedy's rounds, which all come before the check
 
     def _rivals(self) -> list[tuple[int, ...]]:
         """The plans the check compares: greedy's, leave-one-out's, the prior's."""
@@ -70,8 +69,7 @@ class GreedyPortfolio(GreedyRemoval):
             return round + [Measurement(COSINE)] if remaining > len(round) else round
         if len(self.chosen) < self.k:
             return super()._propose(remaining)
-        if self.checked:
-            return []
+        # the check: [] once it has run, since the rivals are fixed once greedy's are chosen
         unscored = list(dict.fromkeys(p for p in self._rivals() if p not in self.scored_plans))
         return [self.loss_set(plan) for plan in unscored[:remaining]]
 
@@ -82,13 +80,10 @@ class GreedyPortfolio(GreedyRemoval):
             elif len(measurement.arms) == self.k:
                 self.scored_plans[measurement.arms] = result
         if len(self.chosen) >= self.k:  # the check's round
-            self.checked = True
             return
         super()._observe(round, results)
         if self.singles is None:
             self.singles = self.latest.clone()
-        if len(self.chosen) >= self.k and self.budget - self.passes - len(round) <= 0:
-            self.checked = True  # nothing left to check with
 
     def importance(self) -> torch.Tensor:
         """The best scored plan's arms first (its arms are the ``k`` least important),
@@ -108,7 +103,6 @@ class GreedyPortfolio(GreedyRemoval):
             "singles": None if self.singles is None else self.singles.clone(),
             "cosines": None if self.cosines is None else self.cosines.clone(),
             "scored_plans": [[list(arms), loss] for arms, loss in self.scored_plans.items()],
-            "checked": self.checked,
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -126,9 +120,4 @@ class GreedyPortfolio(GreedyRemoval):
             if len(measurement.arms) != self.k:
                 raise ValueError(f"state['scored_plans'] holds a set of {entry[0]!r}, not k arms")
             scored[measurement.arms] = check_loss(entry[1])
-        checked = state.get("checked")
-        if type(checked) is not bool:
-            raise ValueError(f"state['checked'] must be a bool, got {checked!r}")
-        self.singles, self.cosines, self.scored_plans, self.checked = (
-            singles, cosines, scored, checked
-        )  # fmt: skip
+        self.singles, self.cosines, self.scored_plans = singles, cosines, scored
