@@ -129,6 +129,44 @@ def succeeded(results: list[subprocess.CompletedProcess]) -> None:
         assert result.returncode == 0, f"rank {rank}:\n{result.stderr[-3000:]}"
 
 
+EXIT_SCRIPT = """
+import atexit, sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from eas_kernels.tuning.distributed import setup_distributed
+
+# registered first, so it runs after every handler registered later (last in, first out)
+atexit.register(lambda: print("initialised at exit:", dist.is_initialized(), flush=True))
+distributed = setup_distributed()
+total = torch.ones(1)
+dist.all_reduce(total)
+print("world", distributed.world_size, "sum", int(total), flush=True)
+"""
+
+
+def test_a_group_it_initialised_is_destroyed_at_exit():
+    """gloo aborts a process (SIGABRT, "terminate called without an active exception")
+    now and then when the interpreter's finalisation destroys a live process group
+    (pytorch/pytorch#190489): setup_distributed destroys the group it initialised at exit."""
+    base = {k: v for k, v in os.environ.items() if k != "RANK"}
+    base.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", EXIT_SCRIPT, str(ROOT)],
+            env={**base, "RANK": str(rank), "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        assert stdout.split("\n")[:2] == ["world 2 sum 2", "initialised at exit: False"], stdout
+
+
 SETTINGS = {  # 13 examples in batches of 3: the last global batch leaves rank 1 empty
     "paper": {"estimator": "paper", "warmup_ramp": False, "batch_size": 3},
     "greedy": {"estimator": "greedy", "search_epochs": 0, "batch_size": 3},

@@ -38,7 +38,8 @@ configuration, and gives the result one process gives:
 
 A process group is used when one is initialised, or initialised here from ``torchrun``'s
 environment (``WORLD_SIZE > 1``): ``gloo`` on CPU, ``nccl`` on CUDA, with a timeout on
-collectives. A rank that fails ends the others with its message
+collectives; a group initialised here is destroyed at the process's exit (one the caller
+initialised stays the caller's to destroy). A rank that fails ends the others with its message
 (:meth:`Distributed.failures_shared`), not a hang.
 Before anything trains, every rank checks that the others run the same configuration,
 examples, patch and trainable parameters (``ValueError`` on every rank, naming the ranks
@@ -47,6 +48,7 @@ that differ).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import hashlib
@@ -286,4 +288,15 @@ def setup_distributed(
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=timeout)
+    atexit.register(_destroy_group_at_exit)
     return Distributed(dist.get_rank(), dist.get_world_size(), backend, sharding)
+
+
+def _destroy_group_at_exit() -> None:
+    """Destroy the process group :func:`setup_distributed` initialised, at exit, while the
+    interpreter is whole (a no-op when it is destroyed already). Left to the interpreter's
+    finalisation, gloo's worker threads may still hold work whose release needs the GIL, and
+    the process aborts with "terminate called without an active exception" (SIGABRT) after
+    a run that succeeded (pytorch/pytorch#190489)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
