@@ -321,6 +321,9 @@ if trainer.is_world_process_zero():
     torch.save({"losses": losses, "weights": {n: p.detach().clone()
                 for n, p in model.named_parameters() if p.requires_grad}},
                Path(sys.argv[2]) / "trained.pt")
+# accelerate initialised the group and leaves it: destroy it before the interpreter's
+# shutdown, or gloo may abort the finished rank (setup_distributed's exit hook says why)
+torch.distributed.destroy_process_group()
 """
 
 
