@@ -18,9 +18,9 @@ demo``):
 
 * a method that searches: warm-up 1 epoch (random skip sets growing from 1 to k arms),
   then the default estimator's rounds back to back on the held-out batch (within its
-  default budget; the tables in ``benchmarks/RESULTS.md`` were searched with ``greedy``,
-  the default until 2026-12-02, now ``portfolio``), then fine-tuning of the chosen plan
-  for 3 epochs (4 epochs in all);
+  default budget: ``portfolio`` since 2026-12-02, when Tables 1, 3 and 5 in
+  ``benchmarks/RESULTS.md`` were re-run with it; their earlier runs used ``greedy``), then
+  fine-tuning of the chosen plan for 3 epochs (4 epochs in all);
 * a method with a fixed plan (LaVIN-style, the ablations): 4 epochs of fine-tuning.
 
 Accuracy (:func:`~eas_kernels.demo.workload.evaluate_accuracy`): greedy generation of
