@@ -89,8 +89,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(world_size: int, spec: dict, out: Path) -> list[subprocess.CompletedProcess]:
-    """Run the rank script on ``world_size`` processes (1: no distributed environment)."""
+def launch(
+    world_size: int, spec: dict, out: Path, script: str = RANK_SCRIPT
+) -> list[subprocess.CompletedProcess]:
+    """Run ``script`` (argv: the project root, ``spec`` as JSON) on ``world_size``
+    processes (1: no distributed environment)."""
     out.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "out": str(out)}
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
@@ -104,7 +107,7 @@ def launch(world_size: int, spec: dict, out: Path) -> list[subprocess.CompletedP
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
         processes.append(
             subprocess.Popen(
-                [sys.executable, "-c", RANK_SCRIPT, str(ROOT), json.dumps(spec)],
+                [sys.executable, "-c", script, str(ROOT), json.dumps(spec)],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -145,26 +148,16 @@ print("world", distributed.world_size, "sum", int(total), flush=True)
 """
 
 
-def test_a_group_it_initialised_is_destroyed_at_exit():
+def test_a_group_it_initialised_is_destroyed_at_exit(tmp_path):
     """gloo aborts a process (SIGABRT, "terminate called without an active exception")
     now and then when the interpreter's finalisation destroys a live process group
     (pytorch/pytorch#190489): setup_distributed destroys the group it initialised at exit."""
-    base = {k: v for k, v in os.environ.items() if k != "RANK"}
-    base.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", EXIT_SCRIPT, str(ROOT)],
-            env={**base, "RANK": str(rank), "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+    results = launch(2, {}, tmp_path, script=EXIT_SCRIPT)
+    succeeded(results)
+    for result in results:
+        assert result.stdout.split("\n")[:2] == ["world 2 sum 2", "initialised at exit: False"], (
+            result.stdout
         )
-        for rank in range(2)
-    ]
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, stderr[-3000:]
-        assert stdout.split("\n")[:2] == ["world 2 sum 2", "initialised at exit: False"], stdout
 
 
 SETTINGS = {  # 13 examples in batches of 3: the last global batch leaves rank 1 empty
