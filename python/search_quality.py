@@ -12,7 +12,8 @@ validation set):
 2. **Search**: every estimator of ``eas_kernels.search.ESTIMATORS`` runs to its end on the
    *search batch* (``--search-batch`` held-out questions, eval mode) with the same budget
    of held-out passes (``--budget``; ``loo`` and ``cosine`` need fewer and use fewer).
-   Its plan, passes and seconds are recorded. (In a tuning run the bandits' rounds are
+   Its plan, passes and seconds are recorded; ``stable``'s probe of the untuned model is
+   measured before the warm-up, as a tuning run does. (In a tuning run the bandits' rounds are
    interleaved with training steps; here all rounds score the frozen warmed-up supernet,
    so that only the estimator differs.)
 3. **Baselines**: every contiguous window of k MHAs in the deeper half of the model (the
@@ -57,9 +58,11 @@ from torch import nn
 from eas_kernels import SkipPlan, patch_lavin, set_skipped
 from eas_kernels.demo.workload import WorkloadConfig, build_workload
 from eas_kernels.search import (
+    COSINE,
     ESTIMATORS,
     Candidates,
     HeldOutScorer,
+    Measurement,
     SearchSettings,
     estimator_class,
     run_search,
@@ -104,6 +107,12 @@ def options(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ramp", choices=("on", "off", "both"), default="on")
     parser.add_argument("--finetune-seeds", type=int, nargs="*", default=[])
     parser.add_argument("--finetune-k", type=int, default=8)
+    parser.add_argument(
+        "--tie-se",
+        type=float,
+        default=SearchSettings.tie_se,
+        help="stable's tie, in paired standard errors (SearchSettings.tie_se; default %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.task == "iris" and args.model != "smollm2":
         parser.error("--task iris runs on --model smollm2 only (the quick start's model)")
@@ -208,6 +217,9 @@ def one_setting(
     model = patch_lavin(copy.deepcopy(work.model), SkipPlan(layers, []), search="mha")
     if hasattr(model, "projector"):  # easy-vqa: the projector trains with the PIAs
         model.projector.requires_grad_(True)
+    candidates = Candidates("mha", layers)
+    search = HeldOutScorer(model, collate(work.search, work.pad_id), candidates, answer_loss)
+    untuned = {Measurement(COSINE): search.cosines()}  # what `stable` asks of the untuned model
     warmup = TuningConfig(
         k=k,
         estimator="cosine",
@@ -222,8 +234,6 @@ def one_setting(
     warmed = EASTuner(model, work.train, work.search, warmup, pad_id=work.pad_id).run()
     warmup_seconds = time.perf_counter() - began
     state = trainables(model)
-    candidates = Candidates("mha", layers)
-    search = HeldOutScorer(model, collate(work.search, work.pad_id), candidates, answer_loss)
     judge = HeldOutScorer(model, validation, candidates, answer_loss)
     row: dict[str, Any] = {
         "seed": seed,
@@ -240,9 +250,11 @@ def one_setting(
             k,
             budget=budget_for(name, args.budget, layers),
             seed=seed,
-            settings=SearchSettings(),
+            settings=SearchSettings(tie_se=args.tie_se),
         )
         began = time.perf_counter()
+        if probes := estimator.untuned_probes():
+            estimator.tell_untuned(probes, [untuned[m] for m in probes])
         plan = run_search(estimator, search)
         row["estimators"][name] = {
             "plan": list(plan),
@@ -390,7 +402,7 @@ def plot(rows: list[dict[str, Any]], names: Sequence[str], path: Path) -> Path:
 
     settings = sorted({(r["k"], r["ramp"]) for r in rows})
     figure, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.8), squeeze=False)
-    markers = dict(zip([*names, "best window"], "os^vDP*", strict=False))
+    markers = {**dict(zip(names, itertools.cycle("os^vDPX"))), "best window": "*"}
     for ax, (k, ramp) in zip(axes[0], settings, strict=True):
         group = [r for r in rows if (r["k"], r["ramp"]) == (k, ramp)]
         for x, row in enumerate(group):

@@ -2,8 +2,9 @@
 
 Synthetic problems stand in for a model: the loss of a skip set is a known function of
 its arms (additive costs plus noise; or costs with a penalty for adjacent pairs), and
-the cosine probe returns the arms' costs as a noisy cosine. Each estimator must recover
-the set a brute-force search over all skip sets finds.
+the cosine probe returns the arms' costs as a noisy cosine (the untuned model's probe
+too, unless a problem gives its own). Each estimator must recover the set a brute-force
+search over all skip sets finds.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from eas_kernels.search import (
     COSINE,
     ESTIMATORS,
+    EXAMPLES,
     LOSS,
     BanditSearch,
     Estimator,
@@ -25,21 +27,45 @@ from eas_kernels.search import (
     estimator_class,
     register_estimator,
 )
+from eas_kernels.search.estimator import loss_of
 
 NAMES = sorted(ESTIMATORS)
 
 
 class Problem:
-    """``loss(S) = 1 + Σ_{i∈S} cost_i + penalty · #{adjacent pairs in S} + noise``."""
+    """``loss(S) = 1 + Σ_{i∈S} cost_i + penalty · #{adjacent pairs in S} + noise``.
+
+    Per example (an :data:`EXAMPLES` measurement of ``EXAMPLE_COUNT`` examples), example
+    ``i``'s loss is ``loss(S) + offset_i + √n · noise · ε_i``: fixed offsets, which paired
+    differences cancel, and noise whose mean over the examples has the scale ``noise``.
+    """
+
+    EXAMPLE_COUNT = 16
 
     def __init__(
-        self, costs: list[float], *, penalty: float = 0.0, noise: float = 0.0, seed: int = 0
+        self,
+        costs: list[float],
+        *,
+        penalty: float = 0.0,
+        noise: float = 0.0,
+        seed: int = 0,
+        untuned: list[float] | None = None,
     ) -> None:
         self.costs = torch.tensor(costs, dtype=torch.float64)
         self.penalty = penalty
         self.noise = noise
         self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = 0.5 * torch.randn(self.EXAMPLE_COUNT, generator=self.generator).double()
+        self.untuned = None if untuned is None else torch.tensor(untuned, dtype=torch.float64)
         self.passes = 0
+
+    def measure_untuned(self, measurement: Measurement) -> torch.Tensor:
+        """The untuned model's cosine probe (the problem's own probe when not given)."""
+        assert measurement.kind == COSINE
+        if self.untuned is None:
+            return self.measure(measurement)
+        self.passes += 1
+        return self.untuned
 
     def expected(self, arms: tuple[int, ...]) -> float:
         pairs = sum(1 for a in arms if a + 1 in arms)
@@ -57,6 +83,11 @@ class Problem:
                 * self.noise
                 * torch.randn(len(self.costs), generator=self.generator, dtype=torch.float64)
             )
+        if measurement.kind == EXAMPLES:
+            n = self.EXAMPLE_COUNT
+            noise = self.noise * n**0.5 * torch.randn(n, generator=self.generator).double()
+            losses = self.expected(measurement.arms) + self.offsets + noise
+            return torch.stack([losses, torch.ones(n, dtype=torch.float64)])
         return self.expected(measurement.arms) + float(noise)
 
     def answer(self, k: int) -> tuple[int, ...]:
@@ -64,7 +95,16 @@ class Problem:
         return min(sets, key=lambda s: (self.expected(s), s))
 
 
+def untuned(estimator: Estimator, problem: Problem) -> Estimator:
+    """Give ``estimator`` the untuned model's probes it asks for (as a tuner does before
+    its first training step)."""
+    if probes := estimator.untuned_probes():
+        estimator.tell_untuned(probes, [problem.measure_untuned(m) for m in probes])
+    return estimator
+
+
 def run(estimator: Estimator, problem: Problem) -> tuple[int, ...]:
+    untuned(estimator, problem)
     while round := estimator.ask():
         estimator.tell(round, [problem.measure(m) for m in round])
     return estimator.plan()
@@ -92,7 +132,7 @@ def test_additive_costs_with_noise_are_recovered(name, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("name", ["bandit", "greedy", "paper", "portfolio"])
+@pytest.mark.parametrize("name", ["bandit", "greedy", "paper", "portfolio", "stable"])
 def test_interactions_between_adjacent_arms_are_recovered(name, seed):
     # Arms 3 and 4 are the cheapest alone but cost 1.5 more together: the best set of
     # 3 takes arm 3 and the next cheapest arms after 4.
@@ -109,12 +149,16 @@ def test_leave_one_out_and_the_prior_cannot_see_interactions():
 @pytest.mark.parametrize("budget", [12, 20, 31, 47, 200])
 @pytest.mark.parametrize("name", NAMES)
 def test_budgets_are_respected_and_counted(name, budget):
+    if budget < make(name, 12, 4, budget=200).min_budget():  # stable's untuned probe: 13
+        with pytest.raises(ValueError, match=f"{name} estimator needs a search_budget"):
+            make(name, 12, 4, budget=budget)
+        return
     problem = Problem(ADDITIVE, noise=0.05)
     estimator = make(name, 12, 4, budget=budget)
     plan = run(estimator, problem)
     assert estimator.passes == problem.passes <= budget
     assert len(plan) == 4 and estimator.ask() == []  # finished stays finished
-    if name in ("greedy", "loo", "cosine"):
+    if name in ("greedy", "loo", "cosine", "stable"):
         assert plan == (1, 3, 6, 9)
 
 
@@ -136,6 +180,7 @@ def test_default_budgets():
     assert ESTIMATORS["bandit"](30, 8, settings=settings).budget == 1 + 25 * 8
     assert ESTIMATORS["loo"](30, 8).budget == 30
     assert ESTIMATORS["portfolio"](30, 8).budget == ESTIMATORS["greedy"](30, 8).budget == 60
+    assert ESTIMATORS["stable"](30, 8).budget == 60
     assert ESTIMATORS["cosine"](30, 8).budget == 1
     four = SearchSettings(num_subnets=4, scheduled_rounds=5)
     assert ESTIMATORS["paper"](30, 8, settings=four).budget == 20
@@ -181,7 +226,7 @@ def test_bandit_update_is_the_z_scored_all_arm_step():
 @pytest.mark.parametrize("name", NAMES)
 def test_state_round_trip_mid_search_continues_identically(name):
     problem = Problem(ADDITIVE, noise=0.05, seed=4)
-    estimator = make(name, 12, 4, seed=9)
+    estimator = untuned(make(name, 12, 4, seed=9), problem)
     round = estimator.ask()
     estimator.tell(round, [problem.measure(m) for m in round])
     state = copy.deepcopy(estimator.state_dict())
@@ -207,11 +252,13 @@ def test_state_of_another_configuration_is_refused(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_results_are_refused_before_anything_changes(name):
-    estimator = make(name, 12, 4)
+    estimator = untuned(make(name, 12, 4), Problem(ADDITIVE))
     round = estimator.ask()
     before = copy.deepcopy(estimator.state_dict())
     if round[0].kind == LOSS:
         bad = [float("nan")] * len(round)
+    elif round[0].kind == EXAMPLES:
+        bad = [torch.tensor([[1.0, float("nan")], [1.0, 1.0]])] * len(round)
     else:
         bad = [torch.full((12,), float("inf"))]
     with pytest.raises(ValueError, match="NaN|finite"):
@@ -228,6 +275,7 @@ def test_every_plan_has_k_arms_at_any_time(name):
     assert len(estimator.plan()) == 5  # before any measurement
     assert len(estimator.training_arms()) == 5
     problem = Problem(ADDITIVE)
+    untuned(estimator, problem)
     while round := estimator.ask():
         estimator.tell(round, [problem.measure(m) for m in round])
         assert len(estimator.plan()) == 5 and len(estimator.training_arms()) == 5
@@ -309,11 +357,14 @@ def test_a_real_model_with_redundant_mhas_by_construction(name):
     reference = copy.deepcopy(base)
     model = patch_lavin(base, SkipPlan(6, [], skip_rank=4, adapter_rank=2), search="mha")
 
-    def distance(m: torch.nn.Module, batch: object) -> torch.Tensor:
+    def distance(m: torch.nn.Module, batch: object, per_example: bool = False) -> torch.Tensor:
         logits = m(batch.tokens, **batch.model_kwargs())
         with torch.no_grad():
             target = reference(batch.tokens, **batch.model_kwargs())
-        return (logits - target).pow(2).mean()
+        squares = (logits - target).pow(2).flatten(1)
+        if per_example:  # (2, B): each example's summed squares and their count
+            return torch.stack([squares.sum(1), torch.full_like(squares[:, 0], squares.shape[1])])
+        return squares.mean()
 
     generator = torch.Generator().manual_seed(0)
     data = [
@@ -405,3 +456,122 @@ def test_portfolio_resumed_before_its_check_gives_the_same_plan():
     ):
         with pytest.raises(ValueError, match=message):
             make("portfolio", 8, 3).load_state_dict({**state, **entry})
+
+
+# ---------------------------------------------------------------- stable: ties and prior
+CLOSE = [0.1] * 6 + [1.0, 1.1, 1.2, 1.3]  # arms 0-5 equally cheap
+PRIOR_POINTS_AT_1_3_5 = [0.90, 0.99, 0.91, 0.98, 0.92, 0.97, 0.5, 0.4, 0.3, 0.2]
+
+
+def supernet(seed: int, noise: float = 0.05) -> Problem:
+    """Seed ``seed``'s supernet: CLOSE's costs, moved by a seed-dependent 0.01 each (the
+    warm-up), with noisy held-out batches; its untuned model is the same for every seed."""
+    warmup = torch.Generator().manual_seed(seed)
+    moved = torch.tensor(CLOSE) + 0.01 * torch.randn(10, generator=warmup)
+    return Problem(moved.tolist(), noise=noise, seed=seed, untuned=PRIOR_POINTS_AT_1_3_5)
+
+
+def jaccard(plans: list[tuple[int, ...]]) -> float:
+    pairs = list(itertools.combinations(plans, 2))
+    return sum(len(set(a) & set(b)) / len(set(a) | set(b)) for a, b in pairs) / len(pairs)
+
+
+def test_stable_gives_the_seeds_the_plan_the_prior_prefers_among_ties():
+    """Arms 0-5 cost the same up to the warm-up's and the held-out batch's noise on every
+    seed's supernet: ``portfolio`` picks a seed-dependent three of them, ``stable`` mostly
+    the prior's three (a tie at 2 standard errors still misses now and then)."""
+    portfolio = [run(make("portfolio", 10, 3, seed=s), supernet(s)) for s in range(10)]
+    stable = [run(make("stable", 10, 3, seed=s), supernet(s)) for s in range(10)]
+    assert all(set(plan) <= set(range(6)) for plan in portfolio + stable)
+    assert stable.count((1, 3, 5)) >= 7 and portfolio.count((1, 3, 5)) <= 3
+    assert jaccard(stable) > jaccard(portfolio) + 0.25
+
+
+def test_stable_keeps_what_the_held_out_batch_decides():
+    """An arm cheaper beyond the noise wins over the prior's choice; with tie_se = 0 no
+    choice goes to the prior: every round adds its lowest arm, the check keeps the lowest
+    plan (as portfolio)."""
+    costs = [0.0, 0.5, 0.6, 0.7, 0.8, 0.9]
+    problem = Problem(costs, noise=0.01, untuned=[0.1, 0.99, 0.98, 0.5, 0.4, 0.3])
+    assert run(make("stable", 6, 2), problem) == (0, 1)
+    problem = supernet(1)
+    none = untuned(make("stable", 10, 3, seed=1), problem)
+    none.settings = SearchSettings(tie_se=0.0)
+    lowest = []
+    while round := none.ask():
+        results = [problem.measure(m) for m in round]
+        if len(none.chosen) < 3:  # a greedy round: its lowest loss is the arm it adds
+            pairs = zip(round, results, strict=True)
+            losses = {m.arms: loss_of(r) for m, r in pairs if m.kind == EXAMPLES}
+            lowest.append(min(losses, key=losses.get))
+        none.tell(round, results)
+        assert len(lowest) == len(none.chosen) == len(set(none.chosen))
+        assert set(lowest[-1]) - set(none.chosen[:-1]) == {none.chosen[-1]}
+    assert none.plan() == min(none.scored_plans, key=none.scored_plans.get)
+
+
+def test_stable_measures_the_untuned_model_first_and_counts_it():
+    estimator = make("stable", 12, 4)
+    assert estimator.untuned_probes() == [Measurement(COSINE)]
+    with pytest.raises(RuntimeError, match="untuned model's probe first"):
+        estimator.ask()
+    with pytest.raises(ValueError, match="round must be untuned_probes"):
+        estimator.tell_untuned([Measurement(LOSS, (1,))], [1.0])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        estimator.tell_untuned([Measurement(COSINE)], [torch.full((12,), float("nan"))])
+    problem = Problem(ADDITIVE, noise=0.05)
+    untuned(estimator, problem)
+    assert estimator.passes == 1 and estimator.rounds == 0 and estimator.untuned_probes() == []
+    first = estimator.ask()
+    assert {m.kind for m in first} == {EXAMPLES, COSINE} and len(first) == 12 + 1
+    assert run(estimator, problem) == (1, 3, 6, 9)
+    assert estimator.passes == problem.passes <= estimator.budget
+
+
+def test_paired_standard_error():
+    from eas_kernels.search import paired_se
+
+    a = torch.tensor([[2.0, 4.0, 9.0, 1.0], [1.0, 2.0, 3.0, 0.0]])  # means 2, 2, 3; one empty
+    b = torch.tensor([[1.0, 2.0, 3.0, 5.0], [1.0, 2.0, 3.0, 0.0]])  # means 1, 1, 1
+    expected = torch.tensor([1.0, 1.0, 2.0]).std().item() / 3**0.5
+    assert paired_se(a, b) == pytest.approx(expected)
+    assert paired_se(a[:, :1], b[:, :1]) == 0.0  # one example: no spread to estimate
+    with pytest.raises(ValueError, match="same examples"):
+        paired_se(a, torch.ones(2, 4))
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        (torch.ones(3), r"shape \(2, n\)"),
+        (torch.tensor([[1.0, 2.0], [0.0, 0.0]]), "not all zero"),
+        (torch.tensor([[1.0, 2.0], [1.0, -1.0]]), "counts >= 0"),
+        ([[1.0], [1.0]], r"shape \(2, n\)"),
+    ],
+)
+def test_bad_examples_results_are_refused(result, message):
+    estimator = untuned(make("stable", 12, 4), Problem(ADDITIVE))
+    round = estimator.ask()
+    with pytest.raises(ValueError, match=message):
+        estimator.tell(round, [result] * len(round))
+    assert estimator.rounds == 0 and estimator.passes == 1
+
+
+def test_stable_state_holds_the_prior_and_the_plans_examples():
+    problem = supernet(2)
+    estimator = untuned(make("stable", 10, 3, seed=2), problem)
+    while len(estimator.chosen) < 3:
+        round = estimator.ask()
+        estimator.tell(round, [problem.measure(m) for m in round])
+    resumed = make("stable", 10, 3, seed=7)
+    resumed.load_state_dict(copy.deepcopy(estimator.state_dict()))
+    assert resumed.untuned_probes() == []
+    assert run(resumed, copy.deepcopy(problem)) == run(estimator, problem) == (1, 3, 5)
+    state = estimator.state_dict()
+    for entry, message in (
+        ({"plan_examples": "x"}, "list of"),
+        ({"plan_examples": [[[0, 1, 2], torch.ones(2, 16)]]}, "a set not scored|every scored"),
+        ({"untuned": torch.zeros(3)}, "untuned"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make("stable", 10, 3).load_state_dict({**state, **entry})

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from eas_kernels import SkipPlan, current_plan, patch_lavin
-from eas_kernels.tuning import EASTuner, Example, TuningConfig, collate
+from eas_kernels.search import Candidates, HeldOutScorer
+from eas_kernels.tuning import EASTuner, Example, TuningConfig, answer_loss, collate
 from tests.helpers import tiny_model
 
 
@@ -117,7 +118,7 @@ def test_subnet_losses_are_scored_on_the_held_out_batch_in_eval_mode():
     [("paper", 2), ("paper", 7), ("paper", 13)]
     + [
         (name, stop)
-        for name in ("bandit", "greedy", "loo", "cosine", "portfolio")
+        for name in ("bandit", "greedy", "loo", "cosine", "portfolio", "stable")
         for stop in (5, 13)
     ],
 )
@@ -146,8 +147,41 @@ def test_an_interrupted_run_resumes_to_the_same_plan_and_weights(tmp_path, estim
     assert result.search_passes == reference.search_passes > 0
     for name, value in trainables(reference_model).items():
         assert torch.equal(trainables(resumed_model)[name], value), name
-    for key in ("steps", "updates"):  # same losses, skip sets and rounds (not wall times)
-        assert result.history[key] == reference.history[key], key
+    for key in ("steps", "updates", "untuned"):  # same losses, skip sets, rounds, probes
+        assert result.history.get(key) == reference.history.get(key), key
+
+
+def test_stable_probes_the_untuned_model_before_the_first_step():
+    model = searching_model()
+    candidates = Candidates("mha", 4)
+    train, held_out = examples(8, 1), examples(4, 2)
+    expected = HeldOutScorer(model, collate(held_out, 0), candidates, answer_loss).cosines()
+    settings = config(estimator="stable", warmup_ramp=True)
+    result = EASTuner(model, train, held_out, settings, pad_id=0).run()
+    (probe,) = result.history["untuned"]
+    assert probe["kind"] == "cosine"
+    torch.testing.assert_close(torch.tensor(probe["result"], dtype=torch.float64), expected)
+    assert result.history["steps"][0]["loss"] != 0  # the probe came first, then training
+    kinds = {m["kind"] for u in result.history["updates"] for m in u["measurements"]}
+    assert kinds == {"examples", "cosine"}
+
+
+def test_a_loss_without_per_example_losses_is_refused_for_stable():
+    def mean_only(m: torch.nn.Module, batch: object) -> torch.Tensor:
+        return answer_loss(m, batch)
+
+    model = searching_model()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(TypeError, match="stable estimator measures per example"):
+        EASTuner(
+            model, examples(8, 1), examples(4, 2), config(estimator="stable"), pad_id=0,
+            loss_fn=mean_only,
+        )  # fmt: skip
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    per_example = answer_loss(model, collate(examples(4, 2), 0), per_example=True)
+    mean = answer_loss(model, collate(examples(4, 2), 0))
+    assert per_example.shape == (2, 4)
+    torch.testing.assert_close(per_example[0].sum() / per_example[1].sum(), mean.double())
 
 
 def test_finetune_only_trains_the_current_plan():
@@ -219,14 +253,19 @@ def test_bad_models_and_data_are_refused(tmp_path):
         other.run()
 
 
-@pytest.mark.parametrize("estimator", ["paper", "bandit", "greedy", "loo", "cosine", "portfolio"])
+@pytest.mark.parametrize(
+    "estimator", ["paper", "bandit", "greedy", "loo", "cosine", "portfolio", "stable"]
+)
 @pytest.mark.parametrize("candidates", ["mha", "ffn", "mha_or_ffn", "block"])
 def test_every_estimator_searches_every_candidate_set(candidates, estimator):
     model = searching_model(candidates)
     settings = config(candidates=candidates, estimator=estimator, warmup_ramp=True)
     result = EASTuner(model, examples(8, 1), examples(4, 2), settings, pad_id=0).run()
     assert result.search_passes == result.history["updates"][-1]["passes"] > 0
-    assert result.search_passes == sum(len(u["measurements"]) for u in result.history["updates"])
+    untuned = len(result.history.get("untuned", []))  # stable's probe of the untuned model
+    assert result.search_passes == untuned + sum(
+        len(u["measurements"]) for u in result.history["updates"]
+    )
     assert current_plan(model) == result.plan
     assert len(result.arms) == 2 and len(result.scores) == (8 if candidates == "mha_or_ffn" else 4)
     if candidates == "ffn":

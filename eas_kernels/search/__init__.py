@@ -6,6 +6,7 @@
 * :mod:`.vr_bandit` — ``bandit``: variance-reduced, warm-started from the cosine prior;
 * :mod:`.greedy`    — ``greedy`` removal and ``loo`` (leave-one-out);
 * :mod:`.portfolio` — ``portfolio``: greedy's plan checked against loo's and the prior's;
+* :mod:`.stable`    — ``stable``: ``portfolio``, its ties broken by the untuned model's prior;
 * :mod:`.prior`     — ``cosine``: the one-pass prior, and the probe that measures it;
 * :mod:`.candidates` — what the arms stand for;
 * :mod:`.scorer`    — the model side: measurements on a held-out batch, ``run_search``.
@@ -16,6 +17,7 @@ from .candidates import Candidates
 from .estimator import (
     COSINE,
     ESTIMATORS,
+    EXAMPLES,
     LOSS,
     Estimator,
     Measurement,
@@ -27,11 +29,13 @@ from .greedy import GreedyRemoval, LeaveOneOut
 from .portfolio import GreedyPortfolio
 from .prior import CosinePrior, residual_cosines
 from .scorer import HeldOutScorer, run_search
+from .stable import StablePortfolio, paired_se
 from .vr_bandit import VarianceReducedBandit
 
 __all__ = [
     "COSINE",
     "ESTIMATORS",
+    "EXAMPLES",
     "LOSS",
     "BanditSearch",
     "Candidates",
@@ -44,8 +48,10 @@ __all__ = [
     "Measurement",
     "PaperBandit",
     "SearchSettings",
+    "StablePortfolio",
     "VarianceReducedBandit",
     "estimator_class",
+    "paired_se",
     "register_estimator",
     "residual_cosines",
     "run_search",

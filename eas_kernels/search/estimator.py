@@ -8,10 +8,18 @@ round, and the tuner (:class:`~eas_kernels.tuning.EASTuner`) does the measuring:
 =========================== ========================================================
 ``Measurement(LOSS, arms)``  held-out loss with exactly ``arms`` skipped (eval mode,
                              the supernet's PIAs): one float, one held-out pass
+``Measurement(EXAMPLES,      the same loss per held-out example: a ``(2, n)`` tensor,
+arms)``                      row 0 each example's summed loss terms (e.g. answer-token
+                             cross-entropies), row 1 their counts; the loss is
+                             ``row0.sum() / row1.sum()`` (:func:`loss_of`). One pass
 ``Measurement(COSINE)``      nothing skipped; for every arm the mean over real tokens
                              of ``cos(input, residual output)`` of its MHA, FFN or
                              block: a ``(num_arms,)`` tensor, one held-out pass
 =========================== ========================================================
+
+An estimator may also ask for measurements of the **untuned** model, before any
+training step (:meth:`Estimator.untuned_probes`, answered through
+:meth:`Estimator.tell_untuned`): they are the same for every tuning seed.
 
 Every estimator has a **budget** in held-out passes that no round exceeds (``passes``
 counts what it used), a seeded generator for every random draw, and
@@ -21,7 +29,8 @@ kept); :meth:`Estimator.plan` skips the ``k`` least important ones.
 
 Estimators (:data:`ESTIMATORS`): ``paper`` (Eq. 16, :mod:`.bandit`), ``bandit`` (the
 variance-reduced bandit, :mod:`.vr_bandit`), ``greedy`` and ``loo`` (:mod:`.greedy`),
-``cosine`` (:mod:`.prior`). A new one is a subclass plus :func:`register_estimator`.
+``cosine`` (:mod:`.prior`), ``portfolio`` (:mod:`.portfolio`), ``stable``
+(:mod:`.stable`). A new one is a subclass plus :func:`register_estimator`.
 """
 
 from __future__ import annotations
@@ -37,13 +46,14 @@ import torch
 from .._checks import check_layer_indices, check_positive_finite, check_positive_int, check_seed
 
 LOSS = "loss"
+EXAMPLES = "examples"
 COSINE = "cosine"
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """What an estimator asks for: ``kind`` :data:`LOSS` with the skip set ``arms``
-    (sorted arm indices, any size), or :data:`COSINE` (``arms`` empty)."""
+    """What an estimator asks for: ``kind`` :data:`LOSS` or :data:`EXAMPLES` with the skip
+    set ``arms`` (sorted arm indices, any size), or :data:`COSINE` (``arms`` empty)."""
 
     kind: str
     arms: tuple[int, ...] = ()
@@ -59,12 +69,15 @@ class SearchSettings:
         temperature: the bandits' ``π = softmax(s / temperature)``.
         scheduled_rounds: rounds the tuner's search phase offers between training steps
             (``search steps // eval_every``): the bandits' default budget.
+        tie_se: ``stable``'s tie: a loss within this many paired standard errors of
+            the lowest of its comparison (:mod:`.stable`); 0 breaks no ties.
     """
 
     num_subnets: int | None = None
     lr: float = 1.0
     temperature: float = 1.0
     scheduled_rounds: int = 0
+    tie_se: float = 2.0
 
     def validate(self) -> SearchSettings:
         if self.num_subnets is not None:
@@ -76,6 +89,9 @@ class SearchSettings:
         rounds = self.scheduled_rounds
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
             raise ValueError(f"scheduled_rounds must be an int >= 0, got {rounds!r}")
+        tie = self.tie_se
+        if isinstance(tie, bool) or not isinstance(tie, Real) or not 0 <= tie < math.inf:
+            raise ValueError(f"tie_se must be a finite number >= 0, got {tie!r}")
         return self
 
 
@@ -95,6 +111,7 @@ class Estimator:
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    measures_per_example: ClassVar[bool] = False  # asks for EXAMPLES measurements
 
     def __init__(
         self,
@@ -172,6 +189,30 @@ class Estimator:
 
     def tell(self, round: Sequence[Measurement], results: Sequence[object]) -> None:
         """Give the results of the round :meth:`ask` returned (same order)."""
+        self._observe(round, self._checked(round, results))
+        self.passes += len(round)
+        self.rounds += 1
+
+    def untuned_probes(self) -> list[Measurement]:
+        """Measurements of the untuned model it still needs (default: none). The caller
+        measures them before any training step and gives them to :meth:`tell_untuned`;
+        they count in the budget."""
+        return []
+
+    def tell_untuned(self, round: Sequence[Measurement], results: Sequence[object]) -> None:
+        """Give the results of :meth:`untuned_probes` (same order)."""
+        if list(round) != self.untuned_probes() or len(round) != len(results):
+            raise ValueError(
+                f"round must be untuned_probes() ({self.untuned_probes()}) with one result "
+                f"each, got {list(round)} and {len(results)} results"
+            )
+        self._observe_untuned(round, self._checked(round, results))
+        self.passes += len(round)
+
+    def _observe_untuned(self, round: Sequence[Measurement], results: Sequence[Any]) -> None:
+        raise NotImplementedError  # only an estimator with untuned probes receives any
+
+    def _checked(self, round: Sequence[Measurement], results: Sequence[object]) -> list[Any]:
         if len(round) != len(results) or not round:
             raise ValueError(
                 f"results must hold one result per measurement ({len(round)}), got {len(results)}"
@@ -180,13 +221,13 @@ class Estimator:
         for measurement, result in zip(round, results, strict=True):
             if measurement.kind == LOSS:
                 checked.append(check_loss(result))
+            elif measurement.kind == EXAMPLES:
+                checked.append(check_examples(result))
             elif measurement.kind == COSINE:
                 checked.append(self._check_cosines(result))
             else:
                 raise ValueError(f"unknown measurement kind {measurement.kind!r}")
-        self._observe(round, checked)
-        self.passes += len(round)
-        self.rounds += 1
+        return checked
 
     def training_arms(self) -> tuple[int, ...]:
         """The skip set of a search-phase training step (default: uniformly random)."""
@@ -293,6 +334,26 @@ def seeded_generator(seed: int | None) -> torch.Generator:
     else:
         generator.manual_seed(check_seed(seed))
     return generator
+
+
+def check_examples(value: object) -> torch.Tensor:
+    """An :data:`EXAMPLES` result as a float64 ``(2, n)`` CPU tensor: finite sums (row 0)
+    and counts >= 0 (row 1) with at least one count."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] != 2:
+        raise ValueError("an examples result must be a tensor of shape (2, n)")
+    values = value.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("an examples result holds NaN or Inf")
+    if bool((values[1] < 0).any()) or not float(values[1].sum()) > 0:
+        raise ValueError("an examples result needs counts >= 0 (row 1), not all zero")
+    return values
+
+
+def loss_of(result: float | torch.Tensor) -> float:
+    """The loss of a checked :data:`LOSS` or :data:`EXAMPLES` result."""
+    if isinstance(result, torch.Tensor):
+        return float(result[0].sum() / result[1].sum())
+    return result
 
 
 def check_loss(value: object) -> float:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .estimator import LOSS, Estimator, Measurement, register_estimator
+from .estimator import COSINE, Estimator, Measurement, loss_of, register_estimator
 
 
 @register_estimator
@@ -70,18 +70,27 @@ class GreedyRemoval(Estimator):
         if len(self.chosen) >= self.k:
             return []
         width = self._width(self.rounds, remaining - self._held_back())
-        return [self.loss_set([*self.chosen, arm]) for arm in self._ranking()[:width]]
+        return [self._measure([*self.chosen, arm]) for arm in self._ranking()[:width]]
+
+    def _measure(self, arms: Sequence[int]) -> Measurement:
+        """The measurement of the skip set ``arms`` (a subclass may ask for more)."""
+        return self.loss_set(arms)
+
+    def _choose(self, scored: dict[int, Any]) -> int:
+        """The arm a round adds, from each scored arm's result: the lowest loss (ties:
+        lower index)."""
+        return min(scored, key=lambda arm: (loss_of(scored[arm]), arm))
 
     def _observe(self, round: Sequence[Measurement], results: Sequence[Any]) -> None:
-        scored = []
-        for measurement, loss in zip(round, results, strict=True):
-            if measurement.kind != LOSS:  # a subclass's own measurement
+        scored = {}
+        for measurement, result in zip(round, results, strict=True):
+            if measurement.kind == COSINE:  # a subclass's own measurement
                 continue
             (arm,) = set(measurement.arms) - set(self.chosen)
-            self.latest[arm] = loss
+            self.latest[arm] = loss_of(result)
             self.scored_in[arm] = self.rounds
-            scored.append((loss, arm))
-        self.chosen.append(min(scored)[1])
+            scored[arm] = result
+        self.chosen.append(self._choose(scored))
         left = self.budget - self.passes - len(round) - self._held_back()
         while len(self.chosen) < self.k and self._width(self.rounds + 1, left) < 2:
             self.chosen.append(self._ranking()[0])

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .estimator import COSINE, Measurement, check_loss, lowest, register_estimator
+from .estimator import COSINE, Measurement, check_loss, loss_of, lowest, register_estimator
 from .greedy import GreedyRemoval
 
 CHECK_PASSES = 3  # greedy's plan (when its last round did not score it), loo's, the prior's
@@ -71,19 +71,27 @@ class GreedyPortfolio(GreedyRemoval):
             return super()._propose(remaining)
         # the check: [] once it has run, since the rivals are fixed once greedy's are chosen
         unscored = list(dict.fromkeys(p for p in self._rivals() if p not in self.scored_plans))
-        return [self.loss_set(plan) for plan in unscored[:remaining]]
+        return [self._measure(plan) for plan in unscored[:remaining]]
 
     def _observe(self, round: Sequence[Measurement], results: Sequence[Any]) -> None:
         for measurement, result in zip(round, results, strict=True):
             if measurement.kind == COSINE:
                 self.cosines = result
             elif len(measurement.arms) == self.k:
-                self.scored_plans[measurement.arms] = result
+                self._keep_plan(measurement.arms, result)
         if len(self.chosen) >= self.k:  # the check's round
             return
         super()._observe(round, results)
         if self.singles is None:
             self.singles = self.latest.clone()
+
+    def _keep_plan(self, arms: tuple[int, ...], result: Any) -> None:
+        """Record the result of a scored ``k``-arm set."""
+        self.scored_plans[arms] = loss_of(result)
+
+    def _best_plan(self) -> tuple[int, ...]:
+        """The scored ``k``-arm set of lowest loss (ties: the lexicographically first)."""
+        return min(self.scored_plans, key=lambda arms: (self.scored_plans[arms], arms))
 
     def importance(self) -> torch.Tensor:
         """The best scored plan's arms first (its arms are the ``k`` least important),
@@ -91,7 +99,7 @@ class GreedyPortfolio(GreedyRemoval):
         greedy = super().importance()
         if not self.scored_plans or len(self.chosen) < self.k:
             return greedy
-        best = min(self.scored_plans, key=lambda arms: (self.scored_plans[arms], arms))
+        best = self._best_plan()
         order = [*best, *sorted(set(range(self.num_arms)) - set(best), key=lambda a: greedy[a])]
         values = torch.empty(self.num_arms, dtype=torch.float64)
         values[order] = torch.arange(self.num_arms, dtype=torch.float64)

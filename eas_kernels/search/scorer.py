@@ -2,7 +2,10 @@
 
 :class:`HeldOutScorer` answers :class:`~.estimator.Measurement` requests on a model
 patched with ``search=<candidates>``: a :data:`~.estimator.LOSS` request sets the skip set
-and returns ``loss_fn(model, batch)``; a :data:`~.estimator.COSINE` request skips nothing
+and returns ``loss_fn(model, batch)``; an :data:`~.estimator.EXAMPLES` request returns
+``loss_fn(model, batch, per_example=True)``, a ``(2, B)`` tensor of each example's summed
+loss terms and their counts (:func:`~eas_kernels.tuning.answer_loss` gives both); a
+:data:`~.estimator.COSINE` request skips nothing
 and returns every arm's input/output cosine (:func:`~.prior.residual_cosines`). Both run
 in eval mode without gradients, one forward over the batch each, and leave the model in
 eval mode with the last skip set. :func:`run_search` drives an estimator to its end.
@@ -18,7 +21,7 @@ from torch import nn
 
 from ..patch import patch_of
 from .candidates import Candidates
-from .estimator import COSINE, Estimator, Measurement
+from .estimator import COSINE, EXAMPLES, Estimator, Measurement
 from .prior import residual_cosines
 
 
@@ -57,6 +60,33 @@ class HeldOutScorer:
         return float(self.loss_fn(self.model, self.batch).item())
 
     @torch.no_grad()
+    def examples(self, arms: tuple[int, ...]) -> torch.Tensor:
+        """``(2, B)`` float64: ``loss_fn``'s summed loss terms and their counts per
+        example, with ``arms`` skipped."""
+        self.model.eval()
+        self.set_arms(arms)
+        try:
+            result = self.loss_fn(self.model, self.batch, per_example=True)
+        except TypeError as error:
+            if "per_example" not in str(error):
+                raise
+            raise TypeError(
+                "an estimator that measures per example (e.g. 'stable') needs a loss_fn "
+                "that takes per_example=True and returns a (2, B) tensor of summed losses "
+                f"and counts, as eas_kernels.tuning.answer_loss does: {error}"
+            ) from None
+        if not isinstance(result, torch.Tensor) or tuple(result.shape) != (2, len(self)):
+            raise ValueError(
+                f"loss_fn(..., per_example=True) must return a tensor of shape (2, "
+                f"{len(self)}), got {getattr(result, 'shape', type(result).__name__)}"
+            )
+        return result.detach().to("cpu", torch.float64)
+
+    def __len__(self) -> int:
+        """Examples of the batch."""
+        return len(self.batch)
+
+    @torch.no_grad()
     def cosines(self) -> torch.Tensor:
         """``(num_arms,)`` float64 input/output cosines, nothing skipped."""
         self.model.eval()
@@ -73,6 +103,8 @@ class HeldOutScorer:
     def __call__(self, measurement: Measurement) -> float | torch.Tensor:
         if measurement.kind == COSINE:
             return self.cosines()
+        if measurement.kind == EXAMPLES:
+            return self.examples(measurement.arms)
         return self.loss(measurement.arms)
 
 

@@ -112,6 +112,16 @@ class Distributed:
         """This rank's share of ``items``: ``items[rank::world_size]``."""
         return list(items[self.rank :: self.world_size])
 
+    def gather_columns(self, local: torch.Tensor, total: int) -> torch.Tensor:
+        """The ``(rows, total)`` float64 tensor whose columns ``rank::world_size`` are this
+        rank's ``local`` columns (its :meth:`shard` of ``total`` items), in one all-reduce;
+        ``local`` itself (float64) on one rank."""
+        if not self.active:
+            return local.detach().to("cpu", torch.float64)
+        full = torch.zeros(local.shape[0], total, dtype=torch.float64)
+        full[:, self.rank :: self.world_size] = local.detach().to("cpu", torch.float64)
+        return self.all_sum(full)
+
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` summed over the ranks: a new float64 CPU tensor (reduced on the
         current CUDA device under ``nccl``, which reduces only CUDA tensors)."""

@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import math
 import os
 import signal
@@ -76,7 +77,7 @@ from ..patch import patch_of
 from ..plan import SkipPlan
 from ..roles import DEFAULT_CANDIDATES
 from ..search import Candidates, Estimator, HeldOutScorer, SearchSettings, estimator_class
-from ..search.estimator import COSINE, Measurement
+from ..search.estimator import COSINE, EXAMPLES, Measurement
 from .data import IGNORE_INDEX, Batch, Example, collate
 from .distributed import Distributed, digest, full_tensor, laid_out_as, setup_distributed
 
@@ -197,13 +198,39 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens under teacher forcing."""
+def answer_loss(model: nn.Module, batch: Batch, *, per_example: bool = False) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens under teacher forcing; with
+    ``per_example`` a ``(2, B)`` float64 tensor instead: each example's summed answer-token
+    cross-entropy (row 0) and its answer tokens (row 1), whose ratio of sums is the mean."""
     logits = model(batch.tokens, **batch.model_kwargs())
+    labels = batch.labels[:, 1:]
+    if per_example:
+        terms = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        counts = (labels != IGNORE_INDEX).sum(dim=1)
+        return torch.stack([terms.double().sum(dim=1), counts.double()])
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]),
-        batch.labels[:, 1:].reshape(-1),
+        labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
+    )
+
+
+def as_list(result: object) -> object:
+    """A measurement's result as the history records it (a tensor as nested lists)."""
+    return result.tolist() if isinstance(result, torch.Tensor) else result
+
+
+def takes_keyword(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` accepts the keyword argument ``name``."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        return True
+    return any(
+        p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY)
+        for p in parameters
     )
 
 
@@ -367,6 +394,7 @@ class EASTuner:
         # this rank's share of the held-out batch (all of it in one process)
         local = self.distributed.shard(list(held_out))
         self.held_out = collate(local, pad_id) if local else None
+        self.held_out_size = len(held_out)
         self.run_key = {
             **entries,
             **asdict(self.config),
@@ -399,10 +427,17 @@ class EASTuner:
         # calls the tuner's loss_fn at each measurement (the attribute may be reassigned).
         self.scorer: HeldOutScorer | None = None
         if config.searches:
-            score = lambda m, batch: self.loss_fn(m, batch)  # noqa: E731
+            score = lambda m, batch, **options: self.loss_fn(m, batch, **options)  # noqa: E731
             self.scorer = HeldOutScorer(model, self.held_out, self.candidates, score)
             rounds = config.search_epochs * self._steps_per_epoch() // config.eval_every
-            self.search = estimator_class(config.estimator)(
+            estimator = estimator_class(config.estimator)
+            if estimator.measures_per_example and not takes_keyword(loss_fn, "per_example"):
+                raise TypeError(
+                    f"the {config.estimator} estimator measures per example: loss_fn must "
+                    "take per_example=True and then return a (2, B) tensor of each example's "
+                    "summed losses and their counts, as answer_loss does"
+                )
+            self.search = estimator(
                 self.candidates.num_arms,
                 config.k,
                 budget=config.search_budget,
@@ -567,14 +602,12 @@ class EASTuner:
         round = self.search.ask()
         if not round:
             return None
-        # each rank measures its share of the held-out batch; the means over all ranks
-        local = [self.scorer(measurement) for measurement in round]
-        results = self.distributed.weighted_means(local, [self._weight(m) for m in round])
+        results = self._measured(round)
         self.search.tell(round, results)
         update = {
             "step": self.position["step"],
             "measurements": [{"kind": m.kind, "arms": list(m.arms)} for m in round],
-            "results": [r.tolist() if isinstance(r, torch.Tensor) else r for r in results],
+            "results": [as_list(r) for r in results],
             "scores": self.search.importance().tolist(),
             "passes": self.search.passes,
         }
@@ -582,6 +615,37 @@ class EASTuner:
         # Wall time apart from the updates, which are a function of the run's inputs.
         self.history.setdefault("search_seconds", []).append(time.perf_counter() - started)
         return update
+
+    def _measured(self, round: Sequence[Measurement]) -> list[Any]:
+        """The results of ``round`` on the whole held-out batch: each rank measures its
+        share; means are weighted over the ranks, per-example results gathered."""
+        local = [self.scorer(measurement) for measurement in round]
+        means = [i for i, m in enumerate(round) if m.kind != EXAMPLES]
+        results = list(local)
+        combined = (
+            self.distributed.weighted_means(
+                [local[i] for i in means], [self._weight(round[i]) for i in means]
+            )
+            if means
+            else []
+        )
+        for i, result in zip(means, combined, strict=True):
+            results[i] = result
+        for i, measurement in enumerate(round):
+            if measurement.kind == EXAMPLES:
+                results[i] = self.distributed.gather_columns(local[i], self.held_out_size)
+        return results
+
+    def _untuned_probes(self) -> None:
+        """Measure what the estimator asks of the untuned model (before any step)."""
+        probes = self.search.untuned_probes() if self.search is not None else []
+        if probes:
+            results = self._measured(probes)
+            self.search.tell_untuned(probes, results)
+            self.history["untuned"] = [
+                {"kind": m.kind, "arms": list(m.arms), "result": as_list(r)}
+                for m, r in zip(probes, results, strict=True)
+            ]
 
     def _weight(self, measurement: Measurement) -> float:
         """How many items this rank's measurement averages: the held-out shard's answer
@@ -628,6 +692,8 @@ class EASTuner:
     ) -> TuningResult:
         started = time.perf_counter() - self.elapsed
         position = self.position
+        if position["step"] == 0 and position["phase"] < 2:
+            self._untuned_probes()
         while position["phase"] < len(PHASES):
             phase = position["phase"]
             if phase == 2:  # the plan is fixed (also when resuming inside fine-tuning)
