@@ -103,7 +103,12 @@ def options(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=int, default=60, help="held-out passes per search")
     parser.add_argument("--warmup-epochs", type=int, default=1)
     parser.add_argument("--random", type=int, default=12, help="random plans per (seed, k)")
-    parser.add_argument("--estimators", nargs="+", default=sorted(ESTIMATORS))
+    parser.add_argument(
+        "--estimators",
+        nargs="+",
+        default=sorted(ESTIMATORS),
+        help="estimators to compare; NAME@TIE runs NAME with tie_se TIE (e.g. stable@1)",
+    )
     parser.add_argument("--ramp", choices=("on", "off", "both"), default="on")
     parser.add_argument("--finetune-seeds", type=int, nargs="*", default=[])
     parser.add_argument("--finetune-k", type=int, default=8)
@@ -114,6 +119,14 @@ def options(argv: Sequence[str] | None) -> argparse.Namespace:
         help="stable's tie, in paired standard errors (SearchSettings.tie_se; default %(default)s)",
     )
     args = parser.parse_args(argv)
+    for entry in args.estimators:
+        name, _, tie = entry.partition("@")
+        if name not in ESTIMATORS:
+            parser.error(f"--estimators: {name!r} is not one of {sorted(ESTIMATORS)}")
+        try:
+            SearchSettings(tie_se=float(tie) if tie else args.tie_se).validate()
+        except ValueError as error:
+            parser.error(f"--estimators {entry}: {error} (NAME@TIE takes a number)")
     if args.task == "iris" and args.model != "smollm2":
         parser.error("--task iris runs on --model smollm2 only (the quick start's model)")
     if args.warmup_epochs < 1:
@@ -200,6 +213,12 @@ def restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
                 parameter.copy_(state[name])
 
 
+def variant(entry: str, tie_se: float) -> tuple[str, float]:
+    """``--estimators`` entry ``NAME`` or ``NAME@TIE`` → (estimator, its ``tie_se``)."""
+    name, _, tie = entry.partition("@")
+    return name, float(tie) if tie else tie_se
+
+
 def budget_for(name: str, budget: int, layers: int) -> int:
     """The common budget; ``loo`` and ``cosine`` use what they need (never more)."""
     return {"loo": layers, "cosine": 1}.get(name, budget)
@@ -244,26 +263,27 @@ def one_setting(
         "full_model_validation_loss": judge.loss(()),
         "estimators": {},
     }
-    for name in args.estimators:
+    for entry in args.estimators:
+        name, tie = variant(entry, args.tie_se)
         estimator = estimator_class(name)(
             layers,
             k,
             budget=budget_for(name, args.budget, layers),
             seed=seed,
-            settings=SearchSettings(tie_se=args.tie_se),
+            settings=SearchSettings(tie_se=tie),
         )
         began = time.perf_counter()
         if probes := estimator.untuned_probes():
             estimator.tell_untuned(probes, [untuned[m] for m in probes])
         plan = run_search(estimator, search)
-        row["estimators"][name] = {
+        row["estimators"][entry] = {
             "plan": list(plan),
             "passes": estimator.passes,
             "seconds": time.perf_counter() - began,
             "search_loss": search.loss(plan),
             "validation_loss": judge.loss(plan),
         }
-        log(f"seed {seed} k {k} ramp {ramp}: {name} {list(plan)} {row['estimators'][name]}")
+        log(f"seed {seed} k {k} ramp {ramp}: {entry} {list(plan)} {row['estimators'][entry]}")
     first = (layers - k) // 2  # the deeper half
     windows = {start: tuple(range(start, start + k)) for start in range(first, layers - k + 1)}
     window_losses = {start: judge.loss(arms) for start, arms in windows.items()}

@@ -36,17 +36,23 @@ from tests.test_tuning import config, examples
 spec = json.loads(sys.argv[2])
 forwards = 0
 
-def hf_answer_loss(model, batch):  # answer_loss's token mean, through HF's own loss
-    return model(input_ids=batch.tokens, attention_mask=batch.attention_mask,
-                 labels=batch.labels).loss
+def hf_answer_loss(model, batch, per_example=False):  # answer_loss, through HF's forward
+    output = model(input_ids=batch.tokens, attention_mask=batch.attention_mask,
+                   labels=batch.labels)
+    if not per_example:
+        return output.loss  # HF's own token mean
+    labels = batch.labels[:, 1:]
+    terms = torch.nn.functional.cross_entropy(
+        output.logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return torch.stack([terms.double().sum(1), (labels != -100).sum(1).double()])
 
 
-def loss_fn(model, batch):  # answer_loss; with "fail_rank", that rank fails its third
+def loss_fn(model, batch, **options):  # answer_loss; "fail_rank" fails its third forward
     global forwards
     forwards += 1
     if int(os.environ.get("RANK", "0")) == spec.get("fail_rank") and forwards == 3:
         raise RuntimeError("injected failure in the third forward")
-    return (hf_answer_loss if spec.get("model") == "hf" else answer_loss)(model, batch)
+    return (hf_answer_loss if spec.get("model") == "hf" else answer_loss)(model, batch, **options)
 
 out = Path(spec["out"])
 plan = SkipPlan(4, [], skip_rank=spec.get("skip_rank", 4), adapter_rank=2)
@@ -163,6 +169,7 @@ def test_a_group_it_initialised_is_destroyed_at_exit(tmp_path):
 SETTINGS = {  # 13 examples in batches of 3: the last global batch leaves rank 1 empty
     "paper": {"estimator": "paper", "warmup_ramp": False, "batch_size": 3},
     "greedy": {"estimator": "greedy", "search_epochs": 0, "batch_size": 3},
+    "stable": {"estimator": "stable", "search_epochs": 0, "batch_size": 3},  # per example
 }
 
 

@@ -22,12 +22,13 @@ held-out batch does decide as ``portfolio`` (:mod:`.portfolio`) makes it:
    prior calls least important (highest ``c_a``; then the lower loss, then the lower
    index); when a later round can score only some arms (greedy's narrowing), the arms
    that tied come first, in the prior's order, then the others by loss.
-4. The check (:mod:`.portfolio`) keeps, among the scored plans that tie the lowest, the
-   one of highest ``Σ_{a∈plan} c_a`` (then the lower loss, then the lexicographically
-   first set).
+4. The check (:mod:`.portfolio`) scores one more rival, the untuned prior's plan (the
+   ``k`` arms of highest ``c_a``, the same for every seed), and keeps, among the scored
+   plans that tie the lowest, the one of highest ``Σ_{a∈plan} c_a`` (then the lower
+   loss, then the lexicographically first set): the untuned prior's plan whenever it ties.
 
-With ``z = 0`` it is ``portfolio`` plus the untuned pass. Budget: ``portfolio``'s, of which
-the untuned probe uses one pass.
+With ``z = 0`` it is ``portfolio`` with one more rival. Budget: ``portfolio``'s, of which
+the untuned probe and the fourth rival use one pass each.
 """
 
 from __future__ import annotations
@@ -39,7 +40,15 @@ from typing import Any
 import torch
 
 from .._checks import check_layer_indices
-from .estimator import COSINE, EXAMPLES, Measurement, check_examples, loss_of, register_estimator
+from .estimator import (
+    COSINE,
+    EXAMPLES,
+    Measurement,
+    check_examples,
+    loss_of,
+    lowest,
+    register_estimator,
+)
 from .portfolio import GreedyPortfolio
 
 
@@ -72,6 +81,13 @@ class StablePortfolio(GreedyPortfolio):
 
     def min_budget(self) -> int:
         return super().min_budget() + 1
+
+    def _held_back(self) -> int:
+        return super()._held_back() + 1  # the untuned prior's plan
+
+    def _rivals(self) -> list[tuple[int, ...]]:
+        """Portfolio's rivals and the untuned prior's plan."""
+        return [*super()._rivals(), lowest((-self.untuned).tolist(), self.k)]
 
     def untuned_probes(self) -> list[Measurement]:
         return [Measurement(COSINE)] if self.untuned is None else []

@@ -1,6 +1,8 @@
 """The EAS tuning schedule on any patched model (EAS_SPEC §5; paper §4.3).
 
-Phases, in order, over the training examples:
+Phases, in order, over the training examples (before the first step, the measurements
+the estimator asks of the untuned model, :meth:`~eas_kernels.search.Estimator.untuned_probes`,
+are taken on the held-out batch: ``stable``'s cosine prior):
 
 1. **warm-up** (``warmup_epochs``): every step skips a uniformly random set of arms and
    trains the PIAs of all layers on it: k arms, or with ``warmup_ramp`` ``⌈k (t+1) / T⌉``
@@ -331,7 +333,10 @@ class EASTuner:
         config: :class:`TuningConfig`.
         pad_id: padding token id of :func:`~eas_kernels.tuning.data.collate`.
         run_dir: folder of the checkpoint (None: no checkpoints).
-        loss_fn: ``loss_fn(model, batch)``; default :func:`answer_loss`.
+        loss_fn: ``loss_fn(model, batch)``; default :func:`answer_loss`. An estimator that
+            measures per example (``stable``) also calls ``loss_fn(model, batch,
+            per_example=True)`` for a ``(2, B)`` tensor of each example's summed losses and
+            their counts (refused at construction when ``loss_fn`` takes no such keyword).
         progress: called after every step with a dict (phase, epoch, step, loss, plan, ...).
         run_key: more entries of the run key (module docstring), checked before the
             configuration: names → JSON-like values (the command line passes ``--train``,
