@@ -108,6 +108,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _seed(text: str) -> int:
     value = int(text)
     if not 0 <= value < SEED_LIMIT:
@@ -225,6 +232,13 @@ def _training_options(parser: argparse.ArgumentParser, *, search: bool) -> None:
         )
         group.add_argument("--policy-lr", type=_positive(float), default=1.0, help="η")
         group.add_argument("--policy-temperature", type=_positive(float), default=1.0)
+        group.add_argument(
+            "--tie-se",
+            type=_non_negative_float,
+            default=TuningConfig.tie_se,
+            help="stable: choices within this many paired standard errors of the lowest "
+            "loss go to the untuned model's prior (default %(default)s; 0: no ties)",
+        )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -428,6 +442,7 @@ def _tuning_config(
         eval_every=args.eval_every,
         policy_lr=args.policy_lr,
         policy_temperature=args.policy_temperature,
+        tie_se=args.tie_se,
         **common,
     )
 

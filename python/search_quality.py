@@ -13,7 +13,8 @@ validation set):
    *search batch* (``--search-batch`` held-out questions, eval mode) with the same budget
    of held-out passes (``--budget``; ``loo`` and ``cosine`` need fewer and use fewer).
    Its plan, passes and seconds are recorded; ``stable``'s probe of the untuned model is
-   measured before the warm-up, as a tuning run does. (In a tuning run the bandits' rounds are
+   measured before the warm-up, as a tuning run does (``--estimators stable@1`` runs it
+   with ``tie_se`` 1; ``--tie-se`` sets the default). (In a tuning run the bandits' rounds are
    interleaved with training steps; here all rounds score the frozen warmed-up supernet,
    so that only the estimator differs.)
 3. **Baselines**: every contiguous window of k MHAs in the deeper half of the model (the

@@ -217,6 +217,9 @@ def test_argument_errors_exit_2(tmp_path):
     assert result.returncode == 2 and "--candidates" in result.stderr
     result = cli("finetune", "--max-grad-norm", "0", check=False)
     assert result.returncode == 2 and "--max-grad-norm" in result.stderr
+    for tie in ("-1", "nan"):
+        result = cli("search", "--tie-se", tie, check=False)
+        assert result.returncode == 2 and "--tie-se" in result.stderr
 
 
 @pytest.mark.parametrize(("given", "expected"), [([], 10.0), (["2.5"], 2.5), (["none"], None)])

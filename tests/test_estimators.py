@@ -478,13 +478,14 @@ def jaccard(plans: list[tuple[int, ...]]) -> float:
 
 def test_stable_gives_the_seeds_the_plan_the_prior_prefers_among_ties():
     """Arms 0-5 cost the same up to the warm-up's and the held-out batch's noise on every
-    seed's supernet: ``portfolio`` picks a seed-dependent three of them, ``stable`` mostly
-    the prior's three (a tie at 2 standard errors still misses now and then)."""
+    seed's supernet: ``portfolio`` picks a seed-dependent three of them (Jaccard 0.36 over
+    10 seeds), ``stable`` the prior's three on every seed (its greedy rounds alone, ties
+    taken round by round, reach them on 7 of 10; the check's rival, the prior's plan, on
+    all)."""
     portfolio = [run(make("portfolio", 10, 3, seed=s), supernet(s)) for s in range(10)]
     stable = [run(make("stable", 10, 3, seed=s), supernet(s)) for s in range(10)]
-    assert all(set(plan) <= set(range(6)) for plan in portfolio + stable)
-    assert stable.count((1, 3, 5)) >= 7 and portfolio.count((1, 3, 5)) <= 3
-    assert jaccard(stable) > jaccard(portfolio) + 0.25
+    assert all(set(plan) <= set(range(6)) for plan in portfolio)
+    assert stable == [(1, 3, 5)] * 10 and jaccard(portfolio) < 0.5
 
 
 def test_stable_keeps_what_the_held_out_batch_decides():

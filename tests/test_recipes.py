@@ -129,18 +129,29 @@ def test_search_quality_cells_do_not_depend_on_the_cells_run_before(tmp_path):
     recipe = importlib.import_module("search_quality")
     common = ["--model", "tiny", "--train", "16", "--test", "4", "--search-batch", "6"]
     common += ["--validation", "6", "--seeds", "1", "--budget", "10", "--random", "3"]
-    common += ["--estimators", "greedy", "loo"]
+    common += ["--estimators", "greedy", "loo", "stable@0.5"]  # stable with tie_se 0.5
     alone = recipe.main(common + ["--ks", "2", "--out", str(tmp_path / "alone")])
     after = recipe.main(common + ["--ks", "3", "2", "--out", str(tmp_path / "after")])
     (cell,) = alone["rows"]
     (same,) = [row for row in after["rows"] if row["k"] == 2]
     assert cell["warmup_loss"] == same["warmup_loss"]
     assert cell["random"]["validation_losses"] == same["random"]["validation_losses"]
-    for name in ("greedy", "loo"):
+    assert set(cell["estimators"]) == {"greedy", "loo", "stable@0.5"}
+    for name in ("greedy", "loo", "stable@0.5"):
         ours, theirs = cell["estimators"][name], same["estimators"][name]
         assert {k: v for k, v in ours.items() if k != "seconds"} == {
             k: v for k, v in theirs.items() if k != "seconds"
         }
+
+
+@pytest.mark.parametrize("entry", ["nope", "stable@x", "stable@-1"])
+def test_search_quality_refuses_an_unknown_estimator_or_tie(entry, capsys):
+    recipe = importlib.import_module("search_quality")
+    with pytest.raises(SystemExit):
+        recipe.options(["--estimators", "greedy", entry])
+    assert "--estimators" in capsys.readouterr().err
+    assert recipe.variant("stable@1.5", 2.0) == ("stable", 1.5)
+    assert recipe.variant("stable", 2.0) == ("stable", 2.0)
 
 
 def test_search_quality_recipe_runs_on_the_iris_text_task(tmp_path):

@@ -223,6 +223,8 @@ def test_finetune_only_needs_no_search_arms():
         ({"search_budget": -1}, "search_budget must be an int >= 0"),
         ({"search_budget": 2.5}, "search_budget must be an int or None"),
         ({"num_subnets": 1}, "num_subnets must be at least 2"),
+        ({"tie_se": -1.0}, "tie_se must be a finite number >= 0"),
+        ({"tie_se": float("inf")}, "tie_se must be a finite number >= 0"),
         ({"warmup_ramp": "yes"}, "warmup_ramp must be a bool"),
         ({"policy_lr": 0}, "policy_lr"),
     ],

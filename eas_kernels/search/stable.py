@@ -109,12 +109,11 @@ class StablePortfolio(GreedyPortfolio):
     def _ties(self, results: dict[Any, torch.Tensor]) -> list[Any]:
         """The keys whose result ties the lowest loss's (module docstring, 2.)."""
         best = min(results, key=lambda key: (loss_of(results[key]), key))
-        z = self.settings.tie_se
-        lowest = loss_of(results[best])
+        z, floor = self.settings.tie_se, loss_of(results[best])
         return [
             key
             for key, result in results.items()
-            if loss_of(result) - lowest <= z * paired_se(result, results[best])
+            if loss_of(result) - floor <= z * paired_se(result, results[best])
         ]
 
     def _choose(self, scored: dict[int, Any]) -> int:
@@ -130,10 +129,10 @@ class StablePortfolio(GreedyPortfolio):
         position = {arm: i for i, arm in enumerate(greedy)}
         latest = max((int(self.scored_in[a]) for a in greedy), default=-1)
 
-        def key(arm: int) -> tuple[float, int]:
+        def key(arm: int) -> tuple[int, float, int]:
             if self.tied[arm] and int(self.scored_in[arm]) == latest:
-                return (-1.0 - float(self.untuned[arm]), position[arm])
-            return (float(position[arm]), position[arm])
+                return (0, -float(self.untuned[arm]), position[arm])
+            return (1, 0.0, position[arm])
 
         return sorted(greedy, key=key)
 

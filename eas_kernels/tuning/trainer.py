@@ -79,7 +79,7 @@ from ..patch import patch_of
 from ..plan import SkipPlan
 from ..roles import DEFAULT_CANDIDATES
 from ..search import Candidates, Estimator, HeldOutScorer, SearchSettings, estimator_class
-from ..search.estimator import COSINE, EXAMPLES, Measurement
+from ..search.estimator import COSINE, EXAMPLES, Measurement, loss_of
 from .data import IGNORE_INDEX, Batch, Example, collate
 from .distributed import Distributed, digest, full_tensor, laid_out_as, setup_distributed
 
@@ -121,7 +121,8 @@ class TuningConfig:
     estimator's default, e.g. the search phase's rounds for ``paper``, ``min(2 · arms,
     the full greedy)`` for ``greedy`` and ``portfolio``);
     ``num_subnets`` is the bandits' subnets per round (None: 3 for ``paper``, 8 for
-    ``bandit``); ``policy_lr``/``policy_temperature`` are their ``η`` and ``τ``.
+    ``bandit``); ``policy_lr``/``policy_temperature`` are their ``η`` and ``τ``;
+    ``tie_se`` is ``stable``'s tie in paired standard errors (the others ignore it).
     ``max_grad_norm`` clips the trainable parameters' gradient norm before each step
     (None: no clipping; each step's norm before clipping is in the history). The default,
     10, is near an ordinary step's norm (10–30 on the demo's workload) and cuts the rare
@@ -144,6 +145,7 @@ class TuningConfig:
     eval_every: int = 10
     policy_lr: float = 1.0
     policy_temperature: float = 1.0
+    tie_se: float = SearchSettings.tie_se
     seed: int = 0
     checkpoint_every: int = 25
 
@@ -165,7 +167,7 @@ class TuningConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.max_grad_norm is not None:
             check_positive_finite(self.max_grad_norm, "max_grad_norm")
-        self.search_settings(0)  # num_subnets, policy_lr, policy_temperature
+        self.search_settings(0)  # num_subnets, policy_lr, policy_temperature, tie_se
         budget = self.search_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
             raise TypeError(f"search_budget must be an int or None, got {budget!r}")
@@ -183,6 +185,7 @@ class TuningConfig:
             lr=self.policy_lr,
             temperature=self.policy_temperature,
             scheduled_rounds=scheduled_rounds,
+            tie_se=self.tie_se,
         ).validate()
 
 
@@ -613,6 +616,7 @@ class EASTuner:
             "step": self.position["step"],
             "measurements": [{"kind": m.kind, "arms": list(m.arms)} for m in round],
             "results": [as_list(r) for r in results],
+            "losses": [loss_of(r) for m, r in zip(round, results, strict=True) if m.kind != COSINE],
             "scores": self.search.importance().tolist(),
             "passes": self.search.passes,
         }
@@ -769,8 +773,7 @@ class EASTuner:
             position["search_step"] += 1
             if position["search_step"] % self.config.eval_every == 0:
                 update = self._search_round()
-                results = [] if update is None else update["results"]
-                losses = [r for r in results if isinstance(r, float)]
+                losses = [] if update is None else update["losses"]
                 if losses:
                     record["held_out_loss"] = sum(losses) / len(losses)
         if self.progress is not None and self.distributed.is_main:
