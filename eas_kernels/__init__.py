@@ -20,7 +20,8 @@ Public API:
                             route_loss, set_routing, force_routes
     models.lavin            the LaVIN-layout LLaMA (ModelArgs, Transformer)
     search.BanditSearch     the k-armed bandit of the redundancy search (pure PyTorch)
-    search.ESTIMATORS       the search's estimators (paper, bandit, greedy, loo, cosine)
+    search.ESTIMATORS       the search's estimators (paper, bandit, greedy, loo, cosine,
+                            portfolio, stable)
     search.HeldOutScorer    what an estimator asks for, measured on a held-out batch
     search.Candidates       what the arms stand for: MHAs, FFNs, MHA-or-FFN, blocks (DAS)
     tuning                  the schedule (EASTuner, TuningConfig), data, evaluation, plots
