@@ -7,10 +7,11 @@ input never reaches a kernel or changes a model.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral, Real
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -129,3 +130,16 @@ def first_non_finite(named: Sequence[tuple[Key, torch.Tensor]]) -> Key | None:
         if not bool(finite.all()):
             return entries[int((~finite).nonzero()[0, 0])][0]
     return None
+
+
+def takes_keyword(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` accepts the keyword argument ``name`` (True when it has no
+    signature to read: the call decides)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY)
+        for p in parameters
+    )

@@ -121,11 +121,10 @@ def options(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     for entry in args.estimators:
-        name, _, tie = entry.partition("@")
-        if name not in ESTIMATORS:
-            parser.error(f"--estimators: {name!r} is not one of {sorted(ESTIMATORS)}")
+        if entry.partition("@")[0] not in ESTIMATORS:
+            parser.error(f"--estimators: {entry!r} is not one of {sorted(ESTIMATORS)}")
         try:
-            SearchSettings(tie_se=float(tie) if tie else args.tie_se).validate()
+            SearchSettings(tie_se=variant(entry, args.tie_se)[1]).validate()
         except ValueError as error:
             parser.error(f"--estimators {entry}: {error} (NAME@TIE takes a number)")
     if args.task == "iris" and args.model != "smollm2":

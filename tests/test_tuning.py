@@ -178,6 +178,10 @@ def test_a_loss_without_per_example_losses_is_refused_for_stable():
             loss_fn=mean_only,
         )  # fmt: skip
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    scorer = HeldOutScorer(model, collate(examples(4, 2), 0), Candidates("mha", 4), mean_only)
+    with pytest.raises(TypeError, match="needs a loss_fn that takes per_example=True"):
+        scorer.examples((1,))
+    assert current_plan(model).skipped == ()  # refused before the skip set changed
     per_example = answer_loss(model, collate(examples(4, 2), 0), per_example=True)
     mean = answer_loss(model, collate(examples(4, 2), 0))
     assert per_example.shape == (2, 4)

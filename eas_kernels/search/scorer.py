@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import takes_keyword
 from ..patch import patch_of
 from .candidates import Candidates
 from .estimator import COSINE, EXAMPLES, Estimator, Measurement
@@ -63,18 +64,15 @@ class HeldOutScorer:
     def examples(self, arms: tuple[int, ...]) -> torch.Tensor:
         """``(2, B)`` float64: ``loss_fn``'s summed loss terms and their counts per
         example, with ``arms`` skipped."""
-        self.model.eval()
-        self.set_arms(arms)
-        try:
-            result = self.loss_fn(self.model, self.batch, per_example=True)
-        except TypeError as error:
-            if "per_example" not in str(error):
-                raise
+        if not takes_keyword(self.loss_fn, "per_example"):
             raise TypeError(
                 "an estimator that measures per example (e.g. 'stable') needs a loss_fn "
                 "that takes per_example=True and returns a (2, B) tensor of summed losses "
-                f"and counts, as eas_kernels.tuning.answer_loss does: {error}"
-            ) from None
+                "and counts, as eas_kernels.tuning.answer_loss does"
+            )
+        self.model.eval()
+        self.set_arms(arms)
+        result = self.loss_fn(self.model, self.batch, per_example=True)
         if not isinstance(result, torch.Tensor) or tuple(result.shape) != (2, len(self)):
             raise ValueError(
                 f"loss_fn(..., per_example=True) must return a tensor of shape (2, "

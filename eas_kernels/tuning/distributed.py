@@ -136,8 +136,8 @@ class Distributed:
     def weighted_means(self, values: Sequence[Any], weights: Sequence[float]) -> list[Any]:
         """Each of ``values`` (a float or a tensor, this rank's mean over ``weights[i]``
         items) as the mean over every rank's items, in one all-reduce; unchanged on one
-        rank."""
-        if not self.active:
+        rank or for no values."""
+        if not self.active or not values:
             return list(values)
         flat = [torch.as_tensor(v, dtype=torch.float64).flatten() for v in values]
         packed = torch.cat([f * w for f, w in zip(flat, weights, strict=True)])

@@ -52,7 +52,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import inspect
 import math
 import os
 import signal
@@ -73,6 +72,7 @@ from .._checks import (
     check_positive_int,
     check_seed,
     first_non_finite,
+    takes_keyword,
 )
 from ..files import load_tensor_file, save_atomically
 from ..patch import patch_of
@@ -225,18 +225,6 @@ def answer_loss(model: nn.Module, batch: Batch, *, per_example: bool = False) ->
 def as_list(result: object) -> object:
     """A measurement's result as the history records it (a tensor as nested lists)."""
     return result.tolist() if isinstance(result, torch.Tensor) else result
-
-
-def takes_keyword(function: Callable[..., Any], name: str) -> bool:
-    """Whether ``function`` accepts the keyword argument ``name``."""
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: let the call decide
-        return True
-    return any(
-        p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY)
-        for p in parameters
-    )
 
 
 def run_key_entries(run_key: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -631,12 +619,8 @@ class EASTuner:
         local = [self.scorer(measurement) for measurement in round]
         means = [i for i, m in enumerate(round) if m.kind != EXAMPLES]
         results = list(local)
-        combined = (
-            self.distributed.weighted_means(
-                [local[i] for i in means], [self._weight(round[i]) for i in means]
-            )
-            if means
-            else []
+        combined = self.distributed.weighted_means(
+            [local[i] for i in means], [self._weight(round[i]) for i in means]
         )
         for i, result in zip(means, combined, strict=True):
             results[i] = result
