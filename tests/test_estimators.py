@@ -508,7 +508,7 @@ def test_stable_keeps_what_the_held_out_batch_decides():
         none.tell(round, results)
         assert len(lowest) == len(none.chosen) == len(set(none.chosen))
         assert set(lowest[-1]) - set(none.chosen[:-1]) == {none.chosen[-1]}
-    assert none.plan() == min(none.scored_plans, key=none.scored_plans.get)
+    assert none.plan() == min(none.scored_plans, key=lambda p: loss_of(none.scored_plans[p]))
 
 
 def test_stable_measures_the_untuned_model_first_and_counts_it():
@@ -558,7 +558,7 @@ def test_bad_examples_results_are_refused(result, message):
     assert estimator.rounds == 0 and estimator.passes == 1
 
 
-def test_stable_state_holds_the_prior_and_the_plans_examples():
+def test_stable_state_holds_the_prior_and_each_plans_examples():
     problem = supernet(2)
     estimator = untuned(make("stable", 10, 3, seed=2), problem)
     while len(estimator.chosen) < 3:
@@ -567,11 +567,14 @@ def test_stable_state_holds_the_prior_and_the_plans_examples():
     resumed = make("stable", 10, 3, seed=7)
     resumed.load_state_dict(copy.deepcopy(estimator.state_dict()))
     assert resumed.untuned_probes() == []
+    assert resumed.scored_plans.keys() == estimator.scored_plans.keys()
+    for arms, examples in estimator.scored_plans.items():  # per example, not just the means
+        assert torch.equal(resumed.scored_plans[arms], examples)
     assert run(resumed, copy.deepcopy(problem)) == run(estimator, problem) == (1, 3, 5)
     state = estimator.state_dict()
     for entry, message in (
-        ({"plan_examples": "x"}, "list of"),
-        ({"plan_examples": [[[0, 1, 2], torch.ones(2, 16)]]}, "a set not scored|every scored"),
+        ({"scored_plans": [[[0, 1, 2], 1.5]]}, r"\[0, 1, 2\]: an examples result .* \(2, n\)"),
+        ({"scored_plans": [[[0, 1, 2], torch.zeros(2, 16)]]}, "counts >= 0"),
         ({"untuned": torch.zeros(3)}, "untuned"),
     ):
         with pytest.raises(ValueError, match=message):

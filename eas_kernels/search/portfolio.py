@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .estimator import COSINE, Measurement, check_loss, loss_of, lowest, register_estimator
+from .estimator import COSINE, Measurement, loss_of, lowest, register_estimator
 from .greedy import GreedyRemoval
 
 CHECK_PASSES = 3  # greedy's plan (when its last round did not score it), loo's, the prior's
@@ -49,7 +49,8 @@ class GreedyPortfolio(GreedyRemoval):
         super().__init__(num_arms, k, **kwargs)
         self.singles: torch.Tensor | None = None  # (num_arms,) loss of each arm alone
         self.cosines: torch.Tensor | None = None  # (num_arms,) the prior's probe
-        self.scored_plans: dict[tuple[int, ...], float] = {}  # every k-arm set scored
+        # every k-arm set scored, with its checked result (a loss, or per example)
+        self.scored_plans: dict[tuple[int, ...], Any] = {}
 
     def _held_back(self) -> int:
         return CHECK_PASSES  # asked only by greedy's rounds, which all come before the check
@@ -78,20 +79,16 @@ class GreedyPortfolio(GreedyRemoval):
             if measurement.kind == COSINE:
                 self.cosines = result
             elif len(measurement.arms) == self.k:
-                self._keep_plan(measurement.arms, result)
+                self.scored_plans[measurement.arms] = result
         if len(self.chosen) >= self.k:  # the check's round
             return
         super()._observe(round, results)
         if self.singles is None:
             self.singles = self.latest.clone()
 
-    def _keep_plan(self, arms: tuple[int, ...], result: Any) -> None:
-        """Record the result of a scored ``k``-arm set."""
-        self.scored_plans[arms] = loss_of(result)
-
     def _best_plan(self) -> tuple[int, ...]:
         """The scored ``k``-arm set of lowest loss (ties: the lexicographically first)."""
-        return min(self.scored_plans, key=lambda arms: (self.scored_plans[arms], arms))
+        return min(self.scored_plans, key=lambda arms: (loss_of(self.scored_plans[arms]), arms))
 
     def importance(self) -> torch.Tensor:
         """The best scored plan's arms first (its arms are the ``k`` least important),
@@ -110,7 +107,10 @@ class GreedyPortfolio(GreedyRemoval):
             **super()._state(),
             "singles": None if self.singles is None else self.singles.clone(),
             "cosines": None if self.cosines is None else self.cosines.clone(),
-            "scored_plans": [[list(arms), loss] for arms, loss in self.scored_plans.items()],
+            "scored_plans": [
+                [list(arms), result.clone() if isinstance(result, torch.Tensor) else result]
+                for arms, result in self.scored_plans.items()
+            ],
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -119,13 +119,16 @@ class GreedyPortfolio(GreedyRemoval):
         cosines = None if state.get("cosines") is None else self._scores_entry(state, "cosines")
         entries = state.get("scored_plans")
         if not isinstance(entries, list):
-            raise ValueError("state['scored_plans'] must be a list of [arms, loss] pairs")
-        scored: dict[tuple[int, ...], float] = {}
+            raise ValueError("state['scored_plans'] must be a list of [arms, result] pairs")
+        scored: dict[tuple[int, ...], Any] = {}
         for entry in entries:
             if not (isinstance(entry, list) and len(entry) == 2):
-                raise ValueError(f"state['scored_plans'] holds {entry!r}, not [arms, loss]")
-            measurement = self.loss_set(entry[0])
+                raise ValueError(f"state['scored_plans'] holds {entry!r}, not [arms, result]")
+            measurement = self._measure(entry[0])
             if len(measurement.arms) != self.k:
                 raise ValueError(f"state['scored_plans'] holds a set of {entry[0]!r}, not k arms")
-            scored[measurement.arms] = check_loss(entry[1])
+            try:
+                (scored[measurement.arms],) = self._checked([measurement], [entry[1]])
+            except ValueError as error:
+                raise ValueError(f"state['scored_plans'] for {entry[0]!r}: {error}") from None
         self.singles, self.cosines, self.scored_plans = singles, cosines, scored

@@ -44,7 +44,6 @@ from .estimator import (
     COSINE,
     EXAMPLES,
     Measurement,
-    check_examples,
     loss_of,
     lowest,
     register_estimator,
@@ -76,7 +75,6 @@ class StablePortfolio(GreedyPortfolio):
     def __init__(self, num_arms: int, k: int, **kwargs: Any) -> None:
         super().__init__(num_arms, k, **kwargs)
         self.untuned: torch.Tensor | None = None  # (num_arms,) the untuned model's cosines
-        self.plan_examples: dict[tuple[int, ...], torch.Tensor] = {}  # every k-arm set's
         self.tied = torch.zeros(num_arms, dtype=torch.bool)  # tied in its latest round
 
     def min_budget(self) -> int:
@@ -136,15 +134,11 @@ class StablePortfolio(GreedyPortfolio):
 
         return sorted(greedy, key=key)
 
-    def _keep_plan(self, arms: tuple[int, ...], result: Any) -> None:
-        super()._keep_plan(arms, result)
-        self.plan_examples[arms] = result
-
     def _best_plan(self) -> tuple[int, ...]:
-        prior = self.untuned
+        plans, prior = self.scored_plans, self.untuned
         return min(
-            self._ties(self.plan_examples),
-            key=lambda arms: (-float(prior[list(arms)].sum()), self.scored_plans[arms], arms),
+            self._ties(plans),
+            key=lambda arms: (-float(prior[list(arms)].sum()), loss_of(plans[arms]), arms),
         )
 
     def _state(self) -> dict[str, Any]:
@@ -152,25 +146,11 @@ class StablePortfolio(GreedyPortfolio):
             **super()._state(),
             "untuned": None if self.untuned is None else self.untuned.clone(),
             "tied": self.tied.clone(),
-            "plan_examples": [[list(a), r.clone()] for a, r in self.plan_examples.items()],
         }
 
     def _load(self, state: dict[str, Any]) -> None:
         super()._load(state)
         untuned = None if state.get("untuned") is None else self._scores_entry(state, "untuned")
-        entries = state.get("plan_examples")
-        if not isinstance(entries, list):
-            raise ValueError("state['plan_examples'] must be a list of [arms, examples] pairs")
-        examples: dict[tuple[int, ...], torch.Tensor] = {}
-        for entry in entries:
-            if not (isinstance(entry, list) and len(entry) == 2):
-                raise ValueError(f"state['plan_examples'] holds {entry!r}, not [arms, examples]")
-            arms = self._measure(entry[0]).arms
-            if arms not in self.scored_plans:
-                raise ValueError(f"state['plan_examples'] holds {entry[0]!r}, a set not scored")
-            examples[arms] = check_examples(entry[1])
-        if set(examples) != set(self.scored_plans):
-            raise ValueError("state['plan_examples'] must hold every scored plan's examples")
         tied = state.get("tied")
         if not (
             isinstance(tied, torch.Tensor)
@@ -178,4 +158,4 @@ class StablePortfolio(GreedyPortfolio):
             and tuple(tied.shape) == (self.num_arms,)
         ):
             raise ValueError(f"state['tied'] must be a bool tensor of shape ({self.num_arms},)")
-        self.untuned, self.plan_examples, self.tied = untuned, examples, tied.clone()
+        self.untuned, self.tied = untuned, tied.clone()
