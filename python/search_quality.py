@@ -16,7 +16,10 @@ validation set):
    measured before the warm-up, as a tuning run does (``--estimators stable@1`` runs it
    with ``tie_se`` 1; ``--tie-se`` sets the default). (In a tuning run the bandits' rounds are
    interleaved with training steps; here all rounds score the frozen warmed-up supernet,
-   so that only the estimator differs.)
+   so that only the estimator differs.) An ``untuned:NAME`` entry runs ``NAME`` on the
+   *untuned* model instead, before the warm-up (skipping an MHA there removes it: the
+   PIAs' up projections are still zero), so its plan is the same for every tuning seed;
+   it is judged like the others, on each seed's warmed-up supernet.
 3. **Baselines**: every contiguous window of k MHAs in the deeper half of the model (the
    best one by validation loss: an oracle choice, as the paper's released fine-tuning
    scripts fix deep windows) and
@@ -108,7 +111,8 @@ def options(argv: Sequence[str] | None) -> argparse.Namespace:
         "--estimators",
         nargs="+",
         default=sorted(ESTIMATORS),
-        help="estimators to compare; NAME@TIE runs NAME with tie_se TIE (e.g. stable@1)",
+        help="estimators to compare; NAME@TIE runs NAME with tie_se TIE (e.g. stable@1); "
+        "untuned:NAME searches the untuned model, before the warm-up (e.g. untuned:greedy)",
     )
     parser.add_argument("--ramp", choices=("on", "off", "both"), default="on")
     parser.add_argument("--finetune-seeds", type=int, nargs="*", default=[])
@@ -121,7 +125,7 @@ def options(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     for entry in args.estimators:
-        if entry.partition("@")[0] not in ESTIMATORS:
+        if variant(entry.partition("@")[0], 0.0)[0] not in ESTIMATORS:
             parser.error(f"--estimators: {entry!r} is not one of {sorted(ESTIMATORS)}")
         try:
             SearchSettings(tie_se=variant(entry, args.tie_se)[1]).validate()
@@ -213,10 +217,46 @@ def restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
                 parameter.copy_(state[name])
 
 
-def variant(entry: str, tie_se: float) -> tuple[str, float]:
-    """``--estimators`` entry ``NAME`` or ``NAME@TIE`` → (estimator, its ``tie_se``)."""
-    name, _, tie = entry.partition("@")
-    return name, float(tie) if tie else tie_se
+UNTUNED = "untuned:"  # the prefix of a search run on the untuned model
+
+
+def variant(entry: str, tie_se: float) -> tuple[str, float, bool]:
+    """``--estimators`` entry ``[untuned:]NAME[@TIE]`` → (estimator, its ``tie_se``,
+    whether it searches the untuned model)."""
+    untuned = entry.startswith(UNTUNED)
+    name, _, tie = entry.removeprefix(UNTUNED).partition("@")
+    return name, float(tie) if tie else tie_se, untuned
+
+
+def searched(
+    entry: str,
+    args: argparse.Namespace,
+    cell: tuple[int, int, int],
+    scorer: HeldOutScorer,
+    untuned: dict[Measurement, Any],
+) -> dict[str, Any]:
+    """Run the ``--estimators`` entry on ``scorer``'s model as it is now, for ``cell`` =
+    (layers, k, seed), its untuned probes answered from ``untuned``: its plan, passes,
+    seconds and search-batch loss (``untuned_search_loss`` for an ``untuned:`` entry)."""
+    layers, k, seed = cell
+    name, tie, before_warmup = variant(entry, args.tie_se)
+    estimator = estimator_class(name)(
+        layers,
+        k,
+        budget=budget_for(name, args.budget, layers),
+        seed=seed,
+        settings=SearchSettings(tie_se=tie),
+    )
+    began = time.perf_counter()
+    if probes := estimator.untuned_probes():
+        estimator.tell_untuned(probes, [untuned[m] for m in probes])
+    plan = run_search(estimator, scorer)
+    return {
+        "plan": list(plan),
+        "passes": estimator.passes,
+        "seconds": time.perf_counter() - began,
+        ("untuned_search_loss" if before_warmup else "search_loss"): scorer.loss(plan),
+    }
 
 
 def budget_for(name: str, budget: int, layers: int) -> int:
@@ -239,6 +279,11 @@ def one_setting(
     candidates = Candidates("mha", layers)
     search = HeldOutScorer(model, collate(work.search, work.pad_id), candidates, answer_loss)
     untuned = {Measurement(COSINE): search.cosines()}  # what `stable` asks of the untuned model
+    before = {  # the untuned: entries search the untuned model (seed-independent)
+        entry: searched(entry, args, (layers, k, seed), search, untuned)
+        for entry in args.estimators
+        if variant(entry, args.tie_se)[2]
+    }
     warmup = TuningConfig(
         k=k,
         estimator="cosine",
@@ -264,26 +309,12 @@ def one_setting(
         "estimators": {},
     }
     for entry in args.estimators:
-        name, tie = variant(entry, args.tie_se)
-        estimator = estimator_class(name)(
-            layers,
-            k,
-            budget=budget_for(name, args.budget, layers),
-            seed=seed,
-            settings=SearchSettings(tie_se=tie),
-        )
-        began = time.perf_counter()
-        if probes := estimator.untuned_probes():
-            estimator.tell_untuned(probes, [untuned[m] for m in probes])
-        plan = run_search(estimator, search)
-        row["estimators"][entry] = {
-            "plan": list(plan),
-            "passes": estimator.passes,
-            "seconds": time.perf_counter() - began,
-            "search_loss": search.loss(plan),
-            "validation_loss": judge.loss(plan),
-        }
-        log(f"seed {seed} k {k} ramp {ramp}: {entry} {list(plan)} {row['estimators'][entry]}")
+        result = before.get(entry) or searched(entry, args, (layers, k, seed), search, untuned)
+        plan = tuple(result["plan"])
+        result["search_loss"] = search.loss(plan)
+        result["validation_loss"] = judge.loss(plan)
+        row["estimators"][entry] = result
+        log(f"seed {seed} k {k} ramp {ramp}: {entry} {list(plan)} {result}")
     first = (layers - k) // 2  # the deeper half
     windows = {start: tuple(range(start, start + k)) for start in range(first, layers - k + 1)}
     window_losses = {start: judge.loss(arms) for start, arms in windows.items()}

@@ -150,8 +150,30 @@ def test_search_quality_refuses_an_unknown_estimator_or_tie(entry, capsys):
     with pytest.raises(SystemExit):
         recipe.options(["--estimators", "greedy", entry])
     assert "--estimators" in capsys.readouterr().err
-    assert recipe.variant("stable@1.5", 2.0) == ("stable", 1.5)
-    assert recipe.variant("stable", 2.0) == ("stable", 2.0)
+    assert recipe.variant("stable@1.5", 2.0) == ("stable", 1.5, False)
+    assert recipe.variant("stable", 2.0) == ("stable", 2.0, False)
+    assert recipe.variant("untuned:stable@1", 2.0) == ("stable", 1.0, True)
+
+
+def test_search_quality_untuned_entries_search_before_the_warm_up(tmp_path):
+    """An untuned:NAME entry searches the untuned model: the same plan for every seed,
+    judged like the others on each seed's supernet."""
+    recipe = importlib.import_module("search_quality")
+    report = recipe.main(
+        ["--model", "tiny", "--train", "16", "--test", "4", "--search-batch", "6"]
+        + ["--validation", "6", "--ks", "2", "--seeds", "0", "1", "--budget", "10"]
+        + ["--random", "3", "--estimators", "greedy", "untuned:greedy", "untuned:stable"]
+        + ["--out", str(tmp_path)]
+    )
+    first, second = (row["estimators"] for row in report["rows"])
+    for name in ("untuned:greedy", "untuned:stable"):
+        assert first[name]["plan"] == second[name]["plan"]
+        assert first[name]["untuned_search_loss"] == second[name]["untuned_search_loss"]
+        for result in (first[name], second[name]):  # judged on its seed's supernet
+            assert result["passes"] <= 10 and 0 <= result["beats_random"] <= 1
+            assert result["search_loss"] != result["untuned_search_loss"]
+    assert first["greedy"]["search_loss"] != second["greedy"]["search_loss"]
+    assert {e["method"]: e["jaccard"] for e in report["summary"]}["untuned:greedy"] == 1.0
 
 
 def test_search_quality_recipe_runs_on_the_iris_text_task(tmp_path):
