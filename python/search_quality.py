@@ -125,10 +125,11 @@ def options(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     for entry in args.estimators:
-        if variant(entry.partition("@")[0], 0.0)[0] not in ESTIMATORS:
-            parser.error(f"--estimators: {entry!r} is not one of {sorted(ESTIMATORS)}")
         try:
-            SearchSettings(tie_se=variant(entry, args.tie_se)[1]).validate()
+            name, tie, _ = variant(entry, args.tie_se)
+            if name not in ESTIMATORS:
+                parser.error(f"--estimators: {entry!r} is not one of {sorted(ESTIMATORS)}")
+            SearchSettings(tie_se=tie).validate()
         except ValueError as error:
             parser.error(f"--estimators {entry}: {error} (NAME@TIE takes a number)")
     if args.task == "iris" and args.model != "smollm2":
@@ -236,10 +237,10 @@ def searched(
     untuned: dict[Measurement, Any],
 ) -> dict[str, Any]:
     """Run the ``--estimators`` entry on ``scorer``'s model as it is now, for ``cell`` =
-    (layers, k, seed), its untuned probes answered from ``untuned``: its plan, passes,
-    seconds and search-batch loss (``untuned_search_loss`` for an ``untuned:`` entry)."""
+    (layers, k, seed), its untuned probes answered from ``untuned``: its plan, passes and
+    seconds."""
     layers, k, seed = cell
-    name, tie, before_warmup = variant(entry, args.tie_se)
+    name, tie, _ = variant(entry, args.tie_se)
     estimator = estimator_class(name)(
         layers,
         k,
@@ -255,7 +256,6 @@ def searched(
         "plan": list(plan),
         "passes": estimator.passes,
         "seconds": time.perf_counter() - began,
-        ("untuned_search_loss" if before_warmup else "search_loss"): scorer.loss(plan),
     }
 
 
@@ -279,11 +279,11 @@ def one_setting(
     candidates = Candidates("mha", layers)
     search = HeldOutScorer(model, collate(work.search, work.pad_id), candidates, answer_loss)
     untuned = {Measurement(COSINE): search.cosines()}  # what `stable` asks of the untuned model
-    before = {  # the untuned: entries search the untuned model (seed-independent)
-        entry: searched(entry, args, (layers, k, seed), search, untuned)
-        for entry in args.estimators
-        if variant(entry, args.tie_se)[2]
-    }
+    before: dict[str, dict[str, Any]] = {}  # untuned: entries search the untuned model
+    for entry in args.estimators:
+        if variant(entry, args.tie_se)[2]:
+            before[entry] = searched(entry, args, (layers, k, seed), search, untuned)
+            before[entry]["untuned_search_loss"] = search.loss(tuple(before[entry]["plan"]))
     warmup = TuningConfig(
         k=k,
         estimator="cosine",
