@@ -86,11 +86,15 @@ def test_harness_tunes_caches_measures_and_reports(tmp_path, capsys):
     assert len(sorted((tmp_path / "methods").glob("*/result.json"))) == 5
 
 
+SEARCH_QUALITY_TINY = ["--model", "tiny", "--train", "16", "--test", "4"]
+SEARCH_QUALITY_TINY += ["--search-batch", "6", "--validation", "6"]
+
+
 def test_search_quality_recipe_compares_every_estimator_with_the_baselines(tmp_path):
     recipe = importlib.import_module("search_quality")
     report = recipe.main(
-        ["--model", "tiny", "--train", "16", "--test", "4", "--search-batch", "6"]
-        + ["--validation", "6", "--ks", "2", "--seeds", "0", "1", "--budget", "10"]
+        SEARCH_QUALITY_TINY
+        + ["--ks", "2", "--seeds", "0", "1", "--budget", "10"]
         + ["--random", "5", "--finetune-seeds", "1", "--finetune-k", "2"]
         + ["--out", str(tmp_path)]
     )
@@ -127,8 +131,7 @@ def test_search_quality_cells_do_not_depend_on_the_cells_run_before(tmp_path):
     """A (seed, k) cell warms up the same supernet and finds the same plans whether the
     command runs it alone or after another k (each cell seeds the PIAs' initialisation)."""
     recipe = importlib.import_module("search_quality")
-    common = ["--model", "tiny", "--train", "16", "--test", "4", "--search-batch", "6"]
-    common += ["--validation", "6", "--seeds", "1", "--budget", "10", "--random", "3"]
+    common = SEARCH_QUALITY_TINY + ["--seeds", "1", "--budget", "10", "--random", "3"]
     common += ["--estimators", "greedy", "loo", "stable@0.5"]  # stable with tie_se 0.5
     alone = recipe.main(common + ["--ks", "2", "--out", str(tmp_path / "alone")])
     after = recipe.main(common + ["--ks", "3", "2", "--out", str(tmp_path / "after")])
@@ -160,8 +163,8 @@ def test_search_quality_untuned_entries_search_before_the_warm_up(tmp_path):
     judged like the others on each seed's supernet."""
     recipe = importlib.import_module("search_quality")
     report = recipe.main(
-        ["--model", "tiny", "--train", "16", "--test", "4", "--search-batch", "6"]
-        + ["--validation", "6", "--ks", "2", "--seeds", "0", "1", "--budget", "10"]
+        SEARCH_QUALITY_TINY
+        + ["--ks", "2", "--seeds", "0", "1", "--budget", "10"]
         + ["--random", "3", "--estimators", "greedy", "untuned:greedy", "untuned:stable"]
         + ["--out", str(tmp_path)]
     )
