@@ -18,8 +18,10 @@ validation set):
    interleaved with training steps; here all rounds score the frozen warmed-up supernet,
    so that only the estimator differs.) An ``untuned:NAME`` entry runs ``NAME`` on the
    *untuned* model instead, before the warm-up (skipping an MHA there removes it: the
-   PIAs' up projections are still zero), so its plan is the same for every tuning seed;
-   it is judged like the others, on each seed's warmed-up supernet.
+   PIAs' up projections are still zero), so its plan is the same for every tuning seed
+   (for every estimator but the two bandits, which draw skip sets from the seed); it is
+   judged like the others, on each seed's warmed-up supernet, and searched again in each
+   cell (for the bandits the seed matters).
 3. **Baselines**: every contiguous window of k MHAs in the deeper half of the model (the
    best one by validation loss: an oracle choice, as the paper's released fine-tuning
    scripts fix deep windows) and
